@@ -1,0 +1,124 @@
+"""The ``batchseg`` command line: argument parsing and wiring only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from batchseg import __version__
+from batchseg.errors import BatchsegError
+from batchseg.images import DEFAULT_MAX_PIXELS
+from batchseg.models import DEFAULT_MODEL, MODELS
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition(",")
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, not {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_segment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True,
+                   help="Parquet/CSV/JSONL file with a 'uri' column (optional 'image_id'), a text file of URIs, "
+                        "or a folder/prefix of images; any fsspec URI")  # fmt: skip
+    p.add_argument("--output", required=True, help="output folder/prefix for Parquet shards (any fsspec URI)")
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help=f"detection model (default: the checkpoint's, else {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (torchvision's COCO weights), a torchvision weights name, a checkpoint path or "
+                        "URI (state_dict or batchseg training checkpoint), or 'none' for random weights")  # fmt: skip
+    p.add_argument("--score-threshold", type=float, default=0.5, help="drop instances scoring below this")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument("--min-size", type=int, default=None, help="model's resize: shorter side (default 800)")
+    p.add_argument(
+        "--max-size", type=int, default=None, help="model's resize: longer side cap (default 1333)"
+    )
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels become 'too_large' error rows (decompression bombs)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call")
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="images per output file (unit of retry/resume)"
+    )
+    p.add_argument("--actors", type=_actors, default=(1, 1), help="model actors: N, or MIN,MAX to autoscale")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default: 1 when the cluster has GPUs, else 0 (CPU)")  # fmt: skip
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="default: 2 with GPUs; else the cluster's CPUs / max actors (also torch threads)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")  # fmt: skip
+    p.add_argument("--io-threads", type=int, default=4, help="threads per actor fetching and decoding images")
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)"
+    )
+    p.add_argument("--storage-options", type=_json_object, default={},
+                   help='JSON passed to fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')  # fmt: skip
+
+
+def segment_config(args: argparse.Namespace) -> Any:
+    from batchseg.segment import SegmentConfig
+
+    names = SegmentConfig.__dataclass_fields__
+    return SegmentConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from batchseg.runner import run_segment
+
+    summary = run_segment(segment_config(args))
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["status"] == "complete" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from batchseg.demo import run_demo
+
+    return run_demo(args.output, args.images)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
+    )
+    parser.add_argument("--version", action="version", version=f"batchseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    segment = sub.add_parser("segment", help="segment every image of a manifest into Parquet shards")
+    add_segment_arguments(segment)
+    segment.set_defaults(run=cmd_segment)
+    demo = sub.add_parser("demo", help="generate a small image archive, segment it, print a few rows")
+    demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
+    demo.add_argument("--images", type=int, default=24, help="how many images to generate")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except BatchsegError as e:
+        print(f"batchseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("batchseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Decode image bytes to RGB arrays; every per-image problem becomes an ImageError."""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from batchseg.errors import ImageError
+
+DEFAULT_MAX_PIXELS: int = 100_000_000
+"""Decompression-bomb limit on width*height, checked from the header before any pixel is decoded."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+"""Lower-case file suffixes (with the dot) treated as images when listing a directory or bucket."""
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one encoded image to the RGB pixels a viewer would display.
+
+    Returns a new, writable, C-contiguous ``uint8`` array of shape ``(height, width, 3)``, channels
+    in R, G, B order, where height and width are the *displayed* ones: EXIF orientation is applied.
+    Only the first frame of an animated or multi-page file is returned. Grey, bilevel, palette, CMYK
+    and YCbCr images are converted to RGB; images with transparency are composited over white;
+    16-bit samples keep their top 8 bits (65535 -> 255) and float samples are clipped to [0, 255].
+
+    Raises ``ImageError`` with kind ``empty_file``, ``not_an_image``, ``too_large`` (width*height
+    over ``max_pixels``, found from the header alone) or ``corrupt_image``; never anything else.
+    """
+    if not data:
+        raise ImageError("empty_file", "file is empty (0 bytes)")
+    _let_pil_open_up_to(max_pixels)
+    try:
+        # PIL warns about large images inside Image.open; the size policy here is max_pixels, so
+        # that warning is noise (and an error under -W error).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image.size, max_pixels)
+                image.load()
+                return _to_rgb_array(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", f"not a recognised image format ({len(data):,} bytes)") from None
+    except Image.DecompressionBombError as exc:
+        # Only raised for sizes over twice max_pixels (see _let_pil_open_up_to), before we see the header.
+        raise ImageError("too_large", _bomb_message(str(exc), max_pixels)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("corrupt_image", f"cannot decode image: {exc}") from None
+    except Exception as exc:
+        raise ImageError("corrupt_image", f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _let_pil_open_up_to(max_pixels: int) -> None:
+    # Image.open applies PIL's process-wide Image.MAX_IMAGE_PIXELS (~89M, error above twice that)
+    # before the caller's max_pixels can be checked, so a caller who raised --max-pixels would still
+    # be refused. There is no per-call override, so lift the global to max_pixels. It is only ever
+    # raised, never lowered, and only to a limit this process was explicitly given, so other PIL users
+    # keep a bomb check no looser than the operator asked for; None (check already off) is left alone.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and limit < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large",
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(raise --max-pixels to allow it)",
+        )
+
+
+def _bomb_message(pil_message: str, max_pixels: int) -> str:
+    match = re.search(r"\((\d+) pixels\)", pil_message)
+    size = f"{int(match.group(1)):,} pixels" if match else "larger than PIL will open"
+    return f"image is {size}, over the limit of {max_pixels:,} (raise --max-pixels to allow it)"
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's convert("L") clips 16-bit values at 255 instead of scaling them; keep the high byte.
+        # Mode "I" is treated as 16-bit data, which is what PIL has produced for 16-bit PNG and TIFF.
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.has_transparency_data:
+        # Dropping alpha would expose whatever colour the encoder left under transparent pixels.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    # np.array, not np.asarray: asarray gives a read-only view that torch.from_numpy warns about.
+    return np.array(image.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,228 @@
+"""Detection models batchseg runs and where their weights come from (torchvision enums, checkpoints, none)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision.models import get_model, get_model_weights, get_weight
+
+from batchseg import storage
+from batchseg.errors import BatchsegError
+
+# name -> (has masks, has keypoints)
+MODELS: dict[str, tuple[bool, bool]] = {
+    "maskrcnn_resnet50_fpn_v2": (True, False),
+    "maskrcnn_resnet50_fpn": (True, False),
+    "fasterrcnn_resnet50_fpn_v2": (False, False),
+    "keypointrcnn_resnet50_fpn": (False, True),
+}
+DEFAULT_MODEL = "maskrcnn_resnet50_fpn_v2"
+RANDOM_SEED = 0
+# "DEFAULT", "COCO_V1" or "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"; anything else is a checkpoint URI
+TORCHVISION_WEIGHTS = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """``--weights`` resolved on the driver: small and picklable, so every actor loads the same thing.
+
+    ``source`` is ``torchvision`` (``uri`` is the weights enum's full name), ``checkpoint`` (``uri``
+    is any fsspec URI) or ``none`` (random initialisation, seeded, for demos and tests).
+    ``categories[i]`` names label ``i``; index 0 is the background.
+    """
+
+    model: str
+    source: str
+    uri: str
+    identity: str
+    categories: tuple[str, ...]
+    num_keypoints: int | None = None
+
+    @property
+    def has_masks(self) -> bool:
+        return MODELS[self.model][0]
+
+    @property
+    def has_keypoints(self) -> bool:
+        return MODELS[self.model][1]
+
+
+def check_model(name: str) -> str:
+    if name not in MODELS:
+        raise BatchsegError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return name
+
+
+def coco_categories(model: str) -> tuple[str, ...]:
+    return tuple(get_model_weights(model).DEFAULT.meta["categories"])
+
+
+def resolve_weights(
+    weights: str, model: str | None = None, storage_options: dict[str, Any] | None = None
+) -> WeightsInfo:
+    """Turn ``--weights`` (``DEFAULT``, a torchvision enum name, ``none``, or a checkpoint URI) into a
+    :class:`WeightsInfo`, failing early with one clear message if they cannot be had."""
+    if weights.lower() == "none":
+        name = check_model(model or DEFAULT_MODEL)
+        categories = coco_categories(name)
+        return WeightsInfo(name, "none", "", f"none(seed={RANDOM_SEED})", categories, _keypoints(name, None))
+    if TORCHVISION_WEIGHTS.fullmatch(weights) and not os.path.exists(weights):
+        return _resolve_torchvision(weights, check_model(model or DEFAULT_MODEL))
+    return _resolve_checkpoint(weights, model, storage_options)
+
+
+def _keypoints(model: str, state: dict[str, torch.Tensor] | None) -> int | None:
+    if not MODELS[model][1]:
+        return None
+    key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+    return int(state[key].shape[1]) if state and key in state else 17
+
+
+def _resolve_torchvision(weights: str, model: str) -> WeightsInfo:
+    try:
+        enum = (
+            get_model_weights(model).DEFAULT
+            if weights == "DEFAULT"
+            else get_weight(_full_enum_name(weights, model))
+        )
+    except (ValueError, KeyError, AttributeError):
+        raise BatchsegError(f"{weights!r} is not a torchvision weights name for {model}") from None
+    if get_model_weights(model) is not type(enum):
+        raise BatchsegError(f"weights {enum} do not belong to model {model}")
+    _ensure_downloaded(enum.url)
+    full = f"{type(enum).__name__}.{enum.name}"
+    return WeightsInfo(
+        model,
+        "torchvision",
+        full,
+        f"torchvision:{full}",
+        tuple(enum.meta["categories"]),
+        _keypoints(model, None),
+    )
+
+
+def _full_enum_name(weights: str, model: str) -> str:
+    return weights if "." in weights else f"{get_model_weights(model).__name__}.{weights}"
+
+
+def _ensure_downloaded(url: str) -> None:
+    """Fetch torchvision weights into the torch hub cache now, on the driver, so an offline machine fails
+    before any work starts rather than in every actor."""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if os.path.exists(target):
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torch.hub.download_url_to_file(url, target, progress=False)
+    except Exception as e:
+        raise BatchsegError(
+            f"cannot download {url} ({type(e).__name__}: {e}). Offline, either copy that file to {target} "
+            "or pass --weights PATH_OR_URI of a checkpoint (or --weights none for random weights)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The raw bytes of a checkpoint and its contents, loaded with ``weights_only=True`` (no pickled code)."""
+    try:
+        fs, path = storage.filesystem(uri, storage_options)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise BatchsegError(f"weights {uri} do not exist") from None
+    except Exception as e:
+        raise BatchsegError(f"cannot read weights {uri}: {type(e).__name__}: {e}") from None
+    try:
+        content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BatchsegError(
+            f"{uri} is not a PyTorch checkpoint that loads safely: {type(e).__name__}: {e}"
+        ) from None
+    if not isinstance(content, dict):
+        raise BatchsegError(
+            f"{uri} holds a {type(content).__name__}, not a state_dict or batchseg checkpoint"
+        )
+    return data, content
+
+
+def split_checkpoint(content: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata): batchseg's training checkpoints keep the weights under ``model``
+    beside ``model_name`` and ``categories``; anything else is taken as a plain state_dict."""
+    if isinstance(content.get("model"), dict):
+        return content["model"], content
+    return content, {}
+
+
+def _resolve_checkpoint(uri: str, model: str | None, storage_options: dict[str, Any] | None) -> WeightsInfo:
+    uri = uri if "://" in uri else os.path.abspath(uri)
+    data, content = read_checkpoint(uri, storage_options)
+    state, meta = split_checkpoint(content)
+    saved_model = meta.get("model_name")
+    if model and saved_model and model != saved_model:
+        raise BatchsegError(f"checkpoint {uri} holds a {saved_model} model, not {model}")
+    name = check_model(model or saved_model or DEFAULT_MODEL)
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key not in state:
+        raise BatchsegError(f"checkpoint {uri} has no {key}: not weights for {name}")
+    num_classes = int(state[key].shape[0])
+    categories = tuple(meta.get("categories") or ())
+    if not categories:
+        coco = coco_categories(name)
+        categories = (
+            coco
+            if len(coco) == num_classes
+            else ("__background__", *tuple(f"class_{i}" for i in range(1, num_classes)))
+        )
+    if len(categories) != num_classes:
+        raise BatchsegError(f"checkpoint {uri} names {len(categories)} categories for {num_classes} classes")
+    info = WeightsInfo(
+        name,
+        "checkpoint",
+        uri,
+        "sha256:" + hashlib.sha256(data).hexdigest()[:16],
+        categories,
+        _keypoints(name, state),
+    )
+    build_model(info, state_dict=state)  # a mismatch fails here, on the driver, not in every actor
+    return info
+
+
+def load_state_dict(
+    info: WeightsInfo, storage_options: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor] | None:
+    if info.source == "torchvision":
+        return get_weight(info.uri).get_state_dict(progress=False, check_hash=True)
+    if info.source == "checkpoint":
+        return split_checkpoint(read_checkpoint(info.uri, storage_options)[1])[0]
+    return None
+
+
+def build_model(
+    info: WeightsInfo, state_dict: dict[str, torch.Tensor] | None = None, **options: Any
+) -> torch.nn.Module:
+    """The torchvision model for ``info`` in eval mode, with ``state_dict`` loaded (random weights,
+    seeded, when None). ``options`` go to the model's constructor (``min_size``, ``box_score_thresh``...)."""
+    kwargs: dict[str, Any] = {"num_classes": len(info.categories), **options}
+    if info.num_keypoints is not None:
+        kwargs["num_keypoints"] = info.num_keypoints
+    torch.manual_seed(RANDOM_SEED)
+    model = get_model(info.model, weights=None, weights_backbone=None, **kwargs)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        # Pretrained torchvision weights come from FrozenBatchNorm2d, which has no batch counter.
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise BatchsegError(
+                f"weights do not fit {info.model}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+            )
+    return model.eval()

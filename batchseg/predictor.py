@@ -1,0 +1,94 @@
+"""Load a detection model once, then turn batches of RGB images into instances (no Ray in here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchseg.masks import encode_rle
+from batchseg.models import WeightsInfo, build_model, load_state_dict
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` means bf16 autocast on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class Predictor:
+    """A detection model held in memory, called on batches of images.
+
+    Args:
+        weights: what to build and load (see :func:`batchseg.models.resolve_weights`).
+        score_threshold: instances scoring below this are dropped inside the model.
+        mask_threshold: a mask pixel is foreground where the pasted mask probability exceeds this.
+        min_size, max_size: the model's own resize (torchvision's defaults 800 and 1333 when None).
+        device: ``cpu`` or ``cuda[:N]``; precision: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
+    """
+
+    def __init__(
+        self,
+        weights: WeightsInfo,
+        *,
+        score_threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        device: str = "cpu",
+        precision: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        options: dict[str, Any] = {"box_score_thresh": score_threshold}
+        if min_size:
+            options["min_size"] = min_size
+        if max_size:
+            options["max_size"] = max_size
+        self.weights = weights
+        self.mask_threshold = mask_threshold
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, device)
+        model = build_model(weights, load_state_dict(weights, storage_options), **options)
+        self.model = model.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB; the result's ``[i]`` is a list of
+        dicts with the fields of :data:`batchseg.records.INSTANCE`, boxes in that image's pixels."""
+        if not images:
+            return []
+        tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div_(255) for im in images]
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = self.model(tensors)
+        return [self._instances(out) for out in outputs]
+
+    def _instances(self, out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        boxes = out["boxes"].float().cpu().numpy()
+        scores = out["scores"].float().cpu().numpy()
+        labels = out["labels"].cpu().numpy()
+        masks = (out["masks"][:, 0] > self.mask_threshold).cpu().numpy() if "masks" in out else None
+        keypoints = out["keypoints"].float().cpu().numpy() if "keypoints" in out else None
+        categories = self.weights.categories
+        instances = []
+        for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+            label = int(labels[i])
+            instances.append(
+                {
+                    "category_id": label,
+                    "category": categories[label] if label < len(categories) else str(label),
+                    "score": float(scores[i]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": int(masks[i].sum()) if masks is not None else round((x2 - x1) * (y2 - y1)),
+                    "rle": encode_rle(masks[i]) if masks is not None else None,
+                    "keypoints": keypoints[i].reshape(-1).tolist() if keypoints is not None else None,
+                }
+            )
+        return instances

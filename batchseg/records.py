@@ -1,0 +1,71 @@
+"""The output contract: one row per manifest row, its Arrow schema, and Parquet bytes with provenance."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchseg.errors import ImageError
+
+INSTANCE = pa.struct(
+    [
+        pa.field("category_id", pa.int32()),
+        pa.field("category", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("bbox", pa.list_(pa.float32())),  # [x, y, width, height] in pixels (COCO)
+        pa.field("area", pa.int64()),  # mask pixels; box area for box-only models
+        pa.field("rle", pa.string()),  # COCO compressed RLE counts; null for box-only models
+        pa.field("keypoints", pa.list_(pa.float32())),  # x, y, v triplets; null unless keypoint model
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),  # as displayed, after EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("error", pa.string()),  # "<kind>: <message>", null when ok
+        pa.field("instances", pa.list_(INSTANCE)),  # null on error rows, [] when nothing was found
+    ]
+)
+METADATA_KEY = b"batchseg"
+
+
+def ok_row(
+    image_id: str, uri: str, width: int, height: int, instances: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {"image_id": image_id, "uri": uri, "width": width, "height": height, "status": "ok",
+            "error": None, "instances": instances}  # fmt: skip
+
+
+def error_row(
+    image_id: str, uri: str, error: ImageError, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The single way a failed image becomes a row: status ``error`` and ``"<kind>: <message>"``."""
+    width, height = size if size else (None, None)
+    return {"image_id": image_id, "uri": uri, "width": width, "height": height, "status": "error",
+            "error": str(error), "instances": None}  # fmt: skip
+
+
+def error_kind(error: str) -> str:
+    """The kind code at the start of an error row's message."""
+    return error.split(":", 1)[0]
+
+
+def to_parquet(rows: Sequence[dict[str, Any]], provenance: dict[str, Any]) -> bytes:
+    """One shard as Parquet bytes, with ``provenance`` as JSON under the file's ``batchseg`` metadata key."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def read_provenance(schema: pa.Schema) -> dict[str, Any]:
+    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))

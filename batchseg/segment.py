@@ -1,0 +1,340 @@
+"""The segmentation job without Ray: settings, the output folder's rules, and one shard end to end.
+
+Output layout under ``--output``::
+
+    part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard)
+    _done/part-000000.json    the shard's completion record, written after its Parquet object
+    _batchseg_job.json        the settings the output was made with; a rerun must match them
+    summary.json              totals over all shards, written when a run ends
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from batchseg import __version__, storage
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.images import DEFAULT_MAX_PIXELS, decode_image
+from batchseg.manifest import Plan, Shard, absolute_uri, plan_shards, shard_name
+from batchseg.models import WeightsInfo, resolve_weights
+from batchseg.predictor import Predictor
+from batchseg.records import SCHEMA, error_kind, error_row, ok_row, to_parquet
+
+JOB_FILE = "_batchseg_job.json"
+DONE_DIR = "_done"
+SUMMARY_FILE = "summary.json"
+# Settings that change what a row holds: a rerun with other values would mix two kinds of result.
+COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
+                   "max_pixels", "shard_size", "manifest_rows", "manifest_fingerprint")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything ``batchseg segment`` is told. See ``batchseg segment --help`` for each option."""
+
+    manifest: str
+    output: str
+    model: str | None = None
+    weights: str = "DEFAULT"
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    min_size: int | None = None
+    max_size: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 4
+    shard_size: int = 1000
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    precision: str = "auto"
+    io_threads: int = 4
+    max_attempts: int = 3
+    overwrite: bool = False
+    address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job: what to run, with what, and which shards an earlier run already finished."""
+
+    config: SegmentConfig
+    weights: WeightsInfo
+    plan: Plan
+    provenance: dict[str, Any]
+    done: frozenset[int]
+
+
+class OutputDir:
+    """The output prefix on any fsspec filesystem, and the rules that keep every row there exactly once."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.uri = absolute_uri(uri)
+        self.fs, self.path = storage.filesystem(self.uri, storage_options)
+
+    def _at(self, *parts: str) -> str:
+        return storage.join(self.path, *parts)
+
+    def read_job(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self._at(JOB_FILE)))
+        except FileNotFoundError:
+            return None
+
+    def prepare(self, provenance: dict[str, Any], overwrite: bool) -> None:
+        """Check that this output may take the job (or clear it, with ``overwrite``), then record the job."""
+        try:
+            previous = self.read_job()
+        except Exception as e:
+            raise BatchsegError(f"cannot read output {self.uri}: {type(e).__name__}: {e}") from None
+        if previous is not None and not overwrite:
+            changed = [
+                f"{k}: {previous.get(k)!r} -> {provenance.get(k)!r}"
+                for k in COMPATIBLE_KEYS
+                if previous.get(k) != provenance.get(k)
+            ]
+            if changed:
+                raise BatchsegError(
+                    f"output {self.uri} was made with other settings ({'; '.join(changed)}); "
+                    "rerun with --overwrite to start it over, or choose another --output"
+                )
+        if overwrite:
+            self.clear()
+        try:
+            storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+        except Exception as e:
+            raise BatchsegError(f"cannot write to output {self.uri}: {type(e).__name__}: {e}") from None
+
+    def clear(self) -> None:
+        """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
+        if not self.fs.exists(self.path):
+            return
+        ours = [p for p in self.fs.ls(self.path, detail=False) if _is_ours(p.rsplit("/", 1)[-1])]
+        if self.fs.exists(self._at(DONE_DIR)):
+            self.fs.rm(self._at(DONE_DIR), recursive=True)
+        if ours:
+            self.fs.rm(ours)
+
+    def done_shards(self) -> frozenset[int]:
+        try:
+            names = self.fs.ls(self._at(DONE_DIR), detail=False)
+        except FileNotFoundError:
+            return frozenset()
+        return frozenset(
+            int(n.rsplit("/", 1)[-1][5:-5]) for n in names if n.endswith(".json") and "part-" in n
+        )
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every shard's completion record (one bulk read; object stores fetch them concurrently)."""
+        try:
+            paths = [p for p in self.fs.ls(self._at(DONE_DIR), detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        contents = self.fs.cat(paths) if paths else {}
+        return [json.loads(contents[p]) for p in sorted(contents)]
+
+    def write_shard(self, index: int, parquet: bytes, record: dict[str, Any]) -> None:
+        """The shard's rows first, then its completion record: a record always means a whole shard."""
+        storage.write_atomic(self.fs, self._at(f"{shard_name(index)}.parquet"), parquet)
+        storage.write_atomic(
+            self.fs, self._at(DONE_DIR, f"{shard_name(index)}.json"), json.dumps(record).encode()
+        )
+
+    def shard_files(self) -> list[str]:
+        return sorted(self.fs.glob(self._at("part-*.parquet")))
+
+    def read_table(self) -> pa.Table:
+        """Every row of the output, in manifest order (small outputs; large ones stream with pyarrow.dataset)."""
+        files = self.shard_files()
+        if not files:
+            return SCHEMA.empty_table()
+        return ds.dataset(files, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+
+
+def _is_ours(name: str) -> bool:
+    return (name.startswith("part-") and ".parquet" in name) or name in (JOB_FILE, SUMMARY_FILE)
+
+
+def prepare_job(config: SegmentConfig) -> Job:
+    """Every check that can fail the job runs here, before any work starts."""
+    _check_options(config)
+    weights = resolve_weights(config.weights, config.model, config.storage_options)
+    plan = plan_shards(config.manifest, config.shard_size, config.storage_options)
+    provenance = {
+        "batchseg_version": __version__,
+        "model": weights.model,
+        "weights": weights.identity,
+        "weights_uri": weights.uri,
+        "categories": list(weights.categories),
+        "score_threshold": config.score_threshold,
+        "mask_threshold": config.mask_threshold,
+        "min_size": config.min_size,
+        "max_size": config.max_size,
+        "max_pixels": config.max_pixels,
+        "shard_size": config.shard_size,
+        "manifest": plan.manifest,
+        "manifest_rows": plan.num_rows,
+        "manifest_fingerprint": plan.fingerprint,
+    }
+    output = OutputDir(config.output, config.storage_options)
+    output.prepare(provenance, config.overwrite)
+    return Job(config, weights, plan, provenance, output.done_shards())
+
+
+def _check_options(config: SegmentConfig) -> None:
+    low, high = config.actors
+    checks = [
+        (
+            0 <= config.score_threshold <= 1,
+            f"--score-threshold must be in [0, 1], not {config.score_threshold}",
+        ),
+        (0 <= config.mask_threshold < 1, f"--mask-threshold must be in [0, 1), not {config.mask_threshold}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
+        (1 <= low <= high, f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not {low},{high}"),
+        (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
+        (config.max_pixels > 0, "--max-pixels must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BatchsegError(message)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, running at most ``window`` calls ahead of the consumer."""
+    pending: list[Future[R]] = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+class ShardProcessor:
+    """Holds a model; turns one shard into one Parquet object and a completion record.
+
+    Images are fetched and decoded in a thread pool, ``2 * batch_size`` ahead of the model, so the
+    model does not wait on storage. Every image yields exactly one row, in manifest order.
+    """
+
+    def __init__(self, job: Job, device: str = "cpu") -> None:
+        config = job.config
+        self.job = job
+        self.device = device
+        self.predictor = Predictor(
+            job.weights,
+            score_threshold=config.score_threshold,
+            mask_threshold=config.mask_threshold,
+            min_size=config.min_size,
+            max_size=config.max_size,
+            device=device,
+            precision=config.precision,
+            storage_options=config.storage_options,
+        )
+        self.output = OutputDir(config.output, config.storage_options)
+        self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="batchseg-io")
+        self.images_done = 0  # within the current shard, read by progress reports
+
+    def load(self, uri: str) -> np.ndarray | ImageError:
+        try:
+            return decode_image(storage.read_image_bytes(uri, self.job.config.storage_options),
+                                self.job.config.max_pixels)  # fmt: skip
+        except ImageError as e:
+            return e
+
+    def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
+        """Segment every image of ``shard``, write its rows and record; return the record."""
+        start = time.time()
+        self.images_done = 0
+        config = self.job.config
+        rows: list[dict[str, Any] | None] = [None] * len(shard)
+        batch: list[tuple[int, np.ndarray]] = []
+        loaded = prefetch(self.pool, self.load, shard.uris, window=2 * config.batch_size)
+        for i, image in enumerate(loaded):
+            if isinstance(image, ImageError):
+                rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
+                self.images_done += 1
+            else:
+                batch.append((i, image))
+            if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
+                self._predict(shard, batch, rows)
+                self.images_done += len(batch)
+                batch = []
+        assert all(r is not None for r in rows)
+        provenance = self.job.provenance | {"shard": shard.index, "device": self.device,
+                                            "precision": self.predictor.precision}  # fmt: skip
+        record = _record(shard, rows, attempt, time.time() - start)
+        self.output.write_shard(shard.index, to_parquet(rows, provenance), record)  # type: ignore[arg-type]
+        return record
+
+    def _predict(
+        self, shard: Shard, batch: list[tuple[int, np.ndarray]], rows: list[dict[str, Any] | None]
+    ) -> None:
+        try:
+            results = self.predictor([image for _, image in batch])
+        except Exception as e:
+            if len(batch) > 1:  # one bad image must not fail its neighbours: retry them one by one
+                for item in batch:
+                    self._predict(shard, [item], rows)
+                return
+            i, image = batch[0]
+            error = ImageError("inference_error", f"the model failed on this image: {type(e).__name__}: {e}")
+            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, (image.shape[1], image.shape[0]))
+            return
+        for (i, image), instances in zip(batch, results, strict=True):
+            rows[i] = ok_row(shard.image_ids[i], shard.uris[i], image.shape[1], image.shape[0], instances)
+
+
+def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float) -> dict[str, Any]:
+    errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
+    return {
+        "shard": shard.index,
+        "rows": len(rows),
+        "ok": len(rows) - sum(errors.values()),
+        "errors": dict(errors),
+        "instances": sum(len(r["instances"]) for r in rows if r["instances"]),
+        "seconds": round(seconds, 3),
+        "attempt": attempt,
+    }
+
+
+def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> dict[str, Any]:
+    """Totals over every completed shard (this run's and earlier ones'), plus this run's timing."""
+    errors: Counter[str] = Counter()
+    for r in records:
+        errors.update(r["errors"])
+    return {
+        "images": sum(r["rows"] for r in records),
+        "ok": sum(r["ok"] for r in records),
+        "error": sum(errors.values()),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "instances": sum(r["instances"] for r in records),
+        "shards_total": job.plan.num_shards,
+        "shards_done": len(records),
+        "manifest_rows": job.plan.num_rows,
+        "model": job.weights.model,
+        "weights": job.weights.identity,
+        **run,
+    }
+
+
+def config_dict(config: SegmentConfig) -> dict[str, Any]:
+    """The config for logs and summaries, with storage options (which may hold secrets) left out."""
+    return {k: v for k, v in asdict(config).items() if k != "storage_options"}

@@ -1,0 +1,174 @@
+"""Small, deterministic image files for tests: plausible inputs and the awkward cases decoding must handle."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+BOMB_TEST_MAX_PIXELS = 10_000_000
+"""max_pixels for decoding the bad files: the bomb (4000x3000 = 12M) is over it, the OK cases far below."""
+
+BOMB_SIZE = (4000, 3000)
+"""Small enough that decoding it with a larger max_pixels stays around 100 MB."""
+
+BAD_FILES: dict[str, str | None] = {
+    "empty.jpg": "empty_file",
+    "not-an-image.jpg": "not_an_image",
+    "truncated.jpg": "corrupt_image",
+    "corrupt.png": "corrupt_image",
+    "bomb.png": "too_large",
+    "animated.gif": None,
+    "multipage.tif": None,
+    "grey.jpg": None,
+    "grey16.png": None,
+    "cmyk.jpg": None,
+    "palette-transparent.png": None,
+    "rgba.png": None,
+    "exif-rotated.jpg": None,
+}
+"""File name -> the ImageError kind decoding it must raise, or None where it must decode."""
+
+EXPECTED_SIZES: dict[str, tuple[int, int]] = {
+    "animated.gif": (32, 24),
+    "multipage.tif": (48, 32),
+    "grey.jpg": (50, 30),
+    "grey16.png": (40, 30),
+    "cmyk.jpg": (36, 28),
+    "palette-transparent.png": (20, 10),
+    "rgba.png": (30, 20),
+    "exif-rotated.jpg": (40, 60),
+}
+"""Displayed (width, height) of each file in BAD_FILES that must decode."""
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_MARKER = 10
+"""Side of the red square in the stored top-left corner of exif-rotated.jpg (the rest is blue)."""
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def write_shape_images(
+    directory: pathlib.Path, count: int, size: int = 96, seed: int = 0
+) -> list[pathlib.Path]:
+    """Write ``img-000.jpg``... : random background, 1-3 filled circles/rectangles, sizes near ``size``."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        width, height = (int(v) for v in rng.integers(size * 3 // 4, size * 5 // 4, size=2, endpoint=True))
+        image = Image.new("RGB", (width, height), _colour(rng))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 3, endpoint=True))):
+            x0, x1 = sorted(int(v) for v in rng.integers(0, width, size=2))
+            y0, y1 = sorted(int(v) for v in rng.integers(0, height, size=2))
+            box = (x0, y0, max(x1, x0 + 4), max(y1, y0 + 4))
+            if rng.random() < 0.5:
+                draw.ellipse(box, fill=_colour(rng))
+            else:
+                draw.rectangle(box, fill=_colour(rng))
+        path = directory / f"img-{index:03d}.jpg"
+        path.write_bytes(encode(image, "JPEG", quality=95))
+        paths.append(path)
+    return paths
+
+
+def write_bad_files(directory: pathlib.Path) -> dict[str, str | None]:
+    """Write every case in BAD_FILES into ``directory``; return a copy of BAD_FILES."""
+    directory.mkdir(parents=True, exist_ok=True)
+    contents = {
+        "empty.jpg": b"",
+        "not-an-image.jpg": b"<!DOCTYPE html>\n<html><body><h1>404 Not Found</h1></body></html>\n",
+        "truncated.jpg": _truncated_jpeg(),
+        "corrupt.png": _corrupt_png(),
+        # Mode "1" and all zero: the header says 12M pixels, the file is under 2 KB.
+        "bomb.png": encode(Image.new("1", BOMB_SIZE, 0), "PNG"),
+        "animated.gif": _animated_gif(),
+        "multipage.tif": _multipage_tiff(),
+        "grey.jpg": encode(_gradient("L", EXPECTED_SIZES["grey.jpg"]), "JPEG", quality=95),
+        "grey16.png": encode(_grey16(EXPECTED_SIZES["grey16.png"]), "PNG"),
+        "cmyk.jpg": encode(Image.new("CMYK", EXPECTED_SIZES["cmyk.jpg"], (0, 255, 255, 0)), "JPEG"),
+        "palette-transparent.png": _palette_with_transparency(),
+        "rgba.png": encode(Image.new("RGBA", EXPECTED_SIZES["rgba.png"], (0, 128, 255, 128)), "PNG"),
+        "exif-rotated.jpg": _exif_rotated_jpeg(),
+    }
+    assert contents.keys() == BAD_FILES.keys()
+    for name, data in contents.items():
+        (directory / name).write_bytes(data)
+    return dict(BAD_FILES)
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    r, g, b = (int(v) for v in rng.integers(0, 256, size=3))
+    return (r, g, b)
+
+
+def _gradient(mode: str, size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    values = np.add.outer(np.arange(height), np.arange(width)) * 255 // (width + height - 2)
+    return Image.fromarray(values.astype(np.uint8)).convert(mode)
+
+
+def _grey16(size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    values = np.linspace(0, 65535, width * height).reshape(height, width)
+    return Image.fromarray(values.astype(np.uint16))
+
+
+def _truncated_jpeg() -> bytes:
+    # Noise, so the entropy-coded data is long enough that half of the file ends mid-scan.
+    pixels = np.random.default_rng(1).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(pixels), "JPEG", quality=95)
+    return data[: len(data) // 2]
+
+
+def _corrupt_png() -> bytes:
+    # Valid signature and IHDR; IDAT replaced by garbage with a *correct* CRC. Pillow does not check
+    # IDAT CRCs (a bad CRC alone still decodes), but zlib rejects the garbage during load.
+    data = encode(_gradient("RGB", (32, 32)), "PNG")
+    start = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4 : start])
+    garbage = bytes(range(256)) * (length // 256 + 1)
+    garbage = garbage[:length]
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + garbage) & 0xFFFFFFFF)
+    return data[: start + 4] + garbage + crc + data[start + 4 + length + 4 :]
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", EXPECTED_SIZES["animated.gif"], colour) for colour in (RED, GREEN, BLUE)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _multipage_tiff() -> bytes:
+    first = Image.new("RGB", EXPECTED_SIZES["multipage.tif"], RED)
+    second = Image.new("RGB", (16, 16), GREEN)
+    return encode(first, "TIFF", save_all=True, append_images=[second])
+
+
+def _palette_with_transparency() -> bytes:
+    image = Image.new("P", EXPECTED_SIZES["palette-transparent.png"], 0)
+    image.putpalette([*RED, *BLUE] + [0, 0, 0] * 254)
+    image.paste(1, (0, 0, 10, 10))
+    return encode(image, "PNG", transparency=0)
+
+
+def _exif_rotated_jpeg() -> bytes:
+    # Stored 60 wide x 40 high; Orientation 6 means "rotate 90 degrees clockwise to display".
+    image = Image.new("RGB", (60, 40), BLUE)
+    image.paste(RED, (0, 0, EXIF_MARKER, EXIF_MARKER))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = 6
+    return encode(image, "JPEG", quality=95, exif=exif)

@@ -1,0 +1,214 @@
+"""decode_image: displayed RGB uint8 pixels for odd inputs, and a readable ImageError for bad ones."""
+
+import pathlib
+import struct
+import warnings
+import zlib
+
+import imagefiles
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchseg.errors import ImageError
+from batchseg.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
+
+BAD = sorted(name for name, kind in imagefiles.BAD_FILES.items() if kind is not None)
+OK = sorted(name for name, kind in imagefiles.BAD_FILES.items() if kind is None)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    directory = tmp_path_factory.mktemp("bad-files")
+    imagefiles.write_bad_files(directory)
+    return directory
+
+
+def decode_file(
+    files: pathlib.Path, name: str, max_pixels: int = imagefiles.BOMB_TEST_MAX_PIXELS
+) -> np.ndarray:
+    return decode_image((files / name).read_bytes(), max_pixels=max_pixels)
+
+
+def rgb16_png(width: int, height: int, samples: list[int]) -> bytes:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), rows of big-endian R, G, B samples."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row_len = width * 3
+    rows = b"".join(
+        b"\x00" + struct.pack(f">{row_len}H", *samples[y * row_len : (y + 1) * row_len])
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_public_constants() -> None:
+    assert DEFAULT_MAX_PIXELS == 100_000_000
+    assert {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".gif", ".bmp"} <= IMAGE_EXTENSIONS
+    assert all(ext.startswith(".") and ext == ext.lower() for ext in IMAGE_EXTENSIONS)
+
+
+def test_generated_files_are_small_and_expected_sizes_cover_ok_cases(files: pathlib.Path) -> None:
+    assert set(imagefiles.EXPECTED_SIZES) == set(OK)
+    assert all((files / name).stat().st_size < 200_000 for name in imagefiles.BAD_FILES)
+    assert all(w * h < imagefiles.BOMB_TEST_MAX_PIXELS // 100 for w, h in imagefiles.EXPECTED_SIZES.values())
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_file_raises_its_kind_with_a_readable_message(files: pathlib.Path, name: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_file(files, name)
+    error = caught.value
+    assert error.kind == imagefiles.BAD_FILES[name]
+    assert error.message.strip()
+    assert "<" not in error.message and "object at" not in error.message
+    assert str(error) == f"{error.kind}: {error.message}"
+
+
+@pytest.mark.parametrize("name", OK)
+def test_ok_file_decodes_to_displayed_rgb(files: pathlib.Path, name: str) -> None:
+    pixels = decode_file(files, name)
+    width, height = imagefiles.EXPECTED_SIZES[name]
+    assert pixels.shape == (height, width, 3)
+    assert pixels.dtype == np.uint8
+    assert pixels.flags.c_contiguous and pixels.flags.writeable
+
+
+def test_exif_orientation_6_rotates_clockwise(files: pathlib.Path) -> None:
+    pixels = decode_file(files, "exif-rotated.jpg").astype(int)
+    assert pixels.shape[:2] == (60, 40)
+    # Rotating 90 degrees clockwise carries the stored top-left corner to the displayed top-right.
+    # Sample the middle of each corner block: JPEG chroma subsampling smears the block's edges.
+    middle = imagefiles.EXIF_MARKER // 2
+    assert pixels[middle, -middle] == pytest.approx(imagefiles.RED, abs=20)
+    for row, col in ((middle, middle), (-middle, middle), (-middle, -middle)):
+        assert pixels[row, col] == pytest.approx(imagefiles.BLUE, abs=20)
+
+
+def test_16_bit_grey_keeps_the_high_byte_instead_of_clipping() -> None:
+    image = Image.fromarray(np.array([[0, 255, 256, 32768, 65535]], dtype=np.uint16))
+    assert image.mode == "I;16"
+    pixels = decode_image(imagefiles.encode(image, "PNG"))
+    np.testing.assert_array_equal(pixels[0, :, 0], [0, 0, 1, 128, 255])
+    assert (pixels == pixels[:, :, :1]).all()
+
+
+def test_16_bit_rgb_png() -> None:
+    # Pillow opens 16-bit RGB PNGs as 8-bit "RGB" itself, keeping the high byte.
+    pixels = decode_image(rgb16_png(2, 1, [65535, 32768, 0, 256, 512, 65535]))
+    np.testing.assert_array_equal(pixels, [[[255, 128, 0], [1, 2, 255]]])
+
+
+def test_32_bit_int_and_float_images() -> None:
+    as_int = Image.fromarray(np.array([[0, 32768, 65535, 100_000, -5]], dtype=np.int32))
+    assert as_int.mode == "I"
+    np.testing.assert_array_equal(
+        decode_image(imagefiles.encode(as_int, "TIFF"))[0, :, 0], [0, 128, 255, 255, 0]
+    )
+    as_float = Image.fromarray(np.array([[-3.0, 0.5, 127.9, 300.0]], dtype=np.float32))
+    assert as_float.mode == "F"
+    np.testing.assert_array_equal(
+        decode_image(imagefiles.encode(as_float, "TIFF"))[0, :, 0], [0, 0, 127, 255]
+    )
+
+
+def test_alpha_is_composited_over_white() -> None:
+    image = Image.new("RGBA", (3, 1))
+    image.putdata([(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)])
+    pixels = decode_image(imagefiles.encode(image, "PNG"))
+    np.testing.assert_array_equal(pixels[0, 0], [255, 255, 255])
+    np.testing.assert_array_equal(pixels[0, 1], [10, 20, 30])
+    assert (abs(pixels[0, 2].astype(int) - 127) <= 1).all()
+
+
+def test_palette_transparency_becomes_white(files: pathlib.Path) -> None:
+    pixels = decode_file(files, "palette-transparent.png")
+    np.testing.assert_array_equal(pixels[0, 0], imagefiles.BLUE)
+    np.testing.assert_array_equal(pixels[-1, -1], [255, 255, 255])
+
+
+def test_grey_cmyk_and_rgba_files_convert_to_rgb(files: pathlib.Path) -> None:
+    grey = decode_file(files, "grey.jpg")
+    assert (grey == grey[:, :, :1]).all()
+    assert grey[0, 0, 0] < 10 and grey[-1, -1, 0] > 245
+    assert decode_file(files, "cmyk.jpg").reshape(-1, 3).mean(axis=0) == pytest.approx(imagefiles.RED, abs=3)
+    rgba = decode_file(files, "rgba.png").astype(int)
+    assert rgba[0, 0] == pytest.approx((127, 191, 255), abs=1)
+
+
+def test_animated_gif_and_multipage_tiff_give_the_first_frame(files: pathlib.Path) -> None:
+    for name in ("animated.gif", "multipage.tif"):
+        pixels = decode_file(files, name)
+        assert (pixels == imagefiles.RED).all(), name
+
+
+def test_too_large_is_the_callers_limit(files: pathlib.Path) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_file(files, "bomb.png")
+    assert caught.value.kind == "too_large"
+    assert "4000x3000 = 12,000,000 pixels" in caught.value.message
+    assert "10,000,000" in caught.value.message
+
+    pixels = decode_file(files, "bomb.png", max_pixels=30_000_000)
+    assert pixels.shape == (3000, 4000, 3)
+    assert not pixels.any()
+
+
+def test_pil_global_limit_does_not_override_a_larger_caller_limit(
+    files: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-in for a caller limit above PIL's default (~89M): PIL alone would refuse the 12M bomb.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_file(files, "bomb.png", max_pixels=30_000_000).shape == (3000, 4000, 3)
+    assert Image.MAX_IMAGE_PIXELS == 30_000_000
+
+    decode_file(files, "grey.jpg", max_pixels=2_000)
+    assert Image.MAX_IMAGE_PIXELS == 30_000_000, "a smaller caller limit must not lower PIL's"
+
+
+def test_pil_refusing_before_the_header_is_read_is_still_too_large(
+    files: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000_000)
+    with pytest.raises(ImageError) as caught:
+        decode_file(files, "bomb.png", max_pixels=2_000_000)
+    assert caught.value.kind == "too_large"
+    assert caught.value.message == (
+        "image is 12,000,000 pixels, over the limit of 2,000,000 (raise --max-pixels to allow it)"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:(Corrupt EXIF data|Truncated File Read):UserWarning")
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF", "WEBP", "BMP"])
+def test_any_truncation_decodes_or_raises_image_error(fmt: str) -> None:
+    data = imagefiles.encode(Image.new("RGB", (40, 30), (200, 100, 50)), fmt)
+    for length in sorted({1, 4, 8, 16, 30, 60, len(data) // 3, len(data) // 2, len(data) - 1}):
+        try:
+            pixels = decode_image(data[:length])
+        except ImageError as error:
+            assert error.kind in {"not_an_image", "corrupt_image"}, (length, error)
+        else:
+            assert pixels.shape == (30, 40, 3)
+
+
+def test_shape_images_are_deterministic_per_seed(tmp_path: pathlib.Path) -> None:
+    first = imagefiles.write_shape_images(tmp_path / "a", 6, seed=3)
+    again = imagefiles.write_shape_images(tmp_path / "b", 6, seed=3)
+    other = imagefiles.write_shape_images(tmp_path / "c", 6, seed=4)
+    assert [p.name for p in first] == [f"img-{i:03d}.jpg" for i in range(6)]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
+
+    shapes = {decode_image(p.read_bytes()).shape for p in first}
+    assert len(shapes) > 1
+    assert all(72 <= h <= 120 and 72 <= w <= 120 and c == 3 for h, w, c in shapes)
