@@ -31,6 +31,7 @@ class Predictor:
         score_threshold: instances scoring below this are dropped inside the model.
         mask_threshold: a mask pixel is foreground where the pasted mask probability exceeds this.
         min_size, max_size: the model's own resize (torchvision's defaults 800 and 1333 when None).
+        max_instances: keep at most this many instances per image, best first.
         device: ``cpu`` or ``cuda[:N]``; precision: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
     """
 
@@ -42,11 +43,12 @@ class Predictor:
         mask_threshold: float = 0.5,
         min_size: int | None = None,
         max_size: int | None = None,
+        max_instances: int = 100,
         device: str = "cpu",
         precision: str = "auto",
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        options: dict[str, Any] = {"box_score_thresh": score_threshold}
+        options: dict[str, Any] = {"box_score_thresh": score_threshold, "box_detections_per_img": max_instances}
         if min_size:
             options["min_size"] = min_size
         if max_size:

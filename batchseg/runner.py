@@ -69,13 +69,13 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
         f"{len(job.done)} shards already done, {todo} to do")  # fmt: skip
     if job.weights.source == "none":
         log("WARNING: --weights none: the model has RANDOM weights; its detections and masks are meaningless")
-    run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "retries": 0}
+    run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
     if todo:
         _init_ray(config.address)
         run = _Scheduler(job).run()
     output = OutputDir(config.output, config.storage_options)
     wall = time.time() - started
-    run |= {"wall_seconds": round(wall, 2), "images_per_second": round(run["images_this_run"] / wall, 3)}
+    run |= {"shards_skipped": len(job.done), "wall_seconds": round(wall, 2), "images_per_second": round(run["images_this_run"] / wall, 3)}
     summary = summarize(output.records(), job, run)
     summary["status"] = "complete" if summary["shards_done"] == plan.num_shards else "incomplete"
     output.write_summary(summary)
@@ -107,6 +107,7 @@ class _Scheduler:
         self.failed: list[dict[str, Any]] = []
         self.start_failures: list[str] = []
         self.images = 0
+        self.shards_done = 0
         self.errors = 0
         self.retries = 0
         self.todo_images = job.plan.num_rows - self._done_rows()
@@ -160,7 +161,8 @@ class _Scheduler:
         self._report(start)
         for w in self.workers:
             ray.kill(w.actor)
-        return {"shards_failed": self.failed, "images_this_run": self.images, "retries": self.retries}
+        return {"shards_failed": self.failed, "images_this_run": self.images, "shards_this_run": self.shards_done,
+                "retries": self.retries}  # fmt: skip
 
     def _exhausted(self) -> bool:
         """True once every shard has been handed out; peeks by pulling one and keeping it for retry."""
@@ -184,6 +186,7 @@ class _Scheduler:
         try:
             record = ray.get(ref)
             self.images += record["rows"]
+            self.shards_done += 1
             self.errors += sum(record["errors"].values())
         except RayActorError as e:
             # The worker process died (OOM, killed, node lost): everything queued on it goes back.

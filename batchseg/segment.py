@@ -35,7 +35,7 @@ DONE_DIR = "_done"
 SUMMARY_FILE = "summary.json"
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result.
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
-                   "max_pixels", "shard_size", "manifest_rows", "manifest_fingerprint")  # fmt: skip
+                   "max_instances", "max_pixels", "shard_size", "manifest_rows", "manifest_fingerprint")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class SegmentConfig:
     mask_threshold: float = 0.5
     min_size: int | None = None
     max_size: int | None = None
+    max_instances: int = 100
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 4
     shard_size: int = 1000
@@ -183,6 +184,7 @@ def prepare_job(config: SegmentConfig) -> Job:
         "mask_threshold": config.mask_threshold,
         "min_size": config.min_size,
         "max_size": config.max_size,
+        "max_instances": config.max_instances,
         "max_pixels": config.max_pixels,
         "shard_size": config.shard_size,
         "manifest": plan.manifest,
@@ -206,6 +208,7 @@ def _check_options(config: SegmentConfig) -> None:
         (1 <= low <= high, f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not {low},{high}"),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
         (config.max_pixels > 0, "--max-pixels must be positive"),
+        (config.max_instances > 0, "--max-instances must be positive"),
     ]
     for ok, message in checks:
         if not ok:
@@ -244,6 +247,7 @@ class ShardProcessor:
             mask_threshold=config.mask_threshold,
             min_size=config.min_size,
             max_size=config.max_size,
+            max_instances=config.max_instances,
             device=device,
             precision=config.precision,
             storage_options=config.storage_options,

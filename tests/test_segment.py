@@ -1,0 +1,323 @@
+"""The segmentation job end to end on real Ray with a real torchvision Mask R-CNN."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pycocotools.mask as coco_mask
+import pytest
+import torch
+
+from batchseg.errors import BatchsegError
+from batchseg.images import decode_image
+from batchseg.manifest import default_image_id
+from batchseg.models import build_model, resolve_weights
+from batchseg.records import read_provenance
+from batchseg.runner import run_segment
+from batchseg.segment import DONE_DIR, OutputDir, SegmentConfig
+from batchseg.synth import write_shape_images
+from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
+
+# A real torchvision Mask R-CNN (random weights, seeded) at a small input size keeps each image fast.
+FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,
+        "score_threshold": 0.5, "max_instances": 6, "max_pixels": BOMB_TEST_MAX_PIXELS}  # fmt: skip
+
+
+def archive(root: pathlib.Path, images: int, bad: bool) -> tuple[str, list[str], dict[str, str | None]]:
+    """Shape images (plus every kind of bad file, plus a missing object) and a manifest naming them all."""
+    uris = write_shape_images(str(root / "images"), images, size=96, seed=1)
+    expected: dict[str, str | None] = dict.fromkeys(uris)
+    if bad:
+        for name, kind in write_bad_files(root / "bad").items():
+            expected[str(root / "bad" / name)] = kind
+        expected[str(root / "missing.jpg")] = "not_found"
+    manifest = root / "manifest.csv"
+    manifest.write_text("uri\n" + "".join(f"{u}\n" for u in expected))
+    return str(manifest), list(expected), expected
+
+
+@pytest.fixture(scope="module")
+def segmented(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("e2e")
+    manifest, uris, expected = archive(root, 20, bad=True)
+    config = SegmentConfig(manifest=manifest, output=str(root / "out"), shard_size=8, batch_size=1, **FAST)
+    summary = run_segment(config)
+    return {"config": config, "summary": summary, "uris": uris, "expected": expected,
+            "table": OutputDir(config.output).read_table()}  # fmt: skip
+
+
+def test_one_row_per_manifest_row_in_order(segmented: dict[str, Any]) -> None:
+    table = segmented["table"]
+    assert table.column("uri").to_pylist() == segmented["uris"]
+    assert table.column("image_id").to_pylist() == [default_image_id(u) for u in segmented["uris"]]
+
+
+def test_every_row_has_the_right_status_and_error(segmented: dict[str, Any]) -> None:
+    for row in segmented["table"].to_pylist():
+        kind = segmented["expected"][row["uri"]]
+        if kind is None:
+            assert (row["status"], row["error"]) == ("ok", None)
+            assert isinstance(row["instances"], list)
+            name = os.path.basename(row["uri"])
+            if name in EXPECTED_SIZES:
+                assert (row["width"], row["height"]) == EXPECTED_SIZES[name]
+        else:
+            assert row["status"] == "error"
+            assert row["error"].startswith(f"{kind}: ") and len(row["error"]) > len(kind) + 10
+            assert row["instances"] is None
+
+
+def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> None:
+    """Each instance's RLE decodes (with pycocotools) to exactly the mask torchvision pastes and thresholds."""
+    config = segmented["config"]
+    weights = resolve_weights(config.weights, config.model)
+    model = build_model(weights, min_size=config.min_size, max_size=config.max_size,
+                        box_score_thresh=config.score_threshold, box_detections_per_img=config.max_instances)  # fmt: skip
+    checked = 0
+    for row in segmented["table"].to_pylist():
+        if row["status"] != "ok":
+            continue
+        pixels = decode_image(pathlib.Path(row["uri"]).read_bytes())
+        assert pixels.shape == (row["height"], row["width"], 3)
+        with torch.inference_mode():
+            out = model([torch.from_numpy(pixels).permute(2, 0, 1).float() / 255])[0]
+        masks = (out["masks"][:, 0] > config.mask_threshold).numpy()
+        assert len(row["instances"]) == len(masks)
+        for instance, mask, box, score in zip(
+            row["instances"], masks, out["boxes"], out["scores"], strict=True
+        ):
+            rle = {"size": [row["height"], row["width"]], "counts": instance["rle"]}
+            np.testing.assert_array_equal(coco_mask.decode(rle), mask.astype(np.uint8))
+            assert (
+                instance["rle"]
+                == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+            )
+            assert instance["area"] == int(mask.sum())
+            x1, y1, x2, y2 = box.tolist()
+            np.testing.assert_allclose(instance["bbox"], [x1, y1, x2 - x1, y2 - y1], rtol=1e-5, atol=1e-3)
+            assert instance["score"] == pytest.approx(float(score), rel=1e-5)
+            assert instance["category"] == weights.categories[instance["category_id"]]
+            checked += 1
+    assert checked > 20  # the test means something only if the model found instances
+
+
+def test_summary_and_provenance(segmented: dict[str, Any]) -> None:
+    config, summary = segmented["config"], segmented["summary"]
+    kinds = [k for k in segmented["expected"].values() if k]
+    assert summary["status"] == "complete"
+    assert summary["images"] == summary["manifest_rows"] == len(segmented["uris"])
+    assert summary["error"] == len(kinds)
+    assert summary["ok"] == len(segmented["uris"]) - len(kinds)
+    assert summary["errors_by_kind"] == {k: kinds.count(k) for k in set(kinds)}
+    assert summary["instances"] == sum(
+        len(r or []) for r in segmented["table"].column("instances").to_pylist()
+    )
+    assert summary["shards_done"] == summary["shards_total"] == 5
+    on_disk = json.loads((pathlib.Path(config.output) / "summary.json").read_text())
+    assert on_disk["images"] == summary["images"]
+    files = sorted(pathlib.Path(config.output).glob("part-*.parquet"))
+    assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(5)]
+    provenance = read_provenance(pq.read_schema(files[0]))
+    assert provenance["model"] == "maskrcnn_resnet50_fpn"
+    assert provenance["weights"] == "none(seed=0)"
+    assert (provenance["score_threshold"], provenance["min_size"], provenance["shard"]) == (0.5, 128, 0)
+    assert provenance["batchseg_version"]
+
+
+def test_rerun_skips_everything_and_other_settings_are_refused(segmented: dict[str, Any]) -> None:
+    config = segmented["config"]
+    before = {p: p.stat().st_mtime_ns for p in pathlib.Path(config.output).glob("part-*.parquet")}
+    summary = run_segment(config)
+    assert (summary["images_this_run"], summary["shards_skipped"], summary["status"]) == (0, 5, "complete")
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    with pytest.raises(BatchsegError, match=r"other settings \(score_threshold: 0.5 -> 0.7\).*--overwrite"):
+        run_segment(replace(config, score_threshold=0.7))
+
+
+def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None:
+    manifest, uris, _ = archive(tmp_path, 3, bad=False)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "part-000009.parquet").write_bytes(b"stale")
+    (output / "keep-me.txt").write_text("not ours")
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, **FAST)
+    run_segment(config)
+    changed = replace(config, score_threshold=0.6, overwrite=True)
+    summary = run_segment(changed)
+    assert (summary["images_this_run"], summary["shards_skipped"]) == (3, 0)
+    assert sorted(p.name for p in output.iterdir()) == [
+        "_batchseg_job.json", "_done", "keep-me.txt", "part-000000.parquet", "part-000001.parquet", "summary.json",
+    ]  # fmt: skip
+    assert OutputDir(str(output)).read_table().column("uri").to_pylist() == uris
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def done_markers(output: pathlib.Path) -> dict[str, bytes]:
+    return (
+        {p.name: p.read_bytes() for p in (output / DONE_DIR).glob("*.json")}
+        if (output / DONE_DIR).exists()
+        else {}
+    )
+
+
+def assert_exactly_once(config: SegmentConfig, uris: list[str]) -> None:
+    table = OutputDir(config.output).read_table()
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(uris)
+    assert sorted(ids) == sorted(default_image_id(u) for u in uris)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    manifest, uris, _ = archive(tmp_path, 24, bad=False)
+    output = tmp_path / "out"
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **FAST)
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", manifest, "--output", str(output),
+            "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(done_markers(output)) >= 2, 180, "two finished shards")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    first = done_markers(output)
+    assert 2 <= len(first) < 8, "the kill should land mid-job"
+    summary = run_segment(config)
+    assert summary["status"] == "complete"
+    assert summary["shards_skipped"] >= len(first)
+    assert summary["shards_this_run"] == 8 - summary["shards_skipped"]
+    after = done_markers(output)
+    assert {k: after[k] for k in first} == first, "finished shards were not redone"
+    assert_exactly_once(config, uris)
+
+
+def actor_pids() -> list[int]:
+    """PIDs of this test's SegmentationActor worker processes (Ray names them in the process title)."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::SegmentationActor"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    manifest, uris, _ = archive(tmp_path, 18, bad=False)
+    output = tmp_path / "out"
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=1, **FAST)
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(run_segment(config)))
+    job.start()
+    try:
+        wait_for(lambda: len(done_markers(output)) >= 1 and actor_pids(), 180, "a running actor")
+        for pid in actor_pids():
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        job.join(timeout=300)
+    assert result["status"] == "complete"
+    assert result["retries"] >= 1
+    assert_exactly_once(config, uris)
+
+
+def test_core_modules_do_not_import_ray() -> None:
+    code = "import sys, batchseg.segment, batchseg.manifest, batchseg.masks; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_manifest", "manifest .*nope.csv does not exist"),
+        ("no_uri_column", "has no 'uri' column"),
+        ("unwritable_output", "cannot (read|write to) output .*file/out: NotADirectoryError"),
+        ("offline_default_weights", "cannot download .* pass --weights PATH_OR_URI"),
+        ("bad_threshold", "--score-threshold must be in"),
+    ],
+)
+def test_job_level_problems_fail_early_with_one_line(
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    from batchseg.cli import main
+
+    manifest, _, _ = archive(tmp_path, 1, bad=False)
+    args = {"--manifest": manifest, "--output": str(tmp_path / "out"), "--weights": "none"}
+    if case == "missing_manifest":
+        args["--manifest"] = str(tmp_path / "nope.csv")
+    elif case == "no_uri_column":
+        (tmp_path / "m.csv").write_text("path\na.jpg\n")
+        args["--manifest"] = str(tmp_path / "m.csv")
+    elif case == "unwritable_output":
+        (tmp_path / "file").write_text("a file, not a folder")
+        args["--output"] = str(tmp_path / "file" / "out")
+    elif case == "offline_default_weights":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+        args["--weights"] = "DEFAULT"
+    elif case == "bad_threshold":
+        args["--score-threshold"] = "1.5"
+    code = main(["segment", *[x for pair in args.items() for x in pair]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("batchseg: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / "_done").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path: pathlib.Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchseg.cli",
+            "segment",
+            "--manifest",
+            str(tmp_path / "x.csv"),
+            "--output",
+            "o",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"batchseg: error: manifest {tmp_path / 'x.csv'} does not exist"
+
+
+def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--manifest", "m.csv", "--output", "o", "--model", "resnet9000"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'resnet9000'" in capsys.readouterr().err
