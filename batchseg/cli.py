@@ -48,7 +48,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-size", type=int, default=None, help="model's resize: longer side cap (default 1333)"
     )
-    p.add_argument("--max-instances", type=int, default=100, help="keep at most this many instances per image")
+    p.add_argument(
+        "--max-instances", type=int, default=100, help="keep at most this many instances per image"
+    )
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels become 'too_large' error rows (decompression bombs)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4, help="images per model call")

@@ -189,8 +189,9 @@ def plan_shards(manifest: str, shard_size: int, storage_options: dict[str, Any] 
         num_rows += len(ids)
     if num_rows == 0:
         raise BatchsegError(f"manifest {manifest} has no rows")
-    ordered = np.sort(np.concatenate(hashes))
+    ordered = np.concatenate(hashes)
     del hashes
+    ordered.sort()
     clashing = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     if clashing.size:
         _refuse_duplicates(manifest, set(clashing.tolist()), storage_options)

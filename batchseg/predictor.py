@@ -48,7 +48,10 @@ class Predictor:
         precision: str = "auto",
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        options: dict[str, Any] = {"box_score_thresh": score_threshold, "box_detections_per_img": max_instances}
+        options: dict[str, Any] = {
+            "box_score_thresh": score_threshold,
+            "box_detections_per_img": max_instances,
+        }
         if min_size:
             options["min_size"] = min_size
         if max_size:

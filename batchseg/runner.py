@@ -75,7 +75,11 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
         run = _Scheduler(job).run()
     output = OutputDir(config.output, config.storage_options)
     wall = time.time() - started
-    run |= {"shards_skipped": len(job.done), "wall_seconds": round(wall, 2), "images_per_second": round(run["images_this_run"] / wall, 3)}
+    run |= {
+        "shards_skipped": len(job.done),
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(run["images_this_run"] / wall, 3),
+    }
     summary = summarize(output.records(), job, run)
     summary["status"] = "complete" if summary["shards_done"] == plan.num_shards else "incomplete"
     output.write_summary(summary)

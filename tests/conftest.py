@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Iterator
 
@@ -17,7 +16,6 @@ def ray_address() -> Iterator[str]:
     subprocesses (``batchseg segment --address``) join it instead of starting their own."""
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     context = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
