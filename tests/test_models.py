@@ -1,0 +1,110 @@
+"""Weights resolve from torchvision enums, checkpoints of either format, or nothing; mistakes fail early."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import get_model, get_model_weights
+
+from batchseg.errors import BatchsegError
+from batchseg.models import build_model, resolve_weights
+from batchseg.predictor import Predictor
+from batchseg.synth import CATEGORIES, draw_shapes
+
+MODEL = "maskrcnn_resnet50_fpn"
+
+
+@pytest.fixture(scope="module")
+def shapes_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(3)
+    return get_model(MODEL, weights=None, weights_backbone=None, num_classes=len(CATEGORIES)).state_dict()
+
+
+def test_none_gives_seeded_random_weights_with_coco_names() -> None:
+    info = resolve_weights("none", MODEL)
+    assert (info.source, info.identity, len(info.categories)) == ("none", "none(seed=0)", 91)
+    assert info.categories[1] == "person"
+    a, b = build_model(info), build_model(info)
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_default_weights_come_from_the_hub_cache(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = get_model_weights("maskrcnn_resnet50_fpn_v2").DEFAULT
+    with pytest.raises(BatchsegError, match=f"cannot download {enum.url}.*copy that file to"):
+        resolve_weights("DEFAULT")
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(enum.url)
+    assert not cached.exists(), "a failed download must not leave a file that looks cached"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"placeholder: resolving only checks the file is there")
+    info = resolve_weights("DEFAULT")
+    assert info.identity == "torchvision:MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
+    assert (info.model, info.source, len(info.categories)) == ("maskrcnn_resnet50_fpn_v2", "torchvision", 91)
+    assert resolve_weights("COCO_V1").identity == info.identity
+    assert resolve_weights("MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1").identity == info.identity
+    with pytest.raises(BatchsegError, match="not a torchvision weights name"):
+        resolve_weights("COCO_V9")
+    with pytest.raises(BatchsegError, match="do not belong to model"):
+        resolve_weights("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "maskrcnn_resnet50_fpn_v2")
+
+
+def test_batchseg_checkpoint_carries_model_and_categories(
+    tmp_path: pathlib.Path, shapes_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "trained.pt"
+    torch.save({"model": shapes_state, "model_name": MODEL, "categories": list(CATEGORIES), "step": 7}, path)
+    info = resolve_weights(str(path))  # no --model: the checkpoint says which
+    assert (info.model, info.source, info.categories) == (MODEL, "checkpoint", CATEGORIES)
+    assert info.identity.startswith("sha256:") and info.uri == str(path)
+    with pytest.raises(BatchsegError, match=f"holds a {MODEL} model, not maskrcnn_resnet50_fpn_v2"):
+        resolve_weights(str(path), "maskrcnn_resnet50_fpn_v2")
+    # The loaded weights are the checkpoint's: the predictor's model equals one built from the state dict.
+    predictor = Predictor(info, min_size=96, max_size=128, score_threshold=0.0)
+    for key, value in shapes_state.items():
+        assert torch.equal(predictor.model.state_dict()[key], value), key
+    image = draw_shapes(np.random.default_rng(0), 96).pixels
+    (instances,) = predictor([image])
+    assert instances and {i["category"] for i in instances} <= set(CATEGORIES[1:])
+
+
+def test_plain_state_dict_gets_generic_or_coco_names(
+    tmp_path: pathlib.Path, shapes_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "plain.pth"
+    torch.save(shapes_state, path)
+    info = resolve_weights(str(path), MODEL)
+    assert info.categories == ("__background__", "class_1", "class_2", "class_3")
+    relative = os.path.relpath(path)
+    assert resolve_weights(relative, MODEL).uri == str(path)
+
+
+def test_weights_that_do_not_fit_the_model_fail_early(
+    tmp_path: pathlib.Path, shapes_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "plain.pth"
+    torch.save(shapes_state, path)
+    with pytest.raises(BatchsegError, match=r"weights do not fit maskrcnn_resnet50_fpn_v2: .* missing keys"):
+        resolve_weights(str(path), "maskrcnn_resnet50_fpn_v2")
+
+
+def test_unsafe_or_foreign_files_are_refused(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
+        resolve_weights(str(tmp_path / "notes.txt"))
+    with (tmp_path / "code.pkl").open("wb") as f:
+        pickle.dump({"model": pathlib.Path("/etc/passwd")}, f)  # arbitrary objects: refused by weights_only
+    with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
+        resolve_weights(str(tmp_path / "code.pkl"))
+    with pytest.raises(BatchsegError, match=r"weights .*missing.pt do not exist"):
+        resolve_weights(str(tmp_path / "missing.pt"))
+    with pytest.raises(BatchsegError, match="unknown model 'yolo'"):
+        resolve_weights("none", "yolo")

@@ -1,0 +1,79 @@
+"""The predictor's instance fields for each model family, and image reads mapped to error kinds."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from batchseg.errors import ImageError
+from batchseg.models import resolve_weights
+from batchseg.predictor import Predictor, resolve_precision
+from batchseg.storage import read_image_bytes
+from batchseg.synth import draw_shapes
+
+SMALL = {"min_size": 96, "max_size": 128, "score_threshold": 0.0, "max_instances": 5}
+
+
+def images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [draw_shapes(rng, 96).pixels for _ in range(n)]
+
+
+def test_boxes_only_model_has_no_masks_and_box_areas() -> None:
+    predictor = Predictor(resolve_weights("none", "fasterrcnn_resnet50_fpn_v2"), **SMALL)
+    (instances,) = predictor(images(1))
+    assert len(instances) == 5
+    for instance in instances:
+        x, y, w, h = instance["bbox"]
+        assert instance["rle"] is None and instance["keypoints"] is None
+        assert instance["area"] == round(w * h)
+        assert x >= 0 and y >= 0 and w >= 0 and h >= 0
+
+
+def test_keypoint_model_gives_17_triplets() -> None:
+    predictor = Predictor(resolve_weights("none", "keypointrcnn_resnet50_fpn"), **SMALL)
+    assert predictor.weights.num_keypoints == 17
+    (instances,) = predictor(images(1))
+    assert instances
+    for instance in instances:
+        assert instance["category"] in ("person", "__background__")
+        assert len(instance["keypoints"]) == 51
+        assert instance["rle"] is None
+
+
+def test_batches_give_one_result_per_image_and_scores_descend() -> None:
+    predictor = Predictor(resolve_weights("none", "maskrcnn_resnet50_fpn"), **SMALL)
+    assert predictor([]) == []
+    results = predictor(images(3))
+    assert len(results) == 3
+    for instances in results:
+        scores = [i["score"] for i in instances]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_precision_auto_is_fp32_on_cpu() -> None:
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+class DeniedFileSystem(MemoryFileSystem):
+    protocol = "denied"
+
+    def cat_file(self, path, start=None, end=None, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(path)
+
+
+def test_read_errors_become_image_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fsspec.register_implementation("denied", DeniedFileSystem, clobber=True)
+    cases = {
+        "denied://bucket/a.jpg": "permission_denied",
+        str(tmp_path / "missing.jpg"): "not_found",
+        str(tmp_path): "read_error",
+    }
+    for uri, kind in cases.items():
+        with pytest.raises(ImageError) as info:
+            read_image_bytes(uri)
+        assert info.value.kind == kind, uri
+        assert uri.split("://")[-1] in info.value.message
