@@ -192,7 +192,9 @@ class _Scheduler:
             self.images += record["rows"]
             self.shards_done += 1
             self.errors += sum(record["errors"].values())
-        except RayActorError as e:
+        except RayTaskError as e:  # the shard's code raised; the actor lives on
+            self._requeue(shard, attempt + 1, _reason(e))
+        except Exception as e:
             # The worker process died (OOM, killed, node lost): everything queued on it goes back.
             self._requeue(shard, attempt + 1, _reason(e))
             for _, queued, queued_attempt in worker.queue:
@@ -200,8 +202,6 @@ class _Scheduler:
             worker.queue.clear()
             self._replace(worker, None)
             return
-        except RayTaskError as e:
-            self._requeue(shard, attempt + 1, _reason(e))
         self._feed(worker)
 
     def _requeue(self, shard: Shard, attempt: int, reason: str | None) -> None:
@@ -229,6 +229,9 @@ class _Scheduler:
         calls = [w.actor.images_done.remote() for w in self.workers if w.up and w.queue]
         with contextlib.suppress(GetTimeoutError, RayActorError):
             partial = sum(ray.get(calls, timeout=2.0))
+        if not any(w.up for w in self.workers) and time.time() - start > 30:
+            log(f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
+                f"each; the cluster has {ray.available_resources()} available)")  # fmt: skip
         done = self.images + partial
         elapsed = time.time() - start
         rate = done / elapsed if elapsed > 0 else 0.0

@@ -96,25 +96,15 @@ class OutputDir:
         """Check that this output may take the job (or clear it, with ``overwrite``), then record the job."""
         try:
             previous = self.read_job()
-        except Exception as e:
-            raise BatchsegError(f"cannot read output {self.uri}: {type(e).__name__}: {e}") from None
-        if previous is not None and not overwrite:
-            changed = [
-                f"{k}: {previous.get(k)!r} -> {provenance.get(k)!r}"
-                for k in COMPATIBLE_KEYS
-                if previous.get(k) != provenance.get(k)
-            ]
-            if changed:
-                raise BatchsegError(
-                    f"output {self.uri} was made with other settings ({'; '.join(changed)}); "
-                    "rerun with --overwrite to start it over, or choose another --output"
-                )
-        if overwrite:
-            self.clear()
-        try:
+            if previous is not None and not overwrite:
+                _refuse_other_settings(self.uri, previous, provenance)
+            if overwrite:
+                self.clear()
             storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+        except BatchsegError:
+            raise
         except Exception as e:
-            raise BatchsegError(f"cannot write to output {self.uri}: {type(e).__name__}: {e}") from None
+            raise BatchsegError(f"cannot use output {self.uri}: {type(e).__name__}: {e}") from None
 
     def clear(self) -> None:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
@@ -165,6 +155,19 @@ class OutputDir:
         storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
 
 
+def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[str, Any]) -> None:
+    changed = [
+        f"{k}: {previous.get(k)!r} -> {provenance.get(k)!r}"
+        for k in COMPATIBLE_KEYS
+        if previous.get(k) != provenance.get(k)
+    ]
+    if changed:
+        raise BatchsegError(
+            f"output {uri} was made with other settings ({'; '.join(changed)}); "
+            "rerun with --overwrite to start it over, or choose another --output"
+        )
+
+
 def _is_ours(name: str) -> bool:
     return (name.startswith("part-") and ".parquet" in name) or name in (JOB_FILE, SUMMARY_FILE)
 
@@ -172,8 +175,8 @@ def _is_ours(name: str) -> bool:
 def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts."""
     _check_options(config)
-    weights = resolve_weights(config.weights, config.model, config.storage_options)
     plan = plan_shards(config.manifest, config.shard_size, config.storage_options)
+    weights = resolve_weights(config.weights, config.model, config.storage_options)
     provenance = {
         "batchseg_version": __version__,
         "model": weights.model,
