@@ -100,12 +100,13 @@ class _Scheduler:
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
         cpus = config.cpus_per_actor or (
-            2.0 if gpus else max(1.0, float(int(resources.get("CPU", 1) // config.actors[1])))
+            2.0 if gpus else max(1.0, float(resources.get("CPU", 1) // config.actors[1]))
         )
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
         self.device = "cuda" if gpus else "cpu"
         self.threads = max(1, int(cpus))
         self.shards: Iterator[Shard] = iter_shards(job.plan, job.done, config.storage_options)
+        self.upcoming = next(self.shards, None)  # one shard of lookahead tells when all were handed out
         self.retry: deque[tuple[Shard, int]] = deque()
         self.workers: list[_Worker] = []
         self.failed: list[dict[str, Any]] = []
@@ -115,9 +116,10 @@ class _Scheduler:
         self.errors = 0
         self.retries = 0
         self.todo_images = job.plan.num_rows - self._done_rows()
-        log(f"starting {config.actors[0]}..{config.actors[1]} actors with {cpus:g} CPU, {gpus:g} GPU each, "
-            f"on {self.device}")  # fmt: skip
-        for _ in range(config.actors[1]):
+        self.min_actors, self.max_actors = config.actors
+        log(f"starting {self.min_actors} actor(s), up to {self.max_actors}, with {cpus:g} CPU and {gpus:g} GPU "
+            f"each, on {self.device}")  # fmt: skip
+        for _ in range(self.min_actors):
             self._start_actor()
 
     def _done_rows(self) -> int:
@@ -134,8 +136,19 @@ class _Scheduler:
     def _next(self) -> tuple[Shard, int] | None:
         if self.retry:
             return self.retry.popleft()
-        shard = next(self.shards, None)
+        shard, self.upcoming = self.upcoming, next(self.shards, None) if self.upcoming is not None else None
         return (shard, 1) if shard is not None else None
+
+    def _undispatched(self) -> bool:
+        return bool(self.retry) or self.upcoming is not None
+
+    def _scale_up(self) -> None:
+        """Between --actors MIN and MAX: once no actor is pending and shards still wait, start more
+        (doubling), so a small job stays small and a cluster's autoscaler sees demand as it grows."""
+        if any(not w.up for w in self.workers) or not self._undispatched():
+            return
+        for _ in range(min(self.max_actors - len(self.workers), max(1, len(self.workers)))):
+            self._start_actor()
 
     def _feed(self, worker: _Worker) -> None:
         while worker.up and len(worker.queue) < QUEUE_PER_ACTOR:
@@ -150,7 +163,7 @@ class _Scheduler:
         while True:
             waiting = {w.started: w for w in self.workers if not w.up}
             waiting |= {ref: w for w in self.workers for ref, _, _ in w.queue}
-            if not any(w.queue for w in self.workers) and not self.retry and self._exhausted():
+            if not any(w.queue for w in self.workers) and not self._undispatched():
                 break
             if not waiting:
                 raise BatchsegError(
@@ -159,6 +172,7 @@ class _Scheduler:
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
             for ref in ready:
                 self._handle(ref, waiting[ref])
+            self._scale_up()
             if time.time() - last_report >= PROGRESS_EVERY_S:
                 self._report(start)
                 last_report = time.time()
@@ -167,14 +181,6 @@ class _Scheduler:
             ray.kill(w.actor)
         return {"shards_failed": self.failed, "images_this_run": self.images, "shards_this_run": self.shards_done,
                 "retries": self.retries}  # fmt: skip
-
-    def _exhausted(self) -> bool:
-        """True once every shard has been handed out; peeks by pulling one and keeping it for retry."""
-        work = self._next()
-        if work is None:
-            return True
-        self.retry.appendleft(work)
-        return False
 
     def _handle(self, ref: Any, worker: _Worker) -> None:
         if not worker.up:
@@ -220,7 +226,7 @@ class _Scheduler:
         if start_failure is not None:
             self.start_failures.append(start_failure)
             log(start_failure)
-            if len(self.start_failures) >= 3 * self.job.config.actors[1]:
+            if len(self.start_failures) >= 3 * self.max_actors:
                 return  # stop restarting an actor that cannot start; run() reports it
         self._start_actor()
 

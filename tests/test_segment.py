@@ -233,7 +233,15 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
 ) -> None:
     manifest, uris, _ = archive(tmp_path, 18, bad=False)
     output = tmp_path / "out"
-    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=1, **FAST)
+    config = SegmentConfig(
+        manifest=manifest,
+        output=str(output),
+        shard_size=3,
+        batch_size=1,
+        actors=(1, 2),
+        cpus_per_actor=1,
+        **FAST,
+    )
     result: dict[str, Any] = {}
     job = threading.Thread(target=lambda: result.update(run_segment(config)))
     job.start()
@@ -245,6 +253,25 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
         job.join(timeout=300)
     assert result["status"] == "complete"
     assert result["retries"] >= 1
+    assert_exactly_once(config, uris)
+
+
+def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
+    ray_address: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, uris, _ = archive(tmp_path, 4, bad=False)
+    output = tmp_path / "out"
+    (output / "part-000001.parquet").mkdir(parents=True)  # a folder in the way: every write of shard 1 fails
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, max_attempts=2, **FAST)
+    summary = run_segment(config)
+    assert summary["status"] == "incomplete"
+    assert [f["shard"] for f in summary["shards_failed"]] == [1]
+    assert "IsADirectoryError" in summary["shards_failed"][0]["error"]
+    assert (summary["retries"], summary["shards_done"], summary["images"]) == (2, 1, 2)
+    assert "shard 1 failed 2 times; giving up on it" in capsys.readouterr().err
+    (output / "part-000001.parquet").rmdir()
+    summary = run_segment(config)
+    assert (summary["status"], summary["shards_this_run"], summary["shards_skipped"]) == ("complete", 1, 1)
     assert_exactly_once(config, uris)
 
 
