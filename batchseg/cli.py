@@ -95,6 +95,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output, args.images)
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from batchseg.synth import write_dataset
+
+    data = write_dataset(args.output, args.images, seed=args.seed, size=args.size,
+                         storage_options=args.storage_options)  # fmt: skip
+    print(json.dumps({"images": data.images, "annotations": data.annotations, "manifest": data.manifest,
+                      "count": len(data.uris)}, indent=2))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
@@ -104,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     segment = sub.add_parser("segment", help="segment every image of a manifest into Parquet shards")
     add_segment_arguments(segment)
     segment.set_defaults(run=cmd_segment)
+    synth = sub.add_parser(
+        "synth", help="write a synthetic shapes data set: images, COCO annotations, manifest"
+    )
+    synth.add_argument("--output", required=True, help="folder/prefix to write to (any fsspec URI)")
+    synth.add_argument("--images", type=int, required=True, help="how many images")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
+    synth.add_argument("--size", type=int, default=128, help="approximate image side in pixels")
+    synth.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    synth.set_defaults(run=cmd_synth)
     demo = sub.add_parser("demo", help="generate a small image archive, segment it, print a few rows")
     demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")

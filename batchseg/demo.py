@@ -7,16 +7,16 @@ import sys
 from batchseg import storage
 from batchseg.runner import log, run_segment
 from batchseg.segment import OutputDir, SegmentConfig
-from batchseg.synth import write_shape_images
+from batchseg.synth import write_dataset
 
 
 def run_demo(output: str, images: int) -> int:
     archive = storage.join(output, "images")
     results = storage.join(output, "results")
     log(f"writing {images} synthetic images to {archive}")
-    write_shape_images(archive, images, size=128, seed=0)
+    dataset = write_dataset(archive, images, seed=0, size=128)
     config = SegmentConfig(
-        manifest=storage.join(archive, "manifest.csv"),
+        manifest=dataset.manifest,
         output=results,
         model="maskrcnn_resnet50_fpn_v2",
         weights="none",  # no trained weights are available offline yet (issue #3 brings a small trained model)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from batchseg import storage
+from batchseg.masks import encode_rle
 
 CATEGORIES = ("__background__", "circle", "square", "triangle")
 
@@ -59,17 +62,49 @@ def jpeg_bytes(pixels: np.ndarray, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def write_shape_images(output: str, count: int, size: int = 128, seed: int = 0) -> list[str]:
-    """Write ``img-000000.jpg``... under ``output`` (any fsspec URI) plus ``manifest.csv`` naming them;
-    deterministic per ``seed``. Returns the image URIs in order."""
+@dataclass(frozen=True)
+class SynthDataset:
+    """Where :func:`write_dataset` put things (URIs)."""
+
+    images: str  # folder of img-NNNNNN.jpg
+    annotations: str  # COCO instances JSON; file_name is relative to ``images``
+    manifest: str  # CSV (uri, image_id) that ``batchseg segment`` takes; image_id is the COCO image id
+    uris: list[str]
+
+
+def write_dataset(
+    output: str, count: int, seed: int = 0, size: int = 128, storage_options: dict[str, Any] | None = None
+) -> SynthDataset:
+    """Write a shapes data set under ``output`` (any fsspec URI), deterministic per ``seed``:
+    ``images/img-NNNNNN.jpg``, ``annotations.json`` (COCO, masks as compressed RLE) and ``manifest.csv``."""
     rng = np.random.default_rng(seed)
-    fs, root = storage.filesystem(output)
-    fs.makedirs(root, exist_ok=True)
-    names = []
+    fs, root = storage.filesystem(output, storage_options)
+    fs.makedirs(storage.join(root, "images"), exist_ok=True)
+    images, annotations, names = [], [], []
     for index in range(count):
+        shape = draw_shapes(rng, size)
         name = f"img-{index:06d}.jpg"
-        fs.pipe_file(storage.join(root, name), jpeg_bytes(draw_shapes(rng, size).pixels))
+        fs.pipe_file(storage.join(root, "images", name), jpeg_bytes(shape.pixels))
+        height, width = shape.pixels.shape[:2]
+        image_id = index + 1
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for category, mask in shape.instances:
+            ys, xs = np.nonzero(mask)
+            x0, y0 = int(xs.min()), int(ys.min())
+            bbox = [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]
+            segmentation = {"size": [height, width], "counts": encode_rle(mask)}
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                "segmentation": segmentation, "area": int(mask.sum()), "bbox": bbox,
+                                "iscrowd": 0})  # fmt: skip
         names.append(name)
-    manifest = "uri\n" + "".join(f"{n}\n" for n in names)
+    categories = [{"id": i, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES) if i]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    fs.pipe_file(storage.join(root, "annotations.json"), json.dumps(coco).encode())
+    manifest = "uri,image_id\n" + "".join(f"images/{n},{i + 1}\n" for i, n in enumerate(names))
     fs.pipe_file(storage.join(root, "manifest.csv"), manifest.encode())
-    return [storage.join(output, n) for n in names]
+    return SynthDataset(
+        images=storage.join(output, "images"),
+        annotations=storage.join(output, "annotations.json"),
+        manifest=storage.join(output, "manifest.csv"),
+        uris=[storage.join(output, "images", n) for n in names],
+    )

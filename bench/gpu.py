@@ -20,7 +20,7 @@ from batchseg.images import decode_image
 from batchseg.manifest import Plan, Shard
 from batchseg.models import build_model, resolve_weights
 from batchseg.segment import Job, SegmentConfig, ShardProcessor
-from batchseg.synth import write_shape_images
+from batchseg.synth import write_dataset
 
 
 def raw_loop(
@@ -61,7 +61,7 @@ def main() -> None:
     weights = resolve_weights("none", args.model)
     options = {"box_score_thresh": args.score_threshold, "box_detections_per_img": args.max_instances}
     with tempfile.TemporaryDirectory() as tmp:
-        uris = write_shape_images(f"{tmp}/images", args.images, size=args.size, seed=0)
+        uris = write_dataset(f"{tmp}/data", args.images, seed=0, size=args.size).uris
         pixels = [decode_image(pathlib.Path(u).read_bytes()) for u in uris]
         tensors = [torch.from_numpy(p).to(args.device).permute(2, 0, 1).float().div(255) for p in pixels]
         model = build_model(weights, **options).to(args.device)
@@ -72,7 +72,7 @@ def main() -> None:
             bf16 = raw_loop(model, tensors, args.batch_size, torch.bfloat16)
             print(f"raw model loop bf16: {bf16:8.2f} img/s", flush=True)
         del model, tensors
-        config = SegmentConfig(manifest=f"{tmp}/images/manifest.csv", output=f"{tmp}/out", model=args.model,
+        config = SegmentConfig(manifest=f"{tmp}/data/manifest.csv", output=f"{tmp}/out", model=args.model,
                                weights="none", score_threshold=args.score_threshold, max_instances=args.max_instances,
                                batch_size=args.batch_size, shard_size=args.images)  # fmt: skip
         plan = Plan(config.manifest, len(uris), args.images, "bench")

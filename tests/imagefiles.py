@@ -9,7 +9,7 @@ import zlib
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 BOMB_TEST_MAX_PIXELS = 10_000_000
 """max_pixels for decoding the bad files: the bomb (4000x3000 = 12M) is over it, the OK cases far below."""
@@ -59,31 +59,6 @@ def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **params)
     return buffer.getvalue()
-
-
-def write_shape_images(
-    directory: pathlib.Path, count: int, size: int = 96, seed: int = 0
-) -> list[pathlib.Path]:
-    """Write ``img-000.jpg``... : random background, 1-3 filled circles/rectangles, sizes near ``size``."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        width, height = (int(v) for v in rng.integers(size * 3 // 4, size * 5 // 4, size=2, endpoint=True))
-        image = Image.new("RGB", (width, height), _colour(rng))
-        draw = ImageDraw.Draw(image)
-        for _ in range(int(rng.integers(1, 3, endpoint=True))):
-            x0, x1 = sorted(int(v) for v in rng.integers(0, width, size=2))
-            y0, y1 = sorted(int(v) for v in rng.integers(0, height, size=2))
-            box = (x0, y0, max(x1, x0 + 4), max(y1, y0 + 4))
-            if rng.random() < 0.5:
-                draw.ellipse(box, fill=_colour(rng))
-            else:
-                draw.rectangle(box, fill=_colour(rng))
-        path = directory / f"img-{index:03d}.jpg"
-        path.write_bytes(encode(image, "JPEG", quality=95))
-        paths.append(path)
-    return paths
 
 
 def write_bad_files(directory: pathlib.Path) -> dict[str, str | None]:

@@ -27,7 +27,7 @@ from batchseg.models import build_model, resolve_weights
 from batchseg.records import read_provenance
 from batchseg.runner import run_segment
 from batchseg.segment import DONE_DIR, OutputDir, SegmentConfig
-from batchseg.synth import write_shape_images
+from batchseg.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
 
 # A real torchvision Mask R-CNN (random weights, seeded) at a small input size keeps each image fast.
@@ -37,7 +37,7 @@ FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "m
 
 def archive(root: pathlib.Path, images: int, bad: bool) -> tuple[str, list[str], dict[str, str | None]]:
     """Shape images (plus every kind of bad file, plus a missing object) and a manifest naming them all."""
-    uris = write_shape_images(str(root / "images"), images, size=96, seed=1)
+    uris = write_dataset(str(root / "shapes"), images, seed=1, size=96).uris
     expected: dict[str, str | None] = dict.fromkeys(uris)
     if bad:
         for name, kind in write_bad_files(root / "bad").items():
