@@ -105,6 +105,77 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--images", required=True, help="folder/prefix the annotations' file names are relative to"
+    )
+    p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URI)")
+    p.add_argument("--output", required=True,
+                   help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes")  # fmt: skip
+    p.add_argument(
+        "--model", default="maskrcnn_small", choices=[m for m, (masks, _) in MODELS.items() if masks]
+    )
+    p.add_argument("--weights", default="none",
+                   help="none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="data-parallel (DDP) workers")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=None, help="also torch threads (default 1)")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iterations", type=int, help="optimizer steps in all")
+    length.add_argument("--epochs", type=int, help="passes over the data set")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step per worker")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 1e-3 (AdamW), 0.02 x total batch / 16 (SGD)"
+    )
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument(
+        "--warmup-iterations", type=int, default=None, help="default: min(100, a tenth of the run)"
+    )
+    p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0: off)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="mixed precision on GPU (auto: bf16 where supported)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="iterations between checkpoints (default: an epoch)",
+    )
+    p.add_argument("--validation-images", default=None)
+    p.add_argument("--validation-annotations", default=None, help="COCO AP is computed at each checkpoint")
+    p.add_argument(
+        "--max-failures", type=int, default=2, help="worker failures survived (resume from checkpoint)"
+    )
+    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)"
+    )
+    p.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from batchseg.train import TrainConfig, run_training
+
+    names = TrainConfig.__dataclass_fields__
+    metrics = run_training(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from batchseg import storage
+    from batchseg.evaluate import evaluate, format_table
+
+    results = evaluate(args.predictions, args.annotations, args.storage_options)
+    print(format_table(results))
+    if args.json:
+        fs, path = storage.filesystem(args.json, args.storage_options)
+        fs.pipe_file(path, json.dumps(results, indent=2).encode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
@@ -123,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="approximate image side in pixels")
     synth.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
     synth.set_defaults(run=cmd_synth)
+    train = sub.add_parser("train", help="train or fine-tune Mask R-CNN on COCO-format data with Ray Train")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+    evaluation = sub.add_parser("eval", help="COCO box and mask AP of a segment output against annotations")
+    evaluation.add_argument("--predictions", required=True, help="output folder of batchseg segment")
+    evaluation.add_argument("--annotations", required=True, help="COCO instances JSON")
+    evaluation.add_argument(
+        "--json", default=None, help='also write {"bbox": {"AP": ...}, "segm": {...}} here'
+    )
+    evaluation.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    evaluation.set_defaults(run=cmd_eval)
     demo = sub.add_parser("demo", help="generate a small image archive, segment it, print a few rows")
     demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
     demo.add_argument("--images", type=int, default=24, help="how many images to generate")

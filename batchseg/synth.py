@@ -80,7 +80,9 @@ def write_dataset(
     rng = np.random.default_rng(seed)
     fs, root = storage.filesystem(output, storage_options)
     fs.makedirs(storage.join(root, "images"), exist_ok=True)
-    images, annotations, names = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    names: list[str] = []
     for index in range(count):
         shape = draw_shapes(rng, size)
         name = f"img-{index:06d}.jpg"

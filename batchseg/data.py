@@ -1,0 +1,182 @@
+"""COCO-format instance segmentation data for training: images and annotations from any fsspec URI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from batchseg import storage
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.images import decode_image
+
+log = logging.getLogger(__name__)
+Target = dict[str, torch.Tensor]
+
+
+def load_coco(annotations: str, storage_options: dict[str, Any] | None = None) -> COCO:
+    """A pycocotools ``COCO`` index of an annotation file at any fsspec URI (its prints silenced)."""
+    try:
+        fs, path = storage.filesystem(annotations, storage_options)
+        dataset = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise BatchsegError(f"annotations {annotations} do not exist") from None
+    except Exception as e:
+        raise BatchsegError(f"cannot read annotations {annotations}: {type(e).__name__}: {e}") from None
+    if not isinstance(dataset, dict) or not {"images", "annotations", "categories"} <= dataset.keys():
+        raise BatchsegError(
+            f"{annotations} is not a COCO instances file (needs images, annotations, categories)"
+        )
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def category_names(coco: COCO) -> tuple[str, ...]:
+    """Names indexed by label: the data set's own category ids are the model's labels, 0 is background and
+    gaps are ``N/A`` (as in torchvision's COCO list), so predictions carry the data set's ids."""
+    categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    if not categories or min(categories) < 1:
+        raise BatchsegError("COCO category ids must be positive integers (0 is the background)")
+    return ("__background__", *(categories.get(i, "N/A") for i in range(1, max(categories) + 1)))
+
+
+@dataclass
+class DataStats:
+    """What was dropped and why: summarised in one warning, never one line per problem."""
+
+    images_without_instances: int = 0
+    invalid_annotations: int = 0
+    crowd_annotations: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.invalid_annotations} invalid and {self.crowd_annotations} crowd annotations ignored; "
+                f"{self.images_without_instances} images without instances dropped")  # fmt: skip
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """Images with their instances, as torchvision's detection models take them in training.
+
+    ``dataset[i]`` is ``(image, target)``: image a float32 ``3 x H x W`` tensor in [0, 1]; target has
+    ``boxes`` (float32 ``N x 4``, x1 y1 x2 y2 pixels), ``labels`` (int64 ``N``, the COCO category ids) and
+    ``masks`` (uint8 ``N x H x W``). An image that cannot be read or decoded is skipped and counted in
+    :attr:`corrupt`. ``flip`` mirrors images at random (training).
+    """
+
+    def __init__(
+        self,
+        images: str,
+        annotations: str,
+        *,
+        flip: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.images = images
+        self.coco = load_coco(annotations, storage_options)
+        self.categories = category_names(self.coco)
+        self.flip = flip
+        self.storage_options = storage_options
+        self.stats = DataStats()
+        self.ids: list[int] = []
+        self.annotations: dict[int, list[dict[str, Any]]] = {}
+        for image_id in sorted(self.coco.getImgIds()):
+            image = self.coco.imgs[image_id]
+            kept = [a for a in self.coco.imgToAnns.get(image_id, []) if self._valid(a, image)]
+            if kept:
+                self.ids.append(image_id)
+                self.annotations[image_id] = kept
+            else:
+                self.stats.images_without_instances += 1
+        self.corrupt = 0
+        if self.stats.invalid_annotations or self.stats.images_without_instances:
+            log.warning("%s: %s", annotations, self.stats.summary())
+
+    def _valid(self, ann: dict[str, Any], image: dict[str, Any]) -> bool:
+        if ann.get("iscrowd"):
+            self.stats.crowd_annotations += 1
+            return False
+        x, y, w, h = ann.get("bbox") or (0, 0, 0, 0)
+        ok = (
+            w >= 1
+            and h >= 1
+            and ann.get("segmentation")
+            and 0 < ann.get("category_id", 0) < len(self.categories)
+        )
+        ok = ok and x < image["width"] and y < image["height"]
+        if not ok:
+            self.stats.invalid_annotations += 1
+        return bool(ok)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        """The image at ``index``; an unreadable one is counted, logged, and the next readable one given
+        instead, so every distributed worker keeps the same batch size (DDP needs equal steps)."""
+        for offset in range(len(self.ids)):
+            item = self._load((index + offset) % len(self.ids))
+            if item is not None:
+                return item
+        raise BatchsegError(f"none of the {len(self.ids)} images under {self.images} can be read")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, Target] | None:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        uri = storage.join(self.images, info["file_name"])
+        try:
+            pixels = decode_image(storage.read_image_bytes(uri, self.storage_options))
+        except ImageError as e:
+            self.corrupt += 1
+            log.warning("skipping %s: %s", uri, e)
+            return None
+        height, width = pixels.shape[:2]
+        anns = self.annotations[image_id]
+        masks = np.stack([self._mask(a, height, width) for a in anns])
+        keep = masks.reshape(len(anns), -1).any(axis=1)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        target = {
+            "masks": torch.from_numpy(masks[keep]),
+            "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[
+                torch.from_numpy(keep)
+            ],
+        }
+        if self.flip and torch.rand(()) < 0.5:  # torch's RNG: DataLoader seeds each loader worker apart
+            image = image.flip(-1)
+            target["masks"] = target["masks"].flip(-1)
+        target["boxes"] = boxes_of(target["masks"])
+        return image, target
+
+    def _mask(self, ann: dict[str, Any], height: int, width: int) -> np.ndarray:
+        """The annotation's mask (polygons, RLE or uncompressed RLE), via pycocotools, at the image's size."""
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, list):
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation.get("counts"), list):
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        return coco_mask.decode(rle).astype(np.uint8)
+
+
+def boxes_of(masks: torch.Tensor) -> torch.Tensor:
+    """Tight ``x1 y1 x2 y2`` boxes (float32, ``N x 4``) around ``N x H x W`` masks; x2, y2 exclusive."""
+    boxes = torch.zeros((len(masks), 4), dtype=torch.float32)
+    for i, mask in enumerate(masks):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    return boxes
+
+
+def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """Lists of images and targets: detection models take lists of differently sized images."""
+    return [image for image, _ in batch], [target for _, target in batch]

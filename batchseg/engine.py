@@ -1,0 +1,125 @@
+"""The training recipe in plain PyTorch (as in torchvision's references): knows nothing of Ray."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from batchseg.data import CocoInstances, Target, collate
+from batchseg.masks import encode_rle
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def make_optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 1/1000 of the rate, then cosine to zero, or steps of x0.1 at 70% and 90%."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.001 + 0.999 * step / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.1 ** sum(step >= m for m in (0.7 * total_steps, 0.9 * total_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[tuple[list[torch.Tensor], list[Target]]],
+    device: torch.device,
+    *,
+    step: int,
+    max_steps: int,
+    grad_clip: float | None = None,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: StepCallback | None = None,
+) -> int:
+    """One pass over ``batches`` (stopping at ``max_steps``); returns the new global step.
+
+    Raises ``FloatingPointError`` on a non-finite loss: training stops loudly instead of going on with
+    weights that are already ruined.
+    """
+    model.train()
+    for images, targets in batches:
+        if step >= max_steps:
+            break
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        assert isinstance(loss, torch.Tensor)
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {step} ({parts}); stopping. Lower --lr or check the annotations"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        if on_step is not None:
+            metrics = {k: v.item() for k, v in losses.items()}
+            on_step(step, metrics | {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+    return step
+
+
+@torch.inference_mode()
+def predict_coco(
+    model: torch.nn.Module,
+    dataset: CocoInstances,
+    device: torch.device,
+    batch_size: int = 8,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Detections on every image of ``dataset`` in COCO results format (RLE masks), for COCOeval."""
+    model.eval()
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(dataset), batch_size):
+        indices = list(range(start, min(start + batch_size, len(dataset))))
+        images, _ = collate([dataset[i] for i in indices])
+        outputs = model([image.to(device) for image in images])
+        for index, image, out in zip(indices, images, outputs, strict=True):
+            height, width = image.shape[-2:]
+            masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in out else None
+            for j, (x1, y1, x2, y2) in enumerate(out["boxes"].float().cpu().tolist()):
+                result = {
+                    "image_id": dataset.ids[index],
+                    "category_id": int(out["labels"][j]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(out["scores"][j]),
+                }
+                if masks is not None:
+                    result["segmentation"] = {"size": [height, width], "counts": encode_rle(masks[j])}
+                results.append(result)
+    return results

@@ -1,0 +1,274 @@
+"""Training on Ray Train: TorchTrainer with DDP over N workers; checkpoints to any fsspec URI; resume.
+
+The recipe (data, model, optimizer, schedule, loop) is plain PyTorch in ``data.py``, ``models.py`` and
+``engine.py``; this module only wires it into Ray Train: worker placement, DDP, checkpoint reporting
+and restoring, and failure handling. Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from batchseg import storage
+from batchseg.data import CocoInstances, collate
+from batchseg.engine import make_optimizer, make_scheduler, predict_coco, train_one_epoch
+from batchseg.errors import BatchsegError
+from batchseg.evaluate import coco_metrics
+from batchseg.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
+
+CHECKPOINT_FILE = "model.pt"
+# Multi-scale training: shorter sides picked at random per batch; the last one is the one used in eval.
+TRAIN_SCALES = {"maskrcnn_small": (112, 144, 128)}
+DEFAULT_SCALES = (640, 672, 704, 736, 768, 800)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``batchseg train`` is told. See ``batchseg train --help`` for each option."""
+
+    images: str
+    annotations: str
+    output: str
+    model: str = "maskrcnn_small"
+    weights: str = "none"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    iterations: int | None = None
+    epochs: int | None = None
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_iterations: int | None = None
+    grad_clip: float = 10.0
+    precision: str = "auto"
+    checkpoint_every: int | None = None
+    validation_images: str | None = None
+    validation_annotations: str | None = None
+    max_failures: int = 2
+    loader_workers: int = 0
+    seed: int = 0
+    address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.02 * self.batch_size * self.workers / 16 if self.optimizer == "sgd" else 1e-3
+
+
+def log(message: str) -> None:
+    print(f"batchseg: {message}", file=sys.stderr, flush=True)
+
+
+def public_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as saved in checkpoints and logs: storage options (credentials) left out."""
+    return {k: v for k, v in asdict(config).items() if k not in ("storage_options", "address")}
+
+
+def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: TrainConfig) -> torch.nn.Module:
+    """The model to train: built for ``categories``; pretrained weights loaded, then the class-specific
+    heads replaced when the class count differs (fine-tuning)."""
+    scales = TRAIN_SCALES.get(weights.model, DEFAULT_SCALES)
+    state = load_state_dict(weights, config.storage_options)
+    model = build_model(weights, state, min_size=scales)
+    if len(categories) != len(weights.categories):
+        fresh: Any = build_model(
+            WeightsInfo(weights.model, "none", "", "", categories), None, min_size=scales
+        )
+        heads: Any = model.roi_heads
+        heads.box_predictor = fresh.roi_heads.box_predictor
+        if heads.mask_predictor is not None:
+            heads.mask_predictor = fresh.roi_heads.mask_predictor
+    return model
+
+
+def train_loop_per_worker(setup: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the plain PyTorch loop, with checkpoints reported to Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    config: TrainConfig = setup["config"]
+    weights: WeightsInfo = setup["weights"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
+    torch.manual_seed(config.seed + rank)
+    device = ray.train.torch.get_device()
+    dataset = CocoInstances(
+        config.images, config.annotations, flip=True, storage_options=config.storage_options
+    )
+    model = train_model(weights, dataset.categories, config)
+    model = ray.train.torch.prepare_model(model)
+    bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
+    steps_per_epoch = max(1, -(-len(dataset) // (config.batch_size * world)))
+    total = config.iterations or (config.epochs or 1) * steps_per_epoch
+    every = config.checkpoint_every or steps_per_epoch
+    optimizer = make_optimizer(model, config.optimizer, config.learning_rate, config.weight_decay)
+    warmup = config.warmup_iterations if config.warmup_iterations is not None else min(100, total // 10)
+    scheduler = make_scheduler(optimizer, total, warmup, config.schedule)
+    amp_dtype = _amp_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        bare.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step = saved["step"]
+        if rank == 0:
+            log(f"resumed from the checkpoint at step {step}")
+    validation = _validation(config)
+    window = {"start": time.time(), "images": 0}
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        window["images"] += config.batch_size
+        if rank == 0 and (step % 10 == 0 or step == total):
+            rate = window["images"] / (time.time() - window["start"])
+            log(f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+                f"{rate:.1f} images/s per worker")  # fmt: skip
+
+    while step < total:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = _epoch_loader(dataset, config, epoch, rank, world, skip)
+        stop = min(total, (step // every + 1) * every)
+        window = {"start": time.time(), "images": 0}
+        step = train_one_epoch(model, optimizer, scheduler, batches, device, step=step, max_steps=stop,
+                               grad_clip=config.grad_clip, amp_dtype=amp_dtype, scaler=scaler, on_step=on_step)  # fmt: skip
+        if step % every == 0 or step == total:
+            rate = window["images"] / max(1e-9, time.time() - window["start"])
+            metrics: dict[str, Any] = {"step": step, "images_per_second_per_worker": rate}
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    if validation is not None:
+                        metrics |= _validate(bare, validation, device)
+                    torch.save({"model": bare.state_dict(), "model_name": weights.model,
+                                "categories": list(dataset.categories), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "step": step,
+                                "config": public_config(config)}, os.path.join(folder, CHECKPOINT_FILE))  # fmt: skip
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                else:
+                    ray.train.report(metrics)
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _epoch_loader(
+    dataset: CocoInstances, config: TrainConfig, epoch: int, rank: int, world: int, skip_batches: int
+) -> torch.utils.data.DataLoader:
+    """This worker's share of one epoch, shuffled by (seed, epoch) and padded so every worker takes the
+    same number of steps (DDP needs that); on resume, the batches already trained on are skipped."""
+    order = torch.randperm(
+        len(dataset), generator=torch.Generator().manual_seed(config.seed + epoch)
+    ).tolist()
+    per_worker = -(-len(order) // world)
+    order = (order * (world + 1))[: per_worker * world]
+    mine = order[rank::world][skip_batches * config.batch_size :]
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=config.batch_size,
+                                       collate_fn=collate, num_workers=config.loader_workers)  # fmt: skip
+
+
+def _validation(config: TrainConfig) -> CocoInstances | None:
+    if not (config.validation_images and config.validation_annotations):
+        return None
+    return CocoInstances(config.validation_images, config.validation_annotations,
+                         storage_options=config.storage_options)  # fmt: skip
+
+
+def _validate(model: torch.nn.Module, dataset: CocoInstances, device: torch.device) -> dict[str, float]:
+    metrics = coco_metrics(dataset.coco, predict_coco(model, dataset, device))
+    model.train()
+    return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) with Ray Train; write ``<output>/model.pt`` (weights, model name, categories,
+    config: what ``batchseg segment --weights`` takes) and return the final metrics."""
+    import pyarrow.fs
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    _check(config)
+    weights = resolve_weights(config.weights, config.model, config.storage_options)
+    if config.iterations is None and config.epochs is None:
+        raise BatchsegError("give --iterations or --epochs")
+    output = config.output.rstrip("/")
+    fs, path = storage.filesystem(
+        output if "://" in output else os.path.abspath(output), config.storage_options
+    )
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except Exception as e:
+        raise BatchsegError(f"cannot write to output {config.output}: {type(e).__name__}: {e}") from None
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False, configure_logging=False)
+    cpus = config.cpus_per_worker or 1.0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "weights": weights},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": cpus,
+                **({"GPU": config.gpus_per_worker} if config.gpus_per_worker else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=parent,
+            storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    log(
+        f"training {weights.model} from {weights.identity} on {config.workers} worker(s); run folder {output}"
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise BatchsegError(f"training ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    final = {k: saved[k] for k in ("model", "model_name", "categories", "step", "config")}
+    with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
+        torch.save(final, f)
+    metrics = dict(result.metrics or {}) | {"model": storage.join(output, CHECKPOINT_FILE)}
+    fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+def _check(config: TrainConfig) -> None:
+    checks = [
+        (config.workers >= 1, "--workers must be at least 1"),
+        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
+        (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
+        (config.model in BUILDERS or config.model.startswith("maskrcnn"), f"{config.model} cannot be trained here"),
+        (bool(config.validation_images) == bool(config.validation_annotations),
+         "give both --validation-images and --validation-annotations, or neither"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise BatchsegError(message)

@@ -1,0 +1,116 @@
+"""Training data: COCO polygons and RLE decoded by pycocotools, bad annotations and images counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import pytest
+import torch
+
+from batchseg.data import CocoInstances, boxes_of
+from batchseg.engine import make_scheduler, train_one_epoch
+from batchseg.errors import BatchsegError
+from batchseg.models import maskrcnn_small
+from batchseg.synth import write_dataset
+
+
+def edit(path: str, change) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(pathlib.Path(path).read_text())
+    change(data)
+    pathlib.Path(path).write_text(json.dumps(data))
+
+
+def test_targets_match_the_annotations(tmp_path: pathlib.Path) -> None:
+    data = write_dataset(str(tmp_path), 4, seed=0, size=64)
+    dataset = CocoInstances(data.images, data.annotations)
+    assert dataset.categories == ("__background__", "circle", "square", "triangle")
+    for index, image_id in enumerate(dataset.ids):
+        image, target = dataset[index]
+        anns = dataset.coco.imgToAnns[image_id]
+        assert image.dtype == torch.float32 and image.shape[0] == 3 and image.min() >= 0 and image.max() <= 1
+        assert target["labels"].tolist() == [a["category_id"] for a in anns]
+        assert target["masks"].sum(dim=(1, 2)).tolist() == [a["area"] for a in anns]
+        x, y, w, h = (torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)).unbind(1)
+        torch.testing.assert_close(target["boxes"], torch.stack([x, y, x + w, y + h], dim=1))
+
+
+def test_polygons_bad_annotations_and_empty_images(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_dataset(str(tmp_path), 4, seed=0, size=64)
+
+    def change(coco: dict) -> None:  # type: ignore[type-arg]
+        first = coco["annotations"][0]
+        x, y, w, h = first["bbox"]
+        first["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon instead of RLE
+        coco["annotations"].append({"id": 900, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 5],
+                                    "segmentation": [[0, 0, 1, 1, 0, 1]], "area": 0, "iscrowd": 0})  # fmt: skip
+        coco["annotations"].append({"id": 901, "image_id": 1, "category_id": 77, "bbox": [0, 0, 5, 5],
+                                    "segmentation": [[0, 0, 5, 0, 5, 5]], "area": 12, "iscrowd": 0})  # fmt: skip
+        coco["images"].append({"id": 50, "file_name": "nothing-here.jpg", "width": 10, "height": 10})
+
+    edit(data.annotations, change)
+    with caplog.at_level(logging.WARNING):
+        dataset = CocoInstances(data.images, data.annotations)
+    assert (dataset.stats.invalid_annotations, dataset.stats.images_without_instances) == (2, 1)
+    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances dropped" in caplog.text
+    assert len(dataset) == 4
+    _, target = dataset[dataset.ids.index(1)]
+    assert target["masks"][0].sum() > 0  # the polygon was rasterised
+
+
+def test_a_corrupt_image_is_skipped_and_counted(tmp_path: pathlib.Path) -> None:
+    data = write_dataset(str(tmp_path), 3, seed=0, size=64)
+    pathlib.Path(data.uris[0]).write_bytes(b"not a jpeg")
+    dataset = CocoInstances(data.images, data.annotations)
+    image, _ = dataset[0]  # the next readable image stands in
+    assert dataset.corrupt == 1
+    assert torch.equal(image, dataset[1][0])
+    for uri in data.uris:
+        pathlib.Path(uri).write_bytes(b"")
+    with pytest.raises(BatchsegError, match="none of the 3 images"):
+        dataset[0]
+
+
+def test_missing_or_foreign_annotations_fail_with_one_message(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(BatchsegError, match="do not exist"):
+        CocoInstances(str(tmp_path), str(tmp_path / "none.json"))
+    (tmp_path / "a.json").write_text('{"hello": 1}')
+    with pytest.raises(BatchsegError, match="not a COCO instances file"):
+        CocoInstances(str(tmp_path), str(tmp_path / "a.json"))
+
+
+def test_boxes_of_masks_are_tight_and_exclusive() -> None:
+    masks = torch.zeros((1, 10, 10), dtype=torch.uint8)
+    masks[0, 2:5, 3:9] = 1
+    assert boxes_of(masks).tolist() == [[3.0, 2.0, 9.0, 5.0]]
+
+
+def test_schedules() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = make_scheduler(optimizer, total_steps=100, warmup_steps=10, schedule="cosine")
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cosine.step()
+    assert lrs[0] == pytest.approx(0.001) and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
+    assert lrs[99] < 0.001
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    step = make_scheduler(optimizer, total_steps=100, warmup_steps=0, schedule="step")
+    factors = [step.lr_lambdas[0](i) for i in (0, 69, 70, 89, 90)]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+
+
+def test_a_non_finite_loss_stops_training_loudly(tmp_path: pathlib.Path) -> None:
+    data = write_dataset(str(tmp_path), 2, seed=0, size=64)
+    dataset = CocoInstances(data.images, data.annotations)
+    model = maskrcnn_small(num_classes=len(dataset.categories))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e30)
+    scheduler = make_scheduler(optimizer, 10, 0, "cosine")
+    images, targets = zip(*[dataset[i] for i in range(2)], strict=True)
+    batches = [(list(images), list(targets))] * 5
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step [1-4].*Lower --lr"):
+        train_one_epoch(model, optimizer, scheduler, batches, torch.device("cpu"), step=0, max_steps=5)
