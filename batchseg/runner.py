@@ -71,7 +71,7 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
         log("WARNING: --weights none: the model has RANDOM weights; its detections and masks are meaningless")
     run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
     if todo:
-        _init_ray(config.address)
+        init_ray(config.address)
         run = _Scheduler(job).run()
     output = OutputDir(config.output, config.storage_options)
     wall = time.time() - started
@@ -86,9 +86,13 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     return summary
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray. Ray's own workers log
+    errors only: batchseg prints its own progress, and Ray's warnings here are mostly about the state
+    API, which needs the dashboard that a local run does not start."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        ray.init(address=address, include_dashboard=False, configure_logging=False,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))  # fmt: skip
 
 
 class _Scheduler:

@@ -120,7 +120,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, total, warmup, config.schedule)
     amp_dtype = _amp_dtype(config.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    step = 0
+    step = resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -128,7 +128,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         bare.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        step = saved["step"]
+        step = resumed_from = saved["step"]
         if rank == 0:
             log(f"resumed from the checkpoint at step {step}")
     validation = _validation(config)
@@ -150,7 +150,8 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                                grad_clip=config.grad_clip, amp_dtype=amp_dtype, scaler=scaler, on_step=on_step)  # fmt: skip
         if step % every == 0 or step == total:
             rate = window["images"] / max(1e-9, time.time() - window["start"])
-            metrics: dict[str, Any] = {"step": step, "images_per_second_per_worker": rate}
+            metrics: dict[str, Any] = {"step": step, "resumed_from": resumed_from,
+                                       "images_per_second_per_worker": rate}  # fmt: skip
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     if validation is not None:
@@ -204,9 +205,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) with Ray Train; write ``<output>/model.pt`` (weights, model name, categories,
     config: what ``batchseg segment --weights`` takes) and return the final metrics."""
     import pyarrow.fs
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from batchseg.runner import init_ray
 
     _check(config)
     weights = resolve_weights(config.weights, config.model, config.storage_options)
@@ -221,8 +223,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         fs.makedirs(path, exist_ok=True)
     except Exception as e:
         raise BatchsegError(f"cannot write to output {config.output}: {type(e).__name__}: {e}") from None
-    if not ray.is_initialized():
-        ray.init(address=config.address, include_dashboard=False, configure_logging=False)
+    init_ray(config.address)
     cpus = config.cpus_per_worker or 1.0
     trainer = TorchTrainer(
         train_loop_per_worker,
