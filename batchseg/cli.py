@@ -22,6 +22,13 @@ def _actors(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, not {text!r}") from None
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 640,672,704, not {text!r}") from None
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -133,6 +140,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warmup-iterations", type=int, default=None, help="default: min(100, a tenth of the run)"
     )
+    p.add_argument("--min-sizes", type=_sizes, default=None,
+                   help="multi-scale training: shorter sides, comma-separated, one drawn per batch; the last is "
+                        "used for validation (default: 640..800, or 112,144,128 for maskrcnn_small)")  # fmt: skip
+    p.add_argument("--max-size", type=int, default=None, help="longer side cap (default: the model's)")
     p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0: off)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="mixed precision on GPU (auto: bf16 where supported)")  # fmt: skip
@@ -205,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
     evaluation.set_defaults(run=cmd_eval)
-    demo = sub.add_parser("demo", help="generate a small image archive, segment it, print a few rows")
+    demo = sub.add_parser(
+        "demo", help="segment a generated held-out archive with the shipped small model, show AP"
+    )
     demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
-    demo.add_argument("--images", type=int, default=24, help="how many images to generate")
+    demo.add_argument("--images", type=int, default=50, help="how many images to generate")
     demo.set_defaults(run=cmd_demo)
     return parser
 

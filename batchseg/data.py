@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,30 +13,11 @@ from pycocotools.coco import COCO
 
 from batchseg import storage
 from batchseg.errors import BatchsegError, ImageError
+from batchseg.evaluate import load_annotations
 from batchseg.images import decode_image
 
 log = logging.getLogger(__name__)
 Target = dict[str, torch.Tensor]
-
-
-def load_coco(annotations: str, storage_options: dict[str, Any] | None = None) -> COCO:
-    """A pycocotools ``COCO`` index of an annotation file at any fsspec URI (its prints silenced)."""
-    try:
-        fs, path = storage.filesystem(annotations, storage_options)
-        dataset = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise BatchsegError(f"annotations {annotations} do not exist") from None
-    except Exception as e:
-        raise BatchsegError(f"cannot read annotations {annotations}: {type(e).__name__}: {e}") from None
-    if not isinstance(dataset, dict) or not {"images", "annotations", "categories"} <= dataset.keys():
-        raise BatchsegError(
-            f"{annotations} is not a COCO instances file (needs images, annotations, categories)"
-        )
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def category_names(coco: COCO) -> tuple[str, ...]:
@@ -82,7 +60,7 @@ class CocoInstances(torch.utils.data.Dataset):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.images = images
-        self.coco = load_coco(annotations, storage_options)
+        self.coco = load_annotations(annotations, storage_options)
         self.categories = category_names(self.coco)
         self.flip = flip
         self.storage_options = storage_options

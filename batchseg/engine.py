@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from batchseg.data import CocoInstances, Target, collate
+from batchseg.evaluate import coco_metrics
 from batchseg.masks import encode_rle
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -123,3 +124,10 @@ def predict_coco(
                     result["segmentation"] = {"size": [height, width], "counts": encode_rle(masks[j])}
                 results.append(result)
     return results
+
+
+def evaluate(
+    model: torch.nn.Module, dataset: CocoInstances, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """COCO box (and mask) AP of ``model`` on ``dataset``, computed by pycocotools."""
+    return coco_metrics(dataset.coco, predict_coco(model, dataset, device))

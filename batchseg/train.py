@@ -12,19 +12,20 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from batchseg import storage
 from batchseg.data import CocoInstances, collate
-from batchseg.engine import make_optimizer, make_scheduler, predict_coco, train_one_epoch
+from batchseg.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 from batchseg.errors import BatchsegError
-from batchseg.evaluate import coco_metrics
+from batchseg.manifest import absolute_uri
 from batchseg.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
 
 CHECKPOINT_FILE = "model.pt"
+PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
 # Multi-scale training: shorter sides picked at random per batch; the last one is the one used in eval.
 TRAIN_SCALES = {"maskrcnn_small": (112, 144, 128)}
 DEFAULT_SCALES = (640, 672, 704, 736, 768, 800)
@@ -50,6 +51,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_iterations: int | None = None
+    min_sizes: tuple[int, ...] | None = None
+    max_size: int | None = None
     grad_clip: float = 10.0
     precision: str = "auto"
     checkpoint_every: int | None = None
@@ -121,6 +124,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     amp_dtype = _amp_dtype(config.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     step = resumed_from = 0
+    trained_seconds = 0.0  # time in train_one_epoch, all runs together: validation and start-up left out
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -129,6 +133,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step = resumed_from = saved["step"]
+        trained_seconds = saved.get("train_seconds", 0.0)
         if rank == 0:
             log(f"resumed from the checkpoint at step {step}")
     validation = _validation(config)
@@ -148,17 +153,18 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(model, optimizer, scheduler, batches, device, step=step, max_steps=stop,
                                grad_clip=config.grad_clip, amp_dtype=amp_dtype, scaler=scaler, on_step=on_step)  # fmt: skip
+        elapsed = time.time() - window["start"]
+        trained_seconds += elapsed
         if step % every == 0 or step == total:
-            rate = window["images"] / max(1e-9, time.time() - window["start"])
-            metrics: dict[str, Any] = {"step": step, "resumed_from": resumed_from,
-                                       "images_per_second_per_worker": rate}  # fmt: skip
+            metrics: dict[str, Any] = {"step": step, "resumed_from": resumed_from, "train_seconds": trained_seconds,
+                                       "images_per_second_per_worker": window["images"] / max(1e-9, elapsed)}  # fmt: skip
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     if validation is not None:
                         metrics |= _validate(bare, validation, device)
                     torch.save({"model": bare.state_dict(), "model_name": weights.model,
                                 "categories": list(dataset.categories), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "step": step,
+                                "scheduler": scheduler.state_dict(), "step": step, "train_seconds": trained_seconds,
                                 "config": public_config(config)}, os.path.join(folder, CHECKPOINT_FILE))  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
                 else:
@@ -196,7 +202,7 @@ def _validation(config: TrainConfig) -> CocoInstances | None:
 
 
 def _validate(model: torch.nn.Module, dataset: CocoInstances, device: torch.device) -> dict[str, float]:
-    metrics = coco_metrics(dataset.coco, predict_coco(model, dataset, device))
+    metrics = evaluate(model, dataset, device)
     model.train()
     return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
 
@@ -210,14 +216,15 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     from batchseg.runner import init_ray
 
+    # Ray Train's print patch would send each progress line twice (log and stream); plain prints suffice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train workers do not share the driver's working directory: local paths must be absolute.
+    paths: dict[str, Any] = {k: absolute_uri(v) for k in PATH_FIELDS if (v := getattr(config, k))}
+    config = replace(config, **paths)
     _check(config)
     weights = resolve_weights(config.weights, config.model, config.storage_options)
-    if config.iterations is None and config.epochs is None:
-        raise BatchsegError("give --iterations or --epochs")
     output = config.output.rstrip("/")
-    fs, path = storage.filesystem(
-        output if "://" in output else os.path.abspath(output), config.storage_options
-    )
+    fs, path = storage.filesystem(output, config.storage_options)
     name, parent = os.path.basename(path), os.path.dirname(path)
     try:
         fs.makedirs(path, exist_ok=True)
@@ -260,7 +267,21 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's last line, e.g. ``FloatingPointError: loss is nan at step 12 (...)``."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def _check(config: TrainConfig) -> None:
+    for name in ("images", "annotations", "validation_images", "validation_annotations"):
+        uri = getattr(config, name)
+        if uri:
+            fs, path = storage.filesystem(uri, config.storage_options)
+            if not fs.exists(path):
+                raise BatchsegError(f"--{name.replace('_', '-')} {uri} does not exist")
+    if config.iterations is None and config.epochs is None:
+        raise BatchsegError("give --iterations or --epochs")
     checks = [
         (config.workers >= 1, "--workers must be at least 1"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),

@@ -75,10 +75,10 @@ def test_a_corrupt_image_is_skipped_and_counted(tmp_path: pathlib.Path) -> None:
 
 
 def test_missing_or_foreign_annotations_fail_with_one_message(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(BatchsegError, match="do not exist"):
+    with pytest.raises(BatchsegError, match="annotations not found"):
         CocoInstances(str(tmp_path), str(tmp_path / "none.json"))
     (tmp_path / "a.json").write_text('{"hello": 1}')
-    with pytest.raises(BatchsegError, match="not a COCO instances file"):
+    with pytest.raises(BatchsegError, match="is not a COCO instances JSON"):
         CocoInstances(str(tmp_path), str(tmp_path / "a.json"))
 
 

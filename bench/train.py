@@ -1,0 +1,48 @@
+"""Training speed and learning curve of a preset on the shapes set: COCO AP every N iterations.
+
+Runs ``batchseg train`` (Ray Train, local) with validation at each checkpoint and prints, per
+checkpoint, the iteration, minutes of training so far, images/s per worker, and bbox/segm AP.
+Usage: python bench/train.py [--iterations 240] [--every 40] [--workers 1] [--cpus-per-worker 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from batchseg.synth import write_dataset
+from batchseg.train import TrainConfig, run_training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="maskrcnn_small")
+    parser.add_argument("--iterations", type=int, default=240)
+    parser.add_argument("--every", type=int, default=40, help="iterations between checkpoints (validations)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=float, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        train = write_dataset(f"{tmp}/train", 1000, seed=1)
+        val = write_dataset(f"{tmp}/val", 50, seed=2)
+        config = TrainConfig(images=train.images, annotations=train.annotations, output=f"{tmp}/run",
+                             model=args.model, iterations=args.iterations, checkpoint_every=args.every,
+                             batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                             validation_images=val.images, validation_annotations=val.annotations)  # fmt: skip
+        run_training(config)
+        with open(os.path.join(config.output, "checkpoint_manager_snapshot.json")) as f:
+            results = [r["metrics"] for r in json.load(f)["checkpoint_results"]]
+    print(
+        f"{args.model}, {args.workers} worker(s) x {args.cpus_per_worker:g} CPU, batch {args.batch_size} per worker"
+    )
+    print("iteration  train min  img/s/worker  bbox AP  segm AP  segm AP50")
+    for m in results:
+        print(f"{m['step']:>9}  {m['train_seconds'] / 60:>9.2f}  {m['images_per_second_per_worker']:>12.1f}  "
+              f"{m['bbox_AP']:>7.3f}  {m['segm_AP']:>7.3f}  {m['segm_AP50']:>9.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Training on real Ray Train: checkpoints, resume, a killed worker, and the whole train -> segment -> eval path."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from batchseg.evaluate import evaluate
+from batchseg.runner import run_segment
+from batchseg.segment import SegmentConfig
+from batchseg.synth import write_dataset
+from batchseg.train import TrainConfig, run_training
+from tests.test_segment import wait_for
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return write_dataset(str(tmp_path_factory.mktemp("shapes")), 24, seed=1, size=96)
+
+
+def short_run(shapes: Any, output: pathlib.Path, **changes: Any) -> TrainConfig:
+    options: dict[str, Any] = {
+        "workers": 2,
+        "iterations": 4,
+        "checkpoint_every": 2,
+        "batch_size": 2,
+    } | changes
+    return TrainConfig(images=shapes.images, annotations=shapes.annotations, output=str(output), **options)
+
+
+def checkpoints(run: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir()) if run.exists() else []
+
+
+def test_two_workers_write_checkpoints_and_a_rerun_resumes_from_the_last(
+    ray_address: str, shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    run = tmp_path / "run"
+    metrics = run_training(short_run(shapes, run))
+    assert (metrics["step"], metrics["resumed_from"]) == (4, 0)
+    assert len(checkpoints(run)) == 2
+    final = torch.load(run / "model.pt", weights_only=True)
+    assert (final["step"], final["model_name"]) == (4, "maskrcnn_small")
+    assert final["categories"] == ["__background__", "circle", "square", "triangle"]
+    assert "optimizer" not in final and final["config"]["workers"] == 2
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4
+
+    metrics = run_training(short_run(shapes, run, iterations=6))  # the same run, longer: resumes at step 4
+    assert (metrics["step"], metrics["resumed_from"]) == (6, 4)
+    assert torch.load(run / "model.pt", weights_only=True)["step"] == 6
+
+
+def train_worker_pids() -> list[int]:
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
+    ray_address: str, shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    run = tmp_path / "run"
+    config = short_run(shapes, run, iterations=40, checkpoint_every=2, max_failures=1)
+    result: dict[str, Any] = {}
+    trainer = threading.Thread(target=lambda: result.update(run_training(config)))
+    trainer.start()
+    try:
+        wait_for(lambda: len(checkpoints(run)) >= 1 and train_worker_pids(), 180, "a first checkpoint")
+        os.kill(train_worker_pids()[0], signal.SIGKILL)
+    finally:
+        trainer.join(timeout=400)
+    assert result["step"] == 40
+    assert result["resumed_from"] >= 2, "training restarted from a checkpoint, not from zero"
+
+
+@pytest.mark.slow
+def test_small_model_learns_shapes_then_segments_a_held_out_set_with_ap_over_half(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    train = write_dataset(str(tmp_path / "train"), 1000, seed=1)
+    held_out = write_dataset(str(tmp_path / "held-out"), 50, seed=2)
+    config = TrainConfig(images=train.images, annotations=train.annotations, output=str(tmp_path / "run"),
+                         iterations=240, batch_size=8, cpus_per_worker=2)  # fmt: skip
+    run_training(config)
+    output = str(tmp_path / "segmented")
+    summary = run_segment(SegmentConfig(manifest=held_out.manifest, output=output, weights=config.output,
+                                        score_threshold=0.3))  # fmt: skip
+    assert (summary["status"], summary["ok"]) == ("complete", 50)
+    results = evaluate(output, held_out.annotations)
+    assert results["images"]["matched"] == 50
+    assert results["segm"]["AP"] >= 0.5, results["segm"]
+    assert results["bbox"]["AP"] >= 0.5, results["bbox"]
+
+
+def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
+    ray_address: str, shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    """The path of --weights DEFAULT (COCO's 91 classes -> the data set's 4), with a checkpoint made here."""
+    from torchvision.models import get_model
+
+    pretrained = tmp_path / "coco-like.pth"
+    torch.save(get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91).state_dict(),
+               pretrained)  # fmt: skip
+    config = short_run(shapes, tmp_path / "run", model="maskrcnn_resnet50_fpn", weights=str(pretrained),
+                       workers=1, iterations=1, batch_size=1, min_sizes=(96,), max_size=128)  # fmt: skip
+    assert run_training(config)["step"] == 1
+    final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert final["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    assert final["model"]["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 4
+    old = torch.load(pretrained, weights_only=True)
+    key = "backbone.body.layer1.0.conv1.weight"
+    assert final["model"][key].shape == old[key].shape  # the trunk came from the checkpoint
