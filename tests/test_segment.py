@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +28,7 @@ from batchseg.runner import run_segment
 from batchseg.segment import DONE_DIR, OutputDir, SegmentConfig
 from batchseg.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
+from tests.processes import ray_worker_pids, wait_for
 
 # A real torchvision Mask R-CNN (random weights, seeded) at a small input size keeps each image fast.
 FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,
@@ -163,14 +163,6 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
     assert OutputDir(str(output)).read_table().column("uri").to_pylist() == uris
 
 
-def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
 def done_markers(output: pathlib.Path) -> dict[str, bytes]:
     return (
         {p.name: p.read_bytes() for p in (output / DONE_DIR).glob("*.json")}
@@ -214,19 +206,6 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
     assert_exactly_once(config, uris)
 
 
-def actor_pids() -> list[int]:
-    """PIDs of this test's SegmentationActor worker processes (Ray names them in the process title)."""
-    pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::SegmentationActor"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
     ray_address: str, tmp_path: pathlib.Path
@@ -246,8 +225,12 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
     job = threading.Thread(target=lambda: result.update(run_segment(config)))
     job.start()
     try:
-        wait_for(lambda: len(done_markers(output)) >= 1 and actor_pids(), 180, "a running actor")
-        for pid in actor_pids():
+        wait_for(
+            lambda: len(done_markers(output)) >= 1 and ray_worker_pids("SegmentationActor"),
+            180,
+            "a running actor",
+        )
+        for pid in ray_worker_pids("SegmentationActor"):
             os.kill(pid, signal.SIGKILL)
     finally:
         job.join(timeout=300)

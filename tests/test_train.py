@@ -17,7 +17,7 @@ from batchseg.runner import run_segment
 from batchseg.segment import SegmentConfig
 from batchseg.synth import write_dataset
 from batchseg.train import TrainConfig, run_training
-from tests.test_segment import wait_for
+from tests.processes import ray_worker_pids, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +57,11 @@ def test_two_workers_write_checkpoints_and_a_rerun_resumes_from_the_last(
     assert torch.load(run / "model.pt", weights_only=True)["step"] == 6
 
 
-def train_worker_pids() -> list[int]:
-    pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def registered_checkpoints(run: pathlib.Path) -> int:
+    try:
+        return len(json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 @pytest.mark.slow
@@ -79,8 +74,12 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     trainer = threading.Thread(target=lambda: result.update(run_training(config)))
     trainer.start()
     try:
-        wait_for(lambda: len(checkpoints(run)) >= 1 and train_worker_pids(), 180, "a first checkpoint")
-        os.kill(train_worker_pids()[0], signal.SIGKILL)
+        wait_for(
+            lambda: registered_checkpoints(run) >= 1 and ray_worker_pids("RayTrainWorker"),
+            180,
+            "a checkpoint that Ray Train has registered",
+        )
+        os.kill(ray_worker_pids("RayTrainWorker")[0], signal.SIGKILL)
     finally:
         trainer.join(timeout=400)
     assert result["step"] == 40
