@@ -111,14 +111,13 @@ def load_annotations(annotations: str, storage_options: dict[str, Any] | None = 
     (an object with ``images`` and ``categories`` lists, and ``annotations`` if any).
     """
     try:
-        fs, path = storage.filesystem(annotations, storage_options)
-        data = fs.cat_file(path)
+        data = storage.read_bytes(annotations, storage_options)
     except FileNotFoundError:
         raise BatchsegError(f"annotations not found: {annotations}") from None
     except IsADirectoryError:
         raise BatchsegError(f"annotations {annotations} is a folder, not a COCO JSON file") from None
     except Exception as e:
-        raise BatchsegError(f"cannot read annotations {annotations}: {type(e).__name__}: {e}") from None
+        raise BatchsegError(f"cannot read annotations {annotations}: {storage.describe(e)}") from None
     try:
         dataset = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:

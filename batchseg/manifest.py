@@ -78,13 +78,13 @@ def iter_manifest(
     manifest = absolute_uri(manifest)
     fs, path = storage.filesystem(manifest, storage_options)
     try:
-        is_dir = manifest.endswith("/") or fs.isdir(path)
-        if not is_dir and not fs.exists(path):
+        is_dir = manifest.endswith("/") or storage.retrying(lambda: fs.isdir(path), f"opening {manifest}")
+        if not is_dir and not storage.retrying(lambda: fs.exists(path), f"opening {manifest}"):
             raise BatchsegError(f"manifest {manifest} does not exist")
     except BatchsegError:
         raise
     except Exception as e:
-        raise BatchsegError(f"cannot open manifest {manifest}: {type(e).__name__}: {e}") from None
+        raise BatchsegError(f"cannot open manifest {manifest}: {storage.describe(e)}") from None
     if is_dir:
         yield from _iter_folder(fs, path, manifest)
         return
@@ -102,7 +102,7 @@ def iter_manifest(
         raise
     except Exception as e:
         what = kind.upper() if kind else "a text file of URIs"
-        raise BatchsegError(f"cannot read manifest {manifest} as {what}: {type(e).__name__}: {e}") from None
+        raise BatchsegError(f"cannot read manifest {manifest} as {what}: {storage.describe(e)}") from None
 
 
 def _suffix(path: str) -> str:

@@ -187,13 +187,13 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     A folder (a training run, or one of its checkpoints) means the ``model.pt`` inside it."""
     try:
         fs, path = storage.filesystem(uri, storage_options)
-        if fs.isdir(path):
+        if storage.retrying(lambda: fs.isdir(path), f"reading {uri}"):
             path = storage.join(path, "model.pt")
-        data = fs.cat_file(path)
+        data = storage.retrying(lambda: fs.cat_file(path), f"reading {uri}")
     except FileNotFoundError:
         raise BatchsegError(f"weights {uri} do not exist") from None
     except Exception as e:
-        raise BatchsegError(f"cannot read weights {uri}: {type(e).__name__}: {e}") from None
+        raise BatchsegError(f"cannot read weights {uri}: {storage.describe(e)}") from None
     try:
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from batchseg import storage
 from batchseg.errors import BatchsegError
 from batchseg.manifest import Shard, iter_shards
 from batchseg.segment import Job, OutputDir, SegmentConfig, ShardProcessor, prepare_job, summarize
@@ -37,6 +38,7 @@ class SegmentationActor:
     def __init__(self, job: Job, device: str, threads: int) -> None:
         import torch
 
+        storage.apply_environment(job.environment)
         torch.set_num_threads(threads)
         self.processor = ShardProcessor(job, device)
 

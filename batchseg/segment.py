@@ -74,6 +74,7 @@ class Job:
     plan: Plan
     provenance: dict[str, Any]
     done: frozenset[int]
+    environment: dict[str, str] = field(default_factory=storage.forwarded_environment, repr=False)
 
 
 class OutputDir:
@@ -88,13 +89,20 @@ class OutputDir:
 
     def read_job(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(self._at(JOB_FILE)))
+            return json.loads(
+                storage.retrying(lambda: self.fs.cat_file(self._at(JOB_FILE)), "reading the job file")
+            )
         except FileNotFoundError:
             return None
 
     def prepare(self, provenance: dict[str, Any], overwrite: bool) -> None:
         """Check that this output may take the job (or clear it, with ``overwrite``), then record the job."""
         try:
+            bucket = self.path.split("/", 1)[0]
+            if not storage.is_local(self.fs) and not storage.retrying(
+                lambda: self.fs.exists(bucket), "checking"
+            ):
+                raise FileNotFoundError(bucket)  # some stores create a missing bucket on write: refuse first
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
@@ -104,34 +112,32 @@ class OutputDir:
         except BatchsegError:
             raise
         except Exception as e:
-            raise BatchsegError(f"cannot use output {self.uri}: {type(e).__name__}: {e}") from None
+            raise BatchsegError(f"cannot use output {self.uri}: {storage.describe(e)}") from None
 
     def clear(self) -> None:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
         if not self.fs.exists(self.path):
             return
-        ours = [p for p in self.fs.ls(self.path, detail=False) if _is_ours(p.rsplit("/", 1)[-1])]
+        ours = [p for p in storage.listing(self.fs, self.path) if _is_ours(p.rsplit("/", 1)[-1])]
         if self.fs.exists(self._at(DONE_DIR)):
             self.fs.rm(self._at(DONE_DIR), recursive=True)
         if ours:
             self.fs.rm(ours)
 
     def done_shards(self) -> frozenset[int]:
+        return frozenset(int(p.rsplit("/", 1)[-1][5:-5]) for p in self._records())
+
+    def _records(self) -> list[str]:
         try:
-            names = self.fs.ls(self._at(DONE_DIR), detail=False)
+            names = storage.listing(self.fs, self._at(DONE_DIR))
         except FileNotFoundError:
-            return frozenset()
-        return frozenset(
-            int(n.rsplit("/", 1)[-1][5:-5]) for n in names if n.endswith(".json") and "part-" in n
-        )
+            return []
+        return [n for n in names if n.endswith(".json") and n.rsplit("/", 1)[-1].startswith("part-")]
 
     def records(self) -> list[dict[str, Any]]:
         """Every shard's completion record (one bulk read; object stores fetch them concurrently)."""
-        try:
-            paths = [p for p in self.fs.ls(self._at(DONE_DIR), detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return []
-        contents = self.fs.cat(paths) if paths else {}
+        paths = self._records()
+        contents = storage.retrying(lambda: self.fs.cat(paths), "reading shard records") if paths else {}
         return [json.loads(contents[p]) for p in sorted(contents)]
 
     def write_shard(self, index: int, parquet: bytes, record: dict[str, Any]) -> None:
@@ -142,7 +148,8 @@ class OutputDir:
         )
 
     def shard_files(self) -> list[str]:
-        return sorted(self.fs.glob(self._at("part-*.parquet")))
+        self.fs.invalidate_cache(self.path)
+        return sorted(storage.retrying(lambda: self.fs.glob(self._at("part-*.parquet")), "listing shards"))
 
     def read_table(self) -> pa.Table:
         """Every row of the output, in manifest order (small outputs; large ones stream with pyarrow.dataset)."""

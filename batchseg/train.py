@@ -104,6 +104,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
 
     config: TrainConfig = setup["config"]
     weights: WeightsInfo = setup["weights"]
+    storage.apply_environment(setup["environment"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
@@ -234,7 +235,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     cpus = config.cpus_per_worker or 1.0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "weights": weights},
+        train_loop_config={
+            "config": config,
+            "weights": weights,
+            "environment": storage.forwarded_environment(),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.gpus_per_worker > 0,

@@ -101,7 +101,9 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
         resolve_weights(str(tmp_path / "notes.txt"))
     with (tmp_path / "code.pkl").open("wb") as f:
-        pickle.dump({"model": pathlib.Path("/etc/passwd")}, f)  # arbitrary objects: refused by weights_only
+        pickle.dump(
+            {"model": pathlib.Path("/etc/passwd")}, f, protocol=2
+        )  # arbitrary objects: refused by weights_only
     with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
         resolve_weights(str(tmp_path / "code.pkl"))
     with pytest.raises(BatchsegError, match=r"weights .*missing.pt do not exist"):

@@ -1,0 +1,160 @@
+"""Every path of the product against a real S3 server (SeaweedFS), including the server going away."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+import s3fs
+import torch
+
+from batchseg.cli import main
+from batchseg.demo import SHAPES_MODEL
+from batchseg.evaluate import evaluate
+from batchseg.manifest import default_image_id
+from batchseg.records import read_provenance
+from batchseg.runner import run_segment
+from batchseg.segment import OutputDir, SegmentConfig
+from batchseg.synth import write_dataset
+from batchseg.train import TrainConfig, run_training
+from tests.conftest import SECRET, S3Server
+from tests.processes import wait_for
+
+
+def bucket_fs(s3: S3Server) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True, **s3.options())
+
+
+def small_model_job(s3: S3Server, manifest: str, output: str, **changes: Any) -> SegmentConfig:
+    return SegmentConfig(manifest=manifest, output=output, weights=str(SHAPES_MODEL), score_threshold=0.3,
+                         storage_options=s3.options(), **changes)  # fmt: skip
+
+
+def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> None:
+    data = write_dataset("s3://data/shapes", 12, seed=7, storage_options=s3.options())
+    config = small_model_job(s3, data.manifest, "s3://out/seg", shard_size=5)
+    summary = run_segment(config)
+    assert (summary["status"], summary["ok"], summary["shards_done"]) == ("complete", 12, 3)
+    table = OutputDir(config.output, s3.options()).read_table()
+    assert table.column("uri").to_pylist() == data.uris
+    assert table.column("uri").to_pylist()[0].startswith("s3://data/shapes/images/")
+    fs = bucket_fs(s3)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob("out/seg/part-*.parquet")) == [
+        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet"
+    ]  # fmt: skip
+    with fs.open("out/seg/part-000000.parquet", "rb") as f:
+        import pyarrow.parquet as pq
+
+        assert read_provenance(pq.read_schema(f))["model"] == "maskrcnn_small"
+    again = run_segment(config)
+    assert (again["images_this_run"], again["shards_skipped"], again["images"]) == (0, 3, 12)
+    metrics = evaluate(config.output, data.annotations, s3.options())
+    assert metrics["images"]["matched"] == 12 and metrics["segm"]["AP"] > 0.3
+
+
+@pytest.mark.slow
+def test_the_s3_server_stopping_mid_job_is_survived_exactly_once(
+    ray_address: str, s3: S3Server, tmp_path: pathlib.Path
+) -> None:
+    data = write_dataset("s3://data/outage", 60, seed=3, storage_options=s3.options())
+    config = small_model_job(s3, data.manifest, "s3://out/outage", shard_size=3, batch_size=1)
+    fs = bucket_fs(s3)
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(run_segment(config)))
+    job.start()
+    try:
+        wait_for(lambda: len(fs.ls("out/outage/_done", refresh=True)) >= 2 if fs.exists("out/outage/_done") else False,
+                 120, "two finished shards")  # fmt: skip
+        done_at_stop = len(fs.ls("out/outage/_done", refresh=True))
+        s3.stop()
+        time.sleep(5)
+    finally:
+        s3.start()
+        job.join(timeout=400)
+    assert done_at_stop < 20, "the server must go away mid-job"
+    assert result["status"] == "complete"
+    table = OutputDir(config.output, s3.options()).read_table()
+    assert table.column("status").to_pylist() == ["ok"] * 60, "an outage must not turn images into error rows"
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 60
+
+
+def test_training_checkpoints_to_s3_and_resumes_from_there(ray_address: str, s3: S3Server) -> None:
+    data = write_dataset("s3://data/train-small", 16, seed=1, size=96, storage_options=s3.options())
+    config = TrainConfig(images=data.images, annotations=data.annotations, output="s3://out/runs/first",
+                         workers=1, iterations=2, checkpoint_every=2, batch_size=2,
+                         storage_options=s3.options())  # fmt: skip
+    assert run_training(config)["step"] == 2
+    from dataclasses import replace
+
+    metrics = run_training(replace(config, iterations=4))
+    assert (metrics["step"], metrics["resumed_from"]) == (4, 2)
+    fs = bucket_fs(s3)
+    assert any(p.rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls("out/runs/first", refresh=True))
+    with fs.open("out/runs/first/model.pt", "rb") as f:
+        assert torch.load(f, weights_only=True)["step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("wrong_secret", "cannot open manifest s3://data/shapes-errors/manifest.csv: access denied"),
+        ("missing_bucket", "cannot use output s3://no-such-bucket/out: not found"),
+        ("read_only", "cannot use output s3://out/read-only: access denied"),
+    ],
+)
+def test_storage_problems_fail_early_in_one_line_leaving_nothing(
+    s3: S3Server, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    data = write_dataset("s3://data/shapes-errors", 2, seed=0, storage_options=s3.options())
+    output = {"missing_bucket": "s3://no-such-bucket/out", "read_only": "s3://out/read-only"}.get(
+        case, "s3://out/x"
+    )
+    options = {
+        "wrong_secret": s3.options(secret="not-the-secret"),
+        "read_only": s3.options("AKIDREADER", "reader-secret"),
+    }
+    import json
+
+    storage = json.dumps(options.get(case, s3.options()))
+    code = main(["segment", "--manifest", data.manifest, "--output", output, "--weights", str(SHAPES_MODEL),
+                 "--storage-options", storage])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"batchseg: error: {message}"), err
+    fs = bucket_fs(s3)
+    prefix = output.removeprefix("s3://")
+    assert not fs.exists(prefix) or not fs.find(prefix), "no partial output"
+
+
+def test_credentials_from_the_environment_and_secrets_never_written(
+    ray_address: str, s3: S3Server, tmp_path: pathlib.Path
+) -> None:
+    """A job whose secret key is SECRET: it must not appear in its output, its logs, or Ray's logs."""
+    data = write_dataset("s3://data/secret", 4, seed=2, storage_options=s3.options())
+    env = {"AWS_ACCESS_KEY_ID": "AKIDADMIN", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": s3.endpoint}
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", data.manifest, "--output",
+            "s3://out/secret-seg", "--weights", str(SHAPES_MODEL), "--address", ray_address]  # fmt: skip
+    import os
+
+    proc = subprocess.run(args, env=os.environ | env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    train = TrainConfig(images=data.images, annotations=data.annotations, output="s3://out/secret-run",
+                        workers=1, iterations=1, batch_size=2, storage_options=s3.options())  # fmt: skip
+    run_training(train)
+    fs = bucket_fs(s3)
+    written = [p for prefix in ("out/secret-seg", "out/secret-run") for p in fs.find(prefix)]
+    assert any(p.endswith("summary.json") for p in written) and any(p.endswith("model.pt") for p in written)
+    for path in written:
+        assert SECRET.encode() not in fs.cat_file(path), path
+    assert SECRET not in proc.stdout + proc.stderr
+    logs = pathlib.Path("/tmp/ray/session_latest/logs")
+    for log in logs.rglob("*") if logs.exists() else []:
+        if log.is_file():
+            assert SECRET.encode() not in log.read_bytes(), log
+    assert default_image_id(data.uris[0])  # the rows were made from the env-configured storage
