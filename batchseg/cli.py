@@ -187,6 +187,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from batchseg.query import run_query
+
+    print(run_query(args.output, args.sql, args.format, args.out, args.storage_options))
+    return 0
+
+
+def cmd_export_coco(args: argparse.Namespace) -> int:
+    from batchseg.export import export_coco
+
+    counts = export_coco(args.output, args.out, args.images, args.storage_options)
+    print(f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
+          f"{f' (images and categories: {args.images})' if args.images else ''}; "
+          f"{counts['skipped_rows']} error rows left out")  # fmt: skip
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from batchseg.query import connect
+    from batchseg.render import render_rows
+
+    where = f"status = 'ok' AND ({args.where})" if args.where else "status = 'ok'"
+    limit = f" LIMIT {int(args.limit)}" if args.limit else ""
+    try:
+        reader = connect(args.output, args.storage_options).sql(f"SELECT * FROM images WHERE {where}{limit}")
+        rows = (row for batch in reader.to_arrow_reader(256) for row in batch.to_pylist())
+        written = render_rows(rows, args.out, args.style, args.storage_options)
+    except Exception as e:
+        if type(e).__module__.startswith("duckdb"):
+            raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from None
+        raise
+    print(f"{len(written)} images rendered to {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from batchseg.report import build_report
+
+    build_report(args.output, args.out, args.storage_options, args.gallery)
+    print(f"report written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
@@ -216,6 +259,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
     evaluation.set_defaults(run=cmd_eval)
+    options: dict[str, Any] = {"type": _json_object, "default": {}, "help": "JSON passed to fsspec"}
+    query = sub.add_parser("query", help="SQL over an output: views images (one row per image) and instances")
+    query.add_argument("output", help="output folder of batchseg segment (any fsspec URI)")
+    query.add_argument("sql", help='e.g. "SELECT category, count(*) FROM instances GROUP BY 1"')
+    query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    query.add_argument("--out", default=None, help="write all rows here instead of printing the first ones")
+    query.add_argument("--storage-options", **options)
+    query.set_defaults(run=cmd_query)
+    export = sub.add_parser("export-coco", help="write the detections in COCO results format (loadRes)")
+    export.add_argument("output", help="output folder of batchseg segment")
+    export.add_argument("--out", required=True, help="COCO results JSON to write")
+    export.add_argument(
+        "--images", default=None, help="also write the matching COCO images and categories here"
+    )
+    export.add_argument("--storage-options", **options)
+    export.set_defaults(run=cmd_export_coco)
+    render = sub.add_parser(
+        "render", help="draw masks, boxes, labels (and keypoints) over the images, as PNG"
+    )
+    render.add_argument("output", help="output folder of batchseg segment")
+    render.add_argument("--out", required=True, help="folder for the PNG files")
+    render.add_argument("--limit", type=int, default=None, help="at most this many images")
+    render.add_argument(
+        "--where", default=None, help="SQL condition on the images view, e.g. \"uri LIKE '%%cat%%'\""
+    )
+    render.add_argument("--style", choices=["overlay", "splash"], default="overlay",
+                        help="splash: objects keep their colour, the rest turns grey")  # fmt: skip
+    render.add_argument("--storage-options", **options)
+    render.set_defaults(run=cmd_render)
+    report = sub.add_parser("report", help="one static HTML report: totals, errors, charts, a gallery")
+    report.add_argument("output", help="output folder of batchseg segment")
+    report.add_argument("--out", required=True, help="HTML file to write")
+    report.add_argument("--gallery", type=int, default=12, help="how many rendered images to include")
+    report.add_argument("--storage-options", **options)
+    report.set_defaults(run=cmd_report)
     demo = sub.add_parser(
         "demo", help="segment a generated held-out archive with the shipped small model, show AP"
     )

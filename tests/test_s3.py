@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.evaluate import evaluate
 from batchseg.manifest import default_image_id
+from batchseg.query import run_query
 from batchseg.records import read_provenance
 from batchseg.runner import run_segment
 from batchseg.segment import OutputDir, SegmentConfig
@@ -55,6 +57,11 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert (again["images_this_run"], again["shards_skipped"], again["images"]) == (0, 3, 12)
     metrics = evaluate(config.output, data.annotations, s3.options())
     assert metrics["images"]["matched"] == 12 and metrics["segm"]["AP"] > 0.3
+    table = run_query(config.output, "SELECT count(*) AS n FROM instances", storage_options=s3.options())
+    assert table.splitlines()[2].strip() == str(summary["instances"])
+    redone = run_segment(replace(config, shard_size=4, overwrite=True))  # other settings: start over
+    assert (redone["images_this_run"], redone["shards_done"], redone["shards_skipped"]) == (12, 3, 0)
+    assert OutputDir(config.output, s3.options()).read_table().column("uri").to_pylist() == data.uris
 
 
 @pytest.mark.slow
@@ -90,8 +97,6 @@ def test_training_checkpoints_to_s3_and_resumes_from_there(ray_address: str, s3:
                          workers=1, iterations=2, checkpoint_every=2, batch_size=2,
                          storage_options=s3.options())  # fmt: skip
     assert run_training(config)["step"] == 2
-    from dataclasses import replace
-
     metrics = run_training(replace(config, iterations=4))
     assert (metrics["step"], metrics["resumed_from"]) == (4, 2)
     fs = bucket_fs(s3)

@@ -1,0 +1,61 @@
+"""COCO export of a segmentation output: the results format that ``pycocotools.COCO.loadRes`` takes,
+written as a stream, plus the matching COCO ``images`` and ``categories`` for review tools."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pyarrow.compute as pc
+
+from batchseg import storage
+from batchseg.results import open_results
+
+SKIPPED_NAMES = ("__background__", "N/A")
+
+
+def export_coco(
+    output: str, out: str, images_out: str | None = None, storage_options: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """Write every instance of the ``ok`` rows at ``output`` to ``out`` as a COCO results list
+    (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``, ``segmentation`` {size, counts}),
+    and, with ``images_out``, ``{"images", "categories", "annotations": []}`` (a data set without ground
+    truth, whose ids the results use). Image ids are the rows' ids when all are integers (as in a COCO
+    manifest), else 1, 2, ... in output order, with the original id kept as ``batchseg_image_id``."""
+    results = open_results(output, storage_options)
+    ids = results.to_table(columns=["image_id"]).column("image_id")
+    numeric = bool(pc.all(pc.match_substring_regex(ids, r"^[0-9]+$")).as_py()) if len(ids) else True
+    counts = {"images": 0, "instances": 0, "skipped_rows": 0}
+    with contextlib.ExitStack() as stack:
+        fs, path = storage.filesystem(out, storage_options)
+        detections = stack.enter_context(fs.open(path, "wb"))
+        listing = None
+        if images_out:
+            fs_images, images_path = storage.filesystem(images_out, storage_options)
+            listing = stack.enter_context(fs_images.open(images_path, "wb"))
+            listing.write(b'{"images": [')
+        detections.write(b"[")
+        for image in results.images():
+            if image.status != "ok":
+                counts["skipped_rows"] += 1
+                continue
+            coco_id = int(image.image_id) if numeric else counts["images"] + 1
+            if listing is not None:
+                entry = {"id": coco_id, "file_name": image.uri, "width": image.width, "height": image.height,
+                         "batchseg_image_id": image.image_id}  # fmt: skip
+                listing.write((b"," if counts["images"] else b"") + json.dumps(entry).encode())
+            counts["images"] += 1
+            for instance in image.instances:
+                result: dict[str, Any] = {"image_id": coco_id, "category_id": instance["category_id"],
+                                          "bbox": instance["bbox"], "score": instance["score"]}  # fmt: skip
+                if instance["rle"] is not None:
+                    result["segmentation"] = {"size": [image.height, image.width], "counts": instance["rle"]}
+                detections.write((b"," if counts["instances"] else b"") + json.dumps(result).encode())
+                counts["instances"] += 1
+        detections.write(b"]")
+        if listing is not None:
+            names = results.provenance.get("categories") or []
+            categories = [{"id": i, "name": n} for i, n in enumerate(names) if i and n not in SKIPPED_NAMES]
+            listing.write(b'], "categories": ' + json.dumps(categories).encode() + b', "annotations": []}')
+    return counts

@@ -1,0 +1,101 @@
+"""SQL over a segmentation output with DuckDB: an ``images`` view (rows as written) and an ``instances``
+view (one row per instance), streamed from a pyarrow dataset opened through fsspec (so s3:// and
+S3-compatible endpoints work offline, without DuckDB's httpfs extension)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from batchseg import storage
+from batchseg.errors import BatchsegError
+from batchseg.results import open_results
+
+FORMATS = ("table", "csv", "json", "parquet")
+BATCH_ROWS = 65_536
+SHOWN_ROWS = 50
+
+
+def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``images`` and ``instances`` over the output at ``output``."""
+    results = open_results(output, storage_options)
+    con = duckdb.connect()
+    con.register("batchseg_rows", results.dataset)  # scanned lazily, batch by batch, with projection pushdown
+    con.execute("CREATE VIEW images AS SELECT * FROM batchseg_rows")
+    con.execute(
+        "CREATE VIEW instances AS SELECT image_id, uri, width, height, instance.* FROM "
+        "(SELECT image_id, uri, width, height, UNNEST(instances) AS instance FROM batchseg_rows)"
+    )
+    return con
+
+
+def run_query(
+    output: str,
+    sql: str,
+    fmt: str = "table",
+    out: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Run ``sql``; return a readable table (``fmt="table"``, the first rows) or write every row to ``out``
+    as CSV, JSON Lines or Parquet, streaming (the result is never held whole). Returns what to print."""
+    if fmt not in FORMATS:
+        raise BatchsegError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    con = connect(output, storage_options)
+    try:
+        reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+    except duckdb.Error as e:
+        raise BatchsegError(f"query failed: {str(e).splitlines()[0]}") from None
+    if out is None and fmt == "table":
+        return format_table(reader)
+    if out is None:
+        raise BatchsegError(f"--format {fmt} needs --out FILE")
+    fs, path = storage.filesystem(out, storage_options)
+    rows = 0
+    with fs.open(path, "wb") as f:
+        if fmt == "parquet":
+            with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+        elif fmt == "csv":
+            with pcsv.CSVWriter(f, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+        else:
+            for batch in reader:
+                f.write("".join(json.dumps(r, default=str) + "\n" for r in batch.to_pylist()).encode())
+                rows += batch.num_rows
+    return f"{rows} rows written to {out} ({fmt})"
+
+
+def format_table(reader: pa.RecordBatchReader, limit: int = SHOWN_ROWS, width: int = 48) -> str:
+    """The first ``limit`` rows as an aligned text table; long values are cut at ``width`` characters."""
+    rows: list[dict[str, Any]] = []
+    more = False
+    for batch in reader:
+        room = limit - len(rows)
+        rows.extend(batch.slice(0, room).to_pylist())
+        if batch.num_rows > room:
+            more = True
+            break
+    names = reader.schema.names
+    cells = [[_cell(r[n], width) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.append(f"({len(rows)} rows{'; more not shown: use --out FILE' if more else ''})")
+    return "\n".join(lines)
+
+
+def _cell(value: Any, width: int) -> str:
+    if value is None:
+        return "NULL"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,119 @@
+"""Reading a segmentation output from Python: Arrow and pandas access, images with decoded masks, filters.
+
+import batchseg
+results = batchseg.open_results("s3://bucket/results/")
+for image in results.images(category="person", min_score=0.8):
+    masks = image.masks()          # N x H x W bool, one per kept instance
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from batchseg import storage
+from batchseg.errors import BatchsegError
+from batchseg.masks import decode_rle
+from batchseg.records import SCHEMA, read_provenance
+from batchseg.segment import SUMMARY_FILE, OutputDir
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One output row. ``instances`` are dicts with the fields of ``batchseg.records.INSTANCE``."""
+
+    image_id: str
+    uri: str
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+    instances: list[dict[str, Any]]
+
+    def mask(self, index: int) -> np.ndarray:
+        """Instance ``index``'s mask: ``height x width`` bool (pixels of the image as displayed)."""
+        rle = self.instances[index]["rle"]
+        if rle is None or self.height is None or self.width is None:
+            raise ValueError(f"instance {index} of {self.image_id} has no mask (a box-only model?)")
+        return decode_rle(rle, self.height, self.width)
+
+    def masks(self) -> np.ndarray:
+        """All instance masks stacked: ``N x height x width`` bool (``0 x H x W`` when there are none)."""
+        if not self.instances:
+            return np.zeros((0, self.height or 0, self.width or 0), dtype=bool)
+        return np.stack([self.mask(i) for i in range(len(self.instances))])
+
+
+class Results:
+    """A segmentation output (local or any fsspec URI), read lazily through a pyarrow dataset."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.output = OutputDir(uri, storage_options)
+        self.uri = self.output.uri
+        files = self.output.shard_files()
+        if not files:
+            raise BatchsegError(f"{self.uri} holds no batchseg results (no part-*.parquet files)")
+        self.files = files
+        self.dataset = ds.dataset(files, format="parquet", filesystem=self.output.fs, schema=SCHEMA)
+
+    def __len__(self) -> int:
+        return self.dataset.count_rows()
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """``summary.json`` of the run that wrote the output (None if the run never finished)."""
+        path = storage.join(self.output.path, SUMMARY_FILE)
+        try:
+            return json.loads(storage.retrying(lambda: self.output.fs.cat_file(path), f"reading {path}"))
+        except FileNotFoundError:
+            return None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Model, weights, thresholds and sizes the output was made with (from its first file)."""
+        with self.output.fs.open(self.files[0], "rb") as f:
+            import pyarrow.parquet as pq
+
+            return read_provenance(pq.read_schema(f))
+
+    def to_table(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+        """The rows as an Arrow table (``filter``: a ``pyarrow.dataset`` expression, e.g.
+        ``pc.field("status") == "error"``)."""
+        return self.dataset.to_table(columns=columns, filter=filter)
+
+    def to_pandas(self, columns: list[str] | None = None, filter: Any = None) -> Any:
+        return self.to_table(columns, filter).to_pandas()
+
+    def images(
+        self,
+        *,
+        status: str | None = None,
+        category: str | list[str] | None = None,
+        min_score: float = 0.0,
+        batch_size: int = 1024,
+    ) -> Iterator[ImageResult]:
+        """Stream the images in output order. ``status`` keeps rows with that status; ``category`` and
+        ``min_score`` keep the instances that match and drop images left with none of them."""
+        wanted = {category} if isinstance(category, str) else set(category) if category else None
+        expression = ds.field("status") == status if status else None
+        for batch in self.dataset.to_batches(filter=expression, batch_size=batch_size):
+            for row in batch.to_pylist():
+                instances = row["instances"] or []
+                if wanted is not None or min_score > 0:
+                    instances = [i for i in instances if i["score"] >= min_score
+                                 and (wanted is None or i["category"] in wanted)]  # fmt: skip
+                    if not instances:
+                        continue
+                yield ImageResult(row["image_id"], row["uri"], row["width"], row["height"], row["status"],
+                                  row["error"], instances)  # fmt: skip
+
+
+def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
+    """Open the output of ``batchseg segment`` at ``uri`` (local path or any fsspec URI)."""
+    return Results(uri, storage_options)

@@ -1,0 +1,140 @@
+"""Query, Python access and COCO export on a real job output with error rows and zero-instance images."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pycocotools.mask as coco_mask
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+import batchseg
+from batchseg.cli import main
+from batchseg.demo import SHAPES_MODEL
+from batchseg.errors import BatchsegError
+from batchseg.export import export_coco
+from batchseg.query import connect, run_query
+from batchseg.runner import run_segment
+from batchseg.segment import SegmentConfig
+from batchseg.synth import write_dataset
+
+
+@pytest.fixture(scope="module")
+def output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A real segmentation output: 10 shapes, a blank image (no instances) and a missing file (an error)."""
+    root = tmp_path_factory.mktemp("query")
+    data = write_dataset(str(root / "shapes"), 10, seed=11)
+    Image.new("RGB", (90, 70), (128, 128, 128)).save(root / "blank.png")
+    manifest = pathlib.Path(data.manifest)
+    manifest.write_text(manifest.read_text() + f"{root / 'blank.png'},1001\n{root / 'missing.jpg'},1002\n")
+    config = SegmentConfig(manifest=str(manifest), output=str(root / "out"), weights=str(SHAPES_MODEL),
+                           score_threshold=0.5, shard_size=4)  # fmt: skip
+    run_segment(config)
+    table = pq.read_table(sorted((root / "out").glob("part-*.parquet")))
+    return {"root": root, "uri": config.output, "table": table, "data": data}
+
+
+def instance_rows(table: pa.Table) -> list[dict[str, Any]]:
+    return [i for row in table.to_pylist() for i in row["instances"] or []]
+
+
+def test_views_agree_with_pyarrow(output: dict[str, Any]) -> None:
+    con = connect(output["uri"])
+    table = output["table"]
+    assert con.execute("SELECT count(*) FROM images").fetchone() == (12,)
+    assert con.execute("SELECT count(*) FROM images WHERE status = 'error'").fetchone() == (1,)
+    assert con.execute("SELECT count(*) FROM images WHERE len(instances) = 0").fetchone()[0] >= 1  # type: ignore[index]
+    per_category = dict(con.execute("SELECT category, count(*) FROM instances GROUP BY 1").fetchall())
+    expected: dict[str, int] = {}
+    for instance in instance_rows(table):
+        expected[instance["category"]] = expected.get(instance["category"], 0) + 1
+    assert per_category == expected and sum(expected.values()) > 10
+    mean = con.execute("SELECT avg(score) FROM instances").fetchone()[0]  # type: ignore[index]
+    assert mean == pytest.approx(np.mean([i["score"] for i in instance_rows(table)]), rel=1e-6)
+    columns = [c[0] for c in con.execute("DESCRIBE instances").fetchall()]
+    assert columns == ["image_id", "uri", "width", "height", "category_id", "category", "score", "bbox", "area",
+                       "rle", "keypoints"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_query_writes_every_row_in_each_format(output: dict[str, Any], fmt: str) -> None:
+    out = output["root"] / f"scores.{fmt}"
+    sql = "SELECT image_id, category, score FROM instances ORDER BY image_id, score DESC"
+    message = run_query(output["uri"], sql, fmt, str(out))
+    n = len(instance_rows(output["table"]))
+    assert message == f"{n} rows written to {out} ({fmt})"
+    if fmt == "parquet":
+        rows = pq.read_table(out).to_pylist()
+    elif fmt == "json":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    else:
+        import pyarrow.csv as pcsv
+
+        rows = pcsv.read_csv(
+            out, convert_options=pcsv.ConvertOptions(column_types={"image_id": pa.string()})
+        ).to_pylist()
+    assert len(rows) == n and set(rows[0]) == {"image_id", "category", "score"}
+
+
+def test_query_cli_prints_a_table_and_reports_bad_sql(
+    output: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["query", output["uri"], "SELECT status, count(*) AS n FROM images GROUP BY 1 ORDER BY 1"]) == 0
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["status", "n"] and printed[2].split() == ["error", "1"]
+    assert printed[3].split() == ["ok", "11"] and printed[-1] == "(2 rows)"
+    with pytest.raises(BatchsegError, match=r"query failed: .*nope"):
+        run_query(output["uri"], "SELECT * FROM nope")
+
+
+def test_python_api_filters_and_decodes_masks(output: dict[str, Any]) -> None:
+    results = batchseg.open_results(output["uri"])
+    assert len(results) == 12 and results.summary is not None and results.summary["error"] == 1
+    assert results.provenance["model"] == "maskrcnn_small"
+    assert [i.image_id for i in results.images(status="error")] == ["1002"]
+    circles = list(results.images(category="circle", min_score=0.8))
+    assert circles and all(
+        i["category"] == "circle" and i["score"] >= 0.8 for im in circles for i in im.instances
+    )
+    image = next(results.images(status="ok", min_score=0.5))
+    masks = image.masks()
+    assert masks.shape == (len(image.instances), image.height, image.width) and masks.dtype == bool
+    for mask, instance in zip(masks, image.instances, strict=True):
+        reference = coco_mask.decode({"size": [image.height, image.width], "counts": instance["rle"]})
+        np.testing.assert_array_equal(mask, reference.astype(bool))
+        assert mask.sum() == instance["area"]
+    errors = results.to_table(filter=pc.field("status") == "error")
+    assert errors.column("error").to_pylist() == [errors.column("error")[0].as_py()]
+    assert errors.column("error")[0].as_py().startswith("not_found: ")
+    with pytest.raises(BatchsegError, match="holds no batchseg results"):
+        batchseg.open_results(str(output["root"] / "shapes"))
+
+
+def test_export_coco_round_trips_through_pycocotools(output: dict[str, Any]) -> None:
+    out, images = output["root"] / "results.json", output["root"] / "images.json"
+    counts = export_coco(output["uri"], str(out), str(images))
+    table = output["table"]
+    assert counts == {"images": 11, "instances": len(instance_rows(table)), "skipped_rows": 1}
+    dataset = COCO(str(images))
+    assert sorted(dataset.getImgIds()) == [*range(1, 11), 1001]  # the manifest's numeric ids are kept
+    assert [c["name"] for c in dataset.loadCats(dataset.getCatIds())] == ["circle", "square", "triangle"]
+    detections = dataset.loadRes(str(out))
+    assert len(detections.getAnnIds()) == counts["instances"]
+    first = next(r for r in table.to_pylist() if r["instances"])
+    ann = detections.loadAnns(detections.getAnnIds(imgIds=int(first["image_id"])))[0]
+    np.testing.assert_array_equal(
+        detections.annToMask(ann),
+        coco_mask.decode({"size": [first["height"], first["width"]], "counts": first["instances"][0]["rle"]}),
+    )
+    # The same export scores against the synthetic ground truth with pycocotools directly.
+    truth = COCO(output["data"].annotations)
+    assert truth.loadRes(str(out)).getAnnIds()
