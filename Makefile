@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install system clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +21,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check batchseg tests jobs bench
 	$(VENV)/bin/mypy
 
-test: lint
+# The report test opens the HTML report in a real headless browser: Debian's chromium package.
+system:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		{ echo "make test needs Debian's chromium package (apt-get install chromium)"; exit 1; }
+
+test: system lint
 	$(VENV)/bin/pytest -q
 
 clean:

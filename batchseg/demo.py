@@ -8,8 +8,9 @@ from importlib import resources
 
 from batchseg import storage
 from batchseg.evaluate import evaluate, format_table
+from batchseg.output import OutputDir
 from batchseg.runner import log, run_segment
-from batchseg.segment import OutputDir, SegmentConfig
+from batchseg.segment import SegmentConfig
 from batchseg.synth import write_dataset
 
 # Made by the command in BENCHMARKS.md ("Training the small model") from images of seed 1; the demo's

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.segment import OutputDir
+from batchseg.output import OutputDir
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")

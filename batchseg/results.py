@@ -20,8 +20,8 @@ import pyarrow.dataset as ds
 from batchseg import storage
 from batchseg.errors import BatchsegError
 from batchseg.masks import decode_rle
+from batchseg.output import SUMMARY_FILE, OutputDir
 from batchseg.records import SCHEMA, read_provenance
-from batchseg.segment import SUMMARY_FILE, OutputDir
 
 
 @dataclass(frozen=True)

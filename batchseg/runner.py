@@ -21,7 +21,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from batchseg import storage
 from batchseg.errors import BatchsegError
 from batchseg.manifest import Shard, iter_shards
-from batchseg.segment import Job, OutputDir, SegmentConfig, ShardProcessor, prepare_job, summarize
+from batchseg.output import OutputDir
+from batchseg.segment import Job, SegmentConfig, ShardProcessor, prepare_job, summarize
 
 QUEUE_PER_ACTOR = 2
 PROGRESS_EVERY_S = 5.0

@@ -18,10 +18,11 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.evaluate import evaluate
 from batchseg.manifest import default_image_id
+from batchseg.output import OutputDir
 from batchseg.query import run_query
 from batchseg.records import read_provenance
 from batchseg.runner import run_segment
-from batchseg.segment import OutputDir, SegmentConfig
+from batchseg.segment import SegmentConfig
 from batchseg.synth import write_dataset
 from batchseg.train import TrainConfig, run_training
 from tests.conftest import SECRET, S3Server

@@ -23,9 +23,10 @@ from batchseg.errors import BatchsegError
 from batchseg.images import decode_image
 from batchseg.manifest import default_image_id
 from batchseg.models import build_model, resolve_weights
+from batchseg.output import DONE_DIR, OutputDir
 from batchseg.records import read_provenance
 from batchseg.runner import run_segment
-from batchseg.segment import DONE_DIR, OutputDir, SegmentConfig
+from batchseg.segment import SegmentConfig
 from batchseg.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
 from tests.processes import ray_worker_pids, wait_for

@@ -1,0 +1,430 @@
+"""One self-contained HTML page about a segmentation output: totals, errors, charts and a gallery of overlays."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from batchseg import __version__, storage
+from batchseg.errors import BatchsegError
+from batchseg.images import decode_image
+from batchseg.manifest import absolute_uri
+from batchseg.masks import decode_rle, encode_rle
+from batchseg.output import SHARD_GLOB, SUMMARY_FILE
+from batchseg.records import error_kind, read_provenance
+from batchseg.render import draw_overlay
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 4096
+EXAMPLES_PER_KIND = 3
+TOP_CATEGORIES = 40
+SCORE_BINS = np.linspace(0.0, 1.0, 21)
+# Gallery images are drawn at the size they are shown (CSS pixels), so labels keep their 10 px font.
+TILE_WIDTH, TILE_HEIGHT, TILE_MAX_UPSCALE = 320, 480, 4.0
+CHART_WIDTH_INCHES, CHART_DPI = 4.0, 200  # shown 400 CSS px wide
+
+
+@dataclass
+class _Stats:
+    """What one pass over the rows gathers; mask strings are only turned into Python for gallery rows."""
+
+    gallery_wanted: int
+    images: int = 0
+    ok: int = 0
+    instances: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    categories: Counter[str] = field(default_factory=Counter)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, dtype=np.int64))
+    per_image: Counter[int] = field(default_factory=Counter)  # instances in an ok image -> images
+    gallery: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        instances = batch.column("instances")
+        self.images += batch.num_rows
+        self.ok += int(pc.sum(ok).as_py() or 0)
+        failed = batch.filter(pc.invert(ok)).select(["uri", "error"]).to_pylist()
+        for row in failed:
+            error = row["error"] or "unknown: (no message)"
+            kind = error_kind(error)
+            self.errors[kind] += 1
+            examples = self.examples.setdefault(kind, [])
+            if len(examples) < EXAMPLES_PER_KIND:
+                examples.append((row["uri"], error[len(kind) + 1 :].strip() if ":" in error else error))
+        counts = pc.fill_null(pc.list_value_length(instances), 0).to_numpy(zero_copy_only=False)
+        ok_rows = ok.to_numpy(zero_copy_only=False)
+        self.per_image.update(Counter(int(n) for n in counts[ok_rows]))
+        flat = pc.list_flatten(instances)  # null lists (error rows) contribute nothing
+        self.instances += len(flat)
+        if len(flat):
+            names = pc.coalesce(
+                pc.struct_field(flat, "category"),
+                pc.binary_join_element_wise(
+                    "class ", pc.cast(pc.struct_field(flat, "category_id"), pa.string()), ""
+                ),
+            )
+            for item in pc.value_counts(names).to_pylist():
+                self.categories[item["values"] or "(unnamed)"] += item["counts"]
+            scores = pc.drop_null(pc.struct_field(flat, "score")).to_numpy(zero_copy_only=False)
+            scores = np.clip(scores[np.isfinite(scores)], 0.0, 1.0)
+            self.scores += np.histogram(scores, bins=SCORE_BINS)[0]
+        wanted = self.gallery_wanted - len(self.gallery)
+        if wanted > 0:
+            picks = np.flatnonzero(ok_rows & (counts > 0))[:wanted]
+            self.gallery.extend(batch.take(pa.array(picks, type=pa.int64())).to_pylist())
+
+    def totals(self) -> dict[str, int]:
+        return {"images": self.images, "ok": self.ok, "error": sum(self.errors.values()),
+                "instances": self.instances}  # fmt: skip
+
+
+def build_report(
+    output: str, out: str, storage_options: dict[str, Any] | None = None, gallery: int = 12
+) -> dict[str, Any]:
+    """Write one static HTML page about the segmentation output at ``output`` to ``out`` (fsspec URIs).
+
+    The page needs no network: charts (matplotlib) and up to ``gallery`` overlays (``render.draw_overlay``
+    of ok images with instances, the first in output order, shown at most 320 px wide) are embedded as
+    base64 PNG data URIs, and the CSS is inline. Totals, model and throughput come from ``summary.json``;
+    without one, totals are computed from the shards and the page says so. The shards are read once,
+    in record batches.
+
+    Returns what the page shows: ``totals`` (images, ok, error, instances, as displayed), ``table_totals``
+    (counted in the shards), ``summary_found``, ``errors_by_kind``, ``categories`` (name -> instances,
+    most first), ``score_histogram`` (counts in 20 bins over [0, 1]), ``instances_per_image``
+    (instances -> ok images), ``gallery`` (images shown) and ``out``.
+    Raises ``BatchsegError`` when ``output`` holds no shards and no summary, or a file cannot be read or written.
+    """
+    output_uri = absolute_uri(output)
+    fs, root = storage.filesystem(output_uri, storage_options)
+    files, summary = _listing(fs, root, output_uri)
+    stats = _Stats(max(0, gallery))
+    provenance: dict[str, Any] = {}
+    for schema, batch in _batches(fs, files):
+        provenance = provenance or read_provenance(schema)
+        stats.add(batch)
+    tiles: list[tuple[dict[str, Any], bytes]] = []
+    failures: Counter[str] = Counter()
+    for row in stats.gallery:
+        tile = _tile(row, storage_options)
+        if isinstance(tile, str):
+            failures[tile] += 1
+        else:
+            tiles.append((row, tile))
+    if failures:
+        log.warning(
+            "report: %d gallery images could not be drawn: %s", sum(failures.values()), dict(failures)
+        )
+    totals = {k: summary.get(k, v) for k, v in stats.totals().items()} if summary else stats.totals()
+    page = _page(output_uri, summary, provenance, stats, totals, tiles, failures)
+    out_fs, out_path = storage.filesystem(out, storage_options)
+    try:
+        storage.write_atomic(out_fs, out_path, page.encode("utf-8"))
+    except Exception as e:
+        raise BatchsegError(f"cannot write report {out}: {storage.describe(e)}") from None
+    return {
+        "out": out,
+        "summary_found": summary is not None,
+        "totals": totals,
+        "table_totals": stats.totals(),
+        "errors_by_kind": dict(stats.errors.most_common()),
+        "categories": dict(stats.categories.most_common()),
+        "score_histogram": stats.scores.tolist(),
+        "instances_per_image": dict(sorted(stats.per_image.items())),
+        "gallery": len(tiles),
+    }
+
+
+def _listing(fs: Any, root: str, uri: str) -> tuple[list[str], dict[str, Any] | None]:
+    try:
+        fs.invalidate_cache(root)
+        files = sorted(storage.retrying(lambda: fs.glob(storage.join(root, SHARD_GLOB)), "listing shards"))
+        try:
+            summary = json.loads(storage.retrying(lambda: fs.cat_file(storage.join(root, SUMMARY_FILE)),
+                                                  "reading summary.json"))  # fmt: skip
+        except FileNotFoundError:
+            summary = None
+    except Exception as e:
+        raise BatchsegError(f"cannot read output {uri}: {storage.describe(e)}") from None
+    if not files and summary is None:
+        raise BatchsegError(
+            f"output {uri} holds no {SHARD_GLOB} files and no {SUMMARY_FILE}: not a segment output"
+        )
+    return files, summary
+
+
+def _batches(fs: Any, files: list[str]) -> Iterator[tuple[pa.Schema, pa.RecordBatch]]:
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
+                    yield parquet.schema_arrow, batch
+        except BatchsegError:
+            raise
+        except Exception as e:
+            raise BatchsegError(f"cannot read shard {path}: {type(e).__name__}: {e}") from None
+
+
+def _tile(row: dict[str, Any], storage_options: dict[str, Any] | None) -> bytes | str:
+    """One gallery image as PNG bytes, drawn at the size it is shown; or why it could not be."""
+    try:
+        pixels = decode_image(storage.read_bytes(row["uri"], storage_options))
+    except Exception as e:
+        return f"unreadable ({type(e).__name__})"
+    height, width = pixels.shape[:2]
+    if (width, height) != (row["width"], row["height"]):
+        return "size differs from its row"
+    scale = min(TILE_WIDTH / width, TILE_HEIGHT / height, TILE_MAX_UPSCALE)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    try:
+        instances = [_scaled(i, height, width, size) for i in row["instances"]]
+        small = np.array(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+        image = draw_overlay(small, instances)
+    except ValueError:
+        return "instances do not fit the image"
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _scaled(instance: dict[str, Any], height: int, width: int, size: tuple[int, int]) -> dict[str, Any]:
+    """``instance`` of a ``height x width`` image, moved to an image of ``size`` (width, height)."""
+    sx, sy = size[0] / width, size[1] / height
+    scaled = dict(instance)
+    if instance.get("rle") is not None:
+        mask = Image.fromarray(decode_rle(instance["rle"], height, width).astype(np.uint8) * 255)
+        # Bilinear resampling averages (down) or interpolates (up); half coverage decides membership.
+        scaled["rle"] = encode_rle(np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) >= 128)
+    if instance.get("bbox") is not None:
+        x, y, w, h = instance["bbox"]
+        scaled["bbox"] = [x * sx, y * sy, w * sx, h * sy]
+    if instance.get("keypoints") is not None:
+        points = np.asarray(instance["keypoints"], dtype=np.float64).reshape(-1, 3) * [sx, sy, 1.0]
+        scaled["keypoints"] = points.ravel().tolist()
+    return scaled
+
+
+def _png(figure: Figure) -> str:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    # Twice the CSS size the page shows (CHART_DPI / 2 pixels per inch): sharp on high-density screens.
+    figure.savefig(buffer, format="png", dpi=CHART_DPI, metadata={"Software": None})
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _axes(title: str, height: float) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=(CHART_WIDTH_INCHES, height), layout="constrained")
+    ax = figure.add_subplot()
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=8)
+    return figure, ax
+
+
+def _category_chart(categories: Counter[str]) -> str:
+    top = categories.most_common(TOP_CATEGORIES)
+    title = "Instances per category"
+    if len(categories) > len(top):
+        title += f" (top {len(top)} of {len(categories)})"
+    figure, ax = _axes(title, max(2.6, 0.8 + 0.2 * len(top)))
+    if top:
+        top.reverse()  # barh draws bottom up: the most common at the top
+        bars = ax.barh([name for name, _ in top], [n for _, n in top], color="#4c72b0")
+        ax.bar_label(bars, labels=[f"{n:,}" for _, n in top], padding=2, fontsize=7)
+        ax.margins(x=0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("instances", fontsize=9)
+    else:
+        _no_data(ax)
+    return _png(figure)
+
+
+def _score_chart(scores: np.ndarray) -> str:
+    figure, ax = _axes("Detection scores", 2.6)
+    if scores.sum():
+        ax.bar(SCORE_BINS[:-1], scores, width=np.diff(SCORE_BINS), align="edge", color="#55a868",
+               edgecolor="white")  # fmt: skip
+        ax.set_xlim(0, 1)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("score", fontsize=9)
+        ax.set_ylabel("instances", fontsize=9)
+    else:
+        _no_data(ax)
+    return _png(figure)
+
+
+def _per_image_chart(per_image: Counter[int]) -> str:
+    figure, ax = _axes("Instances per image (ok images)", 2.6)
+    if per_image:
+        counts = sorted(per_image.items())
+        ax.bar([k for k, _ in counts], [n for _, n in counts], width=0.8, color="#c44e52")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("instances in the image", fontsize=9)
+        ax.set_ylabel("images", fontsize=9)
+    else:
+        _no_data(ax)
+    return _png(figure)
+
+
+def _no_data(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "no instances", ha="center", va="center", fontsize=10, color="#777777")
+    ax.set_axis_off()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+def _page(
+    uri: str,
+    summary: dict[str, Any] | None,
+    provenance: dict[str, Any],
+    stats: _Stats,
+    totals: dict[str, int],
+    tiles: list[tuple[dict[str, Any], bytes]],
+    failures: Counter[str],
+) -> str:
+    e = html.escape
+    about = summary or provenance
+    facts = [("output", uri), ("model", about.get("model")), ("weights", about.get("weights"))]
+    if summary:
+        facts.append(("status", summary.get("status")))
+        if "shards_total" in summary:
+            facts.append(("shards", f"{summary.get('shards_done')} of {summary['shards_total']} done"))
+    facts_html = "".join(f"<tr><th>{e(k)}</th><td><code>{e(str(v))}</code></td></tr>"
+                         for k, v in facts if v is not None)  # fmt: skip
+
+    cards = [("images", f"{totals['images']:,}"), ("ok", f"{totals['ok']:,}"),
+             ("errors", f"{totals['error']:,}"), ("instances", f"{totals['instances']:,}")]  # fmt: skip
+    notes = []
+    if summary and summary.get("images_per_second") is not None:
+        cards.append(("images / s", f"{summary['images_per_second']:,.2f}"))
+    if summary and summary.get("wall_seconds") is not None:
+        cards.append(("wall time", _duration(float(summary["wall_seconds"]))))
+        notes.append("Throughput and wall time are those of the run that wrote summary.json"
+                     + (f" ({summary['images_this_run']:,} images)." if "images_this_run" in summary else "."))  # fmt: skip
+    if summary is None:
+        notes.append(f"No {SUMMARY_FILE} in this output (the run has not finished, or was stopped): totals "
+                     "are counted from the Parquet shards, and throughput is not known.")  # fmt: skip
+    elif totals != stats.totals():
+        counted = ", ".join(f"{v:,} {k}" for k, v in stats.totals().items())
+        notes.append(f"The shards now hold {counted}; {SUMMARY_FILE} was written when its run ended.")
+    cards_html = "".join(f'<div class="card"><div class="value">{e(v)}</div><div class="label">{e(k)}</div></div>'
+                         for k, v in cards)  # fmt: skip
+    notes_html = "".join(f'<p class="note">{e(n)}</p>' for n in notes)
+
+    if stats.errors:
+        rows = []
+        for kind, count in stats.errors.most_common():
+            examples = "".join(f'<li><code>{e(u)}</code><span class="message">{e(m)}</span></li>'
+                               for u, m in stats.examples.get(kind, []))  # fmt: skip
+            rows.append(f'<tr><td><code>{e(kind)}</code></td><td class="num">{count:,}</td>'
+                        f'<td><ul class="examples">{examples}</ul></td></tr>')  # fmt: skip
+        errors_html = ('<table class="errors"><thead><tr><th>kind</th><th>images</th><th>examples</th></tr>'
+                       f"</thead><tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+    else:
+        errors_html = '<p class="note">No error rows.</p>'
+
+    charts = [("instances per category", _category_chart(stats.categories)),
+              ("score histogram", _score_chart(stats.scores)),
+              ("instances per image", _per_image_chart(stats.per_image))]  # fmt: skip
+    charts_html = "".join(f'<img class="chart" alt="{e(alt)}" src="data:image/png;base64,{data}">'
+                          for alt, data in charts)  # fmt: skip
+
+    figures = []
+    for row, png in tiles:
+        n = len(row["instances"])
+        data = base64.b64encode(png).decode("ascii")
+        figures.append(
+            f'<figure><img alt="{e(str(row["image_id"]))}" src="data:image/png;base64,{data}">'
+            f"<figcaption><b>{e(str(row['image_id']))}</b> &middot; {n} instance{'s' if n != 1 else ''}"
+            f" &middot; {row['width']}&times;{row['height']}<br><code>{e(row['uri'])}</code></figcaption></figure>"
+        )
+    if failures:
+        skipped = ", ".join(f"{n} {why}" for why, n in failures.most_common())
+        figures_note = f'<p class="note">Left out of the gallery: {e(skipped)}.</p>'
+    else:
+        figures_note = ""
+    gallery_html = (f'<div class="gallery">{"".join(figures)}</div>' if figures
+                    else '<p class="note">No ok image with instances to show.</p>')  # fmt: skip
+
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>batchseg report: {e(uri)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>Segmentation report</h1>
+<table class="facts">{facts_html}</table>
+<div class="cards">{cards_html}</div>
+{notes_html}
+<h2>Errors by kind</h2>
+{errors_html}
+<h2>Instances and scores</h2>
+<div class="charts">{charts_html}</div>
+<h2>Gallery <span class="sub">{len(tiles)} ok images with instances, in output order</span></h2>
+{figures_note}
+{gallery_html}
+<footer>batchseg {e(__version__)} &middot; {e(generated)}</footer>
+</body>
+</html>
+"""
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #222;
+       margin: 0 auto; padding: 16px 24px; max-width: 1240px; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 12px; }
+h2 { font-size: 17px; margin: 24px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+h2 .sub { font-size: 13px; font-weight: normal; color: #666; margin-left: 8px; }
+code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12px; word-break: break-all; }
+table.facts th { text-align: left; padding: 2px 16px 2px 0; color: #555; font-weight: 600; }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0 6px; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 16px; min-width: 110px; background: #f7f8fa; }
+.card .value { font-size: 22px; font-weight: 600; }
+.card .label { font-size: 12px; color: #666; text-transform: uppercase; letter-spacing: 0.04em; }
+.note { color: #666; font-size: 13px; margin: 6px 0; }
+table.errors { border-collapse: collapse; width: 100%; font-size: 13px; }
+table.errors th, table.errors td { border: 1px solid #ddd; padding: 5px 8px; text-align: left; vertical-align: top; }
+table.errors th { background: #f3f4f6; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ul.examples { margin: 0; padding-left: 16px; }
+ul.examples .message { display: block; color: #a33; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+img.chart { max-width: 100%; width: 400px; height: auto; border: 1px solid #eee; }
+table.errors td:nth-child(-n+2), table.errors th:nth-child(-n+2) { width: 1%; white-space: nowrap; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
+.gallery figure { margin: 0; border: 1px solid #e3e3e3; border-radius: 6px; padding: 6px; background: #fafafa; }
+.gallery img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
+.gallery figcaption { font-size: 12px; margin-top: 4px; color: #444; }
+footer { margin-top: 28px; font-size: 11px; color: #999; }
+"""

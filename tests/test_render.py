@@ -1,0 +1,309 @@
+"""Overlays and colour splash drawn from output rows, checked pixel by pixel against the masks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pathlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchseg import storage
+from batchseg.errors import ImageError
+from batchseg.images import decode_image
+from batchseg.masks import decode_rle, encode_rle
+from batchseg.records import error_row, ok_row, to_parquet
+from batchseg.render import (
+    COCO_SKELETON,
+    MASK_ALPHA,
+    draw_overlay,
+    instance_colour,
+    render_rows,
+    safe_name,
+)
+from batchseg.synth import SynthDataset, write_dataset
+
+# --- a segmentation output made without Ray or a model: ground truth as predictions --------------------
+
+
+@dataclass
+class Output:
+    uri: str  # the output folder, as `batchseg segment --output` would hold it
+    rows: list[dict[str, Any]]  # every row, in output order
+    data: SynthDataset
+    summary: dict[str, Any]
+
+
+ERROR_URI_SUFFIX = "missing <b>&.jpg"  # HTML-special characters, for the report's escaping
+
+
+def person(x: float, y: float, score: float = 0.8) -> dict[str, Any]:
+    """A box-only instance with 17 COCO keypoints, a stick figure 30 x 60 px with its top-left at (x, y);
+    the left knee (13) is not visible."""
+    points = [(15, 4), (13, 2), (17, 2), (11, 3), (19, 3), (8, 14), (22, 14), (5, 26), (25, 26), (4, 36),
+              (26, 36), (10, 36), (20, 36), (9, 48), (21, 48), (9, 59), (21, 59)]  # fmt: skip
+    keypoints: list[float] = []
+    for k, (px, py) in enumerate(points):
+        keypoints += [x + px, y + py, 0.0 if k == 13 else 2.0]
+    return {"category_id": 100, "category": "person", "score": score, "bbox": [x, y, 30.0, 61.0],
+            "area": 30 * 61, "rle": None, "keypoints": keypoints}  # fmt: skip
+
+
+def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> Output:
+    """Synthetic images, and an output folder whose rows are their ground truth: two Parquet shards and a
+    summary.json like ``batchseg segment`` writes. The last image's row has no instances, the first one
+    also holds a keypoint "person", and two error rows (``not_found``, ``corrupt_image``) follow."""
+    data = write_dataset(str(root / "data"), count, seed)
+    coco = json.loads(pathlib.Path(data.annotations).read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    rows: list[dict[str, Any]] = []
+    for index, (image, uri) in enumerate(zip(coco["images"], data.uris, strict=True)):
+        instances = [
+            {"category_id": a["category_id"], "category": names[a["category_id"]],
+             "score": round(0.97 - 0.11 * j, 2), "bbox": [float(v) for v in a["bbox"]], "area": a["area"],
+             "rle": a["segmentation"]["counts"], "keypoints": None}
+            for j, a in enumerate(a for a in coco["annotations"] if a["image_id"] == image["id"])
+        ]  # fmt: skip
+        if index == 0:
+            instances.append(person(4.0, 4.0))
+        if index == count - 1:
+            instances = []
+        rows.append(ok_row(str(image["id"]), uri, image["width"], image["height"], instances))
+    missing = storage.join(data.images, ERROR_URI_SUFFIX)
+    rows.append(error_row("missing", missing, ImageError("not_found", f"no such object: {missing}")))
+    rows.append(error_row("corrupt", storage.join(data.images, "corrupt.jpg"),
+                          ImageError("corrupt_image", "cannot decode image: broken data stream")))  # fmt: skip
+    out = root / "output"
+    out.mkdir()
+    half = len(rows) // 2
+    for shard, part in enumerate((rows[:half], rows[half:])):
+        provenance = {"model": "maskrcnn_small", "weights": "ground-truth", "shard": shard}
+        (out / f"part-{shard:06d}.parquet").write_bytes(to_parquet(part, provenance))
+    ok = [r for r in rows if r["status"] == "ok"]
+    summary = {
+        "images": len(rows), "ok": len(ok), "error": 2, "errors_by_kind": {"corrupt_image": 1, "not_found": 1},
+        "instances": sum(len(r["instances"]) for r in ok), "shards_total": 2, "shards_done": 2,
+        "manifest_rows": len(rows), "model": "maskrcnn_small", "weights": "ground-truth", "shards_failed": [],
+        "images_this_run": len(rows), "shards_this_run": 2, "retries": 0, "shards_skipped": 0,
+        "wall_seconds": 754.5, "images_per_second": 12.345, "status": "complete",
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return Output(str(out), rows, data, summary)
+
+
+@pytest.fixture
+def output(tmp_path: pathlib.Path) -> Output:
+    return write_segment_output(tmp_path)
+
+
+# --- draw_overlay on a plain image, where every pixel's fate is known -----------------------------------
+
+HEIGHT, WIDTH = 160, 200
+GREY = 90
+
+
+def plain() -> np.ndarray:
+    return np.full((HEIGHT, WIDTH, 3), GREY, dtype=np.uint8)
+
+
+def square(y0: int, y1: int, x0: int, x1: int, score: float = 0.93) -> dict[str, Any]:
+    mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return {"category_id": 2, "category": "square", "score": score,
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "area": int(mask.sum()),
+            "rle": encode_rle(mask), "keypoints": None}  # fmt: skip
+
+
+def box_region(instance: dict[str, Any]) -> np.ndarray:
+    x, y, w, h = (round(v) for v in instance["bbox"])
+    region = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    region[y : y + h, x : x + w] = True
+    return region
+
+
+def label_zone(instance: dict[str, Any]) -> np.ndarray:
+    """Generously, where a 10 px label at the box's top-left may go: above the box, or inside its top."""
+    x, y = (round(v) for v in instance["bbox"][:2])
+    zone = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    zone[max(0, y - 20) : y + 20, max(0, x - 2) : x + 110] = True
+    return zone
+
+
+def test_overlay_blends_each_mask_toward_its_colour_and_outlines_it() -> None:
+    instances = [square(50, 110, 30, 90), square(60, 140, 120, 180, score=0.5)]
+    pixels = plain()
+    image = draw_overlay(pixels, instances)
+    assert image.mode == "RGB" and image.size == (WIDTH, HEIGHT)
+    drawn = np.asarray(image).astype(int)
+    assert (pixels == GREY).all(), "draw_overlay must not modify its input"
+    for index, instance in enumerate(instances):
+        colour = np.array(instance_colour(index))
+        mask = decode_rle(instance["rle"], HEIGHT, WIDTH)
+        interior = mask.copy()
+        interior[:, :] = False
+        ys, xs = np.nonzero(mask)
+        interior[ys.min() + 3 : ys.max() - 2, xs.min() + 3 : xs.max() - 2] = True
+        interior &= ~label_zone(instance)
+        expected = np.rint(GREY * (1 - MASK_ALPHA) + colour * MASK_ALPHA)
+        assert np.abs(drawn[interior] - expected).max() <= 1
+        # blended toward the colour: closer to it than the original grey was, on every interior pixel
+        assert (np.abs(drawn[interior] - colour).sum(axis=1) < np.abs(GREY - colour).sum()).all()
+        # the outline: the mask's edge pixels are the full colour
+        assert (drawn[ys.min(), xs.min() + 5 : xs.max() - 5] == colour).all()
+        assert (drawn[ys.min() + 25 : ys.max() - 5, xs.max()] == colour).all()
+        # the label's background, at the box's top-left, is the colour too
+        assert (drawn[label_zone(instance)] == colour).all(axis=1).sum() > 100
+
+
+def test_overlay_leaves_pixels_outside_masks_boxes_and_labels_unchanged() -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+    instances = [square(50, 110, 30, 90), square(60, 140, 120, 180)]
+    drawn = np.asarray(draw_overlay(pixels, instances))
+    covered = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    for instance in instances:
+        covered |= box_region(instance) | label_zone(instance)
+    assert (~covered).sum() > HEIGHT * WIDTH // 3
+    assert (drawn[~covered] == pixels[~covered]).all()
+    for instance in instances:
+        mask = decode_rle(instance["rle"], HEIGHT, WIDTH)
+        assert (drawn[mask] != pixels[mask]).any(axis=1).all()
+
+
+def test_box_only_instance_draws_box_and_label_but_no_mask() -> None:
+    instance = square(50, 110, 30, 90) | {"rle": None}
+    drawn = np.asarray(draw_overlay(plain(), [instance])).astype(int)
+    colour = np.array(instance_colour(0))
+    assert (drawn[52:108, 32:88] == GREY).all(), "no blend inside a box without a mask"
+    assert (drawn[50, 30:90] == colour).all() and (drawn[50:110, 89] == colour).all()
+    assert (drawn[30:50, 30:60] == colour).all(axis=1).any(), "label above the box"
+
+
+def test_keypoints_draw_the_skeleton_between_visible_points_only() -> None:
+    figure = person(80.0, 60.0)
+    points = np.array(figure["keypoints"]).reshape(17, 3)
+    drawn = np.asarray(draw_overlay(plain(), [figure])).astype(int)
+    colour = np.array(instance_colour(0))
+
+    def midpoint(a: int, b: int) -> tuple[int, int]:
+        x, y = (points[a, :2] + points[b, :2]) / 2
+        return round(y), round(x)
+
+    assert len(COCO_SKELETON) == 19 and all(0 <= a < 17 and 0 <= b < 17 for a, b in COCO_SKELETON)
+    assert (drawn[midpoint(5, 11)] == colour).all(), "left shoulder - left hip"
+    assert (drawn[midpoint(12, 14)] == colour).all(), "right hip - right knee"
+    assert (drawn[midpoint(11, 13)] == GREY).all(), "the left knee is not visible: no thigh"
+    assert (drawn[midpoint(13, 15)] == GREY).all(), "... and no shin"
+    y, x = round(points[9, 1]), round(points[9, 0])
+    assert (drawn[y, x] == colour).all(), "a dot on the left wrist"
+
+
+def test_splash_keeps_masks_in_colour_and_greys_the_rest(output: Output) -> None:
+    row = output.rows[1]
+    pixels = decode_image(pathlib.Path(row["uri"]).read_bytes())
+    drawn = np.asarray(draw_overlay(pixels, row["instances"], style="splash"))
+    inside = np.zeros(pixels.shape[:2], dtype=bool)
+    for instance in row["instances"]:
+        inside |= decode_rle(instance["rle"], row["height"], row["width"])
+    assert inside.any() and (~inside).any()
+    assert (drawn[inside] == pixels[inside]).all()
+    outside = drawn[~inside]
+    assert (outside[:, 0] == outside[:, 1]).all() and (outside[:, 1] == outside[:, 2]).all()
+    luma = pixels[~inside].astype(float) @ [0.299, 0.587, 0.114]
+    assert np.abs(outside[:, 0] - luma).max() <= 1
+
+
+def test_bad_style_and_bad_pixels_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown style 'sparkle'"):
+        draw_overlay(plain(), [], style="sparkle")
+    with pytest.raises(ValueError, match="uint8"):
+        draw_overlay(np.zeros((4, 4), dtype=np.uint8), [])
+    with pytest.raises(ValueError, match="RLE covers"):
+        draw_overlay(plain()[:50], [square(10, 20, 10, 20)])
+
+
+def test_instance_colours_are_fixed_and_distinct() -> None:
+    colours = [instance_colour(i) for i in range(24)]
+    assert colours == [instance_colour(i) for i in range(24)]
+    assert len(set(colours)) == 24
+    assert all(0 <= c <= 255 for colour in colours for c in colour)
+    first = np.array(colours[:8])
+    distances = np.abs(first[:, None, :] - first[None, :, :]).sum(axis=2)
+    assert distances[~np.eye(8, dtype=bool)].min() > 60
+
+
+# --- render_rows over a whole output ---------------------------------------------------------------------
+
+
+def test_render_rows_writes_one_png_per_ok_row_with_every_mask_pixel_drawn(
+    output: Output, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "rendered"
+    written = render_rows(output.rows, str(out))
+    ok = [r for r in output.rows if r["status"] == "ok"]
+    assert written == [str(out / f"{r['image_id']}.png") for r in ok]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{r['image_id']}.png" for r in ok)
+    for row, path in zip(ok, written, strict=True):
+        original = decode_image(pathlib.Path(row["uri"]).read_bytes())
+        with Image.open(path) as png:
+            assert png.mode == "RGB" and png.size == (row["width"], row["height"])
+            drawn = np.asarray(png)
+        changed = (drawn != original).any(axis=2)
+        masked = np.zeros(changed.shape, dtype=bool)
+        for instance in row["instances"]:
+            if instance["rle"] is not None:
+                masked |= decode_rle(instance["rle"], row["height"], row["width"])
+        assert (changed & masked).sum() == masked.sum(), f"{path}: every mask pixel is drawn"
+        assert changed.sum() >= masked.sum()
+        if not row["instances"]:
+            assert not changed.any(), "an image with no instances comes out as it went in"
+
+
+def test_render_rows_splash(output: Output, tmp_path: pathlib.Path) -> None:
+    written = render_rows(output.rows[:2], str(tmp_path / "splash"), style="splash")
+    assert len(written) == 2
+    drawn = np.asarray(Image.open(written[1]))
+    assert (drawn[..., 0] == drawn[..., 1]).mean() > 0.3, "most of a shapes image is background: grey"
+    with pytest.raises(ValueError, match="unknown style"):
+        render_rows(output.rows, str(tmp_path / "x"), style="outline")
+
+
+def test_render_rows_skips_unreadable_and_resized_images_with_one_warning(
+    output: Output, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = output.rows[0]
+    gone = good | {"image_id": "gone", "uri": storage.join(output.data.images, "nope.jpg")}
+    resized = good | {"image_id": "resized", "width": good["width"] + 1}
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    corrupt = good | {"image_id": "junk", "uri": str(junk)}
+    badmask = good | {"image_id": "badmask", "instances": [square(1, 5, 1, 5)]}  # a 200 x 160 mask
+    with caplog.at_level(logging.WARNING, logger="batchseg.render"):
+        written = render_rows([gone, good, resized, corrupt, badmask], str(tmp_path / "out"))
+    assert [pathlib.Path(p).name for p in written] == [f"{good['image_id']}.png"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 4" in warnings[0] and "2 unreadable" in warnings[0] and "size differs" in warnings[0]
+    assert "bad instances" in warnings[0]
+
+
+def test_safe_names_are_file_names_and_never_collide() -> None:
+    ids = ["123", "a/b", "a_b", "../../etc/passwd", "x y", "", "ü", "a" * 300, "img.01-2_b"]
+    names = [safe_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", n) and len(n) <= 120 for n in names)
+    assert safe_name("123") == "123" and safe_name("img.01-2_b") == "img.01-2_b"
+
+
+def test_render_rows_names_files_after_safe_ids(output: Output, tmp_path: pathlib.Path) -> None:
+    row = output.rows[0] | {"image_id": "photos/2024/cat 1.jpg"}
+    (written,) = render_rows([row], str(tmp_path / "named"))
+    assert pathlib.Path(written).parent == tmp_path / "named"
+    assert pathlib.Path(written).name == f"{safe_name('photos/2024/cat 1.jpg')}.png"
+    assert Image.open(io.BytesIO(pathlib.Path(written).read_bytes())).size == (row["width"], row["height"])
