@@ -138,3 +138,50 @@ def test_export_coco_round_trips_through_pycocotools(output: dict[str, Any]) -> 
     # The same export scores against the synthetic ground truth with pycocotools directly.
     truth = COCO(output["data"].annotations)
     assert truth.loadRes(str(out)).getAnnIds()
+
+
+def test_render_cli_draws_each_selected_image_over_its_masks(output: dict[str, Any]) -> None:
+    out = output["root"] / "overlays"
+    assert (
+        main(["render", output["uri"], "--out", str(out), "--where", "len(instances) > 0", "--limit", "3"])
+        == 0
+    )
+    written = sorted(out.glob("*.png"))
+    rows = [r for r in output["table"].to_pylist() if r["instances"]][:3]
+    assert [p.stem for p in written] == sorted(r["image_id"] for r in rows)
+    for row in rows:
+        original = np.asarray(Image.open(row["uri"]).convert("RGB")).astype(int)
+        drawn = np.asarray(Image.open(out / f"{row['image_id']}.png").convert("RGB")).astype(int)
+        assert drawn.shape == original.shape
+        changed = (drawn != original).any(axis=2)
+        for instance in row["instances"]:
+            mask = coco_mask.decode(
+                {"size": [row["height"], row["width"]], "counts": instance["rle"]}
+            ).astype(bool)
+            assert changed[mask].mean() > 0.9  # every instance's pixels are tinted (labels may cover a few)
+    splash = output["root"] / "splash"
+    assert (
+        main(
+            [
+                "render",
+                output["uri"],
+                "--out",
+                str(splash),
+                "--style",
+                "splash",
+                "--where",
+                "image_id = '1002'",
+            ]
+        )
+        == 0
+    )
+    assert not list(splash.glob("*.png"))  # the error row has no image to draw
+
+
+def test_report_cli_on_a_real_output(output: dict[str, Any]) -> None:
+    out = output["root"] / "report.html"
+    assert main(["report", output["uri"], "--out", str(out), "--gallery", "4"]) == 0
+    html = out.read_text()
+    assert "not_found" in html and "missing.jpg" in html
+    assert html.count('src="data:image/png;base64,') == 3 + 4  # three charts and the gallery
+    assert "http://" not in html and "https://" not in html
