@@ -27,21 +27,23 @@ def compress_counts(counts: np.ndarray) -> str:
 
     Each count from the fourth on (``i > 2`` in the C code) is stored as the difference to the
     count two places before, then written as 5-bit groups, least significant first, each as one
-    character from 48 up, with 0x20 marking that more groups follow.
+    character from 48 up, with 0x20 marking that more groups follow. Vectorised over the counts:
+    one numpy pass per 5-bit group.
     """
-    values = counts.astype(np.int64, copy=True)
-    values[3:] -= counts[1:-2]
-    out = []
-    for x in values.tolist():
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift: negative deltas end at -1, as in C
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+    values = np.asarray(counts, dtype=np.int64).copy()
+    values[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
+    groups = []
+    active = np.ones(len(values), dtype=bool)
+    while active.any():
+        c = values & 0x1F
+        values >>= 5  # arithmetic shift: negative deltas end at -1, as in C
+        more = np.where(c & 0x10, values != -1, values != 0)
+        groups.append(np.where(active, (c | (more << 5)) + 48, 0))
+        active &= more
+    if not groups:
+        return ""
+    chars = np.stack(groups, axis=1).ravel()
+    return chars[chars > 0].astype(np.uint8).tobytes().decode("ascii")
 
 
 def decompress_counts(text: str) -> np.ndarray:

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
-from batchseg.masks import encode_rle
 from batchseg.models import WeightsInfo, build_model, load_state_dict
+from batchseg.paste import paste_to_rle
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,14 +73,36 @@ class Predictor:
         tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div_(255) for im in images]
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self.model(tensors)
-        return [self._instances(out) for out in outputs]
+            outputs = self._detect(tensors)
+        return [
+            self._instances(out, im.shape[0], im.shape[1]) for out, im in zip(outputs, images, strict=True)
+        ]
 
-    def _instances(self, out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def _detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste: boxes and
+        keypoints come back in each image's pixels, masks stay the mask head's ``N x 1 x 28 x 28``
+        probabilities for :func:`batchseg.paste.paste_to_rle`."""
+        model: Any = self.model
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        for detection, resized, original in zip(detections, batch.image_sizes, sizes, strict=True):
+            detection["boxes"] = resize_boxes(detection["boxes"], resized, original)
+            if "keypoints" in detection:
+                detection["keypoints"] = resize_keypoints(detection["keypoints"], resized, original)
+        return detections
+
+    def _instances(self, out: dict[str, torch.Tensor], height: int, width: int) -> list[dict[str, Any]]:
         boxes = out["boxes"].float().cpu().numpy()
         scores = out["scores"].float().cpu().numpy()
         labels = out["labels"].cpu().numpy()
-        masks = (out["masks"][:, 0] > self.mask_threshold).cpu().numpy() if "masks" in out else None
+        masks = (
+            paste_to_rle(out["masks"].float(), out["boxes"], height, width, self.mask_threshold)
+            if "masks" in out
+            else None
+        )
         keypoints = out["keypoints"].float().cpu().numpy() if "keypoints" in out else None
         categories = self.weights.categories
         instances = []
@@ -91,8 +114,8 @@ class Predictor:
                     "category": categories[label] if label < len(categories) else str(label),
                     "score": float(scores[i]),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": int(masks[i].sum()) if masks is not None else round((x2 - x1) * (y2 - y1)),
-                    "rle": encode_rle(masks[i]) if masks is not None else None,
+                    "area": masks[i][1] if masks is not None else round((x2 - x1) * (y2 - y1)),
+                    "rle": masks[i][0] if masks is not None else None,
                     "keypoints": keypoints[i].reshape(-1).tolist() if keypoints is not None else None,
                 }
             )
