@@ -71,6 +71,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: 2 with GPUs; else the cluster's CPUs / max actors (also torch threads)")  # fmt: skip
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")  # fmt: skip
+    p.add_argument("--decode", choices=["auto", "pil", "torchvision"], default="auto",
+                   help="JPEG decoding: torchvision decodes batches on the model's device (nvJPEG on GPU); "
+                        "auto: torchvision on GPU, PIL on CPU")  # fmt: skip
     p.add_argument("--io-threads", type=int, default=4, help="threads per actor fetching and decoding images")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,3 +104,49 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(white, rgba)
     # np.array, not np.asarray: asarray gives a read-only view that torch.from_numpy warns about.
     return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG left encoded for a batched decode on the model's device (``torchvision.io.decode_jpeg``)."""
+
+    data: bytes
+    orientation: int
+
+
+def jpeg_orientation(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
+    """The EXIF orientation (1-8) of a JPEG that ``torchvision.io.decode_jpeg`` can decode as
+    :func:`decode_image` would (baseline RGB or grey, within ``max_pixels``), read from its header
+    alone; None for anything else, which then goes through :func:`decode_image`."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
+                    return None
+                orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return orientation if orientation in range(1, 9) else 1
+
+
+def orient(pixels: Any, orientation: int) -> Any:
+    """A ``3 x H x W`` torch tensor turned as EXIF ``orientation`` says (as ``ImageOps.exif_transpose``)."""
+    if orientation == 2:
+        return pixels.flip(-1)
+    if orientation == 3:
+        return pixels.flip(-1).flip(-2)
+    if orientation == 4:
+        return pixels.flip(-2)
+    if orientation == 5:
+        return pixels.transpose(-1, -2)
+    if orientation == 6:
+        return pixels.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return pixels.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return pixels.transpose(-1, -2).flip(-2)
+    return pixels

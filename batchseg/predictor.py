@@ -65,18 +65,31 @@ class Predictor:
         self.model = model.to(self.device)
 
     @torch.inference_mode()
-    def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB; the result's ``[i]`` is a list of
-        dicts with the fields of :data:`batchseg.records.INSTANCE`, boxes in that image's pixels."""
+    def __call__(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[list[dict[str, Any]]]:
+        """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB (numpy) or 3 x H x W uint8 (torch,
+        on any device); the result's ``[i]`` is a list of dicts with the fields of
+        :data:`batchseg.records.INSTANCE`, boxes in that image's pixels."""
         if not images:
             return []
-        tensors = [torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div_(255) for im in images]
+        tensors = [self._to_device(im) for im in images]
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             outputs = self._detect(tensors)
         return [
-            self._instances(out, im.shape[0], im.shape[1]) for out, im in zip(outputs, images, strict=True)
+            self._instances(out, int(t.shape[-2]), int(t.shape[-1]))
+            for out, t in zip(outputs, tensors, strict=True)
         ]
+
+    def _to_device(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``3 x H x W`` float32 in [0, 1] on the model's device, from H x W x 3 uint8 numpy pixels or a
+        3 x H x W uint8 tensor already there (decoded on the device). Host pixels go through pinned
+        memory so the copy overlaps with work already queued on the GPU."""
+        if isinstance(image, np.ndarray):
+            tensor = torch.from_numpy(image).permute(2, 0, 1)
+            if self.device.type == "cuda":
+                tensor = tensor.pin_memory()
+            image = tensor.to(self.device, non_blocking=True)
+        return image.float().div_(255)
 
     def _detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste: boxes and

@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from batchseg import __version__, storage
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.images import DEFAULT_MAX_PIXELS, decode_image
+from batchseg.images import DEFAULT_MAX_PIXELS, EncodedJpeg, decode_image, jpeg_orientation, orient
 from batchseg.manifest import Plan, Shard, plan_shards
 from batchseg.models import WeightsInfo, resolve_weights
 from batchseg.output import OutputDir
@@ -41,6 +43,7 @@ class SegmentConfig:
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     precision: str = "auto"
+    decode: str = "auto"
     io_threads: int = 4
     max_attempts: int = 3
     overwrite: bool = False
@@ -98,6 +101,7 @@ def _check_options(config: SegmentConfig) -> None:
         (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
         (1 <= low <= high, f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not {low},{high}"),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
+        (config.decode in ("auto", "pil", "torchvision"), f"unknown --decode {config.decode!r}"),
         (config.max_pixels > 0, "--max-pixels must be positive"),
         (config.max_instances > 0, "--max-instances must be positive"),
     ]
@@ -145,14 +149,46 @@ class ShardProcessor:
         )
         self.output = OutputDir(config.output, config.storage_options)
         self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="batchseg-io")
+        # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
+        self.decode_on_device = config.decode == "torchvision" or (
+            config.decode == "auto" and device != "cpu"
+        )
         self.images_done = 0  # within the current shard, read by progress reports
 
-    def load(self, uri: str) -> np.ndarray | ImageError:
+    def load(self, uri: str) -> np.ndarray | EncodedJpeg | ImageError:
+        """Fetch an image and decode it (PIL, in this I/O thread), or leave a plain JPEG encoded for the
+        batched decode on the device."""
         try:
-            return decode_image(storage.read_image_bytes(uri, self.job.config.storage_options),
-                                self.job.config.max_pixels)  # fmt: skip
+            data = storage.read_image_bytes(uri, self.job.config.storage_options)
+            if self.decode_on_device and (orientation := jpeg_orientation(data, self.job.config.max_pixels)):
+                return EncodedJpeg(data, orientation)
+            return decode_image(data, self.job.config.max_pixels)
         except ImageError as e:
             return e
+
+    def _decode_on_device(
+        self, shard: Shard, batch: list[tuple[int, Any]], rows: list[Any]
+    ) -> list[tuple[int, Any]]:
+        """The batch with its JPEGs decoded on the device, 3 x H x W uint8 tensors as displayed; a JPEG
+        the device decoder refuses goes through PIL, whose verdict (pixels or an error row) stands."""
+        encoded = [(i, image) for i, image in batch if isinstance(image, EncodedJpeg)]
+        if not encoded:
+            return batch
+        tensors = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for _, e in encoded]
+        try:
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+        except Exception:
+            decoded = [None] * len(encoded)
+        pixels: dict[int, Any] = {}
+        for (i, e), image in zip(encoded, decoded, strict=True):
+            if image is not None:
+                pixels[i] = orient(image, e.orientation)
+                continue
+            try:
+                pixels[i] = decode_image(e.data, self.job.config.max_pixels)
+            except ImageError as error:
+                rows[i] = error_row(shard.image_ids[i], shard.uris[i], error)
+        return [(i, pixels.get(i, image)) for i, image in batch if rows[i] is None]
 
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         """Segment every image of ``shard``, write its rows and record; return the record."""
@@ -160,7 +196,7 @@ class ShardProcessor:
         self.images_done = 0
         config = self.job.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
-        batch: list[tuple[int, np.ndarray]] = []
+        batch: list[tuple[int, Any]] = []
         loaded = prefetch(self.pool, self.load, shard.uris, window=2 * config.batch_size)
         for i, image in enumerate(loaded):
             if isinstance(image, ImageError):
@@ -169,8 +205,8 @@ class ShardProcessor:
             else:
                 batch.append((i, image))
             if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
-                self._predict(shard, batch, rows)
                 self.images_done += len(batch)
+                self._predict(shard, self._decode_on_device(shard, batch, rows), rows)
                 batch = []
         assert all(r is not None for r in rows)
         provenance = self.job.provenance | {"shard": shard.index, "device": self.device,
@@ -179,9 +215,7 @@ class ShardProcessor:
         self.output.write_shard(shard.index, to_parquet(rows, provenance), record)  # type: ignore[arg-type]
         return record
 
-    def _predict(
-        self, shard: Shard, batch: list[tuple[int, np.ndarray]], rows: list[dict[str, Any] | None]
-    ) -> None:
+    def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> None:
         try:
             results = self.predictor([image for _, image in batch])
         except Exception as e:
@@ -191,10 +225,17 @@ class ShardProcessor:
                 return
             i, image = batch[0]
             error = ImageError("inference_error", f"the model failed on this image: {type(e).__name__}: {e}")
-            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, (image.shape[1], image.shape[0]))
+            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
             return
         for (i, image), instances in zip(batch, results, strict=True):
-            rows[i] = ok_row(shard.image_ids[i], shard.uris[i], image.shape[1], image.shape[0], instances)
+            rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+
+
+def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(width, height) of H x W x 3 pixels (numpy) or 3 x H x W pixels (torch)."""
+    if isinstance(image, torch.Tensor):
+        return int(image.shape[-1]), int(image.shape[-2])
+    return int(image.shape[1]), int(image.shape[0])
 
 
 def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float) -> dict[str, Any]:

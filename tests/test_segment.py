@@ -114,6 +114,16 @@ def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> 
     assert checked > 20  # the test means something only if the model found instances
 
 
+def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(
+    segmented: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    """The GPU path's decoder (``decode_jpeg`` on the model's device; here the CPU) with EXIF applied on
+    tensors, and PIL for what it cannot take (CMYK, PNG, GIF, broken files), changes nothing in the rows."""
+    config = replace(segmented["config"], output=str(tmp_path / "out"), decode="torchvision")
+    run_segment(config)
+    assert OutputDir(config.output).read_table().to_pylist() == segmented["table"].to_pylist()
+
+
 def test_summary_and_provenance(segmented: dict[str, Any]) -> None:
     config, summary = segmented["config"], segmented["summary"]
     kinds = [k for k in segmented["expected"].values() if k]
