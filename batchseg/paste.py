@@ -36,20 +36,26 @@ def paste_to_rle(
         return []
     padded, scale = expand_masks(masks, padding=1)
     int_boxes = expand_boxes(boxes.float(), scale).to(torch.int64).tolist()
-    crops: list[tuple[torch.Tensor | np.ndarray, int, int]] = []
+    crops, places = [], []
     for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
         w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
         x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
         if x1 <= x0 or y1 <= y0:  # the box lies outside the image
-            crops.append((np.zeros((0, 0), dtype=bool), 0, 0))
-            continue
-        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold
-        crops.append((crop, y0, x0))
-    host = [(c.cpu().numpy() if isinstance(c, torch.Tensor) else c, y0, x0) for c, y0, x0 in crops]
-    return [
-        (compress_counts(crop_counts(crop, y0, x0, height, width)), int(crop.sum())) for crop, y0, x0 in host
-    ]
+            x1, y1 = x0, y0
+            crops.append(mask.new_zeros(0, dtype=torch.bool))
+        else:
+            resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            crops.append((resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold).reshape(-1))
+        places.append((y0, x0, y1 - y0, x1 - x0))
+    # One copy to the host for all crops: on a GPU, a copy per instance would wait on each.
+    flat = torch.cat(crops).cpu().numpy()
+    out = []
+    offset = 0
+    for y0, x0, h, w in places:
+        crop = flat[offset : offset + h * w].reshape(h, w)
+        offset += h * w
+        out.append((compress_counts(crop_counts(crop, y0, x0, height, width)), int(crop.sum())))
+    return out
 
 
 def crop_counts(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> np.ndarray:

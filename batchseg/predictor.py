@@ -12,6 +12,7 @@ from torchvision.models.detection.transform import resize_boxes, resize_keypoint
 from batchseg.models import WeightsInfo, build_model, load_state_dict
 from batchseg.paste import paste_to_rle
 
+Detections = tuple[dict[str, torch.Tensor], int, int]  # one image's raw outputs, height, width
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,21 +65,28 @@ class Predictor:
         model = build_model(weights, load_state_dict(weights, storage_options), **options)
         self.model = model.to(self.device)
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[list[dict[str, Any]]]:
         """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB (numpy) or 3 x H x W uint8 (torch,
         on any device); the result's ``[i]`` is a list of dicts with the fields of
         :data:`batchseg.records.INSTANCE`, boxes in that image's pixels."""
+        return self.describe(self.detect(images))
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[Detections]:
+        """The model's raw detections (tensors still on the device), with each image's size."""
         if not images:
             return []
         tensors = [self._to_device(im) for im in images]
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             outputs = self._detect(tensors)
-        return [
-            self._instances(out, int(t.shape[-2]), int(t.shape[-1]))
-            for out, t in zip(outputs, tensors, strict=True)
-        ]
+        return [(out, int(t.shape[-2]), int(t.shape[-1])) for out, t in zip(outputs, tensors, strict=True)]
+
+    @torch.inference_mode()
+    def describe(self, detections: list[Detections]) -> list[list[dict[str, Any]]]:
+        """Raw detections as instance dicts, masks encoded: host-side work that can overlap with the
+        device running the next batch."""
+        return [self._instances(out, height, width) for out, height, width in detections]
 
     def _to_device(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``3 x H x W`` float32 in [0, 1] on the model's device, from H x W x 3 uint8 numpy pixels or a

@@ -154,6 +154,11 @@ class ShardProcessor:
             config.decode == "auto" and device != "cpu"
         )
         self.images_done = 0  # within the current shard, read by progress reports
+        # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
+        self.encoder = (
+            ThreadPoolExecutor(1, thread_name_prefix="batchseg-encode") if device != "cpu" else None
+        )
+        self.encoding: list[Future[None]] = []
 
     def load(self, uri: str) -> np.ndarray | EncodedJpeg | ImageError:
         """Fetch an image and decode it (PIL, in this I/O thread), or leave a plain JPEG encoded for the
@@ -194,6 +199,7 @@ class ShardProcessor:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
         self.images_done = 0
+        self.encoding = []
         config = self.job.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
@@ -208,6 +214,9 @@ class ShardProcessor:
                 self.images_done += len(batch)
                 self._predict(shard, self._decode_on_device(shard, batch, rows), rows)
                 batch = []
+        for pending in self.encoding:
+            pending.result()
+        self.encoding.clear()
         assert all(r is not None for r in rows)
         provenance = self.job.provenance | {"shard": shard.index, "device": self.device,
                                             "precision": self.predictor.precision}  # fmt: skip
@@ -217,7 +226,7 @@ class ShardProcessor:
 
     def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> None:
         try:
-            results = self.predictor([image for _, image in batch])
+            detections = self.predictor.detect([image for _, image in batch])
         except Exception as e:
             if len(batch) > 1:  # one bad image must not fail its neighbours: retry them one by one
                 for item in batch:
@@ -227,8 +236,15 @@ class ShardProcessor:
             error = ImageError("inference_error", f"the model failed on this image: {type(e).__name__}: {e}")
             rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
             return
-        for (i, image), instances in zip(batch, results, strict=True):
-            rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+
+        def fill() -> None:
+            for (i, image), instances in zip(batch, self.predictor.describe(detections), strict=True):
+                rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+
+        if self.encoder is None:
+            fill()
+        else:
+            self.encoding.append(self.encoder.submit(fill))
 
 
 def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:

@@ -124,6 +124,26 @@ def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(
     assert OutputDir(config.output).read_table().to_pylist() == segmented["table"].to_pylist()
 
 
+def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pathlib.Path) -> None:
+    """The GPU path overlaps a batch's mask encoding with the next batch; here on the CPU, no Ray."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchseg.manifest import iter_shards
+    from batchseg.segment import ShardProcessor, prepare_job
+
+    manifest, _, _ = archive(tmp_path, 6, bad=False)
+    tables = []
+    for name, threaded in (("sync", False), ("overlap", True)):
+        job = prepare_job(SegmentConfig(manifest=manifest, output=str(tmp_path / name), batch_size=2, **FAST))
+        processor = ShardProcessor(job)
+        if threaded:
+            processor.encoder = ThreadPoolExecutor(1)
+        record = processor.process(next(iter_shards(job.plan)))
+        assert record["rows"] == 6
+        tables.append(OutputDir(str(tmp_path / name)).read_table().drop_columns([]).to_pylist())
+    assert tables[0] == tables[1]
+
+
 def test_summary_and_provenance(segmented: dict[str, Any]) -> None:
     config, summary = segmented["config"], segmented["summary"]
     kinds = [k for k in segmented["expected"].values() if k]

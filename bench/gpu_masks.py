@@ -1,0 +1,94 @@
+"""Where the GPU pipeline's time goes per batch: the model (synchronised), then each step of the mask path.
+
+Usage: python bench/gpu_masks.py [--images 40] [--model maskrcnn_resnet50_fpn_v2] [--batch-size 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+from batchseg.images import decode_image
+from batchseg.masks import compress_counts
+from batchseg.models import resolve_weights
+from batchseg.paste import crop_counts
+from batchseg.predictor import Predictor
+from batchseg.synth import write_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--model", default="maskrcnn_resnet50_fpn_v2")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    predictor = Predictor(resolve_weights("none", args.model), score_threshold=0.9, max_instances=20, device=device,
+                          precision="bf16" if device == "cuda" else "fp32")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = write_dataset(tmp, args.images, seed=0, size=560).uris
+        images = [
+            torch.from_numpy(decode_image(pathlib.Path(u).read_bytes())).permute(2, 0, 1).to(device)
+            for u in uris
+        ]
+    spent: dict[str, float] = defaultdict(float)
+    instances = 0
+
+    def tick(name: str, start: float) -> float:
+        sync()
+        now = time.perf_counter()
+        spent[name] += now - start
+        return now
+
+    dtype = torch.bfloat16 if device == "cuda" else None
+    with torch.inference_mode():
+        for k in range(0, len(images), args.batch_size):
+            t = time.perf_counter()
+            tensors = [im.float().div(255) for im in images[k : k + args.batch_size]]
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                outputs = predictor._detect(tensors)
+            t = tick("model forward (synchronised)", t)
+            for out, im in zip(outputs, tensors, strict=True):
+                height, width = int(im.shape[-2]), int(im.shape[-1])
+                masks, boxes = out["masks"].float(), out["boxes"]
+                instances += len(masks)
+                padded, scale = expand_masks(masks, padding=1)
+                int_boxes = expand_boxes(boxes.float(), scale).to(torch.int64).tolist()
+                t = tick("expand boxes + tolist", t)
+                crops, places = [], []
+                for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
+                    w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+                    x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+                    resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[
+                        0, 0
+                    ]
+                    crops.append((resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > 0.5).reshape(-1))
+                    places.append((y0, x0, y1 - y0, x1 - x0))
+                t = tick("interpolate + threshold (launches)", t)
+                flat = torch.cat(crops).cpu().numpy() if crops else None
+                t = tick("one copy of all crops to host", t)
+                offset = 0
+                for y0, x0, h, w in places:
+                    crop = flat[offset : offset + h * w].reshape(h, w)  # type: ignore[index]
+                    offset += h * w
+                    counts = crop_counts(crop, y0, x0, height, width)
+                    t = tick("crop_counts (numpy)", t)
+                    compress_counts(counts)
+                    t = tick("compress_counts (numpy)", t)
+    total = sum(spent.values())
+    print(f"{args.model} on {device}: {len(images)} images, {instances / len(images):.1f} instances/image, "
+          f"{len(images) / total:.1f} img/s for these steps")  # fmt: skip
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<40} {1000 * seconds / len(images):7.2f} ms/image  {100 * seconds / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
