@@ -8,8 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from batchseg.masks import compress_counts
-from batchseg.paste import crop_counts, paste_to_rle
+from batchseg.paste import paste_to_rle
 
 
 def standard(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[tuple[str, int]]:
@@ -63,12 +62,10 @@ def test_other_thresholds_and_no_instances() -> None:
     assert paste_to_rle(masks[:0], boxes[:0], 50, 70) == []
 
 
-def test_crop_counts_cancel_runs_that_wrap_across_columns() -> None:
-    crop = np.ones((4, 3), dtype=bool)  # a full-height crop: ones run from one column into the next
-    counts = crop_counts(crop, 0, 2, 4, 6)
-    assert counts.tolist() == [8, 12, 4]
-    full = np.zeros((4, 6), dtype=bool)
-    full[:, 2:5] = True
-    assert coco_mask.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode() == compress_counts(
-        counts
-    )
+def test_runs_that_wrap_from_one_column_into_the_next() -> None:
+    """A crop spanning the full height: its ones run from a column's bottom into the next one's top."""
+    masks = torch.ones((1, 1, 28, 28))
+    boxes = torch.tensor([[2.0, 0.0, 4.0, 4.0]])
+    assert paste_to_rle(masks, boxes, 4, 6) == standard(masks, boxes, 4, 6)
+    full = (paste_masks_in_image(masks, boxes, (4, 6))[0, 0] > 0.5).numpy()
+    assert full[:, 1:5].all() and not full[:, [0, 5]].any()  # the expanded box covers columns 1 to 4
