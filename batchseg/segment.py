@@ -156,7 +156,9 @@ class ShardProcessor:
         self.images_done = 0  # within the current shard, read by progress reports
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
-            ThreadPoolExecutor(1, thread_name_prefix="batchseg-encode") if device != "cpu" else None
+            ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="batchseg-encode")
+            if device != "cpu"
+            else None
         )
         self.encoding: list[Future[None]] = []
 
