@@ -58,6 +58,13 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         rows.append((label, with_paste, without))
         print(f"{name} raw loop {label}: {with_paste:7.2f} img/s torchvision forward, "
               f"{without:7.2f} img/s without its full-size paste", flush=True)  # fmt: skip
+    if args.device.startswith("cuda"):
+        predictor.model.to(memory_format=torch.channels_last)
+        channels_last = timed(predictor._detect, tensors, args.batch_size, torch.bfloat16)
+        print(
+            f"{name} raw loop bf16 without paste, channels_last weights: {channels_last:7.2f} img/s",
+            flush=True,
+        )
     del model, predictor, tensors
     config = SegmentConfig(manifest=f"{tmp}/data/manifest.csv", output=f"{tmp}/out-{name}", model=name,
                            weights="none", batch_size=args.batch_size, shard_size=len(uris), **options)  # fmt: skip
