@@ -1,0 +1,119 @@
+"""Fault scenarios on a real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
+
+Run as ``python -m tests.multinode SCENARIO WORKDIR``; prints one JSON line with what happened. A separate
+process, because the test session's own Ray instance cannot share a process with a second cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+from batchseg.output import OutputDir
+from batchseg.runner import run_segment
+from batchseg.segment import SegmentConfig
+from batchseg.synth import write_dataset
+from batchseg.train import TrainConfig, run_training
+from tests.processes import wait_for
+
+FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,
+        "score_threshold": 0.5, "max_instances": 6}  # fmt: skip
+
+
+def done_markers(output: pathlib.Path) -> list[str]:
+    folder = output / "_done"
+    return sorted(p.name for p in folder.glob("*.json")) if folder.exists() else []
+
+
+def segment_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
+    data = write_dataset(str(root / "data"), 30, seed=4, size=96)
+    config = SegmentConfig(manifest=data.manifest, output=str(root / "out"), shard_size=3, batch_size=1,
+                           actors=(2, 2), cpus_per_actor=1, **FAST)  # fmt: skip
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(run_segment(config)))
+    job.start()
+    wait_for(lambda: len(done_markers(root / "out")) >= 2, 300, "two finished shards")
+    cluster.remove_node(workers[0])
+    done_at_loss = len(done_markers(root / "out"))
+    job.join(timeout=600)
+    ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+    return {"status": result.get("status"), "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
+            "done_at_loss": done_at_loss, "retries": result.get("retries")}  # fmt: skip
+
+
+def driver_kill(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
+    data = write_dataset(str(root / "data"), 30, seed=5, size=96)
+    output = root / "out"
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", data.manifest, "--output", str(output),
+            "--shard-size", "3", "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "1",
+            "--address", cluster.address] + [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]  # fmt: skip
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(done_markers(output)) >= 2, 300, "two finished shards")
+    driver.kill()
+    driver.wait()
+    before = {n: (output / "_done" / n).read_bytes() for n in done_markers(output)}
+    config = SegmentConfig(manifest=data.manifest, output=str(output), shard_size=3, batch_size=1, actors=(2, 2),
+                           cpus_per_actor=1, **FAST)  # fmt: skip
+    summary = run_segment(config)
+    after = {n: (output / "_done" / n).read_bytes() for n in done_markers(output)}
+    ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+    return {"status": summary["status"], "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
+            "done_before_rerun": len(before), "kept": sum(after[n] == b for n, b in before.items()),
+            "shards_this_run": summary["shards_this_run"], "shards_total": summary["shards_total"]}  # fmt: skip
+
+
+def train_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
+    data = write_dataset(str(root / "data"), 16, seed=1, size=96)
+    config = TrainConfig(images=data.images, annotations=data.annotations, output=str(root / "run"), workers=2,
+                         iterations=30, checkpoint_every=2, batch_size=2, max_failures=2)  # fmt: skip
+    snapshot = root / "run" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    result: dict[str, Any] = {}
+    trainer = threading.Thread(target=lambda: result.update(run_training(replace(config))))
+    trainer.start()
+    wait_for(lambda: registered() >= 1, 300, "a registered checkpoint")
+    cluster.remove_node(workers[0])
+    cluster.add_node(num_cpus=1)  # the autoscaler's replacement
+    trainer.join(timeout=600)
+    return {"step": result.get("step"), "resumed_from": result.get("resumed_from")}
+
+
+SCENARIOS = {
+    "segment-node-loss": segment_node_loss,
+    "driver-kill": driver_kill,
+    "train-node-loss": train_node_loss,
+}
+
+
+def main() -> None:
+    scenario, root = sys.argv[1], pathlib.Path(sys.argv[2])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    start = time.time()
+    try:
+        outcome = SCENARIOS[scenario](cluster, workers, root)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(outcome | {"seconds": round(time.time() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
