@@ -1,0 +1,76 @@
+"""Soak: a longer segmentation job (thousands of small images) while actors are killed at random.
+
+Local Ray with two actors; a killer thread SIGKILLs one of this job's SegmentationActor processes
+every few seconds. Prints images processed, actors killed, shard retries, and rows lost or duplicated
+(both must be 0).
+Usage: python bench/soak.py [--images 2000] [--every 5,15] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from importlib import resources
+
+from batchseg.manifest import iter_manifest
+from batchseg.output import OutputDir
+from batchseg.runner import run_segment
+from batchseg.segment import SegmentConfig
+from batchseg.synth import write_dataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.processes import ray_worker_pids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--every", default="5,15", help="seconds between kills: MIN,MAX")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    low, high = (float(v) for v in args.every.split(","))
+    rng = random.Random(args.seed)
+    model = resources.files("batchseg") / "weights" / "maskrcnn_small_shapes.pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_dataset(f"{tmp}/data", args.images, seed=args.seed, size=64)
+        config = SegmentConfig(manifest=data.manifest, output=f"{tmp}/out", weights=str(model), shard_size=50,
+                               batch_size=8, actors=(2, 2), cpus_per_actor=1, max_attempts=10)  # fmt: skip
+        finished = threading.Event()
+        kills = []
+
+        def killer() -> None:
+            while not finished.wait(rng.uniform(low, high)):
+                pids = ray_worker_pids("SegmentationActor")
+                if pids:
+                    victim = rng.choice(pids)
+                    os.kill(victim, signal.SIGKILL)
+                    kills.append(victim)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        start = time.time()
+        thread.start()
+        try:
+            summary = run_segment(config)
+        finally:
+            finished.set()
+        wall = time.time() - start
+        ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+        expected = {i for batch, _ in iter_manifest(data.manifest) for i in batch}
+    lost = len(expected - set(ids))
+    duplicated = len(ids) - len(set(ids))
+    print(f"images {args.images}: {len(ids)} rows in {wall:.0f} s ({summary['images_this_run'] / wall:.1f} img/s), "
+          f"status {summary['status']}")  # fmt: skip
+    print(
+        f"actors killed {len(kills)}, shard retries {summary['retries']}, rows lost {lost}, rows duplicated {duplicated}"
+    )
+    sys.exit(0 if lost == duplicated == 0 and summary["status"] == "complete" else 1)
+
+
+if __name__ == "__main__":
+    main()
