@@ -128,8 +128,10 @@ def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
 class ShardProcessor:
     """Holds a model; turns one shard into one Parquet object and a completion record.
 
-    Images are fetched and decoded in a thread pool, ``2 * batch_size`` ahead of the model, so the
-    model does not wait on storage. Every image yields exactly one row, in manifest order.
+    Images are fetched (and, but for JPEGs bound for the GPU's decoder, decoded) in a thread pool,
+    ``2 * batch_size`` ahead of the model, so the model does not wait on storage; on a GPU, each batch's
+    masks are encoded in other threads while the device runs the next batch. Every image yields exactly
+    one row, in manifest order.
     """
 
     def __init__(self, job: Job, device: str = "cpu") -> None:
