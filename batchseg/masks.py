@@ -23,27 +23,42 @@ def rle_counts(mask: np.ndarray) -> np.ndarray:
 
 
 def compress_counts(counts: np.ndarray) -> str:
-    """COCO's compressed string form of run lengths (``rleToString`` in pycocotools' maskApi.c).
+    """COCO's compressed string form of run lengths (``rleToString`` in pycocotools' maskApi.c)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return compress_groups(counts, np.arange(len(counts)), np.zeros(len(counts), dtype=np.int64), 1)[0]
 
-    Each count from the fourth on (``i > 2`` in the C code) is stored as the difference to the
-    count two places before, then written as 5-bit groups, least significant first, each as one
-    character from 48 up, with 0x20 marking that more groups follow. Vectorised over the counts:
-    one numpy pass per 5-bit group.
+
+def compress_groups(counts: np.ndarray, position: np.ndarray, owners: np.ndarray, n: int) -> list[str]:
+    """COCO's compressed strings of ``n`` run-length lists at once (concatenated, with each value's
+    ``position`` in its list and its list's index in ``owners``, lists in order).
+
+    Each count from the fourth on (``i > 2`` in the C code) is stored as the difference to the count two
+    places before, then written as 5-bit groups, least significant first, each as one character from
+    48 up, with 0x20 marking that more groups follow.
     """
-    values = np.asarray(counts, dtype=np.int64).copy()
-    values[3:] -= np.asarray(counts, dtype=np.int64)[1:-2]
-    groups = []
-    active = np.ones(len(values), dtype=bool)
-    while active.any():
+    values = counts.copy()
+    later = position >= 3
+    values[later] -= counts[np.flatnonzero(later) - 2]
+    # 5-bit groups, least significant first; each pass handles only the values that still need one.
+    passes = []
+    index = np.arange(len(values))
+    while len(index):
         c = values & 0x1F
-        values >>= 5  # arithmetic shift: negative deltas end at -1, as in C
+        values = values >> 5  # arithmetic shift: negative deltas end at -1, as in C
         more = np.where(c & 0x10, values != -1, values != 0)
-        groups.append(np.where(active, (c | (more << 5)) + 48, 0))
-        active &= more
-    if not groups:
-        return ""
-    chars = np.stack(groups, axis=1).ravel()
-    return chars[chars > 0].astype(np.uint8).tobytes().decode("ascii")
+        passes.append((index, ((c | (more << 5)) + 48).astype(np.uint8)))
+        index, values = index[more], values[more]
+    per_value = np.zeros(len(counts), dtype=np.int64)
+    for index, _ in passes:
+        per_value[index] += 1
+    first_char = np.cumsum(per_value) - per_value
+    chars = np.empty(int(per_value.sum()), dtype=np.uint8)
+    for k, (index, group) in enumerate(passes):
+        chars[first_char[index] + k] = group
+    text = chars.tobytes().decode("ascii")
+    lengths = np.bincount(owners, weights=per_value, minlength=n).astype(np.int64)
+    ends = np.cumsum(lengths)
+    return [text[e - k : e] for e, k in zip(ends.tolist(), lengths.tolist(), strict=True)]
 
 
 def decompress_counts(text: str) -> np.ndarray:

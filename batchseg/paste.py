@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
+from batchseg.masks import compress_groups
+
 
 def paste_to_rle(
     masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
@@ -104,31 +106,3 @@ def encode_crops(
         (text, int(area))
         for text, area in zip(compress_groups(counts, position, owners, n), areas, strict=True)
     ]
-
-
-def compress_groups(counts: np.ndarray, position: np.ndarray, owners: np.ndarray, n: int) -> list[str]:
-    """:func:`batchseg.masks.compress_counts` of ``n`` run-length lists at once (concatenated, with each
-    value's ``position`` in its list and its list's index in ``owners``)."""
-    values = counts.copy()
-    later = position >= 3
-    values[later] -= counts[np.flatnonzero(later) - 2]
-    # 5-bit groups, least significant first; each pass handles only the values that still need one.
-    passes = []
-    index = np.arange(len(values))
-    while len(index):
-        c = values & 0x1F
-        values = values >> 5  # arithmetic shift: negative deltas end at -1, as in C
-        more = np.where(c & 0x10, values != -1, values != 0)
-        passes.append((index, ((c | (more << 5)) + 48).astype(np.uint8)))
-        index, values = index[more], values[more]
-    per_value = np.zeros(len(counts), dtype=np.int64)
-    for index, _ in passes:
-        per_value[index] += 1
-    first_char = np.cumsum(per_value) - per_value
-    chars = np.empty(int(per_value.sum()), dtype=np.uint8)
-    for k, (index, group) in enumerate(passes):
-        chars[first_char[index] + k] = group
-    text = chars.tobytes().decode("ascii")
-    lengths = np.bincount(owners, weights=per_value, minlength=n).astype(np.int64)
-    ends = np.cumsum(lengths)
-    return [text[e - k : e] for e, k in zip(ends.tolist(), lengths.tolist(), strict=True)]
