@@ -54,14 +54,6 @@ class WeightsInfo:
     categories: tuple[str, ...]
     num_keypoints: int | None = None
 
-    @property
-    def has_masks(self) -> bool:
-        return MODELS[self.model][0]
-
-    @property
-    def has_keypoints(self) -> bool:
-        return MODELS[self.model][1]
-
 
 def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     """A Mask R-CNN small enough to learn the shapes set on a CPU in minutes (about 4M parameters).

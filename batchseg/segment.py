@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -289,8 +289,3 @@ def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> d
         "weights": job.weights.identity,
         **run,
     }
-
-
-def config_dict(config: SegmentConfig) -> dict[str, Any]:
-    """The config for logs and summaries, with storage options (which may hold secrets) left out."""
-    return {k: v for k, v in asdict(config).items() if k != "storage_options"}

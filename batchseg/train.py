@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +22,7 @@ from batchseg.engine import evaluate, make_optimizer, make_scheduler, train_one_
 from batchseg.errors import BatchsegError
 from batchseg.manifest import absolute_uri
 from batchseg.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.runner import init_ray, log
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
@@ -69,10 +69,6 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 0.02 * self.batch_size * self.workers / 16 if self.optimizer == "sgd" else 1e-3
-
-
-def log(message: str) -> None:
-    print(f"batchseg: {message}", file=sys.stderr, flush=True)
 
 
 def public_config(config: TrainConfig) -> dict[str, Any]:
@@ -215,8 +211,6 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from batchseg.runner import init_ray
-
     # Ray Train's print patch would send each progress line twice (log and stream); plain prints suffice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Ray Train workers do not share the driver's working directory: local paths must be absolute.
@@ -259,7 +253,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     log(
         f"training {weights.model} from {weights.identity} on {config.workers} worker(s); run folder {output}"
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise BatchsegError(f"training failed: {_root_cause(e)}") from None
     if result.checkpoint is None:
         raise BatchsegError(f"training ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
