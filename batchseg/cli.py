@@ -314,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"batchseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("batchseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(
+            "batchseg: interrupted; finished shards are kept, and rerunning the same command resumes",
+            file=sys.stderr,
+        )
         return 130
 
 

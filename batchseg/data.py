@@ -46,8 +46,10 @@ class CocoInstances(torch.utils.data.Dataset):
     """Images with their instances, as torchvision's detection models take them in training.
 
     ``dataset[i]`` is ``(image, target)``: image a float32 ``3 x H x W`` tensor in [0, 1]; target has
-    ``boxes`` (float32 ``N x 4``, x1 y1 x2 y2 pixels), ``labels`` (int64 ``N``, the COCO category ids) and
-    ``masks`` (uint8 ``N x H x W``). An image that cannot be read or decoded is skipped and counted in
+    ``boxes`` (float32 ``N x 4``, x1 y1 x2 y2 pixels), ``labels`` (int64 ``N``, the COCO category ids),
+    ``masks`` (uint8 ``N x H x W``) and ``image_id`` (int64 scalar: the image it came from, which is not
+    always ``ids[i]``; see ``__getitem__``). Images without instances are left out (they teach nothing);
+    evaluation reads every image of the annotations with :meth:`pixels`. An image that cannot be read or decoded is skipped and counted in
     :attr:`corrupt`. ``flip`` mirrors images at random (training).
     """
 
@@ -107,15 +109,21 @@ class CocoInstances(torch.utils.data.Dataset):
                 return item
         raise BatchsegError(f"none of the {len(self.ids)} images under {self.images} can be read")
 
-    def _load(self, index: int) -> tuple[torch.Tensor, Target] | None:
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        uri = storage.join(self.images, info["file_name"])
+    def pixels(self, image_id: int) -> np.ndarray | None:
+        """Image ``image_id`` of the annotations (any image, with instances or not) as ``H x W x 3`` uint8
+        RGB as displayed; None when it cannot be read or decoded (counted in :attr:`corrupt`, logged)."""
+        uri = storage.join(self.images, self.coco.imgs[image_id]["file_name"])
         try:
-            pixels = decode_image(storage.read_image_bytes(uri, self.storage_options))
+            return decode_image(storage.read_image_bytes(uri, self.storage_options))
         except ImageError as e:
             self.corrupt += 1
             log.warning("skipping %s: %s", uri, e)
+            return None
+
+    def _load(self, index: int) -> tuple[torch.Tensor, Target] | None:
+        image_id = self.ids[index]
+        pixels = self.pixels(image_id)
+        if pixels is None:
             return None
         height, width = pixels.shape[:2]
         anns = self.annotations[image_id]
@@ -123,6 +131,7 @@ class CocoInstances(torch.utils.data.Dataset):
         keep = masks.reshape(len(anns), -1).any(axis=1)
         image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
         target = {
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
             "masks": torch.from_numpy(masks[keep]),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[
                 torch.from_numpy(keep)

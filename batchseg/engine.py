@@ -6,11 +6,13 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
-from batchseg.data import CocoInstances, Target, collate
+from batchseg.coco import coco_result
+from batchseg.data import CocoInstances, Target
 from batchseg.evaluate import coco_metrics
-from batchseg.masks import encode_rle
+from batchseg.predictor import Predictor
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -99,35 +101,37 @@ def train_one_epoch(
 def predict_coco(
     model: torch.nn.Module,
     dataset: CocoInstances,
-    device: torch.device,
-    batch_size: int = 8,
+    batch_size: int = 4,
     mask_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
-    """Detections on every image of ``dataset`` in COCO results format (RLE masks), for COCOeval."""
-    model.eval()
+    """Detections on every image of ``dataset``'s annotations, with or without instances, in COCO results
+    format (RLE masks), for COCOeval. The model is run as ``batchseg segment`` runs it (its own thresholds
+    and resize, masks pasted by :func:`batchseg.paste.paste_to_rle`), in batches of the readable images in
+    order; an image that cannot be read has no detections. Each result carries the id of the image it
+    was predicted on."""
+    predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision="fp32")
     results: list[dict[str, Any]] = []
-    for start in range(0, len(dataset), batch_size):
-        indices = list(range(start, min(start + batch_size, len(dataset))))
-        images, _ = collate([dataset[i] for i in indices])
-        outputs = model([image.to(device) for image in images])
-        for index, image, out in zip(indices, images, outputs, strict=True):
-            height, width = image.shape[-2:]
-            masks = (out["masks"][:, 0] > mask_threshold).cpu().numpy() if "masks" in out else None
-            for j, (x1, y1, x2, y2) in enumerate(out["boxes"].float().cpu().tolist()):
-                result = {
-                    "image_id": dataset.ids[index],
-                    "category_id": int(out["labels"][j]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": float(out["scores"][j]),
-                }
-                if masks is not None:
-                    result["segmentation"] = {"size": [height, width], "counts": encode_rle(masks[j])}
-                results.append(result)
+
+    def predict(batch: list[tuple[int, np.ndarray]]) -> None:
+        for (image_id, pixels), instances in zip(batch, predictor([p for _, p in batch]), strict=True):
+            height, width = pixels.shape[:2]
+            results.extend(coco_result(instance, image_id, height, width) for instance in instances)
+
+    batch: list[tuple[int, np.ndarray]] = []
+    for image_id in dataset.coco.getImgIds():
+        pixels = dataset.pixels(image_id)
+        if pixels is not None:
+            batch.append((image_id, pixels))
+        if len(batch) == batch_size:
+            predict(batch)
+            batch = []
+    if batch:
+        predict(batch)
     return results
 
 
 def evaluate(
-    model: torch.nn.Module, dataset: CocoInstances, device: torch.device
+    model: torch.nn.Module, dataset: CocoInstances, batch_size: int = 4
 ) -> dict[str, dict[str, float]]:
-    """COCO box (and mask) AP of ``model`` on ``dataset``, computed by pycocotools."""
-    return coco_metrics(dataset.coco, predict_coco(model, dataset, device))
+    """COCO box (and mask) AP of ``model`` on every image of ``dataset``'s annotations (pycocotools)."""
+    return coco_metrics(dataset.coco, predict_coco(model, dataset, batch_size))

@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.parquet as pq
-from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from batchseg import storage
+from batchseg.coco import coco_result
 from batchseg.errors import BatchsegError
 from batchseg.output import OutputDir
 
@@ -273,26 +273,17 @@ def _coco_result(
 ) -> dict[str, Any]:
     """One instance of a row matched to the ground-truth ``image`` as a COCO result dict."""
     height, width = size
-    result: dict[str, Any] = {"image_id": image["id"], "category_id": int(instance["category_id"]),
-                              "score": float(instance["score"])}  # fmt: skip
-    rle = instance.get("rle")
-    if rle is not None:
+    if instance.get("rle") is not None:
         expected = (image.get("height", height), image.get("width", width))
         if height is None or width is None or expected != (height, width):
             raise BatchsegError(
                 f"predictions {predictions} hold a {width}x{height} mask for image {image['id']!r}, "
                 f"which the annotations say is {image.get('width')}x{image.get('height')}"
             )
-        result["segmentation"] = {"size": [int(height), int(width)], "counts": rle}
-    bbox = instance.get("bbox")
-    if (bbox is None or len(bbox) != 4) and rle is not None:
-        bbox = coco_mask.toBbox(result["segmentation"]).tolist()
-    if bbox is None or len(bbox) != 4:
-        raise BatchsegError(
-            f"predictions {predictions} hold an instance of image {image['id']!r} without a box"
-        )
-    result["bbox"] = [float(v) for v in bbox]
-    return result
+    try:
+        return coco_result(instance, image["id"], height, width)
+    except ValueError as e:
+        raise BatchsegError(f"predictions {predictions} hold {e}") from e
 
 
 def _run_cocoeval(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dict[str, float]:

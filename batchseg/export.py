@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batchseg import storage
+from batchseg.coco import coco_result
 from batchseg.results import open_results
 
 SKIPPED_NAMES = ("__background__", "N/A")
@@ -47,10 +48,7 @@ def export_coco(
                 listing.write((b"," if counts["images"] else b"") + json.dumps(entry).encode())
             counts["images"] += 1
             for instance in image.instances:
-                result: dict[str, Any] = {"image_id": coco_id, "category_id": instance["category_id"],
-                                          "bbox": instance["bbox"], "score": instance["score"]}  # fmt: skip
-                if instance["rle"] is not None:
-                    result["segmentation"] = {"size": [image.height, image.width], "counts": instance["rle"]}
+                result = coco_result(instance, coco_id, image.height, image.width)
                 detections.write((b"," if counts["instances"] else b"") + json.dumps(result).encode())
                 counts["instances"] += 1
         detections.write(b"]")

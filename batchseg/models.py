@@ -53,6 +53,8 @@ class WeightsInfo:
     identity: str
     categories: tuple[str, ...]
     num_keypoints: int | None = None
+    min_size: int | None = None  # the resize a checkpoint was trained for (None: the model's default)
+    max_size: int | None = None
 
 
 def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
@@ -236,9 +238,15 @@ def _resolve_checkpoint(uri: str, model: str | None, storage_options: dict[str, 
         "sha256:" + hashlib.sha256(data).hexdigest()[:16],
         categories,
         _keypoints(name, state),
+        _size(meta.get("min_size")),
+        _size(meta.get("max_size")),
     )
     build_model(info, state_dict=state)  # a mismatch fails here, on the driver, not in every actor
     return info
+
+
+def _size(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def load_state_dict(

@@ -26,19 +26,36 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 class Predictor:
-    """A detection model held in memory, called on batches of images.
+    """A detection model held in memory, called on batches of images (detectron2's predictor shape:
+    the model is loaded once, each call takes a batch).
 
     Args:
-        weights: what to build and load (see :func:`batchseg.models.resolve_weights`).
-        score_threshold: instances scoring below this are dropped inside the model.
+        model: a torchvision detection model (``GeneralizedRCNN``), already on its device; it is put in
+            eval mode, and its own settings (score threshold, detections per image, resize) apply.
+        categories: ``categories[label]`` names each label; index 0 is the background.
         mask_threshold: a mask pixel is foreground where the pasted mask probability exceeds this.
-        min_size, max_size: the model's own resize (torchvision's defaults 800 and 1333 when None).
-        max_instances: keep at most this many instances per image, best first.
-        device: ``cpu`` or ``cuda[:N]``; precision: ``fp32``, ``bf16``, ``fp16`` or ``auto``.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 autocast on a GPU, fp32 on the CPU).
+
+    :meth:`from_weights` builds one from ``--weights`` and the options of ``batchseg segment``.
     """
 
     def __init__(
         self,
+        model: torch.nn.Module,
+        categories: Sequence[str],
+        *,
+        mask_threshold: float = 0.5,
+        precision: str = "auto",
+    ) -> None:
+        self.model = model.eval()
+        self.categories = tuple(categories)
+        self.mask_threshold = mask_threshold
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, str(self.device))
+
+    @classmethod
+    def from_weights(
+        cls,
         weights: WeightsInfo,
         *,
         score_threshold: float = 0.5,
@@ -49,21 +66,25 @@ class Predictor:
         device: str = "cpu",
         precision: str = "auto",
         storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Predictor:
+        """The model ``weights`` name, with them loaded, on ``device``.
+
+        ``score_threshold`` drops instances inside the model; ``max_instances`` keeps the best ones;
+        ``min_size``/``max_size`` set the model's own resize: when None, the size a checkpoint was trained
+        for, else the model's default (torchvision's 800 and 1333).
+        """
         options: dict[str, Any] = {
             "box_score_thresh": score_threshold,
             "box_detections_per_img": max_instances,
         }
+        min_size = min_size or weights.min_size
+        max_size = max_size or weights.max_size
         if min_size:
             options["min_size"] = min_size
         if max_size:
             options["max_size"] = max_size
-        self.weights = weights
-        self.mask_threshold = mask_threshold
-        self.device = torch.device(device)
-        self.precision = resolve_precision(precision, device)
         model = build_model(weights, load_state_dict(weights, storage_options), **options)
-        self.model = model.to(self.device)
+        return cls(model.to(device), weights.categories, mask_threshold=mask_threshold, precision=precision)
 
     def __call__(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[list[dict[str, Any]]]:
         """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB (numpy) or 3 x H x W uint8 (torch,
@@ -125,7 +146,7 @@ class Predictor:
             else None
         )
         keypoints = out["keypoints"].float().cpu().numpy() if "keypoints" in out else None
-        categories = self.weights.categories
+        categories = self.categories
         instances = []
         for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
             label = int(labels[i])

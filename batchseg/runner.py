@@ -166,6 +166,17 @@ class _Scheduler:
             worker.queue.append((worker.actor.process.remote(shard, attempt), shard, attempt))
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:  # also on Ctrl-C or an error: a process whose Ray lives on must get the resources back
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w.actor, no_restart=True)
+        self.workers.clear()
+
+    def _run(self) -> dict[str, Any]:
         start = last_report = time.time()
         while True:
             waiting = {w.started: w for w in self.workers if not w.up}
@@ -184,8 +195,6 @@ class _Scheduler:
                 self._report(start)
                 last_report = time.time()
         self._report(start)
-        for w in self.workers:
-            ray.kill(w.actor)
         return {"shards_failed": self.failed, "images_this_run": self.images, "shards_this_run": self.shards_done,
                 "retries": self.retries}  # fmt: skip
 

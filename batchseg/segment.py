@@ -138,7 +138,7 @@ class ShardProcessor:
         config = job.config
         self.job = job
         self.device = device
-        self.predictor = Predictor(
+        self.predictor = Predictor.from_weights(
             job.weights,
             score_threshold=config.score_threshold,
             mask_threshold=config.mask_threshold,

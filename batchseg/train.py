@@ -76,16 +76,23 @@ def public_config(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in ("storage_options", "address")}
 
 
+def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
+    """The model's resize in training: ``--min-sizes`` (one drawn per batch; the last is used in evaluation)
+    and ``--max-size``, or the model's own training scales."""
+    sizes: dict[str, Any] = {"min_size": config.min_sizes or TRAIN_SCALES.get(model, DEFAULT_SCALES)}
+    if config.max_size:
+        sizes["max_size"] = config.max_size
+    return sizes
+
+
 def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: TrainConfig) -> torch.nn.Module:
     """The model to train: built for ``categories``; pretrained weights loaded, then the class-specific
     heads replaced when the class count differs (fine-tuning)."""
-    scales = TRAIN_SCALES.get(weights.model, DEFAULT_SCALES)
+    sizes = training_sizes(weights.model, config)
     state = load_state_dict(weights, config.storage_options)
-    model = build_model(weights, state, min_size=scales)
+    model = build_model(weights, state, **sizes)
     if len(categories) != len(weights.categories):
-        fresh: Any = build_model(
-            WeightsInfo(weights.model, "none", "", "", categories), None, min_size=scales
-        )
+        fresh: Any = build_model(WeightsInfo(weights.model, "none", "", "", categories), None, **sizes)
         heads: Any = model.roi_heads
         heads.box_predictor = fresh.roi_heads.box_predictor
         if heads.mask_predictor is not None:
@@ -134,6 +141,8 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         if rank == 0:
             log(f"resumed from the checkpoint at step {step}")
     validation = _validation(config)
+    transform: Any = bare.transform  # what evaluation (and then segment) resizes to
+    resize = {"min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size)}
     window = {"start": time.time(), "images": 0}
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -158,9 +167,9 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     if validation is not None:
-                        metrics |= _validate(bare, validation, device)
+                        metrics |= _validate(bare, validation)
                     torch.save({"model": bare.state_dict(), "model_name": weights.model,
-                                "categories": list(dataset.categories), "optimizer": optimizer.state_dict(),
+                                "categories": list(dataset.categories), **resize, "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "step": step, "train_seconds": trained_seconds,
                                 "config": public_config(config)}, os.path.join(folder, CHECKPOINT_FILE))  # fmt: skip
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -198,8 +207,8 @@ def _validation(config: TrainConfig) -> CocoInstances | None:
                          storage_options=config.storage_options)  # fmt: skip
 
 
-def _validate(model: torch.nn.Module, dataset: CocoInstances, device: torch.device) -> dict[str, float]:
-    metrics = evaluate(model, dataset, device)
+def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float]:
+    metrics = evaluate(model, dataset)
     model.train()
     return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
 
@@ -261,7 +270,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         raise BatchsegError(f"training ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    final = {k: saved[k] for k in ("model", "model_name", "categories", "step", "config")}
+    final = {
+        k: saved[k] for k in ("model", "model_name", "categories", "min_size", "max_size", "step", "config")
+    }
     with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
         torch.save(final, f)
     metrics = dict(result.metrics or {}) | {"model": storage.join(output, CHECKPOINT_FILE)}

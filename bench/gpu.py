@@ -48,7 +48,7 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
                for u in uris]  # fmt: skip
     model = build_model(weights, box_score_thresh=args.score_threshold,
                         box_detections_per_img=args.max_instances).to(args.device)  # fmt: skip
-    predictor = Predictor(weights, device=args.device, precision="fp32", **options)
+    predictor = Predictor.from_weights(weights, device=args.device, precision="fp32", **options)
     rows = []
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         if dtype is not None and not args.device.startswith("cuda"):

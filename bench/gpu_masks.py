@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    predictor = Predictor(resolve_weights("none", args.model), score_threshold=0.9, max_instances=20, device=device,
+    predictor = Predictor.from_weights(resolve_weights("none", args.model), score_threshold=0.9, max_instances=20, device=device,
                           precision="bf16" if device == "cuda" else "fp32")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         uris = write_dataset(tmp, args.images, seed=0, size=560).uris

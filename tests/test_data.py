@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from typing import Any
 
 import pytest
 import torch
@@ -114,3 +115,32 @@ def test_a_non_finite_loss_stops_training_loudly(tmp_path: pathlib.Path) -> None
     batches = [(list(images), list(targets))] * 5
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step [1-4].*Lower --lr"):
         train_one_epoch(model, optimizer, scheduler, batches, torch.device("cpu"), step=0, max_steps=5)
+
+
+def test_train_min_sizes_and_max_size_reach_the_model_and_the_segment_resize(tmp_path: pathlib.Path) -> None:
+    """`batchseg train --min-sizes 96,112 --max-size 160` trains at those sizes, and a checkpoint made so
+    makes `segment` resize to its last training size unless told otherwise."""
+    from batchseg.models import resolve_weights
+    from batchseg.predictor import Predictor
+    from batchseg.train import TrainConfig, train_model
+
+    categories = ("__background__", "circle", "square", "triangle")
+    weights = resolve_weights("none", "maskrcnn_small")
+    config = TrainConfig(
+        images="x", annotations="y", output="z", iterations=1, min_sizes=(96, 112), max_size=160
+    )
+    model: Any = train_model(weights, categories, config)
+    assert (model.transform.min_size, model.transform.max_size) == ((96, 112), 160)
+    default: Any = train_model(
+        weights, categories, TrainConfig(images="x", annotations="y", output="z", iterations=1)
+    )
+    assert (default.transform.min_size, default.transform.max_size) == ((112, 144, 128), 256)
+
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "model_name": "maskrcnn_small", "categories": list(categories),
+                "min_size": 112, "max_size": 160}, checkpoint)  # fmt: skip
+    info = resolve_weights(str(checkpoint))
+    predictor: Any = Predictor.from_weights(info)
+    assert (predictor.model.transform.min_size, predictor.model.transform.max_size) == ((112,), 160)
+    told: Any = Predictor.from_weights(info, min_size=200, max_size=300)
+    assert (told.model.transform.min_size, told.model.transform.max_size) == ((200,), 300)

@@ -68,7 +68,7 @@ def test_batchseg_checkpoint_carries_model_and_categories(
     with pytest.raises(BatchsegError, match=f"holds a {MODEL} model, not maskrcnn_resnet50_fpn_v2"):
         resolve_weights(str(path), "maskrcnn_resnet50_fpn_v2")
     # The loaded weights are the checkpoint's: the predictor's model equals one built from the state dict.
-    predictor = Predictor(info, min_size=96, max_size=128, score_threshold=0.0)
+    predictor = Predictor.from_weights(info, min_size=96, max_size=128, score_threshold=0.0)
     for key, value in shapes_state.items():
         assert torch.equal(predictor.model.state_dict()[key], value), key
     image = draw_shapes(np.random.default_rng(0), 96).pixels

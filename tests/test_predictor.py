@@ -22,7 +22,7 @@ def images(n: int) -> list[np.ndarray]:
 
 
 def test_boxes_only_model_has_no_masks_and_box_areas() -> None:
-    predictor = Predictor(resolve_weights("none", "fasterrcnn_resnet50_fpn_v2"), **SMALL)
+    predictor = Predictor.from_weights(resolve_weights("none", "fasterrcnn_resnet50_fpn_v2"), **SMALL)
     (instances,) = predictor(images(1))
     assert len(instances) == 5
     for instance in instances:
@@ -33,8 +33,7 @@ def test_boxes_only_model_has_no_masks_and_box_areas() -> None:
 
 
 def test_keypoint_model_gives_17_triplets() -> None:
-    predictor = Predictor(resolve_weights("none", "keypointrcnn_resnet50_fpn"), **SMALL)
-    assert predictor.weights.num_keypoints == 17
+    predictor = Predictor.from_weights(resolve_weights("none", "keypointrcnn_resnet50_fpn"), **SMALL)
     (instances,) = predictor(images(1))
     assert instances
     for instance in instances:
@@ -44,7 +43,7 @@ def test_keypoint_model_gives_17_triplets() -> None:
 
 
 def test_batches_give_one_result_per_image_and_scores_descend() -> None:
-    predictor = Predictor(resolve_weights("none", "maskrcnn_resnet50_fpn"), **SMALL)
+    predictor = Predictor.from_weights(resolve_weights("none", "maskrcnn_resnet50_fpn"), **SMALL)
     assert predictor([]) == []
     results = predictor(images(3))
     assert len(results) == 3

@@ -362,3 +362,30 @@ def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
         main(["segment", "--manifest", "m.csv", "--output", "o", "--model", "resnet9000"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'resnet9000'" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_leaves_no_actor_alive(
+    ray_address: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a process whose Ray lives on (a notebook, this test session), a run stopped by Ctrl-C (or any
+    error) kills its actors, giving their CPUs and GPUs back."""
+    import ray
+
+    manifest, _, _ = archive(tmp_path, 6, bad=False)
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **FAST)
+    cpus = ray.cluster_resources()["CPU"]
+    wait = ray.wait
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        ready, rest = wait(*args, **kwargs)
+        if ready:  # an actor has started (or finished a shard): the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return ready, rest
+
+    monkeypatch.setattr(ray, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_segment(config)
+    monkeypatch.undo()
+    assert stopped.traceback  # still held, as a notebook holds it: the actors must not rely on its end
+    wait_for(lambda: not ray_worker_pids("SegmentationActor"), 30, "the job's actors to end")
+    wait_for(lambda: ray.available_resources().get("CPU") == cpus, 30, "every CPU to be free again")

@@ -9,6 +9,7 @@ import signal
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,50 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
     final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert final["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
     assert final["model"]["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 4
+    assert (final["min_size"], final["max_size"]) == (96, 128)  # segment resizes as it was trained
     old = torch.load(pretrained, weights_only=True)
     key = "backbone.body.layer1.0.conv1.weight"
     assert final["model"][key].shape == old[key].shape  # the trunk came from the checkpoint
+
+
+def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    """Validation predicts on every image of the ground truth (empty ones too: their false positives count)
+    and keys each prediction by the image it came from, even when an image before it cannot be read."""
+    from batchseg.demo import SHAPES_MODEL
+    from batchseg.models import build_model, load_state_dict, resolve_weights
+    from batchseg.synth import draw_shapes, jpeg_bytes
+
+    data = write_dataset(str(tmp_path / "val"), 10, seed=7)
+    coco = json.loads(pathlib.Path(data.annotations).read_text())
+    images = pathlib.Path(data.images)
+    (images / "img-000002.jpg").write_bytes(b"\xff\xd8 not really a JPEG")  # unreadable, has annotations
+    rng = np.random.default_rng(11)
+    for image_id in (101, 102):  # shapes on them, but no annotations: every detection is a false positive
+        pixels = draw_shapes(rng).pixels
+        (images / f"empty-{image_id}.jpg").write_bytes(jpeg_bytes(pixels))
+        height, width = pixels.shape[:2]
+        coco["images"].insert(1, {"id": image_id, "file_name": f"empty-{image_id}.jpg", "width": width,
+                                  "height": height})  # fmt: skip
+    pathlib.Path(data.annotations).write_text(json.dumps(coco))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "uri,image_id\n" + "".join(f"{images / i['file_name']},{i['id']}\n" for i in coco["images"])
+    )
+
+    from batchseg.data import CocoInstances
+    from batchseg.engine import evaluate as validate
+
+    info = resolve_weights(str(SHAPES_MODEL))
+    model = build_model(info, load_state_dict(info))  # the model's own score threshold: 0.05
+    validation = validate(model, CocoInstances(data.images, data.annotations))
+
+    output = str(tmp_path / "segmented")
+    run_segment(SegmentConfig(manifest=str(manifest), output=output, weights=str(SHAPES_MODEL),
+                              score_threshold=0.05))  # fmt: skip
+    segmented = evaluate(output, data.annotations)
+    assert segmented["images"] == {"evaluated": 12, "matched": 11, "unmatched_rows": 0, "error_rows": 1,
+                                   "duplicate_rows": 0}  # fmt: skip
+    for kind in ("bbox", "segm"):
+        assert validation[kind] == pytest.approx(segmented[kind], abs=1e-9), kind
