@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchseg.results import Results
+    from batchseg.analysis.results import Results
 
 __version__ = "0.1.0"
 
 
 def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
-    """Open a segmentation output for reading (see :mod:`batchseg.results`); imported lazily so that
+    """Open a segmentation output for reading (see :mod:`batchseg.analysis.results`); imported lazily so that
     ``import batchseg`` stays light."""
-    from batchseg.results import open_results as _open
+    from batchseg.analysis.results import open_results as _open
 
     return _open(uri, storage_options)

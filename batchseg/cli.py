@@ -10,8 +10,8 @@ from typing import Any
 
 from batchseg import __version__
 from batchseg.errors import BatchsegError
-from batchseg.images import DEFAULT_MAX_PIXELS
-from batchseg.models import DEFAULT_MODEL, MODELS
+from batchseg.inference.models import DEFAULT_MODEL, MODELS
+from batchseg.io.images import DEFAULT_MAX_PIXELS
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -85,14 +85,14 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def segment_config(args: argparse.Namespace) -> Any:
-    from batchseg.segment import SegmentConfig
+    from batchseg.segment.job import SegmentConfig
 
     names = SegmentConfig.__dataclass_fields__
     return SegmentConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from batchseg.runner import run_segment
+    from batchseg.segment.driver import run_segment
 
     summary = run_segment(segment_config(args))
     print(json.dumps(summary, indent=2))
@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from batchseg.synth import write_dataset
+    from batchseg.train.synth import write_dataset
 
     data = write_dataset(args.output, args.images, seed=args.seed, size=args.size,
                          storage_options=args.storage_options)  # fmt: skip
@@ -170,7 +170,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from batchseg.train import TrainConfig, run_training
+    from batchseg.train.trainer import TrainConfig, run_training
 
     names = TrainConfig.__dataclass_fields__
     metrics = run_training(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
@@ -179,8 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batchseg import storage
-    from batchseg.evaluate import evaluate, format_table
+    from batchseg.analysis.evaluate import evaluate, format_table
+    from batchseg.io import storage
 
     results = evaluate(args.predictions, args.annotations, args.storage_options)
     print(format_table(results))
@@ -191,14 +191,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from batchseg.query import run_query
+    from batchseg.analysis.query import run_query
 
     print(run_query(args.output, args.sql, args.format, args.out, args.storage_options))
     return 0
 
 
 def cmd_export_coco(args: argparse.Namespace) -> int:
-    from batchseg.export import export_coco
+    from batchseg.analysis.export import export_coco
 
     counts = export_coco(args.output, args.out, args.images, args.storage_options)
     print(f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
@@ -208,8 +208,8 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from batchseg.query import connect
-    from batchseg.render import render_rows
+    from batchseg.analysis.query import connect
+    from batchseg.analysis.render import render_rows
 
     where = f"status = 'ok' AND ({args.where})" if args.where else "status = 'ok'"
     limit = f" LIMIT {int(args.limit)}" if args.limit else ""
@@ -226,7 +226,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from batchseg.report import build_report
+    from batchseg.analysis.report import build_report
 
     build_report(args.output, args.out, args.storage_options, args.gallery)
     print(f"report written to {args.out}")

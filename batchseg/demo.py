@@ -6,12 +6,12 @@ from __future__ import annotations
 import sys
 from importlib import resources
 
-from batchseg import storage
-from batchseg.evaluate import evaluate, format_table
-from batchseg.output import OutputDir
-from batchseg.runner import log, run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
+from batchseg.analysis.evaluate import evaluate, format_table
+from batchseg.format.output import OutputDir
+from batchseg.io import storage
+from batchseg.segment.driver import log, run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
 
 # Made by the command in BENCHMARKS.md ("Training the small model") from images of seed 1; the demo's
 # images come from another seed, so the model has never seen them.

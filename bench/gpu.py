@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from batchseg.images import decode_image
-from batchseg.manifest import Plan, Shard
-from batchseg.models import build_model, resolve_weights
-from batchseg.predictor import Predictor
-from batchseg.segment import Job, SegmentConfig, ShardProcessor
-from batchseg.synth import write_dataset
+from batchseg.inference.models import build_model, resolve_weights
+from batchseg.inference.predictor import Predictor
+from batchseg.io.images import decode_image
+from batchseg.io.manifest import Plan, Shard
+from batchseg.segment.job import Job, SegmentConfig
+from batchseg.segment.processor import ShardProcessor
+from batchseg.train.synth import write_dataset
 
 
 def timed(run: Any, images: list[torch.Tensor], batch: int, dtype: torch.dtype | None) -> float:

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-from batchseg.images import decode_image
-from batchseg.models import resolve_weights
-from batchseg.paste import encode_crops
-from batchseg.predictor import Predictor
-from batchseg.synth import write_dataset
+from batchseg.inference.models import resolve_weights
+from batchseg.inference.paste import encode_crops
+from batchseg.inference.predictor import Predictor
+from batchseg.io.images import decode_image
+from batchseg.train.synth import write_dataset
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Mask path: torchvision's paste + pycocotools against batchseg's crop-based RLE, same inputs, one run.
 
 Standard: ``paste_masks_in_image`` (every 28x28 mask pasted into a full-size float image), threshold,
-``pycocotools.mask.encode`` of each full-size Fortran-ordered mask. Fast: ``batchseg.paste.paste_to_rle``.
+``pycocotools.mask.encode`` of each full-size Fortran-ordered mask. Fast: ``batchseg.inference.paste.paste_to_rle``.
 Checks that every RLE string is byte-identical, then prints the median time of each.
 Usage: python bench/masks.py [--instances 100] [--height 800] [--width 1333] [--repeat 5]
 """
@@ -17,7 +17,7 @@ import pycocotools.mask as coco_mask
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from batchseg.paste import paste_to_rle
+from batchseg.inference.paste import paste_to_rle
 
 
 def standard(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[str]:

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from batchseg.images import decode_image
-from batchseg.models import build_model, resolve_weights
-from batchseg.output import OutputDir
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
+from batchseg.format.output import OutputDir
+from batchseg.inference.models import build_model, resolve_weights
+from batchseg.io.images import decode_image
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
 
 
 def bare_loop(config: SegmentConfig, uris: list[str]) -> float:

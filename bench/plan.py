@@ -34,7 +34,7 @@ def peak_rss_kib() -> int:
 
 
 def measure(path: str) -> None:
-    import batchseg.manifest as m
+    import batchseg.io.manifest as m
 
     base = peak_rss_kib()
     start = time.perf_counter()

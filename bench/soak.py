@@ -18,11 +18,11 @@ import threading
 import time
 from importlib import resources
 
-from batchseg.manifest import iter_manifest
-from batchseg.output import OutputDir
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
+from batchseg.format.output import OutputDir
+from batchseg.io.manifest import iter_manifest
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.processes import ray_worker_pids

@@ -12,8 +12,8 @@ import json
 import os
 import tempfile
 
-from batchseg.synth import write_dataset
-from batchseg.train import TrainConfig, run_training
+from batchseg.train.synth import write_dataset
+from batchseg.train.trainer import TrainConfig, run_training
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
-from batchseg.output import OutputDir
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
-from batchseg.train import TrainConfig, run_training
+from batchseg.format.output import OutputDir
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
+from batchseg.train.trainer import TrainConfig, run_training
 from tests.processes import wait_for
 
 FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,

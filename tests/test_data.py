@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from batchseg.data import CocoInstances, boxes_of
-from batchseg.engine import make_scheduler, train_one_epoch
 from batchseg.errors import BatchsegError
-from batchseg.models import maskrcnn_small
-from batchseg.synth import write_dataset
+from batchseg.inference.models import maskrcnn_small
+from batchseg.train.data import CocoInstances, boxes_of
+from batchseg.train.engine import make_scheduler, train_one_epoch
+from batchseg.train.synth import write_dataset
 
 
 def edit(path: str, change) -> None:  # type: ignore[no-untyped-def]
@@ -120,9 +120,9 @@ def test_a_non_finite_loss_stops_training_loudly(tmp_path: pathlib.Path) -> None
 def test_train_min_sizes_and_max_size_reach_the_model_and_the_segment_resize(tmp_path: pathlib.Path) -> None:
     """`batchseg train --min-sizes 96,112 --max-size 160` trains at those sizes, and a checkpoint made so
     makes `segment` resize to its last training size unless told otherwise."""
-    from batchseg.models import resolve_weights
-    from batchseg.predictor import Predictor
-    from batchseg.train import TrainConfig, train_model
+    from batchseg.inference.models import resolve_weights
+    from batchseg.inference.predictor import Predictor
+    from batchseg.train.trainer import TrainConfig, train_model
 
     categories = ("__background__", "circle", "square", "triangle")
     weights = resolve_weights("none", "maskrcnn_small")

@@ -14,11 +14,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate, format_table, load_annotations
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.evaluate import METRICS, coco_metrics, evaluate, format_table, load_annotations
-from batchseg.masks import decode_rle, encode_rle
-from batchseg.records import error_row, ok_row, to_parquet
-from batchseg.synth import write_dataset
+from batchseg.format.records import error_row, ok_row, to_parquet
+from batchseg.format.rle import decode_rle, encode_rle
+from batchseg.train.synth import write_dataset
 
 # Two 50 (wide) x 40 (high) images, one square per (image, category); every object is "small" (< 32²
 # pixels), so the medium and large ranges have no ground truth and pycocotools reports -1 there.
@@ -92,7 +92,7 @@ def reference(annotations: str, results: list[dict[str, Any]], iou_type: str) ->
 
 def coco_results(rows: list[tuple[int, dict[str, Any]]], iou_type: str) -> list[dict[str, Any]]:
     """The COCO result list for (gt image id, instance) pairs. Mask results carry no box, so that
-    pycocotools sizes them by mask area (as batchseg.evaluate does)."""
+    pycocotools sizes them by mask area (as batchseg.analysis.evaluate does)."""
     out = []
     for image_id, inst in rows:
         result = {"image_id": image_id, "category_id": inst["category_id"], "score": inst["score"]}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from batchseg.errors import ImageError
-from batchseg.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
+from batchseg.io.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 
 BAD = sorted(name for name, kind in imagefiles.BAD_FILES.items() if kind is not None)
 OK = sorted(name for name, kind in imagefiles.BAD_FILES.items() if kind is None)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchseg.errors import BatchsegError
-from batchseg.manifest import default_image_id, iter_manifest, iter_shards, plan_shards
+from batchseg.io.manifest import default_image_id, iter_manifest, iter_shards, plan_shards
 
 URIS = [f"/data/img-{i}.jpg" for i in range(7)]
 
@@ -122,7 +122,7 @@ def test_fingerprint_follows_the_rows(tmp_path: pathlib.Path) -> None:
 
 
 def test_shards_span_pyarrow_batches(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("batchseg.manifest.TEXT_BATCH_ROWS", 4)
+    monkeypatch.setattr("batchseg.io.manifest.TEXT_BATCH_ROWS", 4)
     uris = [f"/x/{i}.jpg" for i in range(23)]
     plan = plan_shards(write(tmp_path, "txt", uris), 5)
     shards = list(iter_shards(plan))

@@ -12,9 +12,9 @@ import torch
 from torchvision.models import get_model, get_model_weights
 
 from batchseg.errors import BatchsegError
-from batchseg.models import build_model, resolve_weights
-from batchseg.predictor import Predictor
-from batchseg.synth import CATEGORIES, draw_shapes
+from batchseg.inference.models import build_model, resolve_weights
+from batchseg.inference.predictor import Predictor
+from batchseg.train.synth import CATEGORIES, draw_shapes
 
 MODEL = "maskrcnn_resnet50_fpn"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from batchseg.paste import paste_to_rle
+from batchseg.inference.paste import paste_to_rle
 
 
 def standard(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[tuple[str, int]]:

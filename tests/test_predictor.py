@@ -8,10 +8,10 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from batchseg.errors import ImageError
-from batchseg.models import resolve_weights
-from batchseg.predictor import Predictor, resolve_precision
-from batchseg.storage import read_image_bytes
-from batchseg.synth import draw_shapes
+from batchseg.inference.models import resolve_weights
+from batchseg.inference.predictor import Predictor, resolve_precision
+from batchseg.io.storage import read_image_bytes
+from batchseg.train.synth import draw_shapes
 
 SMALL = {"min_size": 96, "max_size": 128, "score_threshold": 0.0, "max_instances": 5}
 

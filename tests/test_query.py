@@ -16,14 +16,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import batchseg
+from batchseg.analysis.export import export_coco
+from batchseg.analysis.query import connect, run_query
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
-from batchseg.export import export_coco
-from batchseg.query import connect, run_query
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
 
 
 @pytest.fixture(scope="module")

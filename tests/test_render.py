@@ -14,12 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchseg import storage
-from batchseg.errors import ImageError
-from batchseg.images import decode_image
-from batchseg.masks import decode_rle, encode_rle
-from batchseg.records import error_row, ok_row, to_parquet
-from batchseg.render import (
+from batchseg.analysis.render import (
     COCO_SKELETON,
     MASK_ALPHA,
     draw_overlay,
@@ -27,7 +22,12 @@ from batchseg.render import (
     render_rows,
     safe_name,
 )
-from batchseg.synth import SynthDataset, write_dataset
+from batchseg.errors import ImageError
+from batchseg.format.records import error_row, ok_row, to_parquet
+from batchseg.format.rle import decode_rle, encode_rle
+from batchseg.io import storage
+from batchseg.io.images import decode_image
+from batchseg.train.synth import SynthDataset, write_dataset
 
 # --- a segmentation output made without Ray or a model: ground truth as predictions --------------------
 
@@ -284,7 +284,7 @@ def test_render_rows_skips_unreadable_and_resized_images_with_one_warning(
     junk.write_bytes(b"not an image")
     corrupt = good | {"image_id": "junk", "uri": str(junk)}
     badmask = good | {"image_id": "badmask", "instances": [square(1, 5, 1, 5)]}  # a 200 x 160 mask
-    with caplog.at_level(logging.WARNING, logger="batchseg.render"):
+    with caplog.at_level(logging.WARNING, logger="batchseg.analysis.render"):
         written = render_rows([gone, good, resized, corrupt, badmask], str(tmp_path / "out"))
     assert [pathlib.Path(p).name for p in written] == [f"{good['image_id']}.png"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

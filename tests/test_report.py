@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batchseg.analysis.report import build_report
 from batchseg.errors import BatchsegError
-from batchseg.report import build_report
 from tests.test_render import ERROR_URI_SUFFIX, Output, write_segment_output
 
 CHART = re.compile(r'<img class="chart" alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')

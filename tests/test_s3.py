@@ -14,17 +14,17 @@ import pytest
 import s3fs
 import torch
 
+from batchseg.analysis.evaluate import evaluate
+from batchseg.analysis.query import run_query
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
-from batchseg.evaluate import evaluate
-from batchseg.manifest import default_image_id
-from batchseg.output import OutputDir
-from batchseg.query import run_query
-from batchseg.records import read_provenance
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
-from batchseg.train import TrainConfig, run_training
+from batchseg.format.output import OutputDir
+from batchseg.format.records import read_provenance
+from batchseg.io.manifest import default_image_id
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
+from batchseg.train.trainer import TrainConfig, run_training
 from tests.conftest import SECRET, S3Server
 from tests.processes import wait_for
 

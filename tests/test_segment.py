@@ -20,14 +20,14 @@ import pytest
 import torch
 
 from batchseg.errors import BatchsegError
-from batchseg.images import decode_image
-from batchseg.manifest import default_image_id
-from batchseg.models import build_model, resolve_weights
-from batchseg.output import DONE_DIR, OutputDir
-from batchseg.records import read_provenance
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
+from batchseg.format.output import DONE_DIR, OutputDir
+from batchseg.format.records import read_provenance
+from batchseg.inference.models import build_model, resolve_weights
+from batchseg.io.images import decode_image
+from batchseg.io.manifest import default_image_id
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
 from tests.processes import ray_worker_pids, wait_for
 
@@ -128,8 +128,9 @@ def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pat
     """The GPU path overlaps a batch's mask encoding with the next batch; here on the CPU, no Ray."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from batchseg.manifest import iter_shards
-    from batchseg.segment import ShardProcessor, prepare_job
+    from batchseg.io.manifest import iter_shards
+    from batchseg.segment.job import prepare_job
+    from batchseg.segment.processor import ShardProcessor
 
     manifest, _, _ = archive(tmp_path, 6, bad=False)
     tables = []
@@ -290,7 +291,7 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
 
 
 def test_core_modules_do_not_import_ray() -> None:
-    code = "import sys, batchseg.segment, batchseg.manifest, batchseg.masks; assert 'ray' not in sys.modules"
+    code = "import sys, batchseg.segment.job, batchseg.io.manifest, batchseg.format.rle; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

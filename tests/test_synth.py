@@ -9,9 +9,9 @@ import numpy as np
 import pycocotools.mask as coco_mask
 from pycocotools.coco import COCO
 
-from batchseg.images import decode_image
-from batchseg.manifest import iter_manifest
-from batchseg.synth import CATEGORIES, write_dataset
+from batchseg.io.images import decode_image
+from batchseg.io.manifest import iter_manifest
+from batchseg.train.synth import CATEGORIES, write_dataset
 
 
 def erode(mask: np.ndarray, steps: int) -> np.ndarray:

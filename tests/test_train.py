@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from batchseg.evaluate import evaluate
-from batchseg.runner import run_segment
-from batchseg.segment import SegmentConfig
-from batchseg.synth import write_dataset
-from batchseg.train import TrainConfig, run_training
+from batchseg.analysis.evaluate import evaluate
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.train.synth import write_dataset
+from batchseg.train.trainer import TrainConfig, run_training
 from tests.processes import ray_worker_pids, wait_for
 
 
@@ -133,8 +133,8 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
     """Validation predicts on every image of the ground truth (empty ones too: their false positives count)
     and keys each prediction by the image it came from, even when an image before it cannot be read."""
     from batchseg.demo import SHAPES_MODEL
-    from batchseg.models import build_model, load_state_dict, resolve_weights
-    from batchseg.synth import draw_shapes, jpeg_bytes
+    from batchseg.inference.models import build_model, load_state_dict, resolve_weights
+    from batchseg.train.synth import draw_shapes, jpeg_bytes
 
     data = write_dataset(str(tmp_path / "val"), 10, seed=7)
     coco = json.loads(pathlib.Path(data.annotations).read_text())
@@ -153,8 +153,8 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
         "uri,image_id\n" + "".join(f"{images / i['file_name']},{i['id']}\n" for i in coco["images"])
     )
 
-    from batchseg.data import CocoInstances
-    from batchseg.engine import evaluate as validate
+    from batchseg.train.data import CocoInstances
+    from batchseg.train.engine import evaluate as validate
 
     info = resolve_weights(str(SHAPES_MODEL))
     model = build_model(info, load_state_dict(info))  # the model's own score threshold: 0.05

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-from batchseg.masks import compress_groups
+from batchseg.format.rle import compress_groups
 
 
 def paste_to_rle(

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from batchseg import storage
-from batchseg.coco import coco_result
 from batchseg.errors import BatchsegError
-from batchseg.output import OutputDir
+from batchseg.format.coco import coco_result
+from batchseg.format.output import OutputDir
+from batchseg.io import storage
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")

@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.manifest import absolute_uri, shard_name
-from batchseg.records import SCHEMA
+from batchseg.format.records import SCHEMA
+from batchseg.io import storage
+from batchseg.io.manifest import absolute_uri, shard_name
 
 JOB_FILE = "_batchseg_job.json"
 SHARD_GLOB = "part-*.parquet"

@@ -18,11 +18,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.manifest import Shard, iter_shards
-from batchseg.output import OutputDir
-from batchseg.segment import Job, SegmentConfig, ShardProcessor, prepare_job, summarize
+from batchseg.format.output import OutputDir
+from batchseg.io import storage
+from batchseg.io.manifest import Shard, iter_shards
+from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
+from batchseg.segment.processor import ShardProcessor
 
 QUEUE_PER_ACTOR = 2
 PROGRESS_EVERY_S = 5.0

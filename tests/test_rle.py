@@ -4,7 +4,7 @@ import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
 
-from batchseg.masks import decode_rle, encode_rle
+from batchseg.format.rle import decode_rle, encode_rle
 
 
 def reference(mask: np.ndarray) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.images import IMAGE_EXTENSIONS
+from batchseg.io import storage
+from batchseg.io.images import IMAGE_EXTENSIONS
 
 URI_COLUMN = "uri"
 ID_COLUMN = "image_id"

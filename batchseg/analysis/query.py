@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from batchseg import storage
+from batchseg.analysis.results import open_results
 from batchseg.errors import BatchsegError
-from batchseg.results import open_results
+from batchseg.io import storage
 
 FORMATS = ("table", "csv", "json", "parquet")
 BATCH_ROWS = 65_536

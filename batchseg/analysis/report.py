@@ -23,14 +23,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from batchseg import __version__, storage
+from batchseg import __version__
+from batchseg.analysis.render import draw_overlay
 from batchseg.errors import BatchsegError
-from batchseg.images import decode_image
-from batchseg.manifest import absolute_uri
-from batchseg.masks import decode_rle, encode_rle
-from batchseg.output import SHARD_GLOB, SUMMARY_FILE
-from batchseg.records import error_kind, read_provenance
-from batchseg.render import draw_overlay
+from batchseg.format.output import SHARD_GLOB, SUMMARY_FILE
+from batchseg.format.records import error_kind, read_provenance
+from batchseg.format.rle import decode_rle, encode_rle
+from batchseg.io import storage
+from batchseg.io.images import decode_image
+from batchseg.io.manifest import absolute_uri
 
 log = logging.getLogger(__name__)
 

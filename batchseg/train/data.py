@@ -11,10 +11,10 @@ import torch
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from batchseg import storage
+from batchseg.analysis.evaluate import load_annotations
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.evaluate import load_annotations
-from batchseg.images import decode_image
+from batchseg.io import storage
+from batchseg.io.images import decode_image
 
 log = logging.getLogger(__name__)
 Target = dict[str, torch.Tensor]

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from batchseg import storage
-from batchseg.data import CocoInstances, collate
-from batchseg.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 from batchseg.errors import BatchsegError
-from batchseg.manifest import absolute_uri
-from batchseg.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
-from batchseg.runner import init_ray, log
+from batchseg.inference.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.io import storage
+from batchseg.io.manifest import absolute_uri
+from batchseg.segment.driver import init_ray, log
+from batchseg.train.data import CocoInstances, collate
+from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")

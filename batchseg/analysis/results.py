@@ -17,16 +17,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.masks import decode_rle
-from batchseg.output import SUMMARY_FILE, OutputDir
-from batchseg.records import SCHEMA, read_provenance
+from batchseg.format.output import SUMMARY_FILE, OutputDir
+from batchseg.format.records import SCHEMA, read_provenance
+from batchseg.format.rle import decode_rle
+from batchseg.io import storage
 
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One output row. ``instances`` are dicts with the fields of ``batchseg.records.INSTANCE``."""
+    """One output row. ``instances`` are dicts with the fields of ``batchseg.format.records.INSTANCE``."""
 
     image_id: str
     uri: str

@@ -9,9 +9,9 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from batchseg import storage
-from batchseg.coco import coco_result
-from batchseg.results import open_results
+from batchseg.analysis.results import open_results
+from batchseg.format.coco import coco_result
+from batchseg.io import storage
 
 SKIPPED_NAMES = ("__background__", "N/A")
 

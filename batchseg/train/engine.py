@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchseg.coco import coco_result
-from batchseg.data import CocoInstances, Target
-from batchseg.evaluate import coco_metrics
-from batchseg.predictor import Predictor
+from batchseg.analysis.evaluate import coco_metrics
+from batchseg.format.coco import coco_result
+from batchseg.inference.predictor import Predictor
+from batchseg.train.data import CocoInstances, Target
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -106,7 +106,7 @@ def predict_coco(
 ) -> list[dict[str, Any]]:
     """Detections on every image of ``dataset``'s annotations, with or without instances, in COCO results
     format (RLE masks), for COCOeval. The model is run as ``batchseg segment`` runs it (its own thresholds
-    and resize, masks pasted by :func:`batchseg.paste.paste_to_rle`), in batches of the readable images in
+    and resize, masks pasted by :func:`batchseg.inference.paste.paste_to_rle`), in batches of the readable images in
     order; an image that cannot be read has no detections. Each result carries the id of the image it
     was predicted on."""
     predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision="fp32")

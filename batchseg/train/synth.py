@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from batchseg import storage
-from batchseg.masks import encode_rle
+from batchseg.format.rle import encode_rle
+from batchseg.io import storage
 
 CATEGORIES = ("__background__", "circle", "square", "triangle")
 

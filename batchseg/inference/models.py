@@ -21,8 +21,8 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
+from batchseg.io import storage
 
 # name -> (has masks, has keypoints)
 MODELS: dict[str, tuple[bool, bool]] = {

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from batchseg import storage
 from batchseg.errors import BatchsegError
-from batchseg.images import decode_image
-from batchseg.masks import decode_rle
+from batchseg.format.rle import decode_rle
+from batchseg.io import storage
+from batchseg.io.images import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
-from batchseg.models import WeightsInfo, build_model, load_state_dict
-from batchseg.paste import paste_to_rle
+from batchseg.inference.models import WeightsInfo, build_model, load_state_dict
+from batchseg.inference.paste import paste_to_rle
 
 Detections = tuple[dict[str, torch.Tensor], int, int]  # one image's raw outputs, height, width
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +89,7 @@ class Predictor:
     def __call__(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[list[dict[str, Any]]]:
         """Instances for each image: ``images[i]`` is H x W x 3 uint8 RGB (numpy) or 3 x H x W uint8 (torch,
         on any device); the result's ``[i]`` is a list of dicts with the fields of
-        :data:`batchseg.records.INSTANCE`, boxes in that image's pixels."""
+        :data:`batchseg.format.records.INSTANCE`, boxes in that image's pixels."""
         return self.describe(self.detect(images))
 
     @torch.inference_mode()
@@ -123,7 +123,7 @@ class Predictor:
     def _detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste: boxes and
         keypoints come back in each image's pixels, masks stay the mask head's ``N x 1 x 28 x 28``
-        probabilities for :func:`batchseg.paste.paste_to_rle`."""
+        probabilities for :func:`batchseg.inference.paste.paste_to_rle`."""
         model: Any = self.model
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, _ = model.transform(images)

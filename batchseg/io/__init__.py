@@ -1,0 +1,1 @@
+"""Bytes in and out: storage (fsspec, retries), image manifests, image decoding. No torch, no Ray."""

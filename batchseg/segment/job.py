@@ -1,0 +1,123 @@
+"""The segmentation job's settings and every check that can fail it, run before any work starts; and the
+totals of a run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchseg import __version__
+from batchseg.errors import BatchsegError
+from batchseg.format.output import OutputDir
+from batchseg.inference.models import WeightsInfo, resolve_weights
+from batchseg.io import storage
+from batchseg.io.images import DEFAULT_MAX_PIXELS
+from batchseg.io.manifest import Plan, plan_shards
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything ``batchseg segment`` is told. See ``batchseg segment --help`` for each option."""
+
+    manifest: str
+    output: str
+    model: str | None = None
+    weights: str = "DEFAULT"
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    min_size: int | None = None
+    max_size: int | None = None
+    max_instances: int = 100
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 4
+    shard_size: int = 1000
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float | None = None
+    precision: str = "auto"
+    decode: str = "auto"
+    io_threads: int = 4
+    max_attempts: int = 3
+    overwrite: bool = False
+    address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job: what to run, with what, and which shards an earlier run already finished."""
+
+    config: SegmentConfig
+    weights: WeightsInfo
+    plan: Plan
+    provenance: dict[str, Any]
+    done: frozenset[int]
+    environment: dict[str, str] = field(default_factory=storage.forwarded_environment, repr=False)
+
+
+def prepare_job(config: SegmentConfig) -> Job:
+    """Every check that can fail the job runs here, before any work starts."""
+    _check_options(config)
+    plan = plan_shards(config.manifest, config.shard_size, config.storage_options)
+    weights = resolve_weights(config.weights, config.model, config.storage_options)
+    provenance = {
+        "batchseg_version": __version__,
+        "model": weights.model,
+        "weights": weights.identity,
+        "weights_uri": weights.uri,
+        "categories": list(weights.categories),
+        "score_threshold": config.score_threshold,
+        "mask_threshold": config.mask_threshold,
+        "min_size": config.min_size,
+        "max_size": config.max_size,
+        "max_instances": config.max_instances,
+        "max_pixels": config.max_pixels,
+        "shard_size": config.shard_size,
+        "manifest": plan.manifest,
+        "manifest_rows": plan.num_rows,
+        "manifest_fingerprint": plan.fingerprint,
+    }
+    output = OutputDir(config.output, config.storage_options)
+    output.prepare(provenance, config.overwrite)
+    return Job(config, weights, plan, provenance, output.done_shards())
+
+
+def _check_options(config: SegmentConfig) -> None:
+    low, high = config.actors
+    checks = [
+        (
+            0 <= config.score_threshold <= 1,
+            f"--score-threshold must be in [0, 1], not {config.score_threshold}",
+        ),
+        (0 <= config.mask_threshold < 1, f"--mask-threshold must be in [0, 1), not {config.mask_threshold}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
+        (1 <= low <= high, f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not {low},{high}"),
+        (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
+        (config.decode in ("auto", "pil", "torchvision"), f"unknown --decode {config.decode!r}"),
+        (config.max_pixels > 0, "--max-pixels must be positive"),
+        (config.max_instances > 0, "--max-instances must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BatchsegError(message)
+
+
+def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> dict[str, Any]:
+    """Totals over every completed shard (this run's and earlier ones'), plus this run's timing."""
+    errors: Counter[str] = Counter()
+    for r in records:
+        errors.update(r["errors"])
+    return {
+        "images": sum(r["rows"] for r in records),
+        "ok": sum(r["ok"] for r in records),
+        "error": sum(errors.values()),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "instances": sum(r["instances"] for r in records),
+        "shards_total": job.plan.num_shards,
+        "shards_done": len(records),
+        "manifest_rows": job.plan.num_rows,
+        "model": job.weights.model,
+        "weights": job.weights.identity,
+        **run,
+    }
