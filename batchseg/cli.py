@@ -10,7 +10,7 @@ from typing import Any
 
 from batchseg import __version__
 from batchseg.errors import BatchsegError
-from batchseg.inference.models import DEFAULT_MODEL, MODELS
+from batchseg.inference.registry import DEFAULT_MODEL, MODELS, TRAINABLE
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 
 
@@ -122,9 +122,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URI)")
     p.add_argument("--output", required=True,
                    help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes")  # fmt: skip
-    p.add_argument(
-        "--model", default="maskrcnn_small", choices=[m for m, (masks, _) in MODELS.items() if masks]
-    )
+    p.add_argument("--model", default="maskrcnn_small", choices=TRAINABLE)
     p.add_argument("--weights", default="none",
                    help="none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="data-parallel (DDP) workers")
@@ -145,7 +143,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-sizes", type=_sizes, default=None,
                    help="multi-scale training: shorter sides, comma-separated, one drawn per batch; the last is "
-                        "used for validation (default: 640..800, or 112,144,128 for maskrcnn_small)")  # fmt: skip
+                        "used for validation (default: the model's, e.g. 640..800, or 112,144,128 for maskrcnn_small)")  # fmt: skip
     p.add_argument("--max-size", type=int, default=None, help="longer side cap (default: the model's)")
     p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0: off)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

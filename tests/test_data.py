@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batchseg.errors import BatchsegError
-from batchseg.inference.models import maskrcnn_small
+from batchseg.inference.models import build_model, resolve_weights
 from batchseg.train.data import CocoInstances, boxes_of
 from batchseg.train.engine import make_scheduler, train_one_epoch
 from batchseg.train.synth import write_dataset
@@ -108,7 +108,7 @@ def test_schedules() -> None:
 def test_a_non_finite_loss_stops_training_loudly(tmp_path: pathlib.Path) -> None:
     data = write_dataset(str(tmp_path), 2, seed=0, size=64)
     dataset = CocoInstances(data.images, data.annotations)
-    model = maskrcnn_small(num_classes=len(dataset.categories))
+    model = build_model(resolve_weights("none", "maskrcnn_small")).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e30)
     scheduler = make_scheduler(optimizer, 10, 0, "cosine")
     images, targets = zip(*[dataset[i] for i in range(2)], strict=True)
@@ -120,7 +120,6 @@ def test_a_non_finite_loss_stops_training_loudly(tmp_path: pathlib.Path) -> None
 def test_train_min_sizes_and_max_size_reach_the_model_and_the_segment_resize(tmp_path: pathlib.Path) -> None:
     """`batchseg train --min-sizes 96,112 --max-size 160` trains at those sizes, and a checkpoint made so
     makes `segment` resize to its last training size unless told otherwise."""
-    from batchseg.inference.models import resolve_weights
     from batchseg.inference.predictor import Predictor
     from batchseg.train.trainer import TrainConfig, train_model
 

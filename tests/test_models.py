@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from torchvision.models import get_model, get_model_weights
 
 from batchseg.errors import BatchsegError
-from batchseg.inference.models import build_model, resolve_weights
+from batchseg.inference.models import build_model, coco_categories, resolve_weights
+from batchseg.inference.registry import MODELS, TRAINABLE, model_spec
 from batchseg.inference.predictor import Predictor
 from batchseg.train.synth import CATEGORIES, draw_shapes
 
@@ -110,3 +112,28 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path: pathlib.Path) -> None:
         resolve_weights(str(tmp_path / "missing.pt"))
     with pytest.raises(BatchsegError, match="unknown model 'yolo'"):
         resolve_weights("none", "yolo")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_registry_entry_says_what_its_model_is(name: str) -> None:
+    """A ModelSpec's facts (mask head, keypoint count, resize, pretrained weights) hold for the model it
+    builds."""
+    spec = MODELS[name]
+    model: Any = build_model(resolve_weights("none", name))
+    heads = model.roi_heads
+    assert heads.has_mask() == spec.masks
+    assert heads.has_keypoint() == (spec.keypoints is not None)
+    if spec.keypoints is not None:
+        assert heads.keypoint_predictor.kps_score_lowres.out_channels == spec.keypoints
+    assert (model.transform.min_size, model.transform.max_size) == ((spec.min_size,), spec.max_size)
+    assert spec.trainable == (name in TRAINABLE) == spec.masks
+    if spec.pretrained:
+        assert spec.categories_from == name  # its labels are named by its own weights' categories
+        assert len(coco_categories(name)) == len(get_model_weights(name).DEFAULT.meta["categories"])
+    else:
+        with pytest.raises(BatchsegError, match="has no pretrained weights"):
+            resolve_weights("DEFAULT", name)
+    with pytest.raises(
+        BatchsegError, match="unknown model 'resnet9000'; choose one of: maskrcnn_resnet50_fpn_v2"
+    ):
+        model_spec("resnet9000")

@@ -1,12 +1,16 @@
-"""Detection models batchseg runs and where their weights come from (torchvision enums, checkpoints, none)."""
+"""Building the registry's models and resolving where their weights come from (torchvision enums,
+checkpoints, none)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import io
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,17 +26,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from batchseg.errors import BatchsegError
+from batchseg.inference.registry import DEFAULT_MODEL, TORCHVISION, ModelSpec, model_spec
 from batchseg.io import storage
 
-# name -> (has masks, has keypoints)
-MODELS: dict[str, tuple[bool, bool]] = {
-    "maskrcnn_resnet50_fpn_v2": (True, False),
-    "maskrcnn_resnet50_fpn": (True, False),
-    "fasterrcnn_resnet50_fpn_v2": (False, False),
-    "keypointrcnn_resnet50_fpn": (False, True),
-    "maskrcnn_small": (True, False),
-}
-DEFAULT_MODEL = "maskrcnn_resnet50_fpn_v2"
 RANDOM_SEED = 0
 # "DEFAULT", "COCO_V1" or "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"; anything else is a checkpoint URI
 TORCHVISION_WEIGHTS = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
@@ -61,8 +57,8 @@ def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     """A Mask R-CNN small enough to learn the shapes set on a CPU in minutes (about 4M parameters).
 
     ResNet-18 up to layer3 (stride 16) with trainable BatchNorm, a 64-channel FPN (P2-P4 plus a pooled
-    level), anchors of 8 to 128 pixels, a 256-wide box head, a 64-channel mask head, 64 sampled RoIs per
-    image in training, and the resize set for images of about 128 pixels.
+    level), anchors of 8 to 128 pixels, a 256-wide box head, a 64-channel mask head and 64 sampled RoIs per
+    image in training. Its resize (for images of about 128 pixels) is in its registry entry.
     """
     trunk = resnet18(weights=None)
     backbone = BackboneWithFPN(trunk, {"layer1": "0", "layer2": "1", "layer3": "2"}, [64, 128, 256], 64,
@@ -72,7 +68,7 @@ def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     )
     levels = ["0", "1", "2"]
     options: dict[str, Any] = {
-        "min_size": 128, "max_size": 256, "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
+        "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
         "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 250,
     }  # fmt: skip
     return MaskRCNN(
@@ -90,18 +86,13 @@ def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     )
 
 
-BUILDERS = {"maskrcnn_small": maskrcnn_small}  # models torchvision does not ship
-
-
 def check_model(name: str) -> str:
-    if name not in MODELS:
-        raise BatchsegError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return name
+    return model_spec(name).name
 
 
 def coco_categories(model: str) -> tuple[str, ...]:
-    source = "maskrcnn_resnet50_fpn" if model in BUILDERS else model
-    return tuple(get_model_weights(source).DEFAULT.meta["categories"])
+    """The category names of the model's torchvision weights (COCO's 91, or person for keypoints)."""
+    return tuple(get_model_weights(model_spec(model).categories_from).DEFAULT.meta["categories"])
 
 
 def resolve_weights(
@@ -119,14 +110,15 @@ def resolve_weights(
 
 
 def _keypoints(model: str, state: dict[str, torch.Tensor] | None) -> int | None:
-    if not MODELS[model][1]:
+    default = model_spec(model).keypoints
+    if default is None:
         return None
     key = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
-    return int(state[key].shape[1]) if state and key in state else 17
+    return int(state[key].shape[1]) if state and key in state else default
 
 
 def _resolve_torchvision(weights: str, model: str) -> WeightsInfo:
-    if model in BUILDERS:
+    if not model_spec(model).pretrained:
         raise BatchsegError(
             f"{model} has no pretrained weights: train it with batchseg train, or use --weights none"
         )
@@ -262,16 +254,16 @@ def load_state_dict(
 def build_model(
     info: WeightsInfo, state_dict: dict[str, torch.Tensor] | None = None, **options: Any
 ) -> torch.nn.Module:
-    """The torchvision model for ``info`` in eval mode, with ``state_dict`` loaded (random weights,
-    seeded, when None). ``options`` go to the model's constructor (``min_size``, ``box_score_thresh``...)."""
-    kwargs: dict[str, Any] = {"num_classes": len(info.categories), **options}
+    """The model for ``info`` in eval mode, with ``state_dict`` loaded (random weights, seeded, when None).
+    ``options`` go to the model's constructor (``min_size``, ``box_score_thresh``...) over the registry's
+    resize."""
+    spec = model_spec(info.model)
+    kwargs: dict[str, Any] = {"num_classes": len(info.categories), "min_size": spec.min_size,
+                              "max_size": spec.max_size, **options}  # fmt: skip
     if info.num_keypoints is not None:
         kwargs["num_keypoints"] = info.num_keypoints
     torch.manual_seed(RANDOM_SEED)
-    if info.model in BUILDERS:
-        model = BUILDERS[info.model](**kwargs)
-    else:
-        model = get_model(info.model, weights=None, weights_backbone=None, **kwargs)
+    model = _builder(spec)(**kwargs)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # Pretrained torchvision weights come from FrozenBatchNorm2d, which has no batch counter.
@@ -282,3 +274,11 @@ def build_model(
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
             )
     return model.eval()
+
+
+def _builder(spec: ModelSpec) -> Callable[..., torch.nn.Module]:
+    if spec.builder == TORCHVISION:
+        return functools.partial(get_model, spec.name, weights=None, weights_backbone=None)
+    module, _, function = spec.builder.partition(":")
+    builder: Callable[..., torch.nn.Module] = getattr(importlib.import_module(module), function)
+    return builder

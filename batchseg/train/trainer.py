@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from batchseg.errors import BatchsegError
-from batchseg.inference.models import BUILDERS, WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.inference.registry import MODELS, TRAINABLE
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.segment.driver import init_ray, log
@@ -26,9 +27,6 @@ from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, trai
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
-# Multi-scale training: shorter sides picked at random per batch; the last one is the one used in eval.
-TRAIN_SCALES = {"maskrcnn_small": (112, 144, 128)}
-DEFAULT_SCALES = (640, 672, 704, 736, 768, 800)
 
 
 @dataclass(frozen=True)
@@ -79,10 +77,8 @@ def public_config(config: TrainConfig) -> dict[str, Any]:
 def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
     """The model's resize in training: ``--min-sizes`` (one drawn per batch; the last is used in evaluation)
     and ``--max-size``, or the model's own training scales."""
-    sizes: dict[str, Any] = {"min_size": config.min_sizes or TRAIN_SCALES.get(model, DEFAULT_SCALES)}
-    if config.max_size:
-        sizes["max_size"] = config.max_size
-    return sizes
+    spec = MODELS[model]
+    return {"min_size": config.min_sizes or spec.train_sizes, "max_size": config.max_size or spec.max_size}
 
 
 def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: TrainConfig) -> torch.nn.Module:
@@ -300,7 +296,7 @@ def _check(config: TrainConfig) -> None:
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
         (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
-        (config.model in BUILDERS or config.model.startswith("maskrcnn"), f"{config.model} cannot be trained here"),
+        (config.model in TRAINABLE, f"{config.model} cannot be trained here (choose one of {', '.join(TRAINABLE)})"),
         (bool(config.validation_images) == bool(config.validation_annotations),
          "give both --validation-images and --validation-annotations, or neither"),
     ]  # fmt: skip

@@ -1,0 +1,78 @@
+"""The model registry: everything batchseg knows about a model, in one ``ModelSpec`` per model.
+
+No torch here, so that the command line lists the models without loading it; the builder is named by
+its import path and imported only when a model is built (``models.build_model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchseg.errors import BatchsegError
+
+TORCHVISION = "torchvision"
+COCO_SCALES = (640, 672, 704, 736, 768, 800)  # torchvision's references: multi-scale training on COCO
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One detection model batchseg can run (and perhaps train).
+
+    ``builder`` is ``"torchvision"`` (``torchvision.models.get_model(name)``) or ``"module:function"``
+    taking torchvision's detection keywords (``num_classes``, ``min_size``, ``box_score_thresh``...).
+    ``keypoints`` is the number of keypoints per instance (None: not a keypoint model). ``pretrained``:
+    torchvision ships COCO weights for it (``--weights DEFAULT``). Label ``i`` is named by the COCO
+    categories of ``categories_from``'s torchvision weights, unless the weights name their own.
+    ``min_size``/``max_size`` is the model's resize at inference (shorter side, longer-side cap);
+    ``train_sizes`` are the shorter sides drawn per batch in training, the last one used in evaluation.
+    """
+
+    name: str
+    builder: str = TORCHVISION
+    masks: bool = True
+    keypoints: int | None = None
+    pretrained: bool = True
+    categories_from: str = "maskrcnn_resnet50_fpn"
+    min_size: int = 800
+    max_size: int = 1333
+    train_sizes: tuple[int, ...] = COCO_SCALES
+
+    @property
+    def trainable(self) -> bool:
+        """``batchseg train`` trains instance segmentation: models with a mask head."""
+        return self.masks
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("maskrcnn_resnet50_fpn_v2", categories_from="maskrcnn_resnet50_fpn_v2"),
+        ModelSpec("maskrcnn_resnet50_fpn"),
+        ModelSpec("fasterrcnn_resnet50_fpn_v2", masks=False, categories_from="fasterrcnn_resnet50_fpn_v2"),
+        ModelSpec(
+            "keypointrcnn_resnet50_fpn",
+            masks=False,
+            keypoints=17,
+            categories_from="keypointrcnn_resnet50_fpn",
+        ),
+        # Small enough to learn the synthetic shapes on a CPU in minutes; no pretrained weights.
+        ModelSpec(
+            "maskrcnn_small",
+            builder="batchseg.inference.models:maskrcnn_small",
+            pretrained=False,
+            min_size=128,
+            max_size=256,
+            train_sizes=(112, 144, 128),
+        ),
+    )
+}
+DEFAULT_MODEL = "maskrcnn_resnet50_fpn_v2"
+TRAINABLE = tuple(name for name, spec in MODELS.items() if spec.trainable)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; an unknown name is a job-level error naming the choices."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise BatchsegError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
