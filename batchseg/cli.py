@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from batchseg import __version__
+from batchseg import __version__, log
 from batchseg.errors import BatchsegError
 from batchseg.inference.registry import DEFAULT_MODEL, MODELS, TRAINABLE
 from batchseg.io.images import DEFAULT_MAX_PIXELS
@@ -80,8 +80,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)"
     )
-    p.add_argument("--storage-options", type=_json_object, default={},
-                   help='JSON passed to fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')  # fmt: skip
+    _storage_options(p)
 
 
 def segment_config(args: argparse.Namespace) -> Any:
@@ -164,7 +163,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)"
     )
-    p.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
+    _storage_options(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -217,7 +216,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         written = render_rows(rows, args.out, args.style, args.storage_options)
     except Exception as e:
         if type(e).__module__.startswith("duckdb"):
-            raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from None
+            raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from e
         raise
     print(f"{len(written)} images rendered to {args.out}")
     return 0
@@ -231,53 +230,80 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+RERUN_RESUMES = "finished shards are kept, and rerunning the same command resumes"
+
+
+def _command(
+    sub: Any, name: str, help: str, run: Any, interrupted: str = "it may have written part of its output"
+) -> argparse.ArgumentParser:
+    """A subcommand with the options every command takes (``--verbose``)."""
+    command: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
+    command.add_argument("--verbose", "-v", action="store_true",
+                         help="on an error, also show its causes and traceback (or set BATCHSEG_DEBUG=1)")  # fmt: skip
+    command.set_defaults(run=run, interrupted=interrupted)
+    return command
+
+
+def _storage_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--storage-options", type=_json_object, default={},
+                         help='JSON passed to fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
     )
     parser.add_argument("--version", action="version", version=f"batchseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    segment = sub.add_parser("segment", help="segment every image of a manifest into Parquet shards")
+
+    segment = _command(sub, "segment", "segment every image of a manifest into Parquet shards", cmd_segment,
+                       RERUN_RESUMES)  # fmt: skip
     add_segment_arguments(segment)
-    segment.set_defaults(run=cmd_segment)
-    synth = sub.add_parser(
-        "synth", help="write a synthetic shapes data set: images, COCO annotations, manifest"
+
+    synth = _command(
+        sub, "synth", "write a synthetic shapes data set: images, COCO annotations, manifest", cmd_synth
     )
     synth.add_argument("--output", required=True, help="folder/prefix to write to (any fsspec URI)")
     synth.add_argument("--images", type=int, required=True, help="how many images")
     synth.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
     synth.add_argument("--size", type=int, default=128, help="approximate image side in pixels")
-    synth.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
-    synth.set_defaults(run=cmd_synth)
-    train = sub.add_parser("train", help="train or fine-tune Mask R-CNN on COCO-format data with Ray Train")
+    _storage_options(synth)
+
+    train = _command(sub, "train", "train or fine-tune Mask R-CNN on COCO-format data with Ray Train", cmd_train,
+                     "checkpoints are kept, and rerunning the same command resumes from the last")  # fmt: skip
     add_train_arguments(train)
-    train.set_defaults(run=cmd_train)
-    evaluation = sub.add_parser("eval", help="COCO box and mask AP of a segment output against annotations")
+
+    evaluation = _command(
+        sub, "eval", "COCO box and mask AP of a segment output against annotations", cmd_eval
+    )
     evaluation.add_argument("--predictions", required=True, help="output folder of batchseg segment")
     evaluation.add_argument("--annotations", required=True, help="COCO instances JSON")
     evaluation.add_argument(
         "--json", default=None, help='also write {"bbox": {"AP": ...}, "segm": {...}} here'
     )
-    evaluation.add_argument("--storage-options", type=_json_object, default={}, help="JSON passed to fsspec")
-    evaluation.set_defaults(run=cmd_eval)
-    options: dict[str, Any] = {"type": _json_object, "default": {}, "help": "JSON passed to fsspec"}
-    query = sub.add_parser("query", help="SQL over an output: views images (one row per image) and instances")
+    _storage_options(evaluation)
+
+    query = _command(
+        sub, "query", "SQL over an output: views images (one row per image) and instances", cmd_query
+    )
     query.add_argument("output", help="output folder of batchseg segment (any fsspec URI)")
     query.add_argument("sql", help='e.g. "SELECT category, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     query.add_argument("--out", default=None, help="write all rows here instead of printing the first ones")
-    query.add_argument("--storage-options", **options)
-    query.set_defaults(run=cmd_query)
-    export = sub.add_parser("export-coco", help="write the detections in COCO results format (loadRes)")
+    _storage_options(query)
+
+    export = _command(
+        sub, "export-coco", "write the detections in COCO results format (loadRes)", cmd_export_coco
+    )
     export.add_argument("output", help="output folder of batchseg segment")
     export.add_argument("--out", required=True, help="COCO results JSON to write")
     export.add_argument(
         "--images", default=None, help="also write the matching COCO images and categories here"
     )
-    export.add_argument("--storage-options", **options)
-    export.set_defaults(run=cmd_export_coco)
-    render = sub.add_parser(
-        "render", help="draw masks, boxes, labels (and keypoints) over the images, as PNG"
+    _storage_options(export)
+
+    render = _command(
+        sub, "render", "draw masks, boxes, labels (and keypoints) over the images, as PNG", cmd_render
     )
     render.add_argument("output", help="output folder of batchseg segment")
     render.add_argument("--out", required=True, help="folder for the PNG files")
@@ -287,35 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--style", choices=["overlay", "splash"], default="overlay",
                         help="splash: objects keep their colour, the rest turns grey")  # fmt: skip
-    render.add_argument("--storage-options", **options)
-    render.set_defaults(run=cmd_render)
-    report = sub.add_parser("report", help="one static HTML report: totals, errors, charts, a gallery")
+    _storage_options(render)
+
+    report = _command(sub, "report", "one static HTML report: totals, errors, charts, a gallery", cmd_report)
     report.add_argument("output", help="output folder of batchseg segment")
     report.add_argument("--out", required=True, help="HTML file to write")
     report.add_argument("--gallery", type=int, default=12, help="how many rendered images to include")
-    report.add_argument("--storage-options", **options)
-    report.set_defaults(run=cmd_report)
-    demo = sub.add_parser(
-        "demo", help="segment a generated held-out archive with the shipped small model, show AP"
-    )
+    _storage_options(report)
+
+    demo = _command(sub, "demo", "segment a generated held-out archive with the shipped small model, show AP",
+                    cmd_demo, RERUN_RESUMES)  # fmt: skip
     demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
     demo.add_argument("--images", type=int, default=50, help="how many images to generate")
-    demo.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        log.set_verbose()
     try:
         return int(args.run(args))
     except BatchsegError as e:
-        print(f"batchseg: error: {e}", file=sys.stderr)
+        log.error(e)
         return 2
     except KeyboardInterrupt:
-        print(
-            "batchseg: interrupted; finished shards are kept, and rerunning the same command resumes",
-            file=sys.stderr,
-        )
+        log.info(f"interrupted; {args.interrupted}")
         return 130
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import sys
 from importlib import resources
 
+from batchseg import log
 from batchseg.analysis.evaluate import evaluate, format_table
-from batchseg.format.output import OutputDir
+from batchseg.analysis.results import Results
 from batchseg.io import storage
-from batchseg.segment.driver import log, run_segment
+from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 
@@ -22,12 +23,12 @@ HELD_OUT_SEED = 7
 def run_demo(output: str, images: int) -> int:
     archive = storage.join(output, "held-out")
     results = storage.join(output, "results")
-    log(f"writing {images} synthetic images (seed {HELD_OUT_SEED}, never seen in training) to {archive}")
+    log.info(f"writing {images} synthetic images (seed {HELD_OUT_SEED}, never seen in training) to {archive}")
     dataset = write_dataset(archive, images, seed=HELD_OUT_SEED, size=128)
     config = SegmentConfig(manifest=dataset.manifest, output=results, weights=str(SHAPES_MODEL),
                            score_threshold=0.3, shard_size=16, overwrite=True)  # fmt: skip
     summary = run_segment(config)
-    table = OutputDir(results).read_table()
+    table = Results(results).to_table()
     print(f"\n{table.num_rows} rows in {results} (one per image); the first five:")
     for row in table.slice(0, 5).to_pylist():
         found = ", ".join(f"{i['category']} {i['score']:.2f}" for i in row["instances"] or [])

@@ -1,10 +1,18 @@
-"""The two kinds of failure: job-level problems (stop before work) and per-image problems (become rows)."""
+"""The kinds of failure: job-level problems (stop before work), per-image problems (become rows), and
+storage that stays unavailable (the work is retried later); how they read, and the one wrapper that
+turns any other error into a job-level one."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 
 class BatchsegError(Exception):
     """A job-level problem (bad config, unreadable manifest, unwritable output).
 
-    Raised before any work starts; the CLI prints it as one line and exits non-zero.
+    Raised before any work starts; the CLI prints it as one line and exits non-zero. Its ``__cause__``
+    (shown with ``--verbose``) is the error behind it, if any.
     """
 
 
@@ -20,3 +28,31 @@ class ImageError(Exception):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage kept failing with transient errors for the whole retry budget: the work is retried later
+    (a shard is redone), never recorded as a bad image."""
+
+
+def describe(error: BaseException) -> str:
+    """An error in words for a job-level message (the caller names the URI or the step)."""
+    if isinstance(error, PermissionError):
+        return "access denied (check the credentials and what they may read and write)"
+    if isinstance(error, FileNotFoundError):
+        return "not found (does the bucket exist?)"
+    if isinstance(error, StorageUnavailable):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+@contextlib.contextmanager
+def job_errors(what: str) -> Iterator[None]:
+    """Inside, any error becomes a :class:`BatchsegError` reading ``"<what>: <the error in words>"``, with
+    the error kept as its cause; a ``BatchsegError`` passes through as it is."""
+    try:
+        yield
+    except BatchsegError:
+        raise
+    except Exception as e:
+        raise BatchsegError(f"{what}: {describe(e)}") from e

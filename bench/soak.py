@@ -18,7 +18,7 @@ import threading
 import time
 from importlib import resources
 
-from batchseg.format.output import OutputDir
+from batchseg.analysis.results import open_results
 from batchseg.io.manifest import iter_manifest
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
@@ -60,7 +60,7 @@ def main() -> None:
         finally:
             finished.set()
         wall = time.time() - start
-        ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+        ids = open_results(config.output).to_table().column("image_id").to_pylist()
         expected = {i for batch, _ in iter_manifest(data.manifest) for i in batch}
     lost = len(expected - set(ids))
     duplicated = len(ids) - len(set(ids))

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
-from batchseg.format.output import OutputDir
+from batchseg.analysis.results import open_results
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
@@ -45,7 +45,7 @@ def segment_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) 
     cluster.remove_node(workers[0])
     done_at_loss = len(done_markers(root / "out"))
     job.join(timeout=600)
-    ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+    ids = open_results(config.output).to_table().column("image_id").to_pylist()
     return {"status": result.get("status"), "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
             "done_at_loss": done_at_loss, "retries": result.get("retries")}  # fmt: skip
 
@@ -65,7 +65,7 @@ def driver_kill(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dic
                            cpus_per_actor=1, **FAST)  # fmt: skip
     summary = run_segment(config)
     after = {n: (output / "_done" / n).read_bytes() for n in done_markers(output)}
-    ids = OutputDir(config.output).read_table().column("image_id").to_pylist()
+    ids = open_results(config.output).to_table().column("image_id").to_pylist()
     return {"status": summary["status"], "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
             "done_before_rerun": len(before), "kept": sum(after[n] == b for n, b in before.items()),
             "shards_this_run": summary["shards_this_run"], "shards_total": summary["shards_total"]}  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 from typing import Any
 
@@ -38,7 +37,7 @@ def test_targets_match_the_annotations(tmp_path: pathlib.Path) -> None:
 
 
 def test_polygons_bad_annotations_and_empty_images(
-    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_dataset(str(tmp_path), 4, seed=0, size=64)
 
@@ -53,10 +52,11 @@ def test_polygons_bad_annotations_and_empty_images(
         coco["images"].append({"id": 50, "file_name": "nothing-here.jpg", "width": 10, "height": 10})
 
     edit(data.annotations, change)
-    with caplog.at_level(logging.WARNING):
-        dataset = CocoInstances(data.images, data.annotations)
+    dataset = CocoInstances(data.images, data.annotations)
     assert (dataset.stats.invalid_annotations, dataset.stats.images_without_instances) == (2, 1)
-    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances dropped" in caplog.text
+    err = capsys.readouterr().err
+    assert "batchseg: warning: " in err
+    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances dropped" in err
     assert len(dataset) == 4
     _, target = dataset[dataset.ids.index(1)]
     assert target["masks"][0].sum() > 0  # the polygon was rasterised

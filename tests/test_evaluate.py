@@ -14,8 +14,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate, format_table, load_annotations
+from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate, format_table
 from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.coco import load_annotations
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.train.synth import write_dataset
@@ -236,8 +237,8 @@ def test_job_level_problems_are_one_line_errors(tmp_path: pathlib.Path) -> None:
         ((out, str(tmp_path / "missing.json")), r"annotations not found: .*missing\.json"),
         ((out, str(tmp_path / "bad.json")), "is not JSON"),
         ((out, str(tmp_path / "list.json")), "not a COCO instances JSON"),
-        ((str(tmp_path / "empty"), gt), r"hold no part-\*\.parquet files"),
-        ((str(tmp_path / "nowhere"), gt), r"hold no part-\*\.parquet files"),
+        ((str(tmp_path / "empty"), gt), r"holds no part-\*\.parquet files: not a batchseg segment output"),
+        ((str(tmp_path / "nowhere"), gt), r"holds no part-\*\.parquet files: not a batchseg segment output"),
     ]
     for args, message in cases:
         with pytest.raises(BatchsegError, match=message) as raised:

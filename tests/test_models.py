@@ -14,8 +14,8 @@ from torchvision.models import get_model, get_model_weights
 
 from batchseg.errors import BatchsegError
 from batchseg.inference.models import build_model, coco_categories, resolve_weights
-from batchseg.inference.registry import MODELS, TRAINABLE, model_spec
 from batchseg.inference.predictor import Predictor
+from batchseg.inference.registry import MODELS, TRAINABLE, model_spec
 from batchseg.train.synth import CATEGORIES, draw_shapes
 
 MODEL = "maskrcnn_resnet50_fpn"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import pathlib
 import re
 from dataclasses import dataclass
@@ -275,7 +274,7 @@ def test_render_rows_splash(output: Output, tmp_path: pathlib.Path) -> None:
 
 
 def test_render_rows_skips_unreadable_and_resized_images_with_one_warning(
-    output: Output, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+    output: Output, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = output.rows[0]
     gone = good | {"image_id": "gone", "uri": storage.join(output.data.images, "nope.jpg")}
@@ -284,10 +283,11 @@ def test_render_rows_skips_unreadable_and_resized_images_with_one_warning(
     junk.write_bytes(b"not an image")
     corrupt = good | {"image_id": "junk", "uri": str(junk)}
     badmask = good | {"image_id": "badmask", "instances": [square(1, 5, 1, 5)]}  # a 200 x 160 mask
-    with caplog.at_level(logging.WARNING, logger="batchseg.analysis.render"):
-        written = render_rows([gone, good, resized, corrupt, badmask], str(tmp_path / "out"))
+    capsys.readouterr()
+    written = render_rows([gone, good, resized, corrupt, badmask], str(tmp_path / "out"))
     assert [pathlib.Path(p).name for p in written] == [f"{good['image_id']}.png"]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = capsys.readouterr().err.splitlines()
+    assert all(w.startswith("batchseg: warning: render: ") for w in warnings)
     assert len(warnings) == 1
     assert "skipped 4" in warnings[0] and "2 unreadable" in warnings[0] and "size differs" in warnings[0]
     assert "bad instances" in warnings[0]

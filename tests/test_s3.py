@@ -16,9 +16,9 @@ import torch
 
 from batchseg.analysis.evaluate import evaluate
 from batchseg.analysis.query import run_query
+from batchseg.analysis.results import open_results
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
-from batchseg.format.output import OutputDir
 from batchseg.format.records import read_provenance
 from batchseg.io.manifest import default_image_id
 from batchseg.segment.driver import run_segment
@@ -43,7 +43,7 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     config = small_model_job(s3, data.manifest, "s3://out/seg", shard_size=5)
     summary = run_segment(config)
     assert (summary["status"], summary["ok"], summary["shards_done"]) == ("complete", 12, 3)
-    table = OutputDir(config.output, s3.options()).read_table()
+    table = open_results(config.output, s3.options()).to_table()
     assert table.column("uri").to_pylist() == data.uris
     assert table.column("uri").to_pylist()[0].startswith("s3://data/shapes/images/")
     fs = bucket_fs(s3)
@@ -62,7 +62,7 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert table.splitlines()[2].strip() == str(summary["instances"])
     redone = run_segment(replace(config, shard_size=4, overwrite=True))  # other settings: start over
     assert (redone["images_this_run"], redone["shards_done"], redone["shards_skipped"]) == (12, 3, 0)
-    assert OutputDir(config.output, s3.options()).read_table().column("uri").to_pylist() == data.uris
+    assert open_results(config.output, s3.options()).to_table().column("uri").to_pylist() == data.uris
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_the_s3_server_stopping_mid_job_is_survived_exactly_once(
         job.join(timeout=400)
     assert done_at_stop < 20, "the server must go away mid-job"
     assert result["status"] == "complete"
-    table = OutputDir(config.output, s3.options()).read_table()
+    table = open_results(config.output, s3.options()).to_table()
     assert table.column("status").to_pylist() == ["ok"] * 60, "an outage must not turn images into error rows"
     ids = table.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 60

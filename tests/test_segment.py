@@ -19,8 +19,9 @@ import pycocotools.mask as coco_mask
 import pytest
 import torch
 
+from batchseg.analysis.results import open_results
 from batchseg.errors import BatchsegError
-from batchseg.format.output import DONE_DIR, OutputDir
+from batchseg.format.output import DONE_DIR
 from batchseg.format.records import read_provenance
 from batchseg.inference.models import build_model, resolve_weights
 from batchseg.io.images import decode_image
@@ -56,7 +57,7 @@ def segmented(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     config = SegmentConfig(manifest=manifest, output=str(root / "out"), shard_size=8, batch_size=1, **FAST)
     summary = run_segment(config)
     return {"config": config, "summary": summary, "uris": uris, "expected": expected,
-            "table": OutputDir(config.output).read_table()}  # fmt: skip
+            "table": open_results(config.output).to_table()}  # fmt: skip
 
 
 def test_one_row_per_manifest_row_in_order(segmented: dict[str, Any]) -> None:
@@ -121,7 +122,7 @@ def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(
     tensors, and PIL for what it cannot take (CMYK, PNG, GIF, broken files), changes nothing in the rows."""
     config = replace(segmented["config"], output=str(tmp_path / "out"), decode="torchvision")
     run_segment(config)
-    assert OutputDir(config.output).read_table().to_pylist() == segmented["table"].to_pylist()
+    assert open_results(config.output).to_table().to_pylist() == segmented["table"].to_pylist()
 
 
 def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pathlib.Path) -> None:
@@ -141,7 +142,7 @@ def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pat
             processor.encoder = ThreadPoolExecutor(1)
         record = processor.process(next(iter_shards(job.plan)))
         assert record["rows"] == 6
-        tables.append(OutputDir(str(tmp_path / name)).read_table().drop_columns([]).to_pylist())
+        tables.append(open_results(str(tmp_path / name)).to_table().drop_columns([]).to_pylist())
     assert tables[0] == tables[1]
 
 
@@ -192,7 +193,7 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
     assert sorted(p.name for p in output.iterdir()) == [
         "_batchseg_job.json", "_done", "keep-me.txt", "part-000000.parquet", "part-000001.parquet", "summary.json",
     ]  # fmt: skip
-    assert OutputDir(str(output)).read_table().column("uri").to_pylist() == uris
+    assert open_results(str(output)).to_table().column("uri").to_pylist() == uris
 
 
 def done_markers(output: pathlib.Path) -> dict[str, bytes]:
@@ -204,7 +205,7 @@ def done_markers(output: pathlib.Path) -> dict[str, bytes]:
 
 
 def assert_exactly_once(config: SegmentConfig, uris: list[str]) -> None:
-    table = OutputDir(config.output).read_table()
+    table = open_results(config.output).to_table()
     ids = table.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == len(uris)
     assert sorted(ids) == sorted(default_image_id(u) for u in uris)
@@ -390,3 +391,20 @@ def test_an_interrupted_run_leaves_no_actor_alive(
     assert stopped.traceback  # still held, as a notebook holds it: the actors must not rely on its end
     wait_for(lambda: not ray_worker_pids("SegmentationActor"), 30, "the job's actors to end")
     wait_for(lambda: ray.available_resources().get("CPU") == cpus, 30, "every CPU to be free again")
+
+
+@pytest.mark.parametrize("how", ["--verbose", "BATCHSEG_DEBUG=1"])
+def test_verbose_shows_the_cause_behind_the_one_line_error(tmp_path: pathlib.Path, how: str) -> None:
+    manifest, _, _ = archive(tmp_path, 1, bad=False)
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = ["segment", "--manifest", manifest, "--output", str(tmp_path / "file" / "out"), "--weights", "none"]
+    env = os.environ | ({"BATCHSEG_DEBUG": "1"} if how.startswith("BATCHSEG") else {})
+    verbose = ["--verbose"] if how == "--verbose" else []
+    proc = subprocess.run([sys.executable, "-m", "batchseg.cli", *args, *verbose], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"batchseg: error: cannot use output {tmp_path / 'file' / 'out'}: NotADirectoryError")
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "The above exception was the direct cause of the following exception:" in proc.stderr
+    assert "batchseg.errors.BatchsegError" in proc.stderr

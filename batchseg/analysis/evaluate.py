@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from batchseg.analysis.results import Results
 from batchseg.errors import BatchsegError
-from batchseg.format.coco import coco_result
-from batchseg.format.output import OutputDir
-from batchseg.io import storage
+from batchseg.format.coco import coco_result, load_annotations
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
@@ -61,14 +58,15 @@ def evaluate(
     if isinstance(iou_types, str):
         iou_types = (iou_types,)
     gt = load_annotations(annotations, storage_options)
-    files, fs = _prediction_files(predictions, storage_options)
+    results = Results(predictions, storage_options)
     by_id = {str(image["id"]): image["id"] for image in gt.dataset["images"]}
     by_name = _names(gt.dataset["images"])
     seen: set[Any] = set()
     counts = {"rows": 0, "ok": 0, "unmatched_rows": 0, "error_rows": 0, "duplicate_rows": 0}
     detections: list[dict[str, Any]] = []  # COCO results: image_id, category_id, score, bbox, segmentation
     first_row: dict[str, Any] | None = None
-    for row in _rows(fs, files, predictions):
+    rows = (row for batch in results.batches(COLUMNS, BATCH_ROWS) for row in batch.to_pylist())
+    for row in rows:
         counts["rows"] += 1
         if row["status"] != "ok":
             counts["error_rows"] += 1
@@ -92,57 +90,16 @@ def evaluate(
         raise BatchsegError(
             f"cannot evaluate masks (segm): predictions {predictions} have instances without rle"
         )
-    results: dict[str, Any] = coco_metrics(gt, detections, iou_types)
-    results["images"] = {
+    metrics: dict[str, Any] = coco_metrics(gt, detections, iou_types)
+    metrics["images"] = {
         "evaluated": len(gt.getImgIds()),
         "matched": len(seen),
         "unmatched_rows": counts["unmatched_rows"],
         "error_rows": counts["error_rows"],
         "duplicate_rows": counts["duplicate_rows"],
     }
-    results["detections"] = len(detections)
-    return results
-
-
-def load_annotations(annotations: str, storage_options: dict[str, Any] | None = None) -> COCO:
-    """A pycocotools ``COCO`` ground truth from the COCO instances JSON at ``annotations`` (any fsspec URI).
-
-    Raises :class:`BatchsegError` when it is missing, unreadable, not JSON, or not COCO instances
-    (an object with ``images`` and ``categories`` lists, and ``annotations`` if any).
-    """
-    try:
-        data = storage.read_bytes(annotations, storage_options)
-    except FileNotFoundError:
-        raise BatchsegError(f"annotations not found: {annotations}") from None
-    except IsADirectoryError:
-        raise BatchsegError(f"annotations {annotations} is a folder, not a COCO JSON file") from None
-    except Exception as e:
-        raise BatchsegError(f"cannot read annotations {annotations}: {storage.describe(e)}") from None
-    try:
-        dataset = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BatchsegError(f"annotations {annotations} is not JSON: {e}") from None
-    missing = [k for k in ("images", "categories") if not isinstance(dataset, dict) or k not in dataset]
-    if missing or not all(
-        isinstance(dataset.get(k, []), list) for k in ("images", "categories", "annotations")
-    ):
-        raise BatchsegError(
-            f"annotations {annotations} is not a COCO instances JSON (it needs 'images', 'categories' and "
-            f"'annotations' lists{'; missing ' + ', '.join(repr(k) for k in missing) if missing else ''})"
-        )
-    dataset.setdefault("annotations", [])
-    gt = COCO()
-    gt.dataset = dataset
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt.createIndex()  # reads every image's, annotation's and category's id
-    except KeyError as e:
-        raise BatchsegError(
-            f"annotations {annotations} is not a COCO instances JSON: an entry lacks {e}"
-        ) from None
-    except TypeError as e:
-        raise BatchsegError(f"annotations {annotations} is not a COCO instances JSON: {e}") from None
-    return gt
+    metrics["detections"] = len(detections)
+    return metrics
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -163,32 +120,6 @@ def format_table(results: dict[str, Any]) -> str:
             f"{images.get('duplicate_rows', 0)} duplicates; detections: {results.get('detections', 0)}"
         )
     return "\n".join(lines)
-
-
-def _prediction_files(predictions: str, storage_options: dict[str, Any] | None) -> tuple[list[str], Any]:
-    try:
-        output = OutputDir(predictions, storage_options)
-        files = output.shard_files()
-        if not files and output.path.endswith(".parquet") and output.fs.isfile(output.path):
-            files = [output.path]
-    except Exception as e:
-        raise BatchsegError(f"cannot list predictions {predictions}: {type(e).__name__}: {e}") from None
-    if not files:
-        raise BatchsegError(
-            f"predictions {predictions} hold no part-*.parquet files (not a segmentation output)"
-        )
-    return files, output.fs
-
-
-def _rows(fs: Any, files: list[str], predictions: str) -> Iterator[dict[str, Any]]:
-    """Every row of the part files, streamed in record batches of the needed columns."""
-    for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS):
-                    yield from batch.to_pylist()
-        except Exception as e:
-            raise BatchsegError(f"cannot read predictions {path}: {type(e).__name__}: {e}") from None
 
 
 def _basename(name: str) -> str:

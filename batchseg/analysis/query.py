@@ -49,7 +49,7 @@ def run_query(
     try:
         reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
     except duckdb.Error as e:
-        raise BatchsegError(f"query failed: {str(e).splitlines()[0]}") from None
+        raise BatchsegError(f"query failed: {str(e).splitlines()[0]}") from e
     if out is None and fmt == "table":
         return format_table(reader)
     if out is None:

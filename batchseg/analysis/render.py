@@ -5,7 +5,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
-import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -14,12 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from batchseg.errors import BatchsegError
+from batchseg import log
+from batchseg.errors import job_errors
 from batchseg.format.rle import decode_rle
 from batchseg.io import storage
 from batchseg.io.images import decode_image
-
-log = logging.getLogger(__name__)
 
 STYLES = ("overlay", "splash")
 MASK_ALPHA = 0.45
@@ -243,10 +241,8 @@ def render_rows(
         raise ValueError(f"unknown style {style!r}: expected one of {', '.join(STYLES)}")
     fs, root = storage.filesystem(out_dir, storage_options)
     if storage.is_local(fs):
-        try:
+        with job_errors(f"cannot write to {out_dir}"):
             fs.makedirs(root, exist_ok=True)
-        except OSError as e:
-            raise BatchsegError(f"cannot write to {out_dir}: {storage.describe(e)}") from None
     written: list[str] = []
     skipped: Counter[str] = Counter()
     first: dict[str, str] = {}  # the first skipped image of each reason, for the warning
@@ -261,20 +257,12 @@ def render_rows(
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
         name = f"{safe_name(str(row['image_id']))}.png"
-        try:
+        with job_errors(f"cannot write {storage.join(out_dir, name)}"):
             storage.write_atomic(fs, storage.join(root, name), buffer.getvalue())
-        except Exception as e:
-            raise BatchsegError(
-                f"cannot write {storage.join(out_dir, name)}: {storage.describe(e)}"
-            ) from None
         written.append(storage.join(out_dir, name))
     if skipped:
-        log.warning(
-            "render: wrote %d images, skipped %d (%s)",
-            len(written),
-            sum(skipped.values()),
-            "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common()),
-        )
+        reasons = "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common())
+        log.warning(f"render: wrote {len(written)} images, skipped {sum(skipped.values())} ({reasons})")
     return written
 
 

@@ -5,35 +5,29 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from batchseg import __version__
+from batchseg import __version__, log
 from batchseg.analysis.render import draw_overlay
-from batchseg.errors import BatchsegError
+from batchseg.analysis.results import Results
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_GLOB, SUMMARY_FILE
-from batchseg.format.records import error_kind, read_provenance
+from batchseg.format.records import error_kind
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.io import storage
 from batchseg.io.images import decode_image
-from batchseg.io.manifest import absolute_uri
-
-log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 EXAMPLES_PER_KIND = 3
@@ -116,14 +110,17 @@ def build_report(
     (instances -> ok images), ``gallery`` (images shown) and ``out``.
     Raises ``BatchsegError`` when ``output`` holds no shards and no summary, or a file cannot be read or written.
     """
-    output_uri = absolute_uri(output)
-    fs, root = storage.filesystem(output_uri, storage_options)
-    files, summary = _listing(fs, root, output_uri)
+    results = Results(output, storage_options, allow_empty=True)
+    output_uri = results.uri
+    summary = results.summary
+    if not results.files and summary is None:
+        raise BatchsegError(
+            f"output {output_uri} holds no {SHARD_GLOB} files and no {SUMMARY_FILE}: not a segment output"
+        )
     stats = _Stats(max(0, gallery))
-    provenance: dict[str, Any] = {}
-    for schema, batch in _batches(fs, files):
-        provenance = provenance or read_provenance(schema)
+    for batch in results.batches(batch_size=BATCH_ROWS):
         stats.add(batch)
+    provenance = results.provenance
     tiles: list[tuple[dict[str, Any], bytes]] = []
     failures: Counter[str] = Counter()
     for row in stats.gallery:
@@ -133,16 +130,12 @@ def build_report(
         else:
             tiles.append((row, tile))
     if failures:
-        log.warning(
-            "report: %d gallery images could not be drawn: %s", sum(failures.values()), dict(failures)
-        )
+        log.warning(f"report: {sum(failures.values())} gallery images could not be drawn: {dict(failures)}")
     totals = {k: summary.get(k, v) for k, v in stats.totals().items()} if summary else stats.totals()
     page = _page(output_uri, summary, provenance, stats, totals, tiles, failures)
     out_fs, out_path = storage.filesystem(out, storage_options)
-    try:
+    with job_errors(f"cannot write report {out}"):
         storage.write_atomic(out_fs, out_path, page.encode("utf-8"))
-    except Exception as e:
-        raise BatchsegError(f"cannot write report {out}: {storage.describe(e)}") from None
     return {
         "out": out,
         "summary_found": summary is not None,
@@ -154,37 +147,6 @@ def build_report(
         "instances_per_image": dict(sorted(stats.per_image.items())),
         "gallery": len(tiles),
     }
-
-
-def _listing(fs: Any, root: str, uri: str) -> tuple[list[str], dict[str, Any] | None]:
-    try:
-        fs.invalidate_cache(root)
-        files = sorted(storage.retrying(lambda: fs.glob(storage.join(root, SHARD_GLOB)), "listing shards"))
-        try:
-            summary = json.loads(storage.retrying(lambda: fs.cat_file(storage.join(root, SUMMARY_FILE)),
-                                                  "reading summary.json"))  # fmt: skip
-        except FileNotFoundError:
-            summary = None
-    except Exception as e:
-        raise BatchsegError(f"cannot read output {uri}: {storage.describe(e)}") from None
-    if not files and summary is None:
-        raise BatchsegError(
-            f"output {uri} holds no {SHARD_GLOB} files and no {SUMMARY_FILE}: not a segment output"
-        )
-    return files, summary
-
-
-def _batches(fs: Any, files: list[str]) -> Iterator[tuple[pa.Schema, pa.RecordBatch]]:
-    for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-                    yield parquet.schema_arrow, batch
-        except BatchsegError:
-            raise
-        except Exception as e:
-            raise BatchsegError(f"cannot read shard {path}: {type(e).__name__}: {e}") from None
 
 
 def _tile(row: dict[str, Any], storage_options: dict[str, Any] | None) -> bytes | str:

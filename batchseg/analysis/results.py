@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from batchseg.errors import BatchsegError
-from batchseg.format.output import SUMMARY_FILE, OutputDir
+from batchseg.errors import BatchsegError, job_errors
+from batchseg.format.output import SHARD_GLOB, SUMMARY_FILE, OutputDir
 from batchseg.format.records import SCHEMA, read_provenance
 from batchseg.format.rle import decode_rle
 from batchseg.io import storage
@@ -51,35 +53,69 @@ class ImageResult:
 
 
 class Results:
-    """A segmentation output (local or any fsspec URI), read lazily through a pyarrow dataset."""
+    """A segmentation output (local or any fsspec URI): the one reader of its Parquet objects.
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    Every tool that reads rows opens the output here: ``query`` and ``render`` (through :attr:`dataset`),
+    ``export-coco``, ``eval``, ``report`` and the demo (through :meth:`batches` and :meth:`images`).
+    ``uri`` is the output folder/prefix, or one Parquet file of rows. Raises :class:`BatchsegError` when
+    it cannot be listed, or holds no rows' objects unless ``allow_empty``.
+    """
+
+    def __init__(
+        self, uri: str, storage_options: dict[str, Any] | None = None, *, allow_empty: bool = False
+    ) -> None:
         self.output = OutputDir(uri, storage_options)
         self.uri = self.output.uri
-        files = self.output.shard_files()
-        if not files:
-            raise BatchsegError(f"{self.uri} holds no batchseg results (no part-*.parquet files)")
-        self.files = files
-        self.dataset = ds.dataset(files, format="parquet", filesystem=self.output.fs, schema=SCHEMA)
+        self.fs = self.output.fs
+        with job_errors(f"cannot read output {self.uri}"):
+            self.files = self._list()
+        if not self.files and not allow_empty:
+            raise BatchsegError(
+                f"output {self.uri} holds no {SHARD_GLOB} files: not a batchseg segment output"
+            )
+        self.dataset = ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=SCHEMA)
+
+    def _list(self) -> list[str]:
+        path = self.output.path
+        self.fs.invalidate_cache(path)  # other processes (the actors) write here
+        files = sorted(
+            storage.retrying(lambda: self.fs.glob(storage.join(path, SHARD_GLOB)), "listing shards")
+        )
+        if (
+            not files
+            and path.endswith(".parquet")
+            and storage.retrying(lambda: self.fs.isfile(path), "listing")
+        ):
+            return [path]
+        return files
 
     def __len__(self) -> int:
         return self.dataset.count_rows()
+
+    def batches(self, columns: list[str] | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+        """Every row in output order, streamed file by file in record batches of ``columns`` (all when
+        None): memory stays one batch, whatever the output's size."""
+        for path in self.files:
+            with job_errors(f"cannot read shard {path}"), self.fs.open(path, "rb") as f:
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
     @property
     def summary(self) -> dict[str, Any] | None:
         """``summary.json`` of the run that wrote the output (None if the run never finished)."""
         path = storage.join(self.output.path, SUMMARY_FILE)
-        try:
-            return json.loads(storage.retrying(lambda: self.output.fs.cat_file(path), f"reading {path}"))
-        except FileNotFoundError:
-            return None
+        with job_errors(f"cannot read {path}"):
+            try:
+                return json.loads(storage.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
+            except FileNotFoundError:
+                return None
 
     @property
     def provenance(self) -> dict[str, Any]:
-        """Model, weights, thresholds and sizes the output was made with (from its first file)."""
-        with self.output.fs.open(self.files[0], "rb") as f:
-            import pyarrow.parquet as pq
-
+        """Model, weights, thresholds and sizes the output was made with (from its first file; ``{}``
+        when it has none)."""
+        if not self.files:
+            return {}
+        with job_errors(f"cannot read shard {self.files[0]}"), self.fs.open(self.files[0], "rb") as f:
             return read_provenance(pq.read_schema(f))
 
     def to_table(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
@@ -101,8 +137,9 @@ class Results:
         """Stream the images in output order. ``status`` keeps rows with that status; ``category`` and
         ``min_score`` keep the instances that match and drop images left with none of them."""
         wanted = {category} if isinstance(category, str) else set(category) if category else None
-        expression = ds.field("status") == status if status else None
-        for batch in self.dataset.to_batches(filter=expression, batch_size=batch_size):
+        for batch in self.batches(batch_size=batch_size):
+            if status:
+                batch = batch.filter(pc.equal(batch.column("status"), status))
             for row in batch.to_pylist():
                 instances = row["instances"] or []
                 if wanted is not None or min_score > 0:
@@ -114,6 +151,8 @@ class Results:
                                   row["error"], instances)  # fmt: skip
 
 
-def open_results(uri: str, storage_options: dict[str, Any] | None = None) -> Results:
+def open_results(
+    uri: str, storage_options: dict[str, Any] | None = None, *, allow_empty: bool = False
+) -> Results:
     """Open the output of ``batchseg segment`` at ``uri`` (local path or any fsspec URI)."""
-    return Results(uri, storage_options)
+    return Results(uri, storage_options, allow_empty=allow_empty)

@@ -1,14 +1,20 @@
-"""COCO results format: an instance of an output row as the dict ``pycocotools.COCO.loadRes`` takes.
-
-This is the one place that conversion is written; export, evaluation and training's validation use it.
-"""
+"""COCO formats: reading a COCO instances JSON, naming its categories, and an instance of an output row
+as the result dict ``pycocotools.COCO.loadRes`` takes (the one place that conversion is written:
+export, evaluation and training's validation use it)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from batchseg.errors import BatchsegError, job_errors
+from batchseg.io import storage
 
 
 def coco_result(
@@ -37,3 +43,52 @@ def coco_result(
     if instance.get("keypoints") is not None:
         result["keypoints"] = [float(v) for v in instance["keypoints"]]
     return result
+
+
+def load_annotations(annotations: str, storage_options: dict[str, Any] | None = None) -> COCO:
+    """A pycocotools ``COCO`` ground truth from the COCO instances JSON at ``annotations`` (any fsspec URI).
+
+    Raises :class:`BatchsegError` when it is missing, unreadable, not JSON, or not COCO instances
+    (an object with ``images`` and ``categories`` lists, and ``annotations`` if any).
+    """
+    with job_errors(f"cannot read annotations {annotations}"):
+        try:
+            data = storage.read_bytes(annotations, storage_options)
+        except FileNotFoundError as e:
+            raise BatchsegError(f"annotations not found: {annotations}") from e
+        except IsADirectoryError as e:
+            raise BatchsegError(f"annotations {annotations} is a folder, not a COCO JSON file") from e
+    try:
+        dataset = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BatchsegError(f"annotations {annotations} is not JSON: {e}") from e
+    missing = [k for k in ("images", "categories") if not isinstance(dataset, dict) or k not in dataset]
+    if missing or not all(
+        isinstance(dataset.get(k, []), list) for k in ("images", "categories", "annotations")
+    ):
+        raise BatchsegError(
+            f"annotations {annotations} is not a COCO instances JSON (it needs 'images', 'categories' and "
+            f"'annotations' lists{'; missing ' + ', '.join(repr(k) for k in missing) if missing else ''})"
+        )
+    dataset.setdefault("annotations", [])
+    gt = COCO()
+    gt.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()  # reads every image's, annotation's and category's id
+    except KeyError as e:
+        raise BatchsegError(
+            f"annotations {annotations} is not a COCO instances JSON: an entry lacks {e}"
+        ) from e
+    except TypeError as e:
+        raise BatchsegError(f"annotations {annotations} is not a COCO instances JSON: {e}") from e
+    return gt
+
+
+def category_names(coco: COCO) -> tuple[str, ...]:
+    """Names indexed by label: the data set's own category ids are the model's labels, 0 is background and
+    gaps are ``N/A`` (as in torchvision's COCO list), so predictions carry the data set's ids."""
+    categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    if not categories or min(categories) < 1:
+        raise BatchsegError("COCO category ids must be positive integers (0 is the background)")
+    return ("__background__", *(categories.get(i, "N/A") for i in range(1, max(categories) + 1)))

@@ -13,11 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-
-from batchseg.errors import BatchsegError
-from batchseg.format.records import SCHEMA
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri, shard_name
 
@@ -50,7 +46,7 @@ class OutputDir:
 
     def prepare(self, provenance: dict[str, Any], overwrite: bool) -> None:
         """Check that this output may take the job (or clear it, with ``overwrite``), then record the job."""
-        try:
+        with job_errors(f"cannot use output {self.uri}"):
             bucket = self.path.split("/", 1)[0]
             if not storage.is_local(self.fs) and not storage.retrying(
                 lambda: self.fs.exists(bucket), "checking"
@@ -62,10 +58,6 @@ class OutputDir:
             if overwrite:
                 self.clear()
             storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
-        except BatchsegError:
-            raise
-        except Exception as e:
-            raise BatchsegError(f"cannot use output {self.uri}: {storage.describe(e)}") from None
 
     def clear(self) -> None:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
@@ -99,17 +91,6 @@ class OutputDir:
         storage.write_atomic(
             self.fs, self._at(DONE_DIR, f"{shard_name(index)}.json"), json.dumps(record).encode()
         )
-
-    def shard_files(self) -> list[str]:
-        self.fs.invalidate_cache(self.path)
-        return sorted(storage.retrying(lambda: self.fs.glob(self._at(SHARD_GLOB)), "listing shards"))
-
-    def read_table(self) -> pa.Table:
-        """Every row of the output, in manifest order (small outputs; large ones stream with pyarrow.dataset)."""
-        files = self.shard_files()
-        if not files:
-            return SCHEMA.empty_table()
-        return ds.dataset(files, format="parquet", filesystem=self.fs, schema=SCHEMA).to_table()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())

@@ -25,7 +25,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.registry import DEFAULT_MODEL, TORCHVISION, ModelSpec, model_spec
 from batchseg.io import storage
 
@@ -128,8 +128,8 @@ def _resolve_torchvision(weights: str, model: str) -> WeightsInfo:
             if weights == "DEFAULT"
             else get_weight(_full_enum_name(weights, model))
         )
-    except (ValueError, KeyError, AttributeError):
-        raise BatchsegError(f"{weights!r} is not a torchvision weights name for {model}") from None
+    except (ValueError, KeyError, AttributeError) as e:
+        raise BatchsegError(f"{weights!r} is not a torchvision weights name for {model}") from e
     if get_model_weights(model) is not type(enum):
         raise BatchsegError(f"weights {enum} do not belong to model {model}")
     _ensure_downloaded(enum.url)
@@ -163,7 +163,7 @@ def _ensure_downloaded(url: str) -> None:
         raise BatchsegError(
             f"cannot download {url} ({type(e).__name__}: {e}). Offline, either copy that file to {target} "
             "or pass --weights PATH_OR_URI of a checkpoint (or --weights none for random weights)"
-        ) from None
+        ) from e
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -171,21 +171,20 @@ def _ensure_downloaded(url: str) -> None:
 def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The raw bytes of a checkpoint and its contents, loaded with ``weights_only=True`` (no pickled code).
     A folder (a training run, or one of its checkpoints) means the ``model.pt`` inside it."""
-    try:
+    with job_errors(f"cannot read weights {uri}"):
         fs, path = storage.filesystem(uri, storage_options)
         if storage.retrying(lambda: fs.isdir(path), f"reading {uri}"):
             path = storage.join(path, "model.pt")
-        data = storage.retrying(lambda: fs.cat_file(path), f"reading {uri}")
-    except FileNotFoundError:
-        raise BatchsegError(f"weights {uri} do not exist") from None
-    except Exception as e:
-        raise BatchsegError(f"cannot read weights {uri}: {storage.describe(e)}") from None
+        try:
+            data = storage.retrying(lambda: fs.cat_file(path), f"reading {uri}")
+        except FileNotFoundError as e:
+            raise BatchsegError(f"weights {uri} do not exist") from e
     try:
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise BatchsegError(
             f"{uri} is not a PyTorch checkpoint that loads safely: {type(e).__name__}: {e}"
-        ) from None
+        ) from e
     if not isinstance(content, dict):
         raise BatchsegError(
             f"{uri} holds a {type(content).__name__}, not a state_dict or batchseg checkpoint"

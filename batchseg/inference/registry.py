@@ -74,5 +74,5 @@ def model_spec(name: str) -> ModelSpec:
     """The registry entry of ``name``; an unknown name is a job-level error naming the choices."""
     try:
         return MODELS[name]
-    except KeyError:
-        raise BatchsegError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+    except KeyError as e:
+        raise BatchsegError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from e

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import storage
 from batchseg.io.images import IMAGE_EXTENSIONS
 
@@ -77,32 +77,24 @@ def iter_manifest(
     """Stream ``(image_ids, uris)`` in manifest order; relative URIs resolve against the manifest's folder."""
     manifest = absolute_uri(manifest)
     fs, path = storage.filesystem(manifest, storage_options)
-    try:
+    with job_errors(f"cannot open manifest {manifest}"):
         is_dir = manifest.endswith("/") or storage.retrying(lambda: fs.isdir(path), f"opening {manifest}")
         if not is_dir and not storage.retrying(lambda: fs.exists(path), f"opening {manifest}"):
             raise BatchsegError(f"manifest {manifest} does not exist")
-    except BatchsegError:
-        raise
-    except Exception as e:
-        raise BatchsegError(f"cannot open manifest {manifest}: {storage.describe(e)}") from None
     if is_dir:
         yield from _iter_folder(fs, path, manifest)
         return
     base = storage.parent(manifest)
     kind = TABLE_SUFFIXES.get(_suffix(path))
     row = 0
-    try:
+    what = kind.upper() if kind else "a text file of URIs"
+    with job_errors(f"cannot read manifest {manifest} as {what}"):
         batches = _iter_table(fs, path, kind) if kind else _iter_lines(fs, path)
         for batch in batches:
             ids, uris = _validate(batch, manifest, row)
             resolved = [u if "://" in u or u.startswith("/") else storage.join(base, u) for u in uris]
             yield ids or [default_image_id(u) for u in uris], resolved
             row += len(uris)
-    except BatchsegError:
-        raise
-    except Exception as e:
-        what = kind.upper() if kind else "a text file of URIs"
-        raise BatchsegError(f"cannot read manifest {manifest} as {what}: {storage.describe(e)}") from None
 
 
 def _suffix(path: str) -> str:

@@ -7,7 +7,6 @@ are retried with backoff for up to ``BATCHSEG_RETRY_SECONDS`` (default 120 s) be
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import posixpath
 import re
@@ -19,9 +18,9 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from batchseg.errors import ImageError
+from batchseg import log
+from batchseg.errors import ImageError, StorageUnavailable
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_SECONDS = float(os.environ.get("BATCHSEG_RETRY_SECONDS", "120"))
 _TRANSIENT_TYPES = frozenset({
@@ -33,11 +32,6 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errn
 _TRANSIENT_TEXT = re.compile(
     r"SlowDown|Throttl|RequestTimeout|ServiceUnavailable|InternalError|\((500|502|503|504)\)|Too Many Requests"
 )
-
-
-class StorageUnavailable(RuntimeError):
-    """Storage kept failing with transient errors for the whole retry budget: the work is retried later
-    (a shard is redone), never recorded as a bad image."""
 
 
 def filesystem(
@@ -88,20 +82,9 @@ def retrying(call: Callable[[], T], what: str, seconds: float | None = None) -> 
                 raise
             if time.monotonic() + delay > deadline:
                 raise StorageUnavailable(f"{what}: storage kept failing: {type(e).__name__}: {e}") from e
-            log.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, e, delay)
+            log.warning(f"{what}: {type(e).__name__}: {e}; retrying in {delay:.1f} s")
             time.sleep(delay)
             delay = min(2 * delay, 10.0)
-
-
-def describe(error: BaseException) -> str:
-    """A storage error in words for a job-level message (the URI is named by the caller)."""
-    if isinstance(error, PermissionError):
-        return "access denied (check the credentials and what they may read and write)"
-    if isinstance(error, FileNotFoundError):
-        return "not found (does the bucket exist?)"
-    if isinstance(error, StorageUnavailable):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
 
 
 def join(uri: str, *parts: str) -> str:

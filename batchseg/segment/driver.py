@@ -8,7 +8,6 @@ their shards: a shard is redone whole and rewritten under the same name, so rows
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from batchseg import log
 from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir
 from batchseg.io import storage
@@ -27,10 +27,6 @@ from batchseg.segment.processor import ShardProcessor
 
 QUEUE_PER_ACTOR = 2
 PROGRESS_EVERY_S = 5.0
-
-
-def log(message: str) -> None:
-    print(f"batchseg: {message}", file=sys.stderr, flush=True)
 
 
 @ray.remote(concurrency_groups={"report": 1})  # type: ignore[call-overload]
@@ -69,10 +65,10 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     job = prepare_job(config)
     plan = job.plan
     todo = plan.num_shards - len(job.done)
-    log(f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}; "
+    log.info(f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}; "
         f"{len(job.done)} shards already done, {todo} to do")  # fmt: skip
     if job.weights.source == "none":
-        log("WARNING: --weights none: the model has RANDOM weights; its detections and masks are meaningless")
+        log.warning("--weights none: the model has RANDOM weights; its detections and masks are meaningless")
     run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
     if todo:
         init_ray(config.address)
@@ -125,7 +121,7 @@ class _Scheduler:
         self.retries = 0
         self.todo_images = job.plan.num_rows - self._done_rows()
         self.min_actors, self.max_actors = config.actors
-        log(f"starting {self.min_actors} actor(s), up to {self.max_actors}, with {cpus:g} CPU and {gpus:g} GPU "
+        log.info(f"starting {self.min_actors} actor(s), up to {self.max_actors}, with {cpus:g} CPU and {gpus:g} GPU "
             f"each, on {self.device}")  # fmt: skip
         for _ in range(self.min_actors):
             self._start_actor()
@@ -230,10 +226,10 @@ class _Scheduler:
     def _requeue(self, shard: Shard, attempt: int, reason: str | None) -> None:
         if reason is not None:
             self.retries += 1
-            log(f"shard {shard.index} failed on attempt {attempt - 1}: {reason}")
+            log.info(f"shard {shard.index} failed on attempt {attempt - 1}: {reason}")
         if attempt > self.job.config.max_attempts:
             self.failed.append({"shard": shard.index, "error": reason})
-            log(f"shard {shard.index} failed {attempt - 1} times; giving up on it (a rerun retries it)")
+            log.info(f"shard {shard.index} failed {attempt - 1} times; giving up on it (a rerun retries it)")
         else:
             self.retry.append((shard, attempt))
 
@@ -242,7 +238,7 @@ class _Scheduler:
         ray.kill(worker.actor, no_restart=True)
         if start_failure is not None:
             self.start_failures.append(start_failure)
-            log(start_failure)
+            log.info(start_failure)
             if len(self.start_failures) >= 3 * self.max_actors:
                 return  # stop restarting an actor that cannot start; run() reports it
         self._start_actor()
@@ -253,14 +249,14 @@ class _Scheduler:
         with contextlib.suppress(GetTimeoutError, RayActorError):
             partial = sum(ray.get(calls, timeout=2.0))
         if not any(w.up for w in self.workers) and time.time() - start > 30:
-            log(f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
+            log.info(f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
                 f"each; the cluster has {ray.available_resources()} available)")  # fmt: skip
         done = self.images + partial
         elapsed = time.time() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = self.todo_images - done
         eta = _duration(left / rate) if rate > 0 else "?"
-        log(f"{done}/{self.todo_images} images ({100 * done / max(1, self.todo_images):.1f}%) | "
+        log.info(f"{done}/{self.todo_images} images ({100 * done / max(1, self.todo_images):.1f}%) | "
             f"{rate:.2f} img/s | {self.errors} errors | ETA {eta}")  # fmt: skip
 
 

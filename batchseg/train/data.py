@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
 
-from batchseg.analysis.evaluate import load_annotations
+from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.coco import category_names, load_annotations
 from batchseg.io import storage
 from batchseg.io.images import decode_image
 
-log = logging.getLogger(__name__)
 Target = dict[str, torch.Tensor]
-
-
-def category_names(coco: COCO) -> tuple[str, ...]:
-    """Names indexed by label: the data set's own category ids are the model's labels, 0 is background and
-    gaps are ``N/A`` (as in torchvision's COCO list), so predictions carry the data set's ids."""
-    categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    if not categories or min(categories) < 1:
-        raise BatchsegError("COCO category ids must be positive integers (0 is the background)")
-    return ("__background__", *(categories.get(i, "N/A") for i in range(1, max(categories) + 1)))
 
 
 @dataclass
@@ -79,7 +68,7 @@ class CocoInstances(torch.utils.data.Dataset):
                 self.stats.images_without_instances += 1
         self.corrupt = 0
         if self.stats.invalid_annotations or self.stats.images_without_instances:
-            log.warning("%s: %s", annotations, self.stats.summary())
+            log.warning(f"{annotations}: {self.stats.summary()}")
 
     def _valid(self, ann: dict[str, Any], image: dict[str, Any]) -> bool:
         if ann.get("iscrowd"):
@@ -117,7 +106,7 @@ class CocoInstances(torch.utils.data.Dataset):
             return decode_image(storage.read_image_bytes(uri, self.storage_options))
         except ImageError as e:
             self.corrupt += 1
-            log.warning("skipping %s: %s", uri, e)
+            log.warning(f"skipping {uri}: {e}")
             return None
 
     def _load(self, index: int) -> tuple[torch.Tensor, Target] | None:

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from batchseg.errors import BatchsegError
+from batchseg import log
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
 from batchseg.inference.registry import MODELS, TRAINABLE
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
-from batchseg.segment.driver import init_ray, log
+from batchseg.segment.driver import init_ray
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
@@ -135,7 +136,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         step = resumed_from = saved["step"]
         trained_seconds = saved.get("train_seconds", 0.0)
         if rank == 0:
-            log(f"resumed from the checkpoint at step {step}")
+            log.info(f"resumed from the checkpoint at step {step}")
     validation = _validation(config)
     transform: Any = bare.transform  # what evaluation (and then segment) resizes to
     resize = {"min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size)}
@@ -145,7 +146,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         window["images"] += config.batch_size
         if rank == 0 and (step % 10 == 0 or step == total):
             rate = window["images"] / (time.time() - window["start"])
-            log(f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+            log.info(f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
                 f"{rate:.1f} images/s per worker")  # fmt: skip
 
     while step < total:
@@ -226,10 +227,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     output = config.output.rstrip("/")
     fs, path = storage.filesystem(output, config.storage_options)
     name, parent = os.path.basename(path), os.path.dirname(path)
-    try:
+    with job_errors(f"cannot write to output {config.output}"):
         fs.makedirs(path, exist_ok=True)
-    except Exception as e:
-        raise BatchsegError(f"cannot write to output {config.output}: {type(e).__name__}: {e}") from None
     init_ray(config.address)
     cpus = config.cpus_per_worker or 1.0
     trainer = TorchTrainer(
@@ -255,13 +254,13 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
-    log(
+    log.info(
         f"training {weights.model} from {weights.identity} on {config.workers} worker(s); run folder {output}"
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise BatchsegError(f"training failed: {_root_cause(e)}") from None
+        raise BatchsegError(f"training failed: {_root_cause(e)}") from e
     if result.checkpoint is None:
         raise BatchsegError(f"training ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
