@@ -397,14 +397,24 @@ def test_an_interrupted_run_leaves_no_actor_alive(
 def test_verbose_shows_the_cause_behind_the_one_line_error(tmp_path: pathlib.Path, how: str) -> None:
     manifest, _, _ = archive(tmp_path, 1, bad=False)
     (tmp_path / "file").write_text("a file, not a folder")
-    args = ["segment", "--manifest", manifest, "--output", str(tmp_path / "file" / "out"), "--weights", "none"]
+    args = [
+        "segment",
+        "--manifest",
+        manifest,
+        "--output",
+        str(tmp_path / "file" / "out"),
+        "--weights",
+        "none",
+    ]
     env = os.environ | ({"BATCHSEG_DEBUG": "1"} if how.startswith("BATCHSEG") else {})
     verbose = ["--verbose"] if how == "--verbose" else []
     proc = subprocess.run([sys.executable, "-m", "batchseg.cli", *args, *verbose], capture_output=True, text=True,
                           env=env)  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"batchseg: error: cannot use output {tmp_path / 'file' / 'out'}: NotADirectoryError")
+    assert lines[-1].startswith(
+        f"batchseg: error: cannot use output {tmp_path / 'file' / 'out'}: NotADirectoryError"
+    )
     assert lines[0] == "Traceback (most recent call last):"
     assert "The above exception was the direct cause of the following exception:" in proc.stderr
     assert "batchseg.errors.BatchsegError" in proc.stderr

@@ -70,6 +70,11 @@ class Plan:
     def num_shards(self) -> int:
         return -(-self.num_rows // self.shard_size)
 
+    def rows_in(self, shards: frozenset[int]) -> int:
+        """How many manifest rows the shards with these indices hold (the last shard may be short)."""
+        last = self.num_shards - 1
+        return sum(self.num_rows - last * self.shard_size if i == last else self.shard_size for i in shards)
+
 
 def iter_manifest(
     manifest: str, storage_options: dict[str, Any] | None = None

@@ -1,4 +1,5 @@
-"""The thin Ray layer: a pool of SegmentationActors, each holding a model, fed shard by shard by the driver.
+"""The Ray layer of the segmentation job (the only module of it that imports Ray): SegmentationActors,
+each holding a model, fed shard by shard by the driver.
 
 The driver streams shard descriptors (image ids and URIs, never image bytes) to the actors, keeps
 two shards queued per actor so none waits between shards, replaces actors that die, and retries
@@ -9,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -24,9 +22,7 @@ from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
 from batchseg.segment.processor import ShardProcessor
-
-QUEUE_PER_ACTOR = 2
-PROGRESS_EVERY_S = 5.0
+from batchseg.segment.scheduling import ActorPool, Progress, ScalingPolicy, Work, Worker, WorkQueue
 
 
 @ray.remote(concurrency_groups={"report": 1})  # type: ignore[call-overload]
@@ -51,14 +47,6 @@ class SegmentationActor:
         return self.processor.images_done
 
 
-@dataclass
-class _Worker:
-    actor: Any
-    started: Any  # the ObjectRef of ready(), until the actor is up
-    up: bool = False
-    queue: list[tuple[Any, Shard, int]] = field(default_factory=list)  # (ref, shard, attempt), oldest first
-
-
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
     """Run (or resume) a segmentation job; returns its summary, which is also written to summary.json."""
     started = time.time()
@@ -72,7 +60,7 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
     if todo:
         init_ray(config.address)
-        run = _Scheduler(job).run()
+        run = Driver(job).run()
     output = OutputDir(config.output, config.storage_options)
     wall = time.time() - started
     run |= {
@@ -95,7 +83,15 @@ def init_ray(address: str | None) -> None:
                  logging_config=ray.LoggingConfig(log_level="ERROR"))  # fmt: skip
 
 
-class _Scheduler:
+class Driver:
+    """Feeds a job's shards to a pool of SegmentationActors and survives their deaths.
+
+    The bookkeeping lives in :mod:`batchseg.segment.scheduling`; this class makes the Ray calls: start
+    actors, hand them shards, wait on the results, kill and replace the dead. :meth:`run` always kills
+    its actors when it returns or raises (Ctrl-C, an error), so a process whose Ray lives on (a notebook)
+    gets their CPUs and GPUs back.
+    """
+
     def __init__(self, job: Job) -> None:
         self.job = job
         config = job.config
@@ -109,93 +105,60 @@ class _Scheduler:
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
         self.device = "cuda" if gpus else "cpu"
         self.threads = max(1, int(cpus))
-        self.shards: Iterator[Shard] = iter_shards(job.plan, job.done, config.storage_options)
-        self.upcoming = next(self.shards, None)  # one shard of lookahead tells when all were handed out
-        self.retry: deque[tuple[Shard, int]] = deque()
-        self.workers: list[_Worker] = []
-        self.failed: list[dict[str, Any]] = []
+        self.work = WorkQueue(iter_shards(job.plan, job.done, config.storage_options), config.max_attempts)
+        self.pool = ActorPool()
+        self.scaling = ScalingPolicy(*config.actors)
+        self.progress = Progress(job.plan.num_rows - job.plan.rows_in(job.done))
         self.start_failures: list[str] = []
-        self.images = 0
-        self.shards_done = 0
-        self.errors = 0
-        self.retries = 0
-        self.todo_images = job.plan.num_rows - self._done_rows()
-        self.min_actors, self.max_actors = config.actors
-        log.info(f"starting {self.min_actors} actor(s), up to {self.max_actors}, with {cpus:g} CPU and {gpus:g} GPU "
-            f"each, on {self.device}")  # fmt: skip
-        for _ in range(self.min_actors):
-            self._start_actor()
-
-    def _done_rows(self) -> int:
-        plan = self.job.plan
-        last = plan.num_shards - 1
-        return sum(
-            plan.num_rows - last * plan.shard_size if i == last else plan.shard_size for i in self.job.done
-        )
-
-    def _start_actor(self) -> None:
-        actor = SegmentationActor.options(**self.options).remote(self.job, self.device, self.threads)  # type: ignore[attr-defined]
-        self.workers.append(_Worker(actor, actor.ready.remote()))
-
-    def _next(self) -> tuple[Shard, int] | None:
-        if self.retry:
-            return self.retry.popleft()
-        shard, self.upcoming = self.upcoming, next(self.shards, None) if self.upcoming is not None else None
-        return (shard, 1) if shard is not None else None
-
-    def _undispatched(self) -> bool:
-        return bool(self.retry) or self.upcoming is not None
-
-    def _scale_up(self) -> None:
-        """Between --actors MIN and MAX: once no actor is pending and shards still wait, start more
-        (doubling), so a small job stays small and a cluster's autoscaler sees demand as it grows."""
-        if any(not w.up for w in self.workers) or not self._undispatched():
-            return
-        for _ in range(min(self.max_actors - len(self.workers), max(1, len(self.workers)))):
-            self._start_actor()
-
-    def _feed(self, worker: _Worker) -> None:
-        while worker.up and len(worker.queue) < QUEUE_PER_ACTOR:
-            work = self._next()
-            if work is None:
-                return
-            shard, attempt = work
-            worker.queue.append((worker.actor.process.remote(shard, attempt), shard, attempt))
 
     def run(self) -> dict[str, Any]:
+        """Process every shard left; returns this run's counts (``shards_failed``, ``images_this_run``,
+        ``shards_this_run``, ``retries``)."""
         try:
-            return self._run()
-        finally:  # also on Ctrl-C or an error: a process whose Ray lives on must get the resources back
+            self._run()
+        finally:
             self.shutdown()
+        return {"shards_failed": self.work.given_up, "images_this_run": self.progress.images,
+                "shards_this_run": self.progress.shards, "retries": self.work.retries}  # fmt: skip
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w.actor, no_restart=True)
-        self.workers.clear()
+        for worker in list(self.pool.workers):
+            self.pool.remove(worker)
+            ray.kill(worker.actor, no_restart=True)
 
-    def _run(self) -> dict[str, Any]:
-        start = last_report = time.time()
-        while True:
-            waiting = {w.started: w for w in self.workers if not w.up}
-            waiting |= {ref: w for w in self.workers for ref, _, _ in w.queue}
-            if not any(w.queue for w in self.workers) and not self._undispatched():
-                break
-            if not waiting:
+    def _run(self) -> None:
+        log.info(f"starting {self.scaling.low} actor(s), up to {self.scaling.high}, with {self.options['num_cpus']:g} "
+                 f"CPU and {self.options['num_gpus']:g} GPU each, on {self.device}")  # fmt: skip
+        for _ in range(self.scaling.low):
+            self._start_actor()
+        while self.pool.busy() or self.work:
+            pending = self.pool.pending()
+            if not pending:
                 raise BatchsegError(
                     f"no actor could start: {self.start_failures[-1] if self.start_failures else '?'}"
                 )
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in ready:
-                self._handle(ref, waiting[ref])
-            self._scale_up()
-            if time.time() - last_report >= PROGRESS_EVERY_S:
-                self._report(start)
-                last_report = time.time()
-        self._report(start)
-        return {"shards_failed": self.failed, "images_this_run": self.images, "shards_this_run": self.shards_done,
-                "retries": self.retries}  # fmt: skip
+                self._handle(ref, pending[ref])
+            starting = self.pool.starting()
+            for _ in range(self.scaling.to_start(len(self.pool), starting, bool(self.work))):
+                self._start_actor()
+            if self.progress.due():
+                self._report()
+        self._report()
 
-    def _handle(self, ref: Any, worker: _Worker) -> None:
+    def _start_actor(self) -> None:
+        actor = SegmentationActor.options(**self.options).remote(self.job, self.device, self.threads)  # type: ignore[attr-defined]
+        self.pool.add(actor, actor.ready.remote())
+
+    def _feed(self, worker: Worker) -> None:
+        for _ in range(self.pool.room(worker)):
+            work = self.work.next()
+            if work is None:
+                return
+            worker.queue.append((worker.actor.process.remote(*work), work))
+
+    def _handle(self, ref: Any, worker: Worker) -> None:
         if not worker.up:
             try:
                 ray.get(ref)
@@ -204,60 +167,44 @@ class _Scheduler:
             except Exception as e:
                 self._replace(worker, f"an actor failed to start: {_reason(e)}")
             return
-        index = next(i for i, (r, _, _) in enumerate(worker.queue) if r == ref)
-        _, shard, attempt = worker.queue.pop(index)
+        work = self.pool.finished(worker, ref)
         try:
-            record = ray.get(ref)
-            self.images += record["rows"]
-            self.shards_done += 1
-            self.errors += sum(record["errors"].values())
+            self.progress.shard_done(ray.get(ref))
         except RayTaskError as e:  # the shard's code raised; the actor lives on
-            self._requeue(shard, attempt + 1, _reason(e))
+            self._failed(work, _reason(e))
         except Exception as e:
             # The worker process died (OOM, killed, node lost): everything queued on it goes back.
-            self._requeue(shard, attempt + 1, _reason(e))
-            for _, queued, queued_attempt in worker.queue:
-                self._requeue(queued, queued_attempt, None)
-            worker.queue.clear()
+            self._failed(work, _reason(e))
             self._replace(worker, None)
             return
         self._feed(worker)
 
-    def _requeue(self, shard: Shard, attempt: int, reason: str | None) -> None:
-        if reason is not None:
-            self.retries += 1
-            log.info(f"shard {shard.index} failed on attempt {attempt - 1}: {reason}")
-        if attempt > self.job.config.max_attempts:
-            self.failed.append({"shard": shard.index, "error": reason})
-            log.info(f"shard {shard.index} failed {attempt - 1} times; giving up on it (a rerun retries it)")
-        else:
-            self.retry.append((shard, attempt))
+    def _failed(self, work: Work, reason: str) -> None:
+        shard, attempt = work
+        log.info(f"shard {shard.index} failed on attempt {attempt}: {reason}")
+        if not self.work.failed(work, reason):
+            log.info(f"shard {shard.index} failed {attempt} times; giving up on it (a rerun retries it)")
 
-    def _replace(self, worker: _Worker, start_failure: str | None) -> None:
-        self.workers.remove(worker)
+    def _replace(self, worker: Worker, start_failure: str | None) -> None:
+        for work in self.pool.remove(worker):
+            self.work.put_back(work)
         ray.kill(worker.actor, no_restart=True)
         if start_failure is not None:
             self.start_failures.append(start_failure)
             log.info(start_failure)
-            if len(self.start_failures) >= 3 * self.max_actors:
-                return  # stop restarting an actor that cannot start; run() reports it
+            if self.scaling.gives_up(len(self.start_failures)):
+                return  # stop restarting an actor that cannot start; _run() reports it
         self._start_actor()
 
-    def _report(self, start: float) -> None:
+    def _report(self) -> None:
         partial = 0
-        calls = [w.actor.images_done.remote() for w in self.workers if w.up and w.queue]
+        calls = [w.actor.images_done.remote() for w in self.pool.workers if w.up and w.queue]
         with contextlib.suppress(GetTimeoutError, RayActorError):
             partial = sum(ray.get(calls, timeout=2.0))
-        if not any(w.up for w in self.workers) and time.time() - start > 30:
+        if not any(w.up for w in self.pool.workers) and time.time() - self.progress.start > 30:
             log.info(f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
-                f"each; the cluster has {ray.available_resources()} available)")  # fmt: skip
-        done = self.images + partial
-        elapsed = time.time() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = self.todo_images - done
-        eta = _duration(left / rate) if rate > 0 else "?"
-        log.info(f"{done}/{self.todo_images} images ({100 * done / max(1, self.todo_images):.1f}%) | "
-            f"{rate:.2f} img/s | {self.errors} errors | ETA {eta}")  # fmt: skip
+                     f"each; the cluster has {ray.available_resources()} available)")  # fmt: skip
+        log.info(self.progress.line(partial))
 
 
 def _reason(e: BaseException) -> str:
@@ -265,10 +212,3 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, RayTaskError) and cause is not None:
         return f"{type(cause).__name__}: {cause}"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

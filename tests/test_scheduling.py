@@ -1,0 +1,100 @@
+"""The driver's bookkeeping without a cluster: work queue and retries, actor pool, scaling, progress."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from batchseg.io.manifest import Plan, Shard
+from batchseg.segment.scheduling import (
+    QUEUE_PER_ACTOR,
+    ActorPool,
+    Progress,
+    ScalingPolicy,
+    WorkQueue,
+    duration,
+)
+
+
+def shards(count: int) -> list[Shard]:
+    return [Shard(i, [str(i)], [f"/images/{i}.jpg"]) for i in range(count)]
+
+
+def test_work_queue_hands_out_retries_first_then_gives_up_after_max_attempts() -> None:
+    a, b, c = shards(3)
+    queue = WorkQueue(iter([a, b, c]), max_attempts=2)
+    assert queue and queue.next() == (a, 1)
+    assert queue.failed((a, 1), "boom") is True  # attempt 2 comes next, before the manifest's shards
+    assert queue.next() == (a, 2)
+    assert queue.next() == (b, 1)
+    assert queue.failed((a, 2), "boom again") is False
+    assert queue.given_up == [{"shard": 0, "error": "boom again"}] and queue.retries == 2
+    queue.put_back((b, 1))  # its actor died before starting it: the attempt does not count
+    assert queue.next() == (b, 1) and queue.retries == 2
+    assert queue.next() == (c, 1)
+    assert not queue and queue.next() is None
+
+
+def test_work_queue_reads_the_manifest_one_shard_ahead_only() -> None:
+    taken: list[int] = []
+
+    def stream():  # type: ignore[no-untyped-def]
+        for shard in shards(1000):
+            taken.append(shard.index)
+            yield shard
+
+    queue = WorkQueue(stream(), max_attempts=3)
+    assert taken == [0]
+    queue.next()
+    assert taken == [0, 1]
+
+
+def test_actor_pool_tracks_what_each_actor_holds() -> None:
+    pool = ActorPool()
+    first = pool.add("actor-1", "ready-1")
+    second = pool.add("actor-2", "ready-2")
+    assert pool.starting() == 2 and pool.pending() == {"ready-1": first, "ready-2": second}
+    assert pool.room(first) == 0, "an actor that is not up gets no work"
+    first.up = True
+    assert pool.room(first) == QUEUE_PER_ACTOR
+    a, b = shards(2)
+    first.queue += [("ref-a", (a, 1)), ("ref-b", (b, 1))]
+    assert pool.room(first) == 0 and pool.busy()
+    assert pool.pending() == {"ready-2": second, "ref-a": first, "ref-b": first}
+    assert pool.finished(first, "ref-b") == (b, 1)
+    assert first.queue == [("ref-a", (a, 1))]
+    assert pool.remove(first) == [(a, 1)] and len(pool) == 1 and not pool.busy()
+
+
+def test_scaling_doubles_while_work_waits_up_to_max() -> None:
+    policy = ScalingPolicy(1, 6)
+    assert policy.to_start(running=1, starting=1, work_waiting=True) == 0, "wait for starting actors"
+    assert policy.to_start(running=1, starting=0, work_waiting=False) == 0, "no work waits: stay small"
+    started = [policy.to_start(running=n, starting=0, work_waiting=True) for n in (1, 2, 4, 6)]
+    assert started == [1, 2, 2, 0]
+    assert ScalingPolicy(3, 3).to_start(running=0, starting=0, work_waiting=True) == 1
+    assert not policy.gives_up(17) and policy.gives_up(18)
+
+
+def test_progress_line_counts_rate_and_eta() -> None:
+    now = [100.0]
+    progress = Progress(5000, clock=lambda: now[0], every=5.0)
+    assert not progress.due()
+    progress.shard_done({"rows": 100, "errors": {"not_found": 2}})
+    now[0] += 40.0
+    assert progress.due()
+    assert progress.line(partial=20) == "120/5000 images (2.4%) | 3.00 img/s | 2 errors | ETA 27m06s"
+    assert not progress.due(), "a line resets the interval"
+    assert (progress.images, progress.shards, progress.errors) == (100, 1, 2)
+    assert Progress(10, clock=lambda: 0.0).line() == "0/10 images (0.0%) | 0.00 img/s | 0 errors | ETA ?"
+    assert duration(3 * 3600 + 61) == "3h01m01s"
+
+
+def test_rows_in_done_shards_counts_a_short_last_shard() -> None:
+    plan = Plan("m.csv", num_rows=2500, shard_size=1000, fingerprint="")
+    assert plan.rows_in(frozenset({0, 2})) == 1500 and plan.rows_in(frozenset()) == 0
+
+
+def test_the_bookkeeping_needs_no_ray() -> None:
+    code = "import sys, batchseg.segment.scheduling; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
