@@ -55,13 +55,13 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         if dtype is not None and not args.device.startswith("cuda"):
             continue
         with_paste = timed(model, tensors, args.batch_size, dtype)
-        without = timed(predictor._detect, tensors, args.batch_size, dtype)
+        without = timed(predictor.forward, tensors, args.batch_size, dtype)
         rows.append((label, with_paste, without))
         print(f"{name} raw loop {label}: {with_paste:7.2f} img/s torchvision forward, "
               f"{without:7.2f} img/s without its full-size paste", flush=True)  # fmt: skip
     if args.device.startswith("cuda"):
         predictor.model.to(memory_format=torch.channels_last)
-        channels_last = timed(predictor._detect, tensors, args.batch_size, torch.bfloat16)
+        channels_last = timed(predictor.forward, tensors, args.batch_size, torch.bfloat16)
         print(
             f"{name} raw loop bf16 without paste, channels_last weights: {channels_last:7.2f} img/s",
             flush=True,

@@ -12,11 +12,9 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from batchseg.inference.models import resolve_weights
-from batchseg.inference.paste import encode_crops
+from batchseg.inference.paste import crop_columns, encode_crops, run_starts
 from batchseg.inference.predictor import Predictor
 from batchseg.io.images import decode_image
 from batchseg.train.synth import write_dataset
@@ -53,36 +51,22 @@ def main() -> None:
             t = time.perf_counter()
             tensors = [im.float().div(255) for im in images[k : k + args.batch_size]]
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                outputs = predictor._detect(tensors)
+                outputs = predictor.forward(tensors)
             t = tick("model forward (synchronised)", t)
             for out, im in zip(outputs, tensors, strict=True):
                 height, width = int(im.shape[-2]), int(im.shape[-1])
-                masks, boxes = out["masks"].float(), out["boxes"]
-                instances += len(masks)
-                padded, scale = expand_masks(masks, padding=1)
-                int_boxes = expand_boxes(boxes.float(), scale).to(torch.int64).tolist()
-                t = tick("expand boxes + tolist", t)
-                columns, places = [], []
-                for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
-                    w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
-                    x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
-                    resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[
-                        0, 0
-                    ]
-                    crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > 0.5
-                    columns.append(F.pad(crop.T.to(torch.uint8), (1, 1)).reshape(-1))
-                    places.append((y0, x0, y1 - y0, x1 - x0))
-                t = tick("interpolate + threshold + layout (launches)", t)
-                flat = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.uint8, device=device)
-                change = (torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1).cpu().numpy()
-                t = tick("changes found on device, copied to host", t)
-                encode_crops(change, places, height, width)
+                instances += len(out["masks"])
+                flat, places = crop_columns(out["masks"].float(), out["boxes"], height, width)
+                t = tick("crop_columns: resize, threshold, layout (device)", t)
+                starts = run_starts(flat)
+                t = tick("run_starts: found on device, one copy", t)
+                encode_crops(starts, places, height, width)
                 t = tick("encode_crops (numpy, all instances)", t)
     total = sum(spent.values())
     print(f"{args.model} on {device}: {len(images)} images, {instances / len(images):.1f} instances/image, "
           f"{len(images) / total:.1f} img/s for these steps")  # fmt: skip
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<40} {1000 * seconds / len(images):7.2f} ms/image  {100 * seconds / total:5.1f}%")
+        print(f"  {name:<50} {1000 * seconds / len(images):7.2f} ms/image  {100 * seconds / total:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,8 +25,11 @@ from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.processes import ray_worker_pids
+
+def actor_pids() -> list[int]:
+    """This machine's SegmentationActor processes (Ray titles its workers ``ray::<actor class>``)."""
+    found = subprocess.run(["pgrep", "-f", "^ray::SegmentationActor"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
 
 
 def main() -> None:
@@ -46,7 +50,7 @@ def main() -> None:
 
         def killer() -> None:
             while not finished.wait(rng.uniform(low, high)):
-                pids = ray_worker_pids("SegmentationActor")
+                pids = actor_pids()
                 if pids:
                     victim = rng.choice(pids)
                     os.kill(victim, signal.SIGKILL)

@@ -30,10 +30,26 @@ def paste_to_rle(
         threshold: a pixel is foreground where the pasted probability is above it.
 
     Returns ``[(counts, area), ...]``; ``counts`` equals pycocotools' encoding of
-    ``paste_masks_in_image(masks, boxes, (height, width))[i, 0] > threshold``.
+    ``paste_masks_in_image(masks, boxes, (height, width))[i, 0] > threshold``. The three steps
+    (:func:`crop_columns` on the device, :func:`run_starts`, then :func:`encode_crops` on the host) are
+    public so that ``bench/gpu_masks.py`` can time each.
     """
     if len(masks) == 0:
         return []
+    flat, places = crop_columns(masks, boxes, height, width, threshold)
+    return encode_crops(run_starts(flat), places, height, width)
+
+
+def crop_columns(
+    masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
+) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Each mask resized into its box exactly as torchvision pastes it, thresholded, and cut to the image.
+
+    Returns the crops laid end to end on the masks' device as one uint8 sequence (each crop column by
+    column, COCO's order, each column between two background pixels), and each crop's place
+    ``(y0, x0, h, w)`` in the image (``h * w == 0`` for a box outside the image), as
+    :func:`encode_crops` takes them.
+    """
     padded, scale = expand_masks(masks, padding=1)
     int_boxes = expand_boxes(boxes.float(), scale).to(torch.int64).tolist()
     columns, places = [], []
@@ -45,14 +61,16 @@ def paste_to_rle(
         else:
             resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold
-            # Column by column (COCO's order), each column between two background pixels.
             columns.append(F.pad(crop.T.to(torch.uint8), (1, 1)).reshape(-1))
         places.append((y0, x0, y1 - y0, x1 - x0))
-    # Where the column sequences change value, found on the device; one copy to the host for all crops
-    # (on a GPU, a copy per instance would wait on each).
-    flat = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.uint8)
-    change = (torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1).cpu().numpy()
-    return encode_crops(change, places, height, width)
+    flat = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.uint8, device=masks.device)
+    return flat, places
+
+
+def run_starts(flat: torch.Tensor) -> np.ndarray:
+    """Where the sequence changes value, found on its device and copied to the host in one go (on a GPU, a
+    copy per instance would wait on each)."""
+    return (torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1).cpu().numpy()
 
 
 def encode_crops(

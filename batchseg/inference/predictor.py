@@ -100,7 +100,7 @@ class Predictor:
         tensors = [self._to_device(im) for im in images]
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = self._detect(tensors)
+            outputs = self.forward(tensors)
         return [(out, int(t.shape[-2]), int(t.shape[-1])) for out, t in zip(outputs, tensors, strict=True)]
 
     @torch.inference_mode()
@@ -120,10 +120,11 @@ class Predictor:
             image = tensor.to(self.device, non_blocking=True)
         return image.float().div_(255)
 
-    def _detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste: boxes and
-        keypoints come back in each image's pixels, masks stay the mask head's ``N x 1 x 28 x 28``
-        probabilities for :func:`batchseg.inference.paste.paste_to_rle`."""
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste, on ``3 x H x W``
+        float images in [0, 1] already on the device (no autocast here: the caller chooses). Boxes
+        (``x1 y1 x2 y2``) and keypoints come back in each image's pixels; masks stay the mask head's
+        ``N x 1 x 28 x 28`` probabilities for :func:`batchseg.inference.paste.paste_to_rle`."""
         model: Any = self.model
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, _ = model.transform(images)
