@@ -8,6 +8,8 @@ import io
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import resources
+from string import Template
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,8 @@ SCORE_BINS = np.linspace(0.0, 1.0, 21)
 # Gallery images are drawn at the size they are shown (CSS pixels), so labels keep their 10 px font.
 TILE_WIDTH, TILE_HEIGHT, TILE_MAX_UPSCALE = 320, 480, 4.0
 CHART_WIDTH_INCHES, CHART_DPI = 4.0, 200  # shown 400 CSS px wide
+# The page (HTML and CSS) with $placeholders, filled in by _page with values already escaped.
+PAGE = Template((resources.files("batchseg.analysis") / "report.html").read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -337,57 +341,6 @@ def _page(
                     else '<p class="note">No ok image with instances to show.</p>')  # fmt: skip
 
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>batchseg report: {e(uri)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>Segmentation report</h1>
-<table class="facts">{facts_html}</table>
-<div class="cards">{cards_html}</div>
-{notes_html}
-<h2>Errors by kind</h2>
-{errors_html}
-<h2>Instances and scores</h2>
-<div class="charts">{charts_html}</div>
-<h2>Gallery <span class="sub">{len(tiles)} ok images with instances, in output order</span></h2>
-{figures_note}
-{gallery_html}
-<footer>batchseg {e(__version__)} &middot; {e(generated)}</footer>
-</body>
-</html>
-"""
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; color: #222;
-       margin: 0 auto; padding: 16px 24px; max-width: 1240px; background: #fff; }
-h1 { font-size: 22px; margin: 0 0 12px; }
-h2 { font-size: 17px; margin: 24px 0 10px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-h2 .sub { font-size: 13px; font-weight: normal; color: #666; margin-left: 8px; }
-code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12px; word-break: break-all; }
-table.facts th { text-align: left; padding: 2px 16px 2px 0; color: #555; font-weight: 600; }
-.cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0 6px; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 16px; min-width: 110px; background: #f7f8fa; }
-.card .value { font-size: 22px; font-weight: 600; }
-.card .label { font-size: 12px; color: #666; text-transform: uppercase; letter-spacing: 0.04em; }
-.note { color: #666; font-size: 13px; margin: 6px 0; }
-table.errors { border-collapse: collapse; width: 100%; font-size: 13px; }
-table.errors th, table.errors td { border: 1px solid #ddd; padding: 5px 8px; text-align: left; vertical-align: top; }
-table.errors th { background: #f3f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-ul.examples { margin: 0; padding-left: 16px; }
-ul.examples .message { display: block; color: #a33; }
-.charts { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
-img.chart { max-width: 100%; width: 400px; height: auto; border: 1px solid #eee; }
-table.errors td:nth-child(-n+2), table.errors th:nth-child(-n+2) { width: 1%; white-space: nowrap; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
-.gallery figure { margin: 0; border: 1px solid #e3e3e3; border-radius: 6px; padding: 6px; background: #fafafa; }
-.gallery img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
-.gallery figcaption { font-size: 12px; margin-top: 4px; color: #444; }
-footer { margin-top: 28px; font-size: 11px; color: #999; }
-"""
+    return PAGE.substitute(uri=e(uri), facts=facts_html, cards=cards_html, notes=notes_html, errors=errors_html,
+                           charts=charts_html, shown=len(tiles), gallery_note=figures_note, gallery=gallery_html,
+                           version=e(__version__), generated=e(generated))  # fmt: skip
