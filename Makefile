@@ -16,10 +16,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/batchseg demo --output demo-output
 
+# Style, types, and the layering (import contracts in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check batchseg tests jobs bench
 	$(VENV)/bin/ruff format --check batchseg tests jobs bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The report test opens the HTML report in a real headless browser: Debian's chromium package.
 system:
@@ -31,4 +33,4 @@ test: system lint
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
