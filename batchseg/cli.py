@@ -40,15 +40,25 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True,
-                   help="Parquet/CSV/JSONL file with a 'uri' column (optional 'image_id'), a text file of URIs, "
-                        "or a folder/prefix of images; any fsspec URI")  # fmt: skip
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="Parquet/CSV/JSONL file with a 'uri' column (optional 'image_id'), a text file of URIs, "
+        "or a folder/prefix of images; any fsspec URI",
+    )
     p.add_argument("--output", required=True, help="output folder/prefix for Parquet shards (any fsspec URI)")
-    p.add_argument("--model", choices=list(MODELS), default=None,
-                   help=f"detection model (default: the checkpoint's, else {DEFAULT_MODEL})")  # fmt: skip
-    p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (torchvision's COCO weights), a torchvision weights name, a checkpoint path or "
-                        "URI (state_dict or batchseg training checkpoint), or 'none' for random weights")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default=None,
+        help=f"detection model (default: the checkpoint's, else {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="DEFAULT (torchvision's COCO weights), a torchvision weights name, a checkpoint path or "
+        "URI (state_dict or batchseg training checkpoint), or 'none' for random weights",
+    )
     p.add_argument("--score-threshold", type=float, default=0.5, help="drop instances scoring below this")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability threshold")
     p.add_argument("--min-size", type=int, default=None, help="model's resize: shorter side (default 800)")
@@ -58,22 +68,42 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-instances", type=int, default=100, help="keep at most this many instances per image"
     )
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="images with more pixels become 'too_large' error rows (decompression bombs)")  # fmt: skip
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="images with more pixels become 'too_large' error rows (decompression bombs)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per model call")
     p.add_argument(
         "--shard-size", type=int, default=1000, help="images per output file (unit of retry/resume)"
     )
     p.add_argument("--actors", type=_actors, default=(1, 1), help="model actors: N, or MIN,MAX to autoscale")
-    p.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="default: 1 when the cluster has GPUs, else 0 (CPU)")  # fmt: skip
-    p.add_argument("--cpus-per-actor", type=float, default=None,
-                   help="default: 2 with GPUs; else the cluster's CPUs / max actors (also torch threads)")  # fmt: skip
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")  # fmt: skip
-    p.add_argument("--decode", choices=["auto", "pil", "torchvision"], default="auto",
-                   help="JPEG decoding: torchvision decodes batches on the model's device (nvJPEG on GPU); "
-                        "auto: torchvision on GPU, PIL on CPU")  # fmt: skip
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="default: 1 when the cluster has GPUs, else 0 (CPU)",
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="default: 2 with GPUs; else the cluster's CPUs / max actors (also torch threads)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 autocast on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--decode",
+        choices=["auto", "pil", "torchvision"],
+        default="auto",
+        help="JPEG decoding: torchvision decodes batches on the model's device (nvJPEG on GPU); "
+        "auto: torchvision on GPU, PIL on CPU",
+    )
     p.add_argument("--io-threads", type=int, default=4, help="threads per actor fetching and decoding images")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
@@ -107,10 +137,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from batchseg.train.synth import write_dataset
 
-    data = write_dataset(args.output, args.images, seed=args.seed, size=args.size,
-                         storage_options=args.storage_options)  # fmt: skip
-    print(json.dumps({"images": data.images, "annotations": data.annotations, "manifest": data.manifest,
-                      "count": len(data.uris)}, indent=2))  # fmt: skip
+    data = write_dataset(
+        args.output, args.images, seed=args.seed, size=args.size, storage_options=args.storage_options
+    )
+    print(
+        json.dumps(
+            {
+                "images": data.images,
+                "annotations": data.annotations,
+                "manifest": data.manifest,
+                "count": len(data.uris),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -119,11 +159,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--images", required=True, help="folder/prefix the annotations' file names are relative to"
     )
     p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URI)")
-    p.add_argument("--output", required=True,
-                   help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes")  # fmt: skip
+    p.add_argument(
+        "--output",
+        required=True,
+        help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes",
+    )
     p.add_argument("--model", default="maskrcnn_small", choices=TRAINABLE)
-    p.add_argument("--weights", default="none",
-                   help="none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint")  # fmt: skip
+    p.add_argument(
+        "--weights",
+        default="none",
+        help="none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint",
+    )
     p.add_argument("--workers", type=int, default=1, help="data-parallel (DDP) workers")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=None, help="also torch threads (default 1)")
@@ -140,13 +186,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warmup-iterations", type=int, default=None, help="default: min(100, a tenth of the run)"
     )
-    p.add_argument("--min-sizes", type=_sizes, default=None,
-                   help="multi-scale training: shorter sides, comma-separated, one drawn per batch; the last is "
-                        "used for validation (default: the model's, e.g. 640..800, or 112,144,128 for maskrcnn_small)")  # fmt: skip
+    p.add_argument(
+        "--min-sizes",
+        type=_sizes,
+        default=None,
+        help="multi-scale training: shorter sides, comma-separated, one drawn per batch; the last is "
+        "used for validation (default: the model's, e.g. 640..800, or 112,144,128 for maskrcnn_small)",
+    )
     p.add_argument("--max-size", type=int, default=None, help="longer side cap (default: the model's)")
     p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0: off)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="mixed precision on GPU (auto: bf16 where supported)")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="mixed precision on GPU (auto: bf16 where supported)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -198,9 +252,11 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
     from batchseg.analysis.export import export_coco
 
     counts = export_coco(args.output, args.out, args.images, args.storage_options)
-    print(f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
-          f"{f' (images and categories: {args.images})' if args.images else ''}; "
-          f"{counts['skipped_rows']} error rows left out")  # fmt: skip
+    print(
+        f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
+        f"{f' (images and categories: {args.images})' if args.images else ''}; "
+        f"{counts['skipped_rows']} error rows left out"
+    )
     return 0
 
 
@@ -238,15 +294,23 @@ def _command(
 ) -> argparse.ArgumentParser:
     """A subcommand with the options every command takes (``--verbose``)."""
     command: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-    command.add_argument("--verbose", "-v", action="store_true",
-                         help="on an error, also show its causes and traceback (or set BATCHSEG_DEBUG=1)")  # fmt: skip
+    command.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="on an error, also show its causes and traceback (or set BATCHSEG_DEBUG=1)",
+    )
     command.set_defaults(run=run, interrupted=interrupted)
     return command
 
 
 def _storage_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--storage-options", type=_json_object, default={},
-                         help='JSON passed to fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')  # fmt: skip
+    command.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default={},
+        help='JSON passed to fsspec, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    segment = _command(sub, "segment", "segment every image of a manifest into Parquet shards", cmd_segment,
-                       RERUN_RESUMES)  # fmt: skip
+    segment = _command(
+        sub, "segment", "segment every image of a manifest into Parquet shards", cmd_segment, RERUN_RESUMES
+    )
     add_segment_arguments(segment)
 
     synth = _command(
@@ -269,8 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=128, help="approximate image side in pixels")
     _storage_options(synth)
 
-    train = _command(sub, "train", "train or fine-tune Mask R-CNN on COCO-format data with Ray Train", cmd_train,
-                     "checkpoints are kept, and rerunning the same command resumes from the last")  # fmt: skip
+    train = _command(
+        sub,
+        "train",
+        "train or fine-tune Mask R-CNN on COCO-format data with Ray Train",
+        cmd_train,
+        "checkpoints are kept, and rerunning the same command resumes from the last",
+    )
     add_train_arguments(train)
 
     evaluation = _command(
@@ -311,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--where", default=None, help="SQL condition on the images view, e.g. \"uri LIKE '%%cat%%'\""
     )
-    render.add_argument("--style", choices=["overlay", "splash"], default="overlay",
-                        help="splash: objects keep their colour, the rest turns grey")  # fmt: skip
+    render.add_argument(
+        "--style",
+        choices=["overlay", "splash"],
+        default="overlay",
+        help="splash: objects keep their colour, the rest turns grey",
+    )
     _storage_options(render)
 
     report = _command(sub, "report", "one static HTML report: totals, errors, charts, a gallery", cmd_report)
@@ -321,8 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--gallery", type=int, default=12, help="how many rendered images to include")
     _storage_options(report)
 
-    demo = _command(sub, "demo", "segment a generated held-out archive with the shipped small model, show AP",
-                    cmd_demo, RERUN_RESUMES)  # fmt: skip
+    demo = _command(
+        sub,
+        "demo",
+        "segment a generated held-out archive with the shipped small model, show AP",
+        cmd_demo,
+        RERUN_RESUMES,
+    )
     demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
     demo.add_argument("--images", type=int, default=50, help="how many images to generate")
     return parser

@@ -25,16 +25,24 @@ def run_demo(output: str, images: int) -> int:
     results = storage.join(output, "results")
     log.info(f"writing {images} synthetic images (seed {HELD_OUT_SEED}, never seen in training) to {archive}")
     dataset = write_dataset(archive, images, seed=HELD_OUT_SEED, size=128)
-    config = SegmentConfig(manifest=dataset.manifest, output=results, weights=str(SHAPES_MODEL),
-                           score_threshold=0.3, shard_size=16, overwrite=True)  # fmt: skip
+    config = SegmentConfig(
+        manifest=dataset.manifest,
+        output=results,
+        weights=str(SHAPES_MODEL),
+        score_threshold=0.3,
+        shard_size=16,
+        overwrite=True,
+    )
     summary = run_segment(config)
     table = Results(results).to_table()
     print(f"\n{table.num_rows} rows in {results} (one per image); the first five:")
     for row in table.slice(0, 5).to_pylist():
         found = ", ".join(f"{i['category']} {i['score']:.2f}" for i in row["instances"] or [])
         print(f"  image {row['image_id']:>3}  {row['width']}x{row['height']}  {row['status']}  [{found}]")
-    print(f"\nsummary: {summary['ok']} ok, {summary['error']} errors, {summary['instances']} instances, "
-          f"{summary['images_per_second']} images/s\n")  # fmt: skip
+    print(
+        f"\nsummary: {summary['ok']} ok, {summary['error']} errors, {summary['instances']} instances, "
+        f"{summary['images_per_second']} images/s\n"
+    )
     metrics = evaluate(results, dataset.annotations)
     print(format_table(metrics))
     ap = metrics["segm"]["AP"]

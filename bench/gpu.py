@@ -45,10 +45,14 @@ def timed(run: Any, images: list[torch.Tensor], batch: int, dtype: torch.dtype |
 def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) -> None:
     weights = resolve_weights("none", name)
     options = {"score_threshold": args.score_threshold, "max_instances": args.max_instances}
-    tensors = [torch.from_numpy(decode_image(pathlib.Path(u).read_bytes())).permute(2, 0, 1).to(args.device).float() / 255
-               for u in uris]  # fmt: skip
-    model = build_model(weights, box_score_thresh=args.score_threshold,
-                        box_detections_per_img=args.max_instances).to(args.device)  # fmt: skip
+    tensors = [
+        torch.from_numpy(decode_image(pathlib.Path(u).read_bytes())).permute(2, 0, 1).to(args.device).float()
+        / 255
+        for u in uris
+    ]
+    model = build_model(
+        weights, box_score_thresh=args.score_threshold, box_detections_per_img=args.max_instances
+    ).to(args.device)
     predictor = Predictor.from_weights(weights, device=args.device, precision="fp32", **options)
     rows = []
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -57,8 +61,11 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         with_paste = timed(model, tensors, args.batch_size, dtype)
         without = timed(predictor.forward, tensors, args.batch_size, dtype)
         rows.append((label, with_paste, without))
-        print(f"{name} raw loop {label}: {with_paste:7.2f} img/s torchvision forward, "
-              f"{without:7.2f} img/s without its full-size paste", flush=True)  # fmt: skip
+        print(
+            f"{name} raw loop {label}: {with_paste:7.2f} img/s torchvision forward, "
+            f"{without:7.2f} img/s without its full-size paste",
+            flush=True,
+        )
     if args.device.startswith("cuda"):
         predictor.model.to(memory_format=torch.channels_last)
         channels_last = timed(predictor.forward, tensors, args.batch_size, torch.bfloat16)
@@ -67,8 +74,15 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
             flush=True,
         )
     del model, predictor, tensors
-    config = SegmentConfig(manifest=f"{tmp}/data/manifest.csv", output=f"{tmp}/out-{name}", model=name,
-                           weights="none", batch_size=args.batch_size, shard_size=len(uris), **options)  # fmt: skip
+    config = SegmentConfig(
+        manifest=f"{tmp}/data/manifest.csv",
+        output=f"{tmp}/out-{name}",
+        model=name,
+        weights="none",
+        batch_size=args.batch_size,
+        shard_size=len(uris),
+        **options,
+    )
     job = Job(
         config, weights, Plan(config.manifest, len(uris), len(uris), "bench"), {"bench": True}, frozenset()
     )
@@ -79,10 +93,16 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
     record = processor.process(Shard(0, ids, uris))
     e2e = len(uris) / (time.perf_counter() - start)
     best = rows[-1]
-    print(f"{name} end to end ({processor.predictor.precision}, decode on {'device' if processor.decode_on_device else 'CPU'}, "
-          f"JPEG files -> Parquet): {e2e:7.2f} img/s; {record['instances'] / len(uris):.1f} instances/image", flush=True)  # fmt: skip
-    print(f"{name} ratio end to end / raw {best[0]} torchvision forward: {e2e / best[1]:.2f}; "
-          f"/ raw {best[0]} without paste: {e2e / best[2]:.2f}", flush=True)  # fmt: skip
+    print(
+        f"{name} end to end ({processor.predictor.precision}, decode on {'device' if processor.decode_on_device else 'CPU'}, "
+        f"JPEG files -> Parquet): {e2e:7.2f} img/s; {record['instances'] / len(uris):.1f} instances/image",
+        flush=True,
+    )
+    print(
+        f"{name} ratio end to end / raw {best[0]} torchvision forward: {e2e / best[1]:.2f}; "
+        f"/ raw {best[0]} without paste: {e2e / best[2]:.2f}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -105,8 +125,10 @@ def main() -> None:
         uris = write_dataset(f"{tmp}/data", args.images, seed=0, size=args.size).uris
         for name in args.models.split(","):
             bench_model(name, uris, tmp, args)
-    print(f"{args.images} images of about {args.size}x{args.size} (resized by the model to 800 on the short "
-          f"side), batch {args.batch_size}")  # fmt: skip
+    print(
+        f"{args.images} images of about {args.size}x{args.size} (resized by the model to 800 on the short "
+        f"side), batch {args.batch_size}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    predictor = Predictor.from_weights(resolve_weights("none", args.model), score_threshold=0.9, max_instances=20, device=device,
-                          precision="bf16" if device == "cuda" else "fp32")  # fmt: skip
+    predictor = Predictor.from_weights(
+        resolve_weights("none", args.model),
+        score_threshold=0.9,
+        max_instances=20,
+        device=device,
+        precision="bf16" if device == "cuda" else "fp32",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         uris = write_dataset(tmp, args.images, seed=0, size=560).uris
         images = [
@@ -63,8 +68,10 @@ def main() -> None:
                 encode_crops(starts, places, height, width)
                 t = tick("encode_crops (numpy, all instances)", t)
     total = sum(spent.values())
-    print(f"{args.model} on {device}: {len(images)} images, {instances / len(images):.1f} instances/image, "
-          f"{len(images) / total:.1f} img/s for these steps")  # fmt: skip
+    print(
+        f"{args.model} on {device}: {len(images)} images, {instances / len(images):.1f} instances/image, "
+        f"{len(images) / total:.1f} img/s for these steps"
+    )
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<50} {1000 * seconds / len(images):7.2f} ms/image  {100 * seconds / total:5.1f}%")
 

@@ -60,8 +60,10 @@ def main() -> None:
         timings[name] = statistics.median(runs)
         print(f"{name:<42} {timings[name] * 1000:8.1f} ms median of {args.repeat}", flush=True)
     slow, quick = timings.values()
-    print(f"{n} instances at {h}x{w}: byte-identical RLE, {slow / quick:.1f}x faster; the standard path holds "
-          f"{n * h * w * 4 / 2**20:.0f} MiB of pasted float masks at once")  # fmt: skip
+    print(
+        f"{n} instances at {h}x{w}: byte-identical RLE, {slow / quick:.1f}x faster; the standard path holds "
+        f"{n * h * w * 4 / 2**20:.0f} MiB of pasted float masks at once"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from batchseg.train.synth import write_dataset
 
 def bare_loop(config: SegmentConfig, uris: list[str]) -> float:
     weights = resolve_weights(config.weights, config.model)
-    model = build_model(weights, min_size=config.min_size, max_size=config.max_size,
-                        box_score_thresh=config.score_threshold)  # fmt: skip
+    model = build_model(
+        weights, min_size=config.min_size, max_size=config.max_size, box_score_thresh=config.score_threshold
+    )
     images = [
         torch.from_numpy(decode_image(pathlib.Path(u).read_bytes())).permute(2, 0, 1).float() / 255
         for u in uris
@@ -52,9 +53,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(f"{tmp}/data", args.images, seed=0, size=args.size)
-        config = SegmentConfig(manifest=data.manifest, output=f"{tmp}/out", model=args.model, weights="none",
-                               min_size=args.min_size, max_size=args.min_size * 5 // 3, batch_size=args.batch_size,
-                               shard_size=max(1, args.images // 4))  # fmt: skip
+        config = SegmentConfig(
+            manifest=data.manifest,
+            output=f"{tmp}/out",
+            model=args.model,
+            weights="none",
+            min_size=args.min_size,
+            max_size=args.min_size * 5 // 3,
+            batch_size=args.batch_size,
+            shard_size=max(1, args.images // 4),
+        )
         raw = bare_loop(config, data.uris)
         print(f"bare model loop: {raw:.3f} img/s ({torch.get_num_threads()} torch threads)", flush=True)
         start = time.perf_counter()

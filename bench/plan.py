@@ -44,8 +44,11 @@ def measure(path: str) -> None:
     shards = sum(1 for _ in m.iter_shards(plan))
     streamed = time.perf_counter() - start
     peak = peak_rss_kib()
-    print(f"{plan.num_rows:>9,} rows  plan {planned:6.2f} s  stream {shards} shards {streamed:6.2f} s  "
-          f"peak RSS {peak / 1024:7.1f} MiB (+{(peak - base) / 1024:6.1f} MiB over the imports)", flush=True)  # fmt: skip
+    print(
+        f"{plan.num_rows:>9,} rows  plan {planned:6.2f} s  stream {shards} shards {streamed:6.2f} s  "
+        f"peak RSS {peak / 1024:7.1f} MiB (+{(peak - base) / 1024:6.1f} MiB over the imports)",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -43,8 +43,16 @@ def main() -> None:
     model = resources.files("batchseg") / "weights" / "maskrcnn_small_shapes.pt"
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(f"{tmp}/data", args.images, seed=args.seed, size=64)
-        config = SegmentConfig(manifest=data.manifest, output=f"{tmp}/out", weights=str(model), shard_size=50,
-                               batch_size=8, actors=(2, 2), cpus_per_actor=1, max_attempts=10)  # fmt: skip
+        config = SegmentConfig(
+            manifest=data.manifest,
+            output=f"{tmp}/out",
+            weights=str(model),
+            shard_size=50,
+            batch_size=8,
+            actors=(2, 2),
+            cpus_per_actor=1,
+            max_attempts=10,
+        )
         finished = threading.Event()
         kills = []
 
@@ -68,8 +76,10 @@ def main() -> None:
         expected = {i for batch, _ in iter_manifest(data.manifest) for i in batch}
     lost = len(expected - set(ids))
     duplicated = len(ids) - len(set(ids))
-    print(f"images {args.images}: {len(ids)} rows in {wall:.0f} s ({summary['images_this_run'] / wall:.1f} img/s), "
-          f"status {summary['status']}")  # fmt: skip
+    print(
+        f"images {args.images}: {len(ids)} rows in {wall:.0f} s ({summary['images_this_run'] / wall:.1f} img/s), "
+        f"status {summary['status']}"
+    )
     print(
         f"actors killed {len(kills)}, shard retries {summary['retries']}, rows lost {lost}, rows duplicated {duplicated}"
     )

@@ -28,10 +28,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train = write_dataset(f"{tmp}/train", 1000, seed=1)
         val = write_dataset(f"{tmp}/val", 50, seed=2)
-        config = TrainConfig(images=train.images, annotations=train.annotations, output=f"{tmp}/run",
-                             model=args.model, iterations=args.iterations, checkpoint_every=args.every,
-                             batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                             validation_images=val.images, validation_annotations=val.annotations)  # fmt: skip
+        config = TrainConfig(
+            images=train.images,
+            annotations=train.annotations,
+            output=f"{tmp}/run",
+            model=args.model,
+            iterations=args.iterations,
+            checkpoint_every=args.every,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            validation_images=val.images,
+            validation_annotations=val.annotations,
+        )
         run_training(config)
         with open(os.path.join(config.output, "checkpoint_manager_snapshot.json")) as f:
             results = [r["metrics"] for r in json.load(f)["checkpoint_results"]]
@@ -40,8 +49,10 @@ def main() -> None:
     )
     print("iteration  train min  img/s/worker  bbox AP  segm AP  segm AP50")
     for m in results:
-        print(f"{m['step']:>9}  {m['train_seconds'] / 60:>9.2f}  {m['images_per_second_per_worker']:>12.1f}  "
-              f"{m['bbox_AP']:>7.3f}  {m['segm_AP']:>7.3f}  {m['segm_AP50']:>9.3f}")  # fmt: skip
+        print(
+            f"{m['step']:>9}  {m['train_seconds'] / 60:>9.2f}  {m['images_per_second_per_worker']:>12.1f}  "
+            f"{m['bbox_AP']:>7.3f}  {m['segm_AP']:>7.3f}  {m['segm_AP50']:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

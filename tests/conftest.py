@@ -48,11 +48,17 @@ class S3Server:
         self.ports = _free_ports(5)
         self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
         identities = [
-            {"name": "admin", "credentials": [{"accessKey": "AKIDADMIN", "secretKey": SECRET}],
-             "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-            {"name": "reader", "credentials": [{"accessKey": "AKIDREADER", "secretKey": "reader-secret"}],
-             "actions": ["Read", "List"]},
-        ]  # fmt: skip
+            {
+                "name": "admin",
+                "credentials": [{"accessKey": "AKIDADMIN", "secretKey": SECRET}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            },
+            {
+                "name": "reader",
+                "credentials": [{"accessKey": "AKIDREADER", "secretKey": "reader-secret"}],
+                "actions": ["Read", "List"],
+            },
+        ]
         (root / "creds.json").write_text(json.dumps({"identities": identities}))
         (root / "data").mkdir()
         self.process: subprocess.Popen[bytes] | None = None
@@ -64,10 +70,22 @@ class S3Server:
     def start(self) -> None:
         weed = shutil.which("weed") or str(pathlib.Path(sys.executable).parent / "weed")
         master, volume, filer, s3, admin = self.ports
-        args = [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-                f"-admin.port={admin}", f"-s3.config={self.root / 'creds.json'}", "-webdav=false",
-                "-admin.ui=false", "-master.telemetry=false"]  # fmt: skip
+        args = [
+            weed,
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-s3.port={s3}",
+            f"-admin.port={admin}",
+            f"-s3.config={self.root / 'creds.json'}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+        ]
         log = (self.root / "weed.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60

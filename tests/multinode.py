@@ -25,8 +25,14 @@ from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import TrainConfig, run_training
 from tests.processes import wait_for
 
-FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,
-        "score_threshold": 0.5, "max_instances": 6}  # fmt: skip
+FAST = {
+    "model": "maskrcnn_resnet50_fpn",
+    "weights": "none",
+    "min_size": 128,
+    "max_size": 192,
+    "score_threshold": 0.5,
+    "max_instances": 6,
+}
 
 
 def done_markers(output: pathlib.Path) -> list[str]:
@@ -36,8 +42,15 @@ def done_markers(output: pathlib.Path) -> list[str]:
 
 def segment_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
     data = write_dataset(str(root / "data"), 30, seed=4, size=96)
-    config = SegmentConfig(manifest=data.manifest, output=str(root / "out"), shard_size=3, batch_size=1,
-                           actors=(2, 2), cpus_per_actor=1, **FAST)  # fmt: skip
+    config = SegmentConfig(
+        manifest=data.manifest,
+        output=str(root / "out"),
+        shard_size=3,
+        batch_size=1,
+        actors=(2, 2),
+        cpus_per_actor=1,
+        **FAST,
+    )
     result: dict[str, Any] = {}
     job = threading.Thread(target=lambda: result.update(run_segment(config)))
     job.start()
@@ -46,8 +59,14 @@ def segment_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) 
     done_at_loss = len(done_markers(root / "out"))
     job.join(timeout=600)
     ids = open_results(config.output).to_table().column("image_id").to_pylist()
-    return {"status": result.get("status"), "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
-            "done_at_loss": done_at_loss, "retries": result.get("retries")}  # fmt: skip
+    return {
+        "status": result.get("status"),
+        "rows": len(ids),
+        "unique": len(set(ids)),
+        "manifest_rows": 30,
+        "done_at_loss": done_at_loss,
+        "retries": result.get("retries"),
+    }
 
 
 def driver_kill(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
@@ -61,20 +80,42 @@ def driver_kill(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dic
     driver.kill()
     driver.wait()
     before = {n: (output / "_done" / n).read_bytes() for n in done_markers(output)}
-    config = SegmentConfig(manifest=data.manifest, output=str(output), shard_size=3, batch_size=1, actors=(2, 2),
-                           cpus_per_actor=1, **FAST)  # fmt: skip
+    config = SegmentConfig(
+        manifest=data.manifest,
+        output=str(output),
+        shard_size=3,
+        batch_size=1,
+        actors=(2, 2),
+        cpus_per_actor=1,
+        **FAST,
+    )
     summary = run_segment(config)
     after = {n: (output / "_done" / n).read_bytes() for n in done_markers(output)}
     ids = open_results(config.output).to_table().column("image_id").to_pylist()
-    return {"status": summary["status"], "rows": len(ids), "unique": len(set(ids)), "manifest_rows": 30,
-            "done_before_rerun": len(before), "kept": sum(after[n] == b for n, b in before.items()),
-            "shards_this_run": summary["shards_this_run"], "shards_total": summary["shards_total"]}  # fmt: skip
+    return {
+        "status": summary["status"],
+        "rows": len(ids),
+        "unique": len(set(ids)),
+        "manifest_rows": 30,
+        "done_before_rerun": len(before),
+        "kept": sum(after[n] == b for n, b in before.items()),
+        "shards_this_run": summary["shards_this_run"],
+        "shards_total": summary["shards_total"],
+    }
 
 
 def train_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dict[str, Any]:
     data = write_dataset(str(root / "data"), 16, seed=1, size=96)
-    config = TrainConfig(images=data.images, annotations=data.annotations, output=str(root / "run"), workers=2,
-                         iterations=30, checkpoint_every=2, batch_size=2, max_failures=2)  # fmt: skip
+    config = TrainConfig(
+        images=data.images,
+        annotations=data.annotations,
+        output=str(root / "run"),
+        workers=2,
+        iterations=30,
+        checkpoint_every=2,
+        batch_size=2,
+        max_failures=2,
+    )
     snapshot = root / "run" / "checkpoint_manager_snapshot.json"
 
     def registered() -> int:

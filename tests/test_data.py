@@ -45,10 +45,28 @@ def test_polygons_bad_annotations_and_empty_images(
         first = coco["annotations"][0]
         x, y, w, h = first["bbox"]
         first["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]  # a polygon instead of RLE
-        coco["annotations"].append({"id": 900, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 5],
-                                    "segmentation": [[0, 0, 1, 1, 0, 1]], "area": 0, "iscrowd": 0})  # fmt: skip
-        coco["annotations"].append({"id": 901, "image_id": 1, "category_id": 77, "bbox": [0, 0, 5, 5],
-                                    "segmentation": [[0, 0, 5, 0, 5, 5]], "area": 12, "iscrowd": 0})  # fmt: skip
+        coco["annotations"].append(
+            {
+                "id": 900,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 0, 5],
+                "segmentation": [[0, 0, 1, 1, 0, 1]],
+                "area": 0,
+                "iscrowd": 0,
+            }
+        )
+        coco["annotations"].append(
+            {
+                "id": 901,
+                "image_id": 1,
+                "category_id": 77,
+                "bbox": [0, 0, 5, 5],
+                "segmentation": [[0, 0, 5, 0, 5, 5]],
+                "area": 12,
+                "iscrowd": 0,
+            }
+        )
         coco["images"].append({"id": 50, "file_name": "nothing-here.jpg", "width": 10, "height": 10})
 
     edit(data.annotations, change)
@@ -136,8 +154,16 @@ def test_train_min_sizes_and_max_size_reach_the_model_and_the_segment_resize(tmp
     assert (default.transform.min_size, default.transform.max_size) == ((112, 144, 128), 256)
 
     checkpoint = tmp_path / "model.pt"
-    torch.save({"model": model.state_dict(), "model_name": "maskrcnn_small", "categories": list(categories),
-                "min_size": 112, "max_size": 160}, checkpoint)  # fmt: skip
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_name": "maskrcnn_small",
+            "categories": list(categories),
+            "min_size": 112,
+            "max_size": 160,
+        },
+        checkpoint,
+    )
     info = resolve_weights(str(checkpoint))
     predictor: Any = Predictor.from_weights(info)
     assert (predictor.model.transform.min_size, predictor.model.transform.max_size) == ((112,), 160)

@@ -40,9 +40,15 @@ def square_mask(x: int, y: int, side: int) -> np.ndarray:
 
 
 def instance(category: int, bbox: list[float], mask: np.ndarray | None, score: float = 0.9) -> dict[str, Any]:
-    return {"category_id": category, "category": CATEGORY_NAMES[category], "score": score, "bbox": bbox,
-            "area": int(mask.sum()) if mask is not None else int(bbox[2] * bbox[3]),
-            "rle": encode_rle(mask) if mask is not None else None, "keypoints": None}  # fmt: skip
+    return {
+        "category_id": category,
+        "category": CATEGORY_NAMES[category],
+        "score": score,
+        "bbox": bbox,
+        "area": int(mask.sum()) if mask is not None else int(bbox[2] * bbox[3]),
+        "rle": encode_rle(mask) if mask is not None else None,
+        "keypoints": None,
+    }
 
 
 def found(name: str, score: float = 0.9, category: int | None = None) -> dict[str, Any]:
@@ -60,9 +66,17 @@ def write_gt(
     for image_id, category, x, y, side in squares.values():
         if image_id in image_ids:
             mask = square_mask(x, y, side)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, side, side], "area": int(mask.sum()), "iscrowd": 0,
-                                "segmentation": {"size": [HEIGHT, WIDTH], "counts": encode_rle(mask)}})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, side, side],
+                    "area": int(mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": {"size": [HEIGHT, WIDTH], "counts": encode_rle(mask)},
+                }
+            )
     categories = [{"id": i, "name": n, "supercategory": "shape"} for i, n in CATEGORY_NAMES.items()]
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return str(path)
@@ -118,8 +132,13 @@ def test_perfect_predictions_score_one(tmp_path: pathlib.Path) -> None:
             assert metrics[name] == pytest.approx(1.0), (iou_type, name)
         for name in ("APm", "APl", "ARm", "ARl"):  # no ground truth of that size: pycocotools' -1
             assert metrics[name] == -1.0, (iou_type, name)
-    assert results["images"] == {"evaluated": 2, "matched": 2, "unmatched_rows": 0, "error_rows": 0,
-                                 "duplicate_rows": 0}  # fmt: skip
+    assert results["images"] == {
+        "evaluated": 2,
+        "matched": 2,
+        "unmatched_rows": 0,
+        "error_rows": 0,
+        "duplicate_rows": 0,
+    }
     assert results["detections"] == 4
 
 
@@ -143,8 +162,10 @@ def test_half_found_with_a_false_positive(tmp_path: pathlib.Path) -> None:
 
 def test_wrong_category_scores_zero(tmp_path: pathlib.Path) -> None:
     gt = write_gt(tmp_path / "gt.json")
-    swapped = [row(1, found("A", category=2), found("B", category=1)),
-               row(2, found("C", category=2), found("D", category=1))]  # fmt: skip
+    swapped = [
+        row(1, found("A", category=2), found("B", category=1)),
+        row(2, found("C", category=2), found("D", category=1)),
+    ]
     results = evaluate(write_output(tmp_path / "out", swapped), gt)
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "AR100"):
@@ -171,8 +192,9 @@ def test_box_only_predictions_give_bbox_only_and_iou_thresholds_apply(tmp_path: 
 def test_rows_match_by_image_id_then_file_name(tmp_path: pathlib.Path) -> None:
     # Image 3 (one square, category 1) has no row: it stays in the evaluation and lowers recall.
     gt = write_gt(tmp_path / "gt.json", image_ids=(1, 2, 3), squares=SQUARES | {"E": (3, 1, 10, 10, 9)})
-    by_name = ok_row("5f1d7a0c9e3b2a11", "s3://bucket/photos/img-000002.jpg", WIDTH, HEIGHT,
-                     [found("C"), found("D")])  # fmt: skip
+    by_name = ok_row(
+        "5f1d7a0c9e3b2a11", "s3://bucket/photos/img-000002.jpg", WIDTH, HEIGHT, [found("C"), found("D")]
+    )
     unknown = ok_row("zzz", "s3://bucket/photos/other.jpg", WIDTH, HEIGHT, [found("A")])
     failed = error_row("2", "s3://bucket/photos/img-000002.jpg", ImageError("not_found", "gone"))
     duplicate = row(1, found("B", score=0.3))
@@ -180,8 +202,13 @@ def test_rows_match_by_image_id_then_file_name(tmp_path: pathlib.Path) -> None:
         tmp_path / "out", [row(1, found("A"), found("B")), unknown], [failed, by_name, duplicate]
     )
     results = evaluate(out, gt)
-    assert results["images"] == {"evaluated": 3, "matched": 2, "unmatched_rows": 1, "error_rows": 1,
-                                 "duplicate_rows": 1}  # fmt: skip
+    assert results["images"] == {
+        "evaluated": 3,
+        "matched": 2,
+        "unmatched_rows": 1,
+        "error_rows": 1,
+        "duplicate_rows": 1,
+    }
     assert results["detections"] == 4
     pairs = [(1, found("A")), (1, found("B")), (2, found("C")), (2, found("D"))]
     for iou_type in ("bbox", "segm"):
@@ -203,8 +230,10 @@ def test_coco_metrics_on_results_with_boxes_and_masks(tmp_path: pathlib.Path) ->
     gt_path = write_gt(tmp_path / "gt.json")
     fp = instance(1, [40, 30, 6, 6], square_mask(40, 30, 6), score=0.5)
     pairs = [(1, found("A")), (2, found("D")), (2, fp)]
-    both = [r | {"segmentation": s["segmentation"]}
-            for r, s in zip(coco_results(pairs, "bbox"), coco_results(pairs, "segm"), strict=True)]  # fmt: skip
+    both = [
+        r | {"segmentation": s["segmentation"]}
+        for r, s in zip(coco_results(pairs, "bbox"), coco_results(pairs, "segm"), strict=True)
+    ]
     before = copy.deepcopy(both)
     metrics = coco_metrics(load_annotations(gt_path), both)
     assert both == before
@@ -212,8 +241,10 @@ def test_coco_metrics_on_results_with_boxes_and_masks(tmp_path: pathlib.Path) ->
     for iou_type in ("bbox", "segm"):
         assert metrics[iou_type] == reference(gt_path, coco_results(pairs, iou_type), iou_type)
     assert set(coco_metrics(load_annotations(gt_path), both, "bbox")) == {"bbox"}
-    assert coco_metrics(load_annotations(gt_path), []) == {"bbox": dict.fromkeys(METRICS, 0.0),
-                                                           "segm": dict.fromkeys(METRICS, 0.0)}  # fmt: skip
+    assert coco_metrics(load_annotations(gt_path), []) == {
+        "bbox": dict.fromkeys(METRICS, 0.0),
+        "segm": dict.fromkeys(METRICS, 0.0),
+    }
 
 
 def test_mask_of_another_size_than_the_annotated_image_is_refused(tmp_path: pathlib.Path) -> None:
@@ -277,9 +308,17 @@ def test_synth_dataset_ground_truth_as_predictions_scores_one(tmp_path: pathlib.
         instances = []
         for ann in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
             mask = decode_rle(ann["segmentation"]["counts"], image["height"], image["width"])
-            instances.append({"category_id": ann["category_id"], "category": "shape", "score": 1.0,
-                              "bbox": ann["bbox"], "area": int(mask.sum()), "rle": encode_rle(mask),
-                              "keypoints": None})  # fmt: skip
+            instances.append(
+                {
+                    "category_id": ann["category_id"],
+                    "category": "shape",
+                    "score": 1.0,
+                    "bbox": ann["bbox"],
+                    "area": int(mask.sum()),
+                    "rle": encode_rle(mask),
+                    "keypoints": None,
+                }
+            )
         uri = f"{dataset.images}/{image['file_name']}"
         # even images as the job names the rows of a manifest without image_id: matched by file name
         image_id = str(image["id"]) if image["id"] % 2 else f"{image['id']:016x}"

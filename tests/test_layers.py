@@ -76,7 +76,11 @@ def lint_imports(package_parent: pathlib.Path) -> subprocess.CompletedProcess[st
     [
         ("format/rle.py", "import torch", "io/ and format/ import neither torch nor Ray"),
         ("io/manifest.py", "from ray import data", "io/ and format/ import neither torch nor Ray"),
-        ("analysis/query.py", "import torchvision", "The read side (analysis/) imports neither torch nor Ray"),
+        (
+            "analysis/query.py",
+            "import torchvision",
+            "The read side (analysis/) imports neither torch nor Ray",
+        ),
         ("segment/processor.py", "import ray", "Only the segment driver and the Ray Train glue import Ray"),
         ("cli.py", "import ray", "Only the segment driver and the Ray Train glue import Ray"),
         ("io/storage.py", "from batchseg.format import records", "Layers"),
@@ -85,7 +89,9 @@ def lint_imports(package_parent: pathlib.Path) -> subprocess.CompletedProcess[st
 def test_the_import_contracts_catch_a_layer_that_breaks_them(
     tmp_path: pathlib.Path, module: str, line: str, contract: str
 ) -> None:
-    shutil.copytree(ROOT / "batchseg", tmp_path / "batchseg", ignore=shutil.ignore_patterns("*.pt", "__pycache__"))
+    shutil.copytree(
+        ROOT / "batchseg", tmp_path / "batchseg", ignore=shutil.ignore_patterns("*.pt", "__pycache__")
+    )
     assert lint_imports(tmp_path).returncode == 0, "the copy as it is keeps every contract"
     target = tmp_path / "batchseg" / module
     target.write_text(target.read_text() + f"\n{line}  # noqa\n")

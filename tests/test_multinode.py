@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 def scenario(name: str, root: pathlib.Path) -> dict[str, Any]:
     """Run ``tests/multinode.py`` in its own process (its own cluster), bounded in time."""
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", name, str(root)], capture_output=True,
-                          text=True, timeout=900, cwd=pathlib.Path(__file__).resolve().parent.parent)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multinode", name, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -34,8 +34,13 @@ def output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     Image.new("RGB", (90, 70), (128, 128, 128)).save(root / "blank.png")
     manifest = pathlib.Path(data.manifest)
     manifest.write_text(manifest.read_text() + f"{root / 'blank.png'},1001\n{root / 'missing.jpg'},1002\n")
-    config = SegmentConfig(manifest=str(manifest), output=str(root / "out"), weights=str(SHAPES_MODEL),
-                           score_threshold=0.5, shard_size=4)  # fmt: skip
+    config = SegmentConfig(
+        manifest=str(manifest),
+        output=str(root / "out"),
+        weights=str(SHAPES_MODEL),
+        score_threshold=0.5,
+        shard_size=4,
+    )
     run_segment(config)
     table = pq.read_table(sorted((root / "out").glob("part-*.parquet")))
     return {"root": root, "uri": config.output, "table": table, "data": data}

@@ -50,8 +50,15 @@ def person(x: float, y: float, score: float = 0.8) -> dict[str, Any]:
     keypoints: list[float] = []
     for k, (px, py) in enumerate(points):
         keypoints += [x + px, y + py, 0.0 if k == 13 else 2.0]
-    return {"category_id": 100, "category": "person", "score": score, "bbox": [x, y, 30.0, 61.0],
-            "area": 30 * 61, "rle": None, "keypoints": keypoints}  # fmt: skip
+    return {
+        "category_id": 100,
+        "category": "person",
+        "score": score,
+        "bbox": [x, y, 30.0, 61.0],
+        "area": 30 * 61,
+        "rle": None,
+        "keypoints": keypoints,
+    }
 
 
 def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> Output:
@@ -64,11 +71,17 @@ def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> O
     rows: list[dict[str, Any]] = []
     for index, (image, uri) in enumerate(zip(coco["images"], data.uris, strict=True)):
         instances = [
-            {"category_id": a["category_id"], "category": names[a["category_id"]],
-             "score": round(0.97 - 0.11 * j, 2), "bbox": [float(v) for v in a["bbox"]], "area": a["area"],
-             "rle": a["segmentation"]["counts"], "keypoints": None}
+            {
+                "category_id": a["category_id"],
+                "category": names[a["category_id"]],
+                "score": round(0.97 - 0.11 * j, 2),
+                "bbox": [float(v) for v in a["bbox"]],
+                "area": a["area"],
+                "rle": a["segmentation"]["counts"],
+                "keypoints": None,
+            }
             for j, a in enumerate(a for a in coco["annotations"] if a["image_id"] == image["id"])
-        ]  # fmt: skip
+        ]
         if index == 0:
             instances.append(person(4.0, 4.0))
         if index == count - 1:
@@ -76,8 +89,13 @@ def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> O
         rows.append(ok_row(str(image["id"]), uri, image["width"], image["height"], instances))
     missing = storage.join(data.images, ERROR_URI_SUFFIX)
     rows.append(error_row("missing", missing, ImageError("not_found", f"no such object: {missing}")))
-    rows.append(error_row("corrupt", storage.join(data.images, "corrupt.jpg"),
-                          ImageError("corrupt_image", "cannot decode image: broken data stream")))  # fmt: skip
+    rows.append(
+        error_row(
+            "corrupt",
+            storage.join(data.images, "corrupt.jpg"),
+            ImageError("corrupt_image", "cannot decode image: broken data stream"),
+        )
+    )
     out = root / "output"
     out.mkdir()
     half = len(rows) // 2
@@ -86,12 +104,25 @@ def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> O
         (out / f"part-{shard:06d}.parquet").write_bytes(to_parquet(part, provenance))
     ok = [r for r in rows if r["status"] == "ok"]
     summary = {
-        "images": len(rows), "ok": len(ok), "error": 2, "errors_by_kind": {"corrupt_image": 1, "not_found": 1},
-        "instances": sum(len(r["instances"]) for r in ok), "shards_total": 2, "shards_done": 2,
-        "manifest_rows": len(rows), "model": "maskrcnn_small", "weights": "ground-truth", "shards_failed": [],
-        "images_this_run": len(rows), "shards_this_run": 2, "retries": 0, "shards_skipped": 0,
-        "wall_seconds": 754.5, "images_per_second": 12.345, "status": "complete",
-    }  # fmt: skip
+        "images": len(rows),
+        "ok": len(ok),
+        "error": 2,
+        "errors_by_kind": {"corrupt_image": 1, "not_found": 1},
+        "instances": sum(len(r["instances"]) for r in ok),
+        "shards_total": 2,
+        "shards_done": 2,
+        "manifest_rows": len(rows),
+        "model": "maskrcnn_small",
+        "weights": "ground-truth",
+        "shards_failed": [],
+        "images_this_run": len(rows),
+        "shards_this_run": 2,
+        "retries": 0,
+        "shards_skipped": 0,
+        "wall_seconds": 754.5,
+        "images_per_second": 12.345,
+        "status": "complete",
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return Output(str(out), rows, data, summary)
 
@@ -114,9 +145,15 @@ def plain() -> np.ndarray:
 def square(y0: int, y1: int, x0: int, x1: int, score: float = 0.93) -> dict[str, Any]:
     mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
     mask[y0:y1, x0:x1] = True
-    return {"category_id": 2, "category": "square", "score": score,
-            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "area": int(mask.sum()),
-            "rle": encode_rle(mask), "keypoints": None}  # fmt: skip
+    return {
+        "category_id": 2,
+        "category": "square",
+        "score": score,
+        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        "area": int(mask.sum()),
+        "rle": encode_rle(mask),
+        "keypoints": None,
+    }
 
 
 def box_region(instance: dict[str, Any]) -> np.ndarray:

@@ -102,10 +102,22 @@ def test_report_opens_offline_in_headless_chromium(output: Output, tmp_path: pat
     page = tmp_path / "report.html"
     build_report(output.uri, str(page))
     shot = tmp_path / "shot.png"
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000",
-            f"--screenshot={shot}", page.as_uri()]  # fmt: skip
+    args = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,2000",
+        f"--screenshot={shot}",
+        page.as_uri(),
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert shot.exists(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
     with Image.open(shot) as image:

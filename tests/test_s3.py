@@ -34,8 +34,14 @@ def bucket_fs(s3: S3Server) -> s3fs.S3FileSystem:
 
 
 def small_model_job(s3: S3Server, manifest: str, output: str, **changes: Any) -> SegmentConfig:
-    return SegmentConfig(manifest=manifest, output=output, weights=str(SHAPES_MODEL), score_threshold=0.3,
-                         storage_options=s3.options(), **changes)  # fmt: skip
+    return SegmentConfig(
+        manifest=manifest,
+        output=output,
+        weights=str(SHAPES_MODEL),
+        score_threshold=0.3,
+        storage_options=s3.options(),
+        **changes,
+    )
 
 
 def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> None:
@@ -48,8 +54,10 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert table.column("uri").to_pylist()[0].startswith("s3://data/shapes/images/")
     fs = bucket_fs(s3)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob("out/seg/part-*.parquet")) == [
-        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet"
-    ]  # fmt: skip
+        "part-000000.parquet",
+        "part-000001.parquet",
+        "part-000002.parquet",
+    ]
     with fs.open("out/seg/part-000000.parquet", "rb") as f:
         import pyarrow.parquet as pq
 
@@ -76,8 +84,13 @@ def test_the_s3_server_stopping_mid_job_is_survived_exactly_once(
     job = threading.Thread(target=lambda: result.update(run_segment(config)))
     job.start()
     try:
-        wait_for(lambda: len(fs.ls("out/outage/_done", refresh=True)) >= 2 if fs.exists("out/outage/_done") else False,
-                 120, "two finished shards")  # fmt: skip
+        wait_for(
+            lambda: (
+                len(fs.ls("out/outage/_done", refresh=True)) >= 2 if fs.exists("out/outage/_done") else False
+            ),
+            120,
+            "two finished shards",
+        )
         done_at_stop = len(fs.ls("out/outage/_done", refresh=True))
         s3.stop()
         time.sleep(5)
@@ -94,9 +107,16 @@ def test_the_s3_server_stopping_mid_job_is_survived_exactly_once(
 
 def test_training_checkpoints_to_s3_and_resumes_from_there(ray_address: str, s3: S3Server) -> None:
     data = write_dataset("s3://data/train-small", 16, seed=1, size=96, storage_options=s3.options())
-    config = TrainConfig(images=data.images, annotations=data.annotations, output="s3://out/runs/first",
-                         workers=1, iterations=2, checkpoint_every=2, batch_size=2,
-                         storage_options=s3.options())  # fmt: skip
+    config = TrainConfig(
+        images=data.images,
+        annotations=data.annotations,
+        output="s3://out/runs/first",
+        workers=1,
+        iterations=2,
+        checkpoint_every=2,
+        batch_size=2,
+        storage_options=s3.options(),
+    )
     assert run_training(config)["step"] == 2
     metrics = run_training(replace(config, iterations=4))
     assert (metrics["step"], metrics["resumed_from"]) == (4, 2)
@@ -150,8 +170,15 @@ def test_credentials_from_the_environment_and_secrets_never_written(
 
     proc = subprocess.run(args, env=os.environ | env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    train = TrainConfig(images=data.images, annotations=data.annotations, output="s3://out/secret-run",
-                        workers=1, iterations=1, batch_size=2, storage_options=s3.options())  # fmt: skip
+    train = TrainConfig(
+        images=data.images,
+        annotations=data.annotations,
+        output="s3://out/secret-run",
+        workers=1,
+        iterations=1,
+        batch_size=2,
+        storage_options=s3.options(),
+    )
     run_training(train)
     fs = bucket_fs(s3)
     written = [p for prefix in ("out/secret-seg", "out/secret-run") for p in fs.find(prefix)]

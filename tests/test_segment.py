@@ -33,8 +33,15 @@ from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_fil
 from tests.processes import ray_worker_pids, wait_for
 
 # A real torchvision Mask R-CNN (random weights, seeded) at a small input size keeps each image fast.
-FAST = {"model": "maskrcnn_resnet50_fpn", "weights": "none", "min_size": 128, "max_size": 192,
-        "score_threshold": 0.5, "max_instances": 6, "max_pixels": BOMB_TEST_MAX_PIXELS}  # fmt: skip
+FAST = {
+    "model": "maskrcnn_resnet50_fpn",
+    "weights": "none",
+    "min_size": 128,
+    "max_size": 192,
+    "score_threshold": 0.5,
+    "max_instances": 6,
+    "max_pixels": BOMB_TEST_MAX_PIXELS,
+}
 
 
 def archive(root: pathlib.Path, images: int, bad: bool) -> tuple[str, list[str], dict[str, str | None]]:
@@ -56,8 +63,13 @@ def segmented(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     manifest, uris, expected = archive(root, 20, bad=True)
     config = SegmentConfig(manifest=manifest, output=str(root / "out"), shard_size=8, batch_size=1, **FAST)
     summary = run_segment(config)
-    return {"config": config, "summary": summary, "uris": uris, "expected": expected,
-            "table": open_results(config.output).to_table()}  # fmt: skip
+    return {
+        "config": config,
+        "summary": summary,
+        "uris": uris,
+        "expected": expected,
+        "table": open_results(config.output).to_table(),
+    }
 
 
 def test_one_row_per_manifest_row_in_order(segmented: dict[str, Any]) -> None:
@@ -85,8 +97,13 @@ def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> 
     """Each instance's RLE decodes (with pycocotools) to exactly the mask torchvision pastes and thresholds."""
     config = segmented["config"]
     weights = resolve_weights(config.weights, config.model)
-    model = build_model(weights, min_size=config.min_size, max_size=config.max_size,
-                        box_score_thresh=config.score_threshold, box_detections_per_img=config.max_instances)  # fmt: skip
+    model = build_model(
+        weights,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        box_score_thresh=config.score_threshold,
+        box_detections_per_img=config.max_instances,
+    )
     checked = 0
     for row in segmented["table"].to_pylist():
         if row["status"] != "ok":
@@ -191,8 +208,13 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
     summary = run_segment(changed)
     assert (summary["images_this_run"], summary["shards_skipped"]) == (3, 0)
     assert sorted(p.name for p in output.iterdir()) == [
-        "_batchseg_job.json", "_done", "keep-me.txt", "part-000000.parquet", "part-000001.parquet", "summary.json",
-    ]  # fmt: skip
+        "_batchseg_job.json",
+        "_done",
+        "keep-me.txt",
+        "part-000000.parquet",
+        "part-000001.parquet",
+        "summary.json",
+    ]
     assert open_results(str(output)).to_table().column("uri").to_pylist() == uris
 
 
@@ -408,8 +430,9 @@ def test_verbose_shows_the_cause_behind_the_one_line_error(tmp_path: pathlib.Pat
     ]
     env = os.environ | ({"BATCHSEG_DEBUG": "1"} if how.startswith("BATCHSEG") else {})
     verbose = ["--verbose"] if how == "--verbose" else []
-    proc = subprocess.run([sys.executable, "-m", "batchseg.cli", *args, *verbose], capture_output=True, text=True,
-                          env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchseg.cli", *args, *verbose], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(

@@ -93,12 +93,19 @@ def test_small_model_learns_shapes_then_segments_a_held_out_set_with_ap_over_hal
 ) -> None:
     train = write_dataset(str(tmp_path / "train"), 1000, seed=1)
     held_out = write_dataset(str(tmp_path / "held-out"), 50, seed=2)
-    config = TrainConfig(images=train.images, annotations=train.annotations, output=str(tmp_path / "run"),
-                         iterations=240, batch_size=8, cpus_per_worker=2)  # fmt: skip
+    config = TrainConfig(
+        images=train.images,
+        annotations=train.annotations,
+        output=str(tmp_path / "run"),
+        iterations=240,
+        batch_size=8,
+        cpus_per_worker=2,
+    )
     run_training(config)
     output = str(tmp_path / "segmented")
-    summary = run_segment(SegmentConfig(manifest=held_out.manifest, output=output, weights=config.output,
-                                        score_threshold=0.3))  # fmt: skip
+    summary = run_segment(
+        SegmentConfig(manifest=held_out.manifest, output=output, weights=config.output, score_threshold=0.3)
+    )
     assert (summary["status"], summary["ok"]) == ("complete", 50)
     results = evaluate(output, held_out.annotations)
     assert results["images"]["matched"] == 50
@@ -113,10 +120,21 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
     from torchvision.models import get_model
 
     pretrained = tmp_path / "coco-like.pth"
-    torch.save(get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91).state_dict(),
-               pretrained)  # fmt: skip
-    config = short_run(shapes, tmp_path / "run", model="maskrcnn_resnet50_fpn", weights=str(pretrained),
-                       workers=1, iterations=1, batch_size=1, min_sizes=(96,), max_size=128)  # fmt: skip
+    torch.save(
+        get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None, num_classes=91).state_dict(),
+        pretrained,
+    )
+    config = short_run(
+        shapes,
+        tmp_path / "run",
+        model="maskrcnn_resnet50_fpn",
+        weights=str(pretrained),
+        workers=1,
+        iterations=1,
+        batch_size=1,
+        min_sizes=(96,),
+        max_size=128,
+    )
     assert run_training(config)["step"] == 1
     final = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert final["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
@@ -145,8 +163,9 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
         pixels = draw_shapes(rng).pixels
         (images / f"empty-{image_id}.jpg").write_bytes(jpeg_bytes(pixels))
         height, width = pixels.shape[:2]
-        coco["images"].insert(1, {"id": image_id, "file_name": f"empty-{image_id}.jpg", "width": width,
-                                  "height": height})  # fmt: skip
+        coco["images"].insert(
+            1, {"id": image_id, "file_name": f"empty-{image_id}.jpg", "width": width, "height": height}
+        )
     pathlib.Path(data.annotations).write_text(json.dumps(coco))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
@@ -161,10 +180,16 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
     validation = validate(model, CocoInstances(data.images, data.annotations))
 
     output = str(tmp_path / "segmented")
-    run_segment(SegmentConfig(manifest=str(manifest), output=output, weights=str(SHAPES_MODEL),
-                              score_threshold=0.05))  # fmt: skip
+    run_segment(
+        SegmentConfig(manifest=str(manifest), output=output, weights=str(SHAPES_MODEL), score_threshold=0.05)
+    )
     segmented = evaluate(output, data.annotations)
-    assert segmented["images"] == {"evaluated": 12, "matched": 11, "unmatched_rows": 0, "error_rows": 1,
-                                   "duplicate_rows": 0}  # fmt: skip
+    assert segmented["images"] == {
+        "evaluated": 12,
+        "matched": 11,
+        "unmatched_rows": 0,
+        "error_rows": 1,
+        "duplicate_rows": 0,
+    }
     for kind in ("bbox", "segm"):
         assert validation[kind] == pytest.approx(segmented[kind], abs=1e-9), kind

@@ -43,8 +43,13 @@ def export_coco(
                 continue
             coco_id = int(image.image_id) if numeric else counts["images"] + 1
             if listing is not None:
-                entry = {"id": coco_id, "file_name": image.uri, "width": image.width, "height": image.height,
-                         "batchseg_image_id": image.image_id}  # fmt: skip
+                entry = {
+                    "id": coco_id,
+                    "file_name": image.uri,
+                    "width": image.width,
+                    "height": image.height,
+                    "batchseg_image_id": image.image_id,
+                }
                 listing.write((b"," if counts["images"] else b"") + json.dumps(entry).encode())
             counts["images"] += 1
             for instance in image.instances:

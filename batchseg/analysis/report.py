@@ -93,8 +93,12 @@ class _Stats:
             self.gallery.extend(batch.take(pa.array(picks, type=pa.int64())).to_pylist())
 
     def totals(self) -> dict[str, int]:
-        return {"images": self.images, "ok": self.ok, "error": sum(self.errors.values()),
-                "instances": self.instances}  # fmt: skip
+        return {
+            "images": self.images,
+            "ok": self.ok,
+            "error": sum(self.errors.values()),
+            "instances": self.instances,
+        }
 
 
 def build_report(
@@ -229,8 +233,14 @@ def _category_chart(categories: Counter[str]) -> str:
 def _score_chart(scores: np.ndarray) -> str:
     figure, ax = _axes("Detection scores", 2.6)
     if scores.sum():
-        ax.bar(SCORE_BINS[:-1], scores, width=np.diff(SCORE_BINS), align="edge", color="#55a868",
-               edgecolor="white")  # fmt: skip
+        ax.bar(
+            SCORE_BINS[:-1],
+            scores,
+            width=np.diff(SCORE_BINS),
+            align="edge",
+            color="#55a868",
+            edgecolor="white",
+        )
         ax.set_xlim(0, 1)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("score", fontsize=9)
@@ -283,45 +293,65 @@ def _page(
         facts.append(("status", summary.get("status")))
         if "shards_total" in summary:
             facts.append(("shards", f"{summary.get('shards_done')} of {summary['shards_total']} done"))
-    facts_html = "".join(f"<tr><th>{e(k)}</th><td><code>{e(str(v))}</code></td></tr>"
-                         for k, v in facts if v is not None)  # fmt: skip
+    facts_html = "".join(
+        f"<tr><th>{e(k)}</th><td><code>{e(str(v))}</code></td></tr>" for k, v in facts if v is not None
+    )
 
-    cards = [("images", f"{totals['images']:,}"), ("ok", f"{totals['ok']:,}"),
-             ("errors", f"{totals['error']:,}"), ("instances", f"{totals['instances']:,}")]  # fmt: skip
+    cards = [
+        ("images", f"{totals['images']:,}"),
+        ("ok", f"{totals['ok']:,}"),
+        ("errors", f"{totals['error']:,}"),
+        ("instances", f"{totals['instances']:,}"),
+    ]
     notes = []
     if summary and summary.get("images_per_second") is not None:
         cards.append(("images / s", f"{summary['images_per_second']:,.2f}"))
     if summary and summary.get("wall_seconds") is not None:
         cards.append(("wall time", _duration(float(summary["wall_seconds"]))))
-        notes.append("Throughput and wall time are those of the run that wrote summary.json"
-                     + (f" ({summary['images_this_run']:,} images)." if "images_this_run" in summary else "."))  # fmt: skip
+        notes.append(
+            "Throughput and wall time are those of the run that wrote summary.json"
+            + (f" ({summary['images_this_run']:,} images)." if "images_this_run" in summary else ".")
+        )
     if summary is None:
-        notes.append(f"No {SUMMARY_FILE} in this output (the run has not finished, or was stopped): totals "
-                     "are counted from the Parquet shards, and throughput is not known.")  # fmt: skip
+        notes.append(
+            f"No {SUMMARY_FILE} in this output (the run has not finished, or was stopped): totals "
+            "are counted from the Parquet shards, and throughput is not known."
+        )
     elif totals != stats.totals():
         counted = ", ".join(f"{v:,} {k}" for k, v in stats.totals().items())
         notes.append(f"The shards now hold {counted}; {SUMMARY_FILE} was written when its run ended.")
-    cards_html = "".join(f'<div class="card"><div class="value">{e(v)}</div><div class="label">{e(k)}</div></div>'
-                         for k, v in cards)  # fmt: skip
+    cards_html = "".join(
+        f'<div class="card"><div class="value">{e(v)}</div><div class="label">{e(k)}</div></div>'
+        for k, v in cards
+    )
     notes_html = "".join(f'<p class="note">{e(n)}</p>' for n in notes)
 
     if stats.errors:
         rows = []
         for kind, count in stats.errors.most_common():
-            examples = "".join(f'<li><code>{e(u)}</code><span class="message">{e(m)}</span></li>'
-                               for u, m in stats.examples.get(kind, []))  # fmt: skip
-            rows.append(f'<tr><td><code>{e(kind)}</code></td><td class="num">{count:,}</td>'
-                        f'<td><ul class="examples">{examples}</ul></td></tr>')  # fmt: skip
-        errors_html = ('<table class="errors"><thead><tr><th>kind</th><th>images</th><th>examples</th></tr>'
-                       f"</thead><tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+            examples = "".join(
+                f'<li><code>{e(u)}</code><span class="message">{e(m)}</span></li>'
+                for u, m in stats.examples.get(kind, [])
+            )
+            rows.append(
+                f'<tr><td><code>{e(kind)}</code></td><td class="num">{count:,}</td>'
+                f'<td><ul class="examples">{examples}</ul></td></tr>'
+            )
+        errors_html = (
+            '<table class="errors"><thead><tr><th>kind</th><th>images</th><th>examples</th></tr>'
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        )
     else:
         errors_html = '<p class="note">No error rows.</p>'
 
-    charts = [("instances per category", _category_chart(stats.categories)),
-              ("score histogram", _score_chart(stats.scores)),
-              ("instances per image", _per_image_chart(stats.per_image))]  # fmt: skip
-    charts_html = "".join(f'<img class="chart" alt="{e(alt)}" src="data:image/png;base64,{data}">'
-                          for alt, data in charts)  # fmt: skip
+    charts = [
+        ("instances per category", _category_chart(stats.categories)),
+        ("score histogram", _score_chart(stats.scores)),
+        ("instances per image", _per_image_chart(stats.per_image)),
+    ]
+    charts_html = "".join(
+        f'<img class="chart" alt="{e(alt)}" src="data:image/png;base64,{data}">' for alt, data in charts
+    )
 
     figures = []
     for row, png in tiles:
@@ -337,10 +367,23 @@ def _page(
         figures_note = f'<p class="note">Left out of the gallery: {e(skipped)}.</p>'
     else:
         figures_note = ""
-    gallery_html = (f'<div class="gallery">{"".join(figures)}</div>' if figures
-                    else '<p class="note">No ok image with instances to show.</p>')  # fmt: skip
+    gallery_html = (
+        f'<div class="gallery">{"".join(figures)}</div>'
+        if figures
+        else '<p class="note">No ok image with instances to show.</p>'
+    )
 
     generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return PAGE.substitute(uri=e(uri), facts=facts_html, cards=cards_html, notes=notes_html, errors=errors_html,
-                           charts=charts_html, shown=len(tiles), gallery_note=figures_note, gallery=gallery_html,
-                           version=e(__version__), generated=e(generated))  # fmt: skip
+    return PAGE.substitute(
+        uri=e(uri),
+        facts=facts_html,
+        cards=cards_html,
+        notes=notes_html,
+        errors=errors_html,
+        charts=charts_html,
+        shown=len(tiles),
+        gallery_note=figures_note,
+        gallery=gallery_html,
+        version=e(__version__),
+        generated=e(generated),
+    )

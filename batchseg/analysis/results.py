@@ -143,12 +143,22 @@ class Results:
             for row in batch.to_pylist():
                 instances = row["instances"] or []
                 if wanted is not None or min_score > 0:
-                    instances = [i for i in instances if i["score"] >= min_score
-                                 and (wanted is None or i["category"] in wanted)]  # fmt: skip
+                    instances = [
+                        i
+                        for i in instances
+                        if i["score"] >= min_score and (wanted is None or i["category"] in wanted)
+                    ]
                     if not instances:
                         continue
-                yield ImageResult(row["image_id"], row["uri"], row["width"], row["height"], row["status"],
-                                  row["error"], instances)  # fmt: skip
+                yield ImageResult(
+                    row["image_id"],
+                    row["uri"],
+                    row["width"],
+                    row["height"],
+                    row["status"],
+                    row["error"],
+                    instances,
+                )
 
 
 def open_results(

@@ -27,8 +27,11 @@ def coco_result(
     when it has a mask and ``keypoints`` (flat ``x, y, v`` floats) when it has keypoints. Raises
     ``ValueError`` for an instance with neither a box nor a mask, or a mask of an image of unknown size.
     """
-    result: dict[str, Any] = {"image_id": image_id, "category_id": int(instance["category_id"]),
-                              "score": float(instance["score"])}  # fmt: skip
+    result: dict[str, Any] = {
+        "image_id": image_id,
+        "category_id": int(instance["category_id"]),
+        "score": float(instance["score"]),
+    }
     rle = instance.get("rle")
     if rle is not None:
         if height is None or width is None:

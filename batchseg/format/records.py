@@ -40,8 +40,15 @@ METADATA_KEY = b"batchseg"
 def ok_row(
     image_id: str, uri: str, width: int, height: int, instances: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    return {"image_id": image_id, "uri": uri, "width": width, "height": height, "status": "ok",
-            "error": None, "instances": instances}  # fmt: skip
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "width": width,
+        "height": height,
+        "status": "ok",
+        "error": None,
+        "instances": instances,
+    }
 
 
 def error_row(
@@ -49,8 +56,15 @@ def error_row(
 ) -> dict[str, Any]:
     """The single way a failed image becomes a row: status ``error`` and ``"<kind>: <message>"``."""
     width, height = size if size else (None, None)
-    return {"image_id": image_id, "uri": uri, "width": width, "height": height, "status": "error",
-            "error": str(error), "instances": None}  # fmt: skip
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "width": width,
+        "height": height,
+        "status": "error",
+        "error": str(error),
+        "instances": None,
+    }
 
 
 def error_kind(error: str) -> str:

@@ -61,16 +61,24 @@ def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     image in training. Its resize (for images of about 128 pixels) is in its registry entry.
     """
     trunk = resnet18(weights=None)
-    backbone = BackboneWithFPN(trunk, {"layer1": "0", "layer2": "1", "layer3": "2"}, [64, 128, 256], 64,
-                               extra_blocks=LastLevelMaxPool())  # fmt: skip
+    backbone = BackboneWithFPN(
+        trunk,
+        {"layer1": "0", "layer2": "1", "layer3": "2"},
+        [64, 128, 256],
+        64,
+        extra_blocks=LastLevelMaxPool(),
+    )
     anchors = AnchorGenerator(
         sizes=((8, 12), (16, 24), (32, 48), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
     )
     levels = ["0", "1", "2"]
     options: dict[str, Any] = {
-        "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
-        "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 250,
-    }  # fmt: skip
+        "box_batch_size_per_image": 64,
+        "rpn_pre_nms_top_n_train": 1000,
+        "rpn_post_nms_top_n_train": 500,
+        "rpn_pre_nms_top_n_test": 500,
+        "rpn_post_nms_top_n_test": 250,
+    }
     return MaskRCNN(
         backbone,
         num_classes=None,
@@ -257,8 +265,12 @@ def build_model(
     ``options`` go to the model's constructor (``min_size``, ``box_score_thresh``...) over the registry's
     resize."""
     spec = model_spec(info.model)
-    kwargs: dict[str, Any] = {"num_classes": len(info.categories), "min_size": spec.min_size,
-                              "max_size": spec.max_size, **options}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "num_classes": len(info.categories),
+        "min_size": spec.min_size,
+        "max_size": spec.max_size,
+        **options,
+    }
     if info.num_keypoints is not None:
         kwargs["num_keypoints"] = info.num_keypoints
     torch.manual_seed(RANDOM_SEED)

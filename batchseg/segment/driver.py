@@ -53,8 +53,10 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     job = prepare_job(config)
     plan = job.plan
     todo = plan.num_shards - len(job.done)
-    log.info(f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}; "
-        f"{len(job.done)} shards already done, {todo} to do")  # fmt: skip
+    log.info(
+        f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}; "
+        f"{len(job.done)} shards already done, {todo} to do"
+    )
     if job.weights.source == "none":
         log.warning("--weights none: the model has RANDOM weights; its detections and masks are meaningless")
     run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
@@ -79,8 +81,12 @@ def init_ray(address: str | None) -> None:
     errors only: batchseg prints its own progress, and Ray's warnings here are mostly about the state
     API, which needs the dashboard that a local run does not start."""
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False,
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))  # fmt: skip
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            configure_logging=False,
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+        )
 
 
 class Driver:
@@ -118,8 +124,12 @@ class Driver:
             self._run()
         finally:
             self.shutdown()
-        return {"shards_failed": self.work.given_up, "images_this_run": self.progress.images,
-                "shards_this_run": self.progress.shards, "retries": self.work.retries}  # fmt: skip
+        return {
+            "shards_failed": self.work.given_up,
+            "images_this_run": self.progress.images,
+            "shards_this_run": self.progress.shards,
+            "retries": self.work.retries,
+        }
 
     def shutdown(self) -> None:
         for worker in list(self.pool.workers):
@@ -127,8 +137,10 @@ class Driver:
             ray.kill(worker.actor, no_restart=True)
 
     def _run(self) -> None:
-        log.info(f"starting {self.scaling.low} actor(s), up to {self.scaling.high}, with {self.options['num_cpus']:g} "
-                 f"CPU and {self.options['num_gpus']:g} GPU each, on {self.device}")  # fmt: skip
+        log.info(
+            f"starting {self.scaling.low} actor(s), up to {self.scaling.high}, with {self.options['num_cpus']:g} "
+            f"CPU and {self.options['num_gpus']:g} GPU each, on {self.device}"
+        )
         for _ in range(self.scaling.low):
             self._start_actor()
         while self.pool.busy() or self.work:
@@ -202,8 +214,10 @@ class Driver:
         with contextlib.suppress(GetTimeoutError, RayActorError):
             partial = sum(ray.get(calls, timeout=2.0))
         if not any(w.up for w in self.pool.workers) and time.time() - self.progress.start > 30:
-            log.info(f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
-                     f"each; the cluster has {ray.available_resources()} available)")  # fmt: skip
+            log.info(
+                f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
+                f"each; the cluster has {ray.available_resources()} available)"
+            )
         log.info(self.progress.line(partial))
 
 

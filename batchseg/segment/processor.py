@@ -134,8 +134,11 @@ class ShardProcessor:
             pending.result()
         self.encoding.clear()
         assert all(r is not None for r in rows)
-        provenance = self.job.provenance | {"shard": shard.index, "device": self.device,
-                                            "precision": self.predictor.precision}  # fmt: skip
+        provenance = self.job.provenance | {
+            "shard": shard.index,
+            "device": self.device,
+            "precision": self.predictor.precision,
+        }
         record = _record(shard, rows, attempt, time.time() - start)
         self.output.write_shard(shard.index, to_parquet(rows, provenance), record)  # type: ignore[arg-type]
         return record

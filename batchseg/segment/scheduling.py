@@ -165,8 +165,10 @@ class Progress:
         elapsed = self.last - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = duration((self.total - done) / rate) if rate > 0 else "?"
-        return (f"{done}/{self.total} images ({100 * done / max(1, self.total):.1f}%) | {rate:.2f} img/s | "
-                f"{self.errors} errors | ETA {eta}")  # fmt: skip
+        return (
+            f"{done}/{self.total} images ({100 * done / max(1, self.total):.1f}%) | {rate:.2f} img/s | "
+            f"{self.errors} errors | ETA {eta}"
+        )
 
 
 def duration(seconds: float) -> str:

@@ -27,8 +27,10 @@ class DataStats:
     crowd_annotations: int = 0
 
     def summary(self) -> str:
-        return (f"{self.invalid_annotations} invalid and {self.crowd_annotations} crowd annotations ignored; "
-                f"{self.images_without_instances} images without instances dropped")  # fmt: skip
+        return (
+            f"{self.invalid_annotations} invalid and {self.crowd_annotations} crowd annotations ignored; "
+            f"{self.images_without_instances} images without instances dropped"
+        )
 
 
 class CocoInstances(torch.utils.data.Dataset):

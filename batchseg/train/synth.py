@@ -95,9 +95,17 @@ def write_dataset(
             x0, y0 = int(xs.min()), int(ys.min())
             bbox = [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]
             segmentation = {"size": [height, width], "counts": encode_rle(mask)}
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "segmentation": segmentation, "area": int(mask.sum()), "bbox": bbox,
-                                "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": segmentation,
+                    "area": int(mask.sum()),
+                    "bbox": bbox,
+                    "iscrowd": 0,
+                }
+            )
         names.append(name)
     categories = [{"id": i, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES) if i]
     coco = {"images": images, "annotations": annotations, "categories": categories}

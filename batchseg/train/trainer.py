@@ -146,29 +146,56 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         window["images"] += config.batch_size
         if rank == 0 and (step % 10 == 0 or step == total):
             rate = window["images"] / (time.time() - window["start"])
-            log.info(f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
-                f"{rate:.1f} images/s per worker")  # fmt: skip
+            log.info(
+                f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+                f"{rate:.1f} images/s per worker"
+            )
 
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         batches = _epoch_loader(dataset, config, epoch, rank, world, skip)
         stop = min(total, (step // every + 1) * every)
         window = {"start": time.time(), "images": 0}
-        step = train_one_epoch(model, optimizer, scheduler, batches, device, step=step, max_steps=stop,
-                               grad_clip=config.grad_clip, amp_dtype=amp_dtype, scaler=scaler, on_step=on_step)  # fmt: skip
+        step = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            device,
+            step=step,
+            max_steps=stop,
+            grad_clip=config.grad_clip,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            on_step=on_step,
+        )
         elapsed = time.time() - window["start"]
         trained_seconds += elapsed
         if step % every == 0 or step == total:
-            metrics: dict[str, Any] = {"step": step, "resumed_from": resumed_from, "train_seconds": trained_seconds,
-                                       "images_per_second_per_worker": window["images"] / max(1e-9, elapsed)}  # fmt: skip
+            metrics: dict[str, Any] = {
+                "step": step,
+                "resumed_from": resumed_from,
+                "train_seconds": trained_seconds,
+                "images_per_second_per_worker": window["images"] / max(1e-9, elapsed),
+            }
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     if validation is not None:
                         metrics |= _validate(bare, validation)
-                    torch.save({"model": bare.state_dict(), "model_name": weights.model,
-                                "categories": list(dataset.categories), **resize, "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "step": step, "train_seconds": trained_seconds,
-                                "config": public_config(config)}, os.path.join(folder, CHECKPOINT_FILE))  # fmt: skip
+                    torch.save(
+                        {
+                            "model": bare.state_dict(),
+                            "model_name": weights.model,
+                            "categories": list(dataset.categories),
+                            **resize,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "step": step,
+                            "train_seconds": trained_seconds,
+                            "config": public_config(config),
+                        },
+                        os.path.join(folder, CHECKPOINT_FILE),
+                    )
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
                 else:
                     ray.train.report(metrics)
@@ -193,15 +220,20 @@ def _epoch_loader(
     per_worker = -(-len(order) // world)
     order = (order * (world + 1))[: per_worker * world]
     mine = order[rank::world][skip_batches * config.batch_size :]
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=config.batch_size,
-                                       collate_fn=collate, num_workers=config.loader_workers)  # fmt: skip
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, mine),
+        batch_size=config.batch_size,
+        collate_fn=collate,
+        num_workers=config.loader_workers,
+    )
 
 
 def _validation(config: TrainConfig) -> CocoInstances | None:
     if not (config.validation_images and config.validation_annotations):
         return None
-    return CocoInstances(config.validation_images, config.validation_annotations,
-                         storage_options=config.storage_options)  # fmt: skip
+    return CocoInstances(
+        config.validation_images, config.validation_annotations, storage_options=config.storage_options
+    )
 
 
 def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float]:
@@ -295,10 +327,15 @@ def _check(config: TrainConfig) -> None:
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
         (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
-        (config.model in TRAINABLE, f"{config.model} cannot be trained here (choose one of {', '.join(TRAINABLE)})"),
-        (bool(config.validation_images) == bool(config.validation_annotations),
-         "give both --validation-images and --validation-annotations, or neither"),
-    ]  # fmt: skip
+        (
+            config.model in TRAINABLE,
+            f"{config.model} cannot be trained here (choose one of {', '.join(TRAINABLE)})",
+        ),
+        (
+            bool(config.validation_images) == bool(config.validation_annotations),
+            "give both --validation-images and --validation-annotations, or neither",
+        ),
+    ]
     for ok, message in checks:
         if not ok:
             raise BatchsegError(message)
