@@ -74,7 +74,7 @@ def test_polygons_bad_annotations_and_empty_images(
     assert (dataset.stats.invalid_annotations, dataset.stats.images_without_instances) == (2, 1)
     err = capsys.readouterr().err
     assert "batchseg: warning: " in err
-    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances dropped" in err
+    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances left out of training" in err
     assert len(dataset) == 4
     _, target = dataset[dataset.ids.index(1)]
     assert target["masks"][0].sum() > 0  # the polygon was rasterised

@@ -122,6 +122,10 @@ def test_python_api_filters_and_decodes_masks(output: dict[str, Any]) -> None:
     assert errors.column("error")[0].as_py().startswith("not_found: ")
     with pytest.raises(BatchsegError, match=r"holds no part-.*not a batchseg segment output"):
         batchseg.open_results(str(output["root"] / "shapes"))
+    one = sorted(pathlib.Path(output["uri"]).glob("part-*.parquet"))[1]
+    shard = batchseg.open_results(str(one))  # one shard file reads on its own; it has no summary
+    assert len(shard) == 4 and shard.summary is None and shard.provenance["shard"] == 1
+    assert [r["image_id"] for b in shard.batches(["image_id"]) for r in b.to_pylist()] == ["5", "6", "7", "8"]
 
 
 def test_export_coco_round_trips_through_pycocotools(output: dict[str, Any]) -> None:

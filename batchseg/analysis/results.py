@@ -101,7 +101,10 @@ class Results:
 
     @property
     def summary(self) -> dict[str, Any] | None:
-        """``summary.json`` of the run that wrote the output (None if the run never finished)."""
+        """``summary.json`` of the run that wrote the output (None if the run never finished, or ``uri`` is
+        one Parquet file)."""
+        if self.files == [self.output.path]:
+            return None
         path = storage.join(self.output.path, SUMMARY_FILE)
         with job_errors(f"cannot read {path}"):
             try:

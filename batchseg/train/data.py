@@ -29,7 +29,7 @@ class DataStats:
     def summary(self) -> str:
         return (
             f"{self.invalid_annotations} invalid and {self.crowd_annotations} crowd annotations ignored; "
-            f"{self.images_without_instances} images without instances dropped"
+            f"{self.images_without_instances} images without instances left out of training"
         )
 
 
