@@ -59,6 +59,23 @@ def test_read_side_commands_import_neither_torch_nor_ray(
     assert any(tmp_path.iterdir()) or command[0] == "query", "the command did its work"
 
 
+def test_the_core_of_each_product_runs_without_ray() -> None:
+    """The shard processor, the driver's bookkeeping and the training recipe import no Ray at run time."""
+    core = [
+        "batchseg.segment.job",
+        "batchseg.segment.processor",
+        "batchseg.segment.scheduling",
+        "batchseg.train.engine",
+        "batchseg.train.data",
+        "batchseg.inference.predictor",
+    ]
+    code = (
+        f"import importlib, sys\nfor m in {core!r}: importlib.import_module(m)\nprint('ray' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 def lint_imports(package_parent: pathlib.Path) -> subprocess.CompletedProcess[str]:
     linter = pathlib.Path(sys.executable).parent / "lint-imports"
     return subprocess.run(
