@@ -169,3 +169,21 @@ def test_train_min_sizes_and_max_size_reach_the_model_and_the_segment_resize(tmp
     assert (predictor.model.transform.min_size, predictor.model.transform.max_size) == ((112,), 160)
     told: Any = Predictor.from_weights(info, min_size=200, max_size=300)
     assert (told.model.transform.min_size, told.model.transform.max_size) == ((200,), 300)
+
+
+def test_model_pt_from_a_checkpoint_made_before_the_resize_was_recorded() -> None:
+    """Rerunning a finished run whose last checkpoint predates min_size/max_size writes model.pt without
+    them (segment then uses the model's own resize), instead of failing with a KeyError."""
+    from batchseg.train.trainer import deployable
+
+    old = {
+        "model": {},
+        "model_name": "maskrcnn_small",
+        "categories": ["__background__", "a"],
+        "step": 4,
+        "config": {},
+        "optimizer": {},
+        "scheduler": {},
+    }
+    assert deployable(old) == {k: old[k] for k in ("model", "model_name", "categories", "step", "config")}
+    assert deployable(old | {"min_size": 96, "max_size": 128})["min_size"] == 96

@@ -228,6 +228,6 @@ def _run_cocoeval(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> dic
             coco_eval.accumulate()
             coco_eval.summarize()
     except Exception as e:
-        raise BatchsegError(f"COCO {iou_type} evaluation failed: {type(e).__name__}: {e}") from None
+        raise BatchsegError(f"COCO {iou_type} evaluation failed: {type(e).__name__}: {e}") from e
     stats = np.asarray(coco_eval.stats, dtype=float)
     return {name: float(value) for name, value in zip(METRICS, stats, strict=True)}

@@ -40,8 +40,8 @@ class CocoInstances(torch.utils.data.Dataset):
     ``boxes`` (float32 ``N x 4``, x1 y1 x2 y2 pixels), ``labels`` (int64 ``N``, the COCO category ids),
     ``masks`` (uint8 ``N x H x W``) and ``image_id`` (int64 scalar: the image it came from, which is not
     always ``ids[i]``; see ``__getitem__``). Images without instances are left out (they teach nothing);
-    evaluation reads every image of the annotations with :meth:`pixels`. An image that cannot be read or decoded is skipped and counted in
-    :attr:`corrupt`. ``flip`` mirrors images at random (training).
+    evaluation reads every image of the annotations with :meth:`pixels`. An image that cannot be read or
+    decoded is skipped and counted in :attr:`corrupt`. ``flip`` mirrors images at random (training).
     """
 
     def __init__(

@@ -19,7 +19,7 @@ import torch
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
-from batchseg.inference.registry import MODELS, TRAINABLE
+from batchseg.inference.registry import TRAINABLE, model_spec
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.segment.driver import init_ray
@@ -78,7 +78,7 @@ def public_config(config: TrainConfig) -> dict[str, Any]:
 def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
     """The model's resize in training: ``--min-sizes`` (one drawn per batch; the last is used in evaluation)
     and ``--max-size``, or the model's own training scales."""
-    spec = MODELS[model]
+    spec = model_spec(model)
     return {"min_size": config.min_sizes or spec.train_sizes, "max_size": config.max_size or spec.max_size}
 
 
@@ -297,14 +297,20 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         raise BatchsegError(f"training ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    final = {
-        k: saved[k] for k in ("model", "model_name", "categories", "min_size", "max_size", "step", "config")
-    }
+    final = deployable(saved)
     with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
         torch.save(final, f)
     metrics = dict(result.metrics or {}) | {"model": storage.join(output, CHECKPOINT_FILE)}
     fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
+
+
+def deployable(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What ``model.pt`` keeps of a training checkpoint: weights, model name, categories, the resize used in
+    evaluation, step and config (not the optimizer). A checkpoint made before batchseg recorded the resize
+    has none, and ``segment`` then uses the model's own."""
+    keys = ("model", "model_name", "categories", "min_size", "max_size", "step", "config")
+    return {k: checkpoint[k] for k in keys if k in checkpoint}
 
 
 def _root_cause(error: BaseException) -> str:
