@@ -29,6 +29,28 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 640,672,704, not {text!r}") from None
 
 
+def _uri(text: str) -> str:
+    """A path or fsspec URI: an empty one would silently mean the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path or URI, not an empty string")
+    return text
+
+
+def _at_least(minimum: int) -> Any:
+    """An argparse type: a whole number no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -43,10 +65,13 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--manifest",
         required=True,
+        type=_uri,
         help="Parquet/CSV/JSONL file with a 'uri' column (optional 'image_id'), a text file of URIs, "
         "or a folder/prefix of images; any fsspec URI",
     )
-    p.add_argument("--output", required=True, help="output folder/prefix for Parquet shards (any fsspec URI)")
+    p.add_argument(
+        "--output", required=True, type=_uri, help="output folder/prefix for Parquet shards (any fsspec URI)"
+    )
     p.add_argument(
         "--model",
         choices=list(MODELS),
@@ -156,12 +181,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--images", required=True, help="folder/prefix the annotations' file names are relative to"
+        "--images", required=True, type=_uri, help="folder/prefix the annotations' file names are relative to"
     )
-    p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URI)")
+    p.add_argument("--annotations", required=True, type=_uri, help="COCO instances JSON (any fsspec URI)")
     p.add_argument(
         "--output",
         required=True,
+        type=_uri,
         help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes",
     )
     p.add_argument("--model", default="maskrcnn_small", choices=TRAINABLE)
@@ -207,8 +233,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="iterations between checkpoints (default: an epoch)",
     )
-    p.add_argument("--validation-images", default=None)
-    p.add_argument("--validation-annotations", default=None, help="COCO AP is computed at each checkpoint")
+    p.add_argument("--validation-images", type=_uri, default=None)
+    p.add_argument(
+        "--validation-annotations", type=_uri, default=None, help="COCO AP is computed at each checkpoint"
+    )
     p.add_argument(
         "--max-failures", type=int, default=2, help="worker failures survived (resume from checkpoint)"
     )
@@ -261,19 +289,11 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from batchseg.analysis.query import connect
+    from batchseg.analysis.query import ok_images
     from batchseg.analysis.render import render_rows
 
-    where = f"status = 'ok' AND ({args.where})" if args.where else "status = 'ok'"
-    limit = f" LIMIT {int(args.limit)}" if args.limit else ""
-    try:
-        reader = connect(args.output, args.storage_options).sql(f"SELECT * FROM images WHERE {where}{limit}")
-        rows = (row for batch in reader.to_arrow_reader(256) for row in batch.to_pylist())
-        written = render_rows(rows, args.out, args.style, args.storage_options)
-    except Exception as e:
-        if type(e).__module__.startswith("duckdb"):
-            raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from e
-        raise
+    rows = ok_images(args.output, args.where, args.limit, args.storage_options)
+    written = render_rows(rows, args.out, args.style, args.storage_options)
     print(f"{len(written)} images rendered to {args.out}")
     return 0
 
@@ -328,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _command(
         sub, "synth", "write a synthetic shapes data set: images, COCO annotations, manifest", cmd_synth
     )
-    synth.add_argument("--output", required=True, help="folder/prefix to write to (any fsspec URI)")
-    synth.add_argument("--images", type=int, required=True, help="how many images")
+    synth.add_argument(
+        "--output", required=True, type=_uri, help="folder/prefix to write to (any fsspec URI)"
+    )
+    synth.add_argument("--images", type=_at_least(1), required=True, help="how many images")
     synth.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    synth.add_argument("--size", type=int, default=128, help="approximate image side in pixels")
+    synth.add_argument("--size", type=_at_least(16), default=128, help="approximate image side in pixels")
     _storage_options(synth)
 
     train = _command(
@@ -346,38 +368,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = _command(
         sub, "eval", "COCO box and mask AP of a segment output against annotations", cmd_eval
     )
-    evaluation.add_argument("--predictions", required=True, help="output folder of batchseg segment")
-    evaluation.add_argument("--annotations", required=True, help="COCO instances JSON")
     evaluation.add_argument(
-        "--json", default=None, help='also write {"bbox": {"AP": ...}, "segm": {...}} here'
+        "--predictions", required=True, type=_uri, help="output folder of batchseg segment"
+    )
+    evaluation.add_argument("--annotations", required=True, type=_uri, help="COCO instances JSON")
+    evaluation.add_argument(
+        "--json", type=_uri, default=None, help='also write {"bbox": {"AP": ...}, "segm": {...}} here'
     )
     _storage_options(evaluation)
 
     query = _command(
         sub, "query", "SQL over an output: views images (one row per image) and instances", cmd_query
     )
-    query.add_argument("output", help="output folder of batchseg segment (any fsspec URI)")
+    query.add_argument("output", type=_uri, help="output folder of batchseg segment (any fsspec URI)")
     query.add_argument("sql", help='e.g. "SELECT category, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
-    query.add_argument("--out", default=None, help="write all rows here instead of printing the first ones")
+    query.add_argument(
+        "--out", type=_uri, default=None, help="write all rows here instead of printing the first ones"
+    )
     _storage_options(query)
 
     export = _command(
         sub, "export-coco", "write the detections in COCO results format (loadRes)", cmd_export_coco
     )
-    export.add_argument("output", help="output folder of batchseg segment")
-    export.add_argument("--out", required=True, help="COCO results JSON to write")
+    export.add_argument("output", type=_uri, help="output folder of batchseg segment")
+    export.add_argument("--out", required=True, type=_uri, help="COCO results JSON to write")
     export.add_argument(
-        "--images", default=None, help="also write the matching COCO images and categories here"
+        "--images", type=_uri, default=None, help="also write the matching COCO images and categories here"
     )
     _storage_options(export)
 
     render = _command(
         sub, "render", "draw masks, boxes, labels (and keypoints) over the images, as PNG", cmd_render
     )
-    render.add_argument("output", help="output folder of batchseg segment")
-    render.add_argument("--out", required=True, help="folder for the PNG files")
-    render.add_argument("--limit", type=int, default=None, help="at most this many images")
+    render.add_argument("output", type=_uri, help="output folder of batchseg segment")
+    render.add_argument("--out", required=True, type=_uri, help="folder for the PNG files")
+    render.add_argument("--limit", type=_at_least(1), default=None, help="at most this many images")
     render.add_argument(
         "--where", default=None, help="SQL condition on the images view, e.g. \"uri LIKE '%%cat%%'\""
     )
@@ -390,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_options(render)
 
     report = _command(sub, "report", "one static HTML report: totals, errors, charts, a gallery", cmd_report)
-    report.add_argument("output", help="output folder of batchseg segment")
-    report.add_argument("--out", required=True, help="HTML file to write")
-    report.add_argument("--gallery", type=int, default=12, help="how many rendered images to include")
+    report.add_argument("output", type=_uri, help="output folder of batchseg segment")
+    report.add_argument("--out", required=True, type=_uri, help="HTML file to write")
+    report.add_argument(
+        "--gallery", type=_at_least(0), default=12, help="how many rendered images to include"
+    )
     _storage_options(report)
 
     demo = _command(
@@ -402,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         RERUN_RESUMES,
     )
-    demo.add_argument("--output", default="demo-output", help="folder for the demo's images and results")
-    demo.add_argument("--images", type=int, default=50, help="how many images to generate")
+    demo.add_argument(
+        "--output", type=_uri, default="demo-output", help="folder for the demo's images and results"
+    )
+    demo.add_argument("--images", type=_at_least(1), default=50, help="how many images to generate")
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -194,3 +195,47 @@ def test_report_cli_on_a_real_output(output: dict[str, Any]) -> None:
     assert "not_found" in html and "missing.jpg" in html
     assert html.count('src="data:image/png;base64,') == 3 + 4  # three charts and the gallery
     assert "http://" not in html and "https://" not in html
+
+
+def test_read_side_commands_answer_bad_input_with_one_line_and_exit_2(
+    output: dict[str, Any], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad SQL in --where, an --out that cannot be written: one 'batchseg: error:' line, nothing written."""
+    cases = [
+        (["render", output["uri"], "--out", str(tmp_path / "png"), "--where", "nope("], "--where is not valid SQL"),
+        (["export-coco", output["uri"], "--out", str(tmp_path)], f"cannot write {tmp_path}: IsADirectoryError"),
+        (["query", output["uri"], "SELECT 1", "--format", "csv", "--out", str(tmp_path / "no" / "x.csv")],
+         f"cannot write {tmp_path / 'no' / 'x.csv'}"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"batchseg: error: {message}"), err
+    assert not (tmp_path / "png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "", "SELECT 1"],
+        ["segment", "--manifest", "", "--output", "o"],
+        ["export-coco", "x", "--out", ""],
+        ["render", "x", "--out", "o", "--limit", "0"],
+        ["report", "x", "--out", "r.html", "--gallery", "-1"],
+        ["synth", "--output", "o", "--images", "0"],
+        ["synth", "--output", "o", "--images", "4", "--size", "8"],
+        ["train", "--images", "", "--annotations", "a.json", "--output", "o", "--iterations", "1"],
+    ],
+    ids=lambda argv: " ".join(argv[:1] + [a for a in argv if a.startswith("--")][-1:]),
+)
+def test_empty_paths_and_impossible_counts_are_refused_while_parsing(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty path would silently mean the working directory; a count of 0 (or -1) is never meant."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(
+        r"error: argument [-\w]+: (expected a path or URI, not an empty string|must be at least)", err
+    )

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batchseg.analysis.results import open_results
+from batchseg.errors import job_errors
 from batchseg.format.coco import coco_result
 from batchseg.io import storage
 
@@ -28,13 +29,15 @@ def export_coco(
     ids = results.to_table(columns=["image_id"]).column("image_id")
     numeric = bool(pc.all(pc.match_substring_regex(ids, r"^[0-9]+$")).as_py()) if len(ids) else True
     counts = {"images": 0, "instances": 0, "skipped_rows": 0}
-    with contextlib.ExitStack() as stack:
+    with job_errors(f"cannot write the COCO export {out}"), contextlib.ExitStack() as stack:
         fs, path = storage.filesystem(out, storage_options)
-        detections = stack.enter_context(fs.open(path, "wb"))
+        with job_errors(f"cannot write {out}"):
+            detections = stack.enter_context(fs.open(path, "wb"))
         listing = None
         if images_out:
             fs_images, images_path = storage.filesystem(images_out, storage_options)
-            listing = stack.enter_context(fs_images.open(images_path, "wb"))
+            with job_errors(f"cannot write {images_out}"):
+                listing = stack.enter_context(fs_images.open(images_path, "wb"))
             listing.write(b'{"images": [')
         detections.write(b"[")
         for image in results.images():

@@ -5,6 +5,7 @@ S3-compatible endpoints work offline, without DuckDB's httpfs extension)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -13,7 +14,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from batchseg.analysis.results import open_results
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import storage
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -32,6 +33,24 @@ def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckd
         "(SELECT image_id, uri, width, height, UNNEST(instances) AS instance FROM batchseg_rows)"
     )
     return con
+
+
+def ok_images(
+    output: str,
+    where: str | None = None,
+    limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The ``ok`` rows of ``output`` (as dicts, in output order) for which the SQL condition ``where`` on the
+    ``images`` view holds, at most ``limit`` of them; streamed. A condition DuckDB rejects is a
+    :class:`BatchsegError`, raised here, before the caller writes anything."""
+    condition = f"status = 'ok' AND ({where})" if where else "status = 'ok'"
+    sql = f"SELECT * FROM images WHERE {condition}" + (f" LIMIT {int(limit)}" if limit is not None else "")
+    try:
+        reader = connect(output, storage_options).sql(sql).to_arrow_reader(256)
+    except duckdb.Error as e:
+        raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from e
+    return (row for batch in reader for row in batch.to_pylist())
 
 
 def run_query(
@@ -56,7 +75,7 @@ def run_query(
         raise BatchsegError(f"--format {fmt} needs --out FILE")
     fs, path = storage.filesystem(out, storage_options)
     rows = 0
-    with fs.open(path, "wb") as f:
+    with job_errors(f"cannot write {out}"), fs.open(path, "wb") as f:
         if fmt == "parquet":
             with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
                 for batch in reader:
