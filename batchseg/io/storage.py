@@ -6,6 +6,7 @@ are retried with backoff for up to ``BATCHSEG_RETRY_SECONDS`` (default 120 s) be
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import posixpath
@@ -13,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import fsspec
@@ -67,24 +69,40 @@ def is_transient(error: BaseException) -> bool:
     return bool(_TRANSIENT_TEXT.search(str(error)))
 
 
+class Backoff:
+    """When to try a failing storage call again: exponential backoff (0.5 s up to 10 s) while it fails
+    transiently, for up to ``seconds`` (default ``BATCHSEG_RETRY_SECONDS``) in all."""
+
+    def __init__(self, what: str, seconds: float | None = None) -> None:
+        self.what = what
+        self.deadline = time.monotonic() + (RETRY_SECONDS if seconds is None else seconds)
+        self.delay = 0.5
+
+    def after(self, error: Exception) -> float:
+        """The seconds to wait before the next try after ``error``; raises ``error`` itself when it is not
+        transient, and :class:`StorageUnavailable` when the time is up."""
+        if not is_transient(error):
+            raise error
+        if time.monotonic() + self.delay > self.deadline:
+            raise StorageUnavailable(
+                f"{self.what}: storage kept failing: {type(error).__name__}: {error}"
+            ) from error
+        log.warning(f"{self.what}: {type(error).__name__}: {error}; retrying in {self.delay:.1f} s")
+        delay, self.delay = self.delay, min(2 * self.delay, 10.0)
+        return delay
+
+
 def retrying(call: Callable[[], T], what: str, seconds: float | None = None) -> T:
-    """``call()``, retried with exponential backoff (0.5 s up to 10 s) while it fails transiently.
+    """``call()``, retried as :class:`Backoff` says while it fails transiently.
 
     Raises :class:`StorageUnavailable` when the budget runs out; other errors pass through at once.
     """
-    deadline = time.monotonic() + (RETRY_SECONDS if seconds is None else seconds)
-    delay = 0.5
+    backoff = Backoff(what, seconds)
     while True:
         try:
             return call()
         except Exception as e:
-            if not is_transient(e):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise StorageUnavailable(f"{what}: storage kept failing: {type(e).__name__}: {e}") from e
-            log.warning(f"{what}: {type(e).__name__}: {e}; retrying in {delay:.1f} s")
-            time.sleep(delay)
-            delay = min(2 * delay, 10.0)
+            time.sleep(backoff.after(e))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -136,15 +154,88 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
 def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The bytes of one image; a problem with this image becomes an :class:`ImageError`, while storage
     that stays unavailable raises :class:`StorageUnavailable` (the shard is retried, not the image failed)."""
+    fs, path = filesystem(uri, image_read_options(uri, storage_options))
+    return _read_image(fs, path, uri)
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     try:
-        return read_bytes(uri, storage_options)
+        return retrying(lambda: fs.cat_file(path), f"reading {uri}")
     except StorageUnavailable:
         raise
-    except FileNotFoundError:
-        raise ImageError("not_found", f"no such object: {uri}") from None
-    except PermissionError:
-        raise ImageError("permission_denied", f"permission denied reading {uri}") from None
-    except IsADirectoryError:
-        raise ImageError("read_error", f"{uri} is a directory, not an image") from None
-    except Exception as e:  # anything else belongs to this image alone
-        raise ImageError("read_error", f"could not read {uri}: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise image_error(e, uri) from None
+
+
+def image_error(error: Exception, uri: str) -> ImageError:
+    """The :class:`ImageError` of a read that failed for this image alone (not :class:`StorageUnavailable`,
+    which retries the shard)."""
+    if isinstance(error, FileNotFoundError):
+        return ImageError("not_found", f"no such object: {uri}")
+    if isinstance(error, PermissionError):
+        return ImageError("permission_denied", f"permission denied reading {uri}")
+    if isinstance(error, IsADirectoryError):
+        return ImageError("read_error", f"{uri} is a directory, not an image")
+    return ImageError("read_error", f"could not read {uri}: {type(error).__name__}: {error}")
+
+
+def image_read_options(
+    uri: str, storage_options: dict[str, Any] | None, in_flight: int = 10
+) -> dict[str, Any]:
+    """``storage_options`` for reading whole images from ``uri``, with up to ``in_flight`` at once.
+
+    s3fs reads an object of over 5 MiB in parallel ranges, and to know the size it first asks for it
+    (a HEAD per image: a second round trip); images are read with one GET each. Its connection pool
+    (botocore's ``max_pool_connections``, 10 by default) would cap the reads in flight, so it is made at
+    least ``in_flight``. Values the user set win.
+    """
+    options = dict(storage_options or {})
+    if uri.startswith(("s3://", "s3a://")):
+        options.setdefault("max_concurrency", 1)
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", max(in_flight, 10))
+        options["config_kwargs"] = config
+    return options
+
+
+class ImageReader:
+    """Reads images many at once: :meth:`fetch` returns a future of one image's bytes at once.
+
+    On an asynchronous filesystem (s3fs, gcsfs, http: fsspec's ``async_impl``) each read is a coroutine
+    on fsspec's event loop, so a hundred GETs can wait on the network together with no thread each; on
+    the others (local disk, NFS mounts) each read takes a thread, up to ``in_flight`` of them. Results
+    are those of :func:`read_image_bytes`: the bytes, an :class:`ImageError` for this image, or
+    :class:`StorageUnavailable` once transient failures have been retried for ``BATCHSEG_RETRY_SECONDS``.
+    The caller bounds how many reads are pending (each holds an encoded image once it is done).
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None, in_flight: int = 64) -> None:
+        self.storage_options = storage_options or {}
+        self.in_flight = in_flight
+        self.threads = ThreadPoolExecutor(in_flight, thread_name_prefix="batchseg-read")
+
+    def fetch(self, uri: str) -> Future[bytes]:
+        try:
+            fs, path = filesystem(uri, image_read_options(uri, self.storage_options, self.in_flight))
+        except Exception as e:  # e.g. a protocol fsspec does not know: this image's problem
+            failed: Future[bytes] = Future()
+            failed.set_exception(image_error(e, uri))
+            return failed
+        if getattr(fs, "async_impl", False) and getattr(fs, "asynchronous", True) is False:
+            return asyncio.run_coroutine_threadsafe(self._read(fs, path, uri), fs.loop)
+        return self.threads.submit(_read_image, fs, path, uri)
+
+    async def _read(self, fs: Any, path: str, uri: str) -> bytes:
+        backoff = Backoff(f"reading {uri}")
+        while True:
+            try:
+                data: bytes = await fs._cat_file(path)
+                return data
+            except Exception as e:
+                try:
+                    delay = backoff.after(e)
+                except StorageUnavailable:
+                    raise
+                except Exception as final:
+                    raise image_error(final, uri) from None
+                await asyncio.sleep(delay)

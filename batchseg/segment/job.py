@@ -38,6 +38,7 @@ class SegmentConfig:
     precision: str = "auto"
     decode: str = "auto"
     io_threads: int = 4
+    prefetch: int = 64
     max_attempts: int = 3
     overwrite: bool = False
     address: str | None = None
@@ -97,6 +98,8 @@ def _check_options(config: SegmentConfig) -> None:
         (config.decode in ("auto", "pil", "torchvision"), f"unknown --decode {config.decode!r}"),
         (config.max_pixels > 0, "--max-pixels must be positive"),
         (config.max_instances > 0, "--max-instances must be positive"),
+        (config.io_threads >= 1, f"--io-threads must be at least 1, not {config.io_threads}"),
+        (config.prefetch >= 1, f"--prefetch must be at least 1, not {config.prefetch}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,33 +16,20 @@ from batchseg.errors import ImageError
 from batchseg.format.output import OutputDir
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.predictor import Predictor
-from batchseg.io import storage
-from batchseg.io.images import EncodedJpeg, decode_image, jpeg_orientation, orient
+from batchseg.io.images import EncodedJpeg, decode_image, orient
+from batchseg.io.loader import ImageLoader
 from batchseg.io.manifest import Shard
 from batchseg.segment.job import Job
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, running at most ``window`` calls ahead of the consumer."""
-    pending: list[Future[R]] = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
 
 
 class ShardProcessor:
     """Holds a model; turns one shard into one Parquet object and a completion record.
 
-    Images are fetched (and, but for JPEGs bound for the GPU's decoder, decoded) in a thread pool,
-    ``2 * batch_size`` ahead of the model, so the model does not wait on storage; on a GPU, each batch's
-    masks are encoded in other threads while the device runs the next batch. Every image yields exactly
-    one row, in manifest order.
+    Images are fetched ``--prefetch`` ahead of the model (many reads in flight on one event loop for
+    object stores), so the model does not wait on storage latency, and checked and (but for JPEGs bound
+    for the GPU's decoder) decoded in ``--io-threads`` threads ``2 * batch_size`` ahead; on a GPU, each
+    batch's masks are encoded in other threads while the device runs the next batch. Every image yields
+    exactly one row, in manifest order.
     """
 
     def __init__(self, job: Job, device: str = "cpu") -> None:
@@ -62,30 +48,26 @@ class ShardProcessor:
             storage_options=config.storage_options,
         )
         self.output = OutputDir(config.output, config.storage_options)
-        self.pool = ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="batchseg-io")
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
         self.decode_on_device = config.decode == "torchvision" or (
             config.decode == "auto" and device != "cpu"
         )
+        self.loader = ImageLoader(
+            config.storage_options,
+            prefetch=config.prefetch,
+            threads=config.io_threads,
+            decode_ahead=2 * config.batch_size,
+            keep_jpegs=self.decode_on_device,
+            max_pixels=config.max_pixels,
+        )
         self.images_done = 0  # within the current shard, read by progress reports
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
-            ThreadPoolExecutor(max(1, config.io_threads), thread_name_prefix="batchseg-encode")
+            ThreadPoolExecutor(config.io_threads, thread_name_prefix="batchseg-encode")
             if device != "cpu"
             else None
         )
         self.encoding: list[Future[None]] = []
-
-    def load(self, uri: str) -> np.ndarray | EncodedJpeg | ImageError:
-        """Fetch an image and decode it (PIL, in this I/O thread), or leave a plain JPEG encoded for the
-        batched decode on the device."""
-        try:
-            data = storage.read_image_bytes(uri, self.job.config.storage_options)
-            if self.decode_on_device and (orientation := jpeg_orientation(data, self.job.config.max_pixels)):
-                return EncodedJpeg(data, orientation)
-            return decode_image(data, self.job.config.max_pixels)
-        except ImageError as e:
-            return e
 
     def _decode_on_device(
         self, shard: Shard, batch: list[tuple[int, Any]], rows: list[Any]
@@ -119,8 +101,7 @@ class ShardProcessor:
         config = self.job.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
-        loaded = prefetch(self.pool, self.load, shard.uris, window=2 * config.batch_size)
-        for i, image in enumerate(loaded):
+        for i, image in enumerate(self.loader(shard.uris)):
             if isinstance(image, ImageError):
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
                 self.images_done += 1

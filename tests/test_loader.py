@@ -1,0 +1,88 @@
+"""Images fetched far ahead and decoded a little ahead, in order, with every bad input still one result."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from batchseg.errors import ImageError, StorageUnavailable
+from batchseg.io.images import EncodedJpeg, decode_image
+from batchseg.io.loader import ImageLoader, read_ahead
+from tests.imagefiles import BOMB_TEST_MAX_PIXELS, write_bad_files
+
+
+class CountingFetcher:
+    """Fetches that finish only when released, counting how many are pending at most."""
+
+    def __init__(self) -> None:
+        self.pending: list[Future[int]] = []
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, item: int) -> Future[int]:
+        future: Future[int] = Future()
+        with self.lock:
+            self.pending.append(future)
+            self.most = max(self.most, sum(not f.done() for f in self.pending))
+        threading.Timer(0.002, future.set_result, (item,)).start()
+        return future
+
+
+@pytest.mark.parametrize(("fetch_window", "decode_window"), [(1, 1), (3, 1), (16, 4), (100, 100)])
+def test_read_ahead_keeps_order_and_its_windows(fetch_window: int, decode_window: int) -> None:
+    fetcher = CountingFetcher()
+    decoded: list[int] = []
+    with ThreadPoolExecutor(4) as pool:
+        for value in read_ahead(
+            range(50), fetcher, lambda f: f.result() * 10, pool, fetch_window, decode_window
+        ):
+            decoded.append(value)
+    assert decoded == [i * 10 for i in range(50)]
+    assert 1 <= fetcher.most <= fetch_window
+
+
+def test_read_ahead_raises_a_stage_error_at_its_item() -> None:
+    def fetch(i: int) -> Future[int]:
+        future: Future[int] = Future()
+        if i == 3:
+            future.set_exception(StorageUnavailable("storage kept failing"))
+        else:
+            future.set_result(i)
+        return future
+
+    got = []
+    with ThreadPoolExecutor(2) as pool, pytest.raises(StorageUnavailable):
+        for value in read_ahead(range(10), fetch, lambda f: f.result(), pool, 8, 2):
+            got.append(value)
+    assert got == [0, 1, 2]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 64])
+@pytest.mark.parametrize("keep_jpegs", [False, True])
+def test_loader_gives_each_file_what_decode_image_gives(
+    tmp_path: pathlib.Path, prefetch: int, keep_jpegs: bool
+) -> None:
+    files = write_bad_files(tmp_path)
+    uris = [str(tmp_path / name) for name in files] + [str(tmp_path / "missing.jpg"), "nosuch://x/y.jpg"]
+    loader = ImageLoader(
+        prefetch=prefetch, threads=2, decode_ahead=3, keep_jpegs=keep_jpegs, max_pixels=BOMB_TEST_MAX_PIXELS
+    )
+    loaded = list(loader(uris))
+    assert len(loaded) == len(uris)
+    for uri, kind, image in zip(uris, [*files.values(), "not_found", "read_error"], loaded, strict=True):
+        if keep_jpegs and uri.endswith("truncated.jpg"):  # its header is fine: the device decode judges it
+            assert isinstance(image, EncodedJpeg)
+        elif kind is not None:
+            assert isinstance(image, ImageError) and image.kind == kind, (uri, image)
+            continue
+        elif isinstance(image, EncodedJpeg):
+            assert keep_jpegs and uri.endswith(".jpg") and image.data == pathlib.Path(uri).read_bytes()
+        else:
+            expected = decode_image(pathlib.Path(uri).read_bytes(), BOMB_TEST_MAX_PIXELS)
+            assert isinstance(image, np.ndarray) and np.array_equal(image, expected), uri
+    kept = [x for x in loaded if isinstance(x, EncodedJpeg)]
+    assert len(kept) == (3 if keep_jpegs else 0)  # grey, exif-rotated, truncated; CMYK goes through PIL
