@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from batchseg.inference.paste import paste_to_rle
+from batchseg.inference.paste import paste_batch_to_rle, paste_to_rle
 
 
 def standard(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[tuple[str, int]]:
@@ -69,3 +69,59 @@ def test_runs_that_wrap_from_one_column_into_the_next() -> None:
     assert paste_to_rle(masks, boxes, 4, 6) == standard(masks, boxes, 4, 6)
     full = (paste_masks_in_image(masks, boxes, (4, 6))[0, 0] > 0.5).numpy()
     assert full[:, 1:5].all() and not full[:, [0, 5]].any()  # the expanded box covers columns 1 to 4
+
+
+def test_many_overlapping_instances_in_one_image() -> None:
+    rng = np.random.default_rng(11)
+    masks, boxes = random_case(rng, 90, 130, n=200)
+    boxes[:50] = boxes[50:100] + torch.from_numpy(rng.uniform(-3, 3, size=(50, 4)).astype(np.float32))
+    boxes[:50] = (
+        boxes[:50].clamp(min=0).minimum(torch.tensor([130.0, 90.0, 130.0, 90.0]))
+    )  # clipped as the model does
+    assert paste_to_rle(masks, boxes, 90, 130) == standard(masks, boxes, 90, 130)
+
+
+def test_boxes_touching_every_border_and_thin_masks() -> None:
+    height, width = 37, 23
+    rng = np.random.default_rng(12)
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 5.0, 5.0],  # top-left corner
+            [18.0, 0.0, 23.0, 6.0],  # top-right
+            [0.0, 30.0, 6.0, 37.0],  # bottom-left
+            [17.0, 31.0, 23.0, 37.0],  # bottom-right: ends on the last pixel
+            [0.0, 0.0, 23.0, 37.0],  # the whole image
+            [0.0, 0.0, 23.0, 4.0],  # the top rows, every column
+            [0.0, 33.0, 23.0, 37.0],  # the bottom rows, every column
+            [0.0, 0.0, 3.0, 37.0],  # the first columns, every row
+            [20.0, 0.0, 23.0, 37.0],  # the last columns, every row
+            [10.0, 4.0, 10.0, 30.0],  # 1 pixel wide
+            [2.0, 12.0, 20.0, 12.0],  # 1 pixel high
+            [0.0, 0.0, 23.0, 0.0],  # 1 pixel high along the top border
+            [22.0, 0.0, 22.0, 37.0],  # 1 pixel wide, the whole height, one column from the right
+            [22.9, 36.9, 22.9, 36.9],  # the last pixel alone
+            [0.0, 0.0, 0.0, 0.0],  # the first pixel alone
+        ]
+    )
+    for fill in (1.0, None):  # masks that fill their box, then noisy ones
+        n = len(boxes)
+        masks = (
+            torch.full((n, 1, 28, 28), fill)
+            if fill
+            else torch.from_numpy(rng.random((n, 1, 28, 28), np.float32))
+        )
+        assert paste_to_rle(masks, boxes, height, width) == standard(masks, boxes, height, width)
+    full = paste_masks_in_image(torch.ones((n, 1, 28, 28)), boxes, (height, width))[:, 0] > 0.5
+    assert full[9].sum(dim=0).count_nonzero() == 1 and full[10].sum(dim=1).count_nonzero() == 1
+    assert full[13].sum() == 1 and full[13][-1, -1] and full[14].sum() == 1 and full[14][0, 0]
+
+
+def test_a_batch_of_images_of_different_sizes_encodes_as_each_image_alone() -> None:
+    rng = np.random.default_rng(13)
+    sizes = [(40, 60), (1, 50), (50, 1), (1, 1), (7, 300), (64, 48), (30, 30)]
+    cases = [random_case(rng, h, w, n) for (h, w), n in zip(sizes, [8, 6, 6, 3, 9, 12, 0], strict=True)]
+    got = paste_batch_to_rle([m for m, _ in cases], [b for _, b in cases], sizes)
+    assert [len(g) for g in got] == [len(m) for m, _ in cases]
+    for (masks, boxes), (height, width), encoded in zip(cases, sizes, got, strict=True):
+        assert encoded == standard(masks, boxes, height, width)
+    assert paste_batch_to_rle([], [], []) == []

@@ -9,6 +9,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from batchseg.errors import ImageError
 from batchseg.inference.models import resolve_weights
+from batchseg.inference.paste import paste_to_rle
 from batchseg.inference.predictor import Predictor, resolve_precision
 from batchseg.io.storage import read_image_bytes
 from batchseg.train.synth import draw_shapes
@@ -50,6 +51,24 @@ def test_batches_give_one_result_per_image_and_scores_descend() -> None:
     for instances in results:
         scores = [i["score"] for i in instances]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_a_batch_is_described_as_each_image_alone() -> None:
+    """One copy per batch gives what the model's tensors say, image by image."""
+    predictor = Predictor.from_weights(resolve_weights("none", "maskrcnn_resnet50_fpn"), **SMALL)
+    detections = predictor.detect(images(3))
+    described = predictor.describe(detections)
+    for detection, instances in zip(detections, described, strict=True):
+        assert predictor.describe([detection]) == [instances]
+        out, height, width = detection
+        assert [(i["rle"], i["area"]) for i in instances] == paste_to_rle(
+            out["masks"], out["boxes"], height, width
+        )
+        for instance, (x1, y1, x2, y2), score, label in zip(
+            instances, out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
+        ):
+            assert instance["bbox"] == [x1, y1, x2 - x1, y2 - y1]
+            assert (instance["score"], instance["category_id"]) == (score, label)
 
 
 def test_precision_auto_is_fp32_on_cpu() -> None:

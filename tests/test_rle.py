@@ -4,7 +4,7 @@ import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
 
-from batchseg.format.rle import decode_rle, encode_rle
+from batchseg.format.rle import compress_groups, decode_rle, decompress_counts, encode_rle
 
 
 def reference(mask: np.ndarray) -> str:
@@ -49,3 +49,22 @@ def test_decode_rejects_wrong_size() -> None:
     counts = encode_rle(np.ones((4, 4), bool))
     with pytest.raises(ValueError, match="expected 5x4"):
         decode_rle(counts, 5, 4)
+
+
+def test_many_lists_compress_at_once_as_pycocotools_compresses_each() -> None:
+    rng = np.random.default_rng(8)
+    lists = [[], [0], [3, 0], [0, 1, 2], [7, 0, 0, 9]]
+    for _ in range(50):
+        scale = int(rng.choice([2, 40, 2000, 2**20, 2**29]))  # pycocotools has room for 6 characters a count
+        lists.append(rng.integers(0, scale, size=int(rng.integers(1, 40))).tolist())
+    got = compress_groups(
+        np.array([c for counts in lists for c in counts], dtype=np.int64), [len(c) for c in lists]
+    )
+    # (pycocotools frees an empty list's buffer wrongly: its string is "")
+    expected = [
+        coco_mask.frPyObjects({"size": [1, 1], "counts": c}, 1, 1)["counts"].decode() if c else ""
+        for c in lists
+    ]
+    assert got == expected
+    huge = np.array([0, 2**40, 3, 2**33, 1], dtype=np.int64)  # beyond pycocotools' 32-bit counts
+    np.testing.assert_array_equal(decompress_counts(compress_groups(huge, [5])[0]), huge)

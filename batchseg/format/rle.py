@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import numpy as np
 
 
@@ -25,40 +28,46 @@ def rle_counts(mask: np.ndarray) -> np.ndarray:
 def compress_counts(counts: np.ndarray) -> str:
     """COCO's compressed string form of run lengths (``rleToString`` in pycocotools' maskApi.c)."""
     counts = np.asarray(counts, dtype=np.int64)
-    return compress_groups(counts, np.arange(len(counts)), np.zeros(len(counts), dtype=np.int64), 1)[0]
+    return compress_groups(counts, np.array([len(counts)]))[0]
 
 
-def compress_groups(counts: np.ndarray, position: np.ndarray, owners: np.ndarray, n: int) -> list[str]:
-    """COCO's compressed strings of ``n`` run-length lists at once (concatenated, with each value's
-    ``position`` in its list and its list's index in ``owners``, lists in order).
+def compress_groups(counts: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """COCO's compressed strings of several run-length lists at once: ``counts`` holds them end to end,
+    ``lengths[k]`` values for list ``k``.
 
     Each count from the fourth on (``i > 2`` in the C code) is stored as the difference to the count two
     places before, then written as 5-bit groups, least significant first, each as one character from
-    48 up, with 0x20 marking that more groups follow.
+    48 up, with 0x20 marking that more groups follow: as many groups as the value needs as a signed
+    number (its sign is the last group's 0x10 bit). Vectorised over every value, in int32 unless a count
+    needs more; most values take one character, so each later pass only touches the few that need more.
     """
-    values = counts.copy()
-    later = position >= 3
-    values[later] -= counts[np.flatnonzero(later) - 2]
-    # 5-bit groups, least significant first; each pass handles only the values that still need one.
-    passes = []
-    index = np.arange(len(values))
+    counts = np.asarray(counts)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    dtype: type[np.signedinteger[Any]] = np.int32 if not len(counts) or counts.max() < 2**31 else np.int64
+    values = counts.astype(dtype)
+    values[2:] -= counts[:-2].astype(dtype)
+    starts = np.cumsum(lengths) - lengths
+    for i in range(3):  # the first three counts of each list are written as they are
+        first_three = starts[lengths > i] + i
+        values[first_three] = counts[first_three]
+    magnitude = values ^ (values >> (8 * values.itemsize - 1))  # v, or -v - 1 for negative v
+    groups = np.ones(len(values), dtype=np.int32)
+    top, limit = (int(magnitude.max()) if len(values) else 0), 16
+    while limit <= top:  # a value in [-limit, limit) fits in one more group than the previous limit
+        groups += magnitude >= limit
+        limit <<= 5
+    ends = np.cumsum(groups)
+    first = ends - groups
+    chars = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    chars[first] = ((values & 0x1F) | ((groups > 1) << 5)) + 48
+    index, k = np.flatnonzero(groups > 1), 1
     while len(index):
-        c = values & 0x1F
-        values = values >> 5  # arithmetic shift: negative deltas end at -1, as in C
-        more = np.where(c & 0x10, values != -1, values != 0)
-        passes.append((index, ((c | (more << 5)) + 48).astype(np.uint8)))
-        index, values = index[more], values[more]
-    per_value = np.zeros(len(counts), dtype=np.int64)
-    for index, _ in passes:
-        per_value[index] += 1
-    first_char = np.cumsum(per_value) - per_value
-    chars = np.empty(int(per_value.sum()), dtype=np.uint8)
-    for k, (index, group) in enumerate(passes):
-        chars[first_char[index] + k] = group
+        more = groups[index] > k + 1
+        chars[first[index] + k] = (((values[index] >> (5 * k)) & 0x1F) | (more << 5)) + 48
+        index, k = index[more], k + 1
     text = chars.tobytes().decode("ascii")
-    lengths = np.bincount(owners, weights=per_value, minlength=n).astype(np.int64)
-    ends = np.cumsum(lengths)
-    return [text[e - k : e] for e, k in zip(ends.tolist(), lengths.tolist(), strict=True)]
+    bounds = np.concatenate(([0], ends))[np.cumsum(lengths)].tolist()
+    return [text[a:b] for a, b in itertools.pairwise([0, *bounds])]
 
 
 def decompress_counts(text: str) -> np.ndarray:

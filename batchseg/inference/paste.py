@@ -4,11 +4,19 @@ torchvision's postprocess pastes every mask into a full-size float image (``past
 which a caller then thresholds and encodes column by column: for 100 instances at 800 x 1333 that is
 about 100 M pixels of work and 400 MB at once. Here each mask is resized exactly as torchvision does
 (the same padding, box expansion, integer box and bilinear ``interpolate``), thresholded inside its box
-only, and the COCO run lengths of the full-size mask are computed from that crop: the output is
-byte-identical, the work and memory are the box's. On a GPU, only the thresholded crops come to the host.
+only, and the COCO run lengths of the full-size mask are computed from those crops on the masks' device,
+a whole batch of images at once: the output is byte-identical, the work and memory are the boxes'. Only
+the run lengths and areas come to the host, in one copy per batch; the host writes the COCO strings.
+
+The three steps are public so that ``bench/gpu_masks.py`` can time each: :func:`crop_columns` and
+:func:`run_lengths` on the device, then :func:`rle_strings` on the host.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,11 +25,14 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from batchseg.format.rle import compress_groups
 
+Encoded = tuple[str, int]  # COCO compressed RLE counts, mask area in pixels
+
 
 def paste_to_rle(
     masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
-) -> list[tuple[str, int]]:
-    """COCO compressed RLE counts and pixel area of each instance's full-size thresholded mask.
+) -> list[Encoded]:
+    """COCO compressed RLE counts and pixel area of each instance's full-size thresholded mask, for one
+    image (:func:`paste_batch_to_rle` with a batch of one).
 
     Args:
         masks: ``N x 1 x M x M`` mask probabilities as the mask head gives them (any float dtype/device).
@@ -30,97 +41,166 @@ def paste_to_rle(
         threshold: a pixel is foreground where the pasted probability is above it.
 
     Returns ``[(counts, area), ...]``; ``counts`` equals pycocotools' encoding of
-    ``paste_masks_in_image(masks, boxes, (height, width))[i, 0] > threshold``. The three steps
-    (:func:`crop_columns` on the device, :func:`run_starts`, then :func:`encode_crops` on the host) are
-    public so that ``bench/gpu_masks.py`` can time each.
+    ``paste_masks_in_image(masks, boxes, (height, width))[i, 0] > threshold``.
     """
-    if len(masks) == 0:
-        return []
-    flat, places = crop_columns(masks, boxes, height, width, threshold)
-    return encode_crops(run_starts(flat), places, height, width)
+    return paste_batch_to_rle([masks], [boxes], [(height, width)], threshold)[0]
+
+
+def paste_batch_to_rle(
+    masks: Sequence[torch.Tensor],
+    boxes: Sequence[torch.Tensor],
+    sizes: Sequence[tuple[int, int]],
+    threshold: float = 0.5,
+) -> list[list[Encoded]]:
+    """:func:`paste_to_rle` of each image of a batch (``masks[i]``, ``boxes[i]``, ``sizes[i] = (height,
+    width)``), with one device-to-host copy for the whole batch."""
+    return rle_strings(run_lengths(crop_columns(masks, boxes, sizes, threshold)))
+
+
+@dataclass(frozen=True)
+class Crops:
+    """A batch's thresholded masks, each cut to its image, laid end to end on the device.
+
+    ``flat`` (bool, on the masks' device) holds instance after instance, each as a block of segments;
+    a segment is a run of pixels that follow each other in COCO's column-major order, between two
+    background pads: one per column of the crop, or the whole crop when it spans the image's height.
+    ``layout`` (host, ``6 x n`` int64) gives for each instance: ``offset`` and ``end`` of its block in
+    ``flat``, ``segment`` (the length of each of its segments, pads included), ``base`` (the COCO
+    pixel index of the crop's top-left pixel), its image's ``height`` and ``total`` pixels.
+    ``hidden`` lists positions of ``flat`` where a change is not a run start: the pad after a crop
+    that ends on its image's last pixel. ``per_image`` counts the instances of each image.
+    """
+
+    flat: torch.Tensor
+    layout: np.ndarray
+    hidden: np.ndarray
+    per_image: list[int]
+
+
+@dataclass(frozen=True)
+class Runs:
+    """COCO run lengths of a batch's full-size masks, on the host: ``counts`` of every instance end to
+    end (the first counts background, so it is 0 for a mask that starts with foreground), ``lengths[k]``
+    of them for instance ``k``, ``areas[k]`` its foreground pixels; ``per_image`` as in :class:`Crops`."""
+
+    counts: np.ndarray
+    lengths: np.ndarray
+    areas: np.ndarray
+    per_image: list[int]
 
 
 def crop_columns(
-    masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float = 0.5
-) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
-    """Each mask resized into its box exactly as torchvision pastes it, thresholded, and cut to the image.
+    masks: Sequence[torch.Tensor],
+    boxes: Sequence[torch.Tensor],
+    sizes: Sequence[tuple[int, int]],
+    threshold: float = 0.5,
+) -> Crops:
+    """Each mask resized into its box exactly as torchvision pastes it, thresholded, and cut to its image,
+    written into one sequence on the masks' device (see :class:`Crops`).
 
-    Returns the crops laid end to end on the masks' device as one uint8 sequence (each crop column by
-    column, COCO's order, each column between two background pixels), and each crop's place
-    ``(y0, x0, h, w)`` in the image (``h * w == 0`` for a box outside the image), as
-    :func:`encode_crops` takes them.
+    ``masks[i]``, ``boxes[i]`` and ``sizes[i]`` are those of image ``i``, as :func:`paste_to_rle` takes
+    them. Boxes may be on the host: the integer boxes, which size every crop, are needed there (one copy
+    if they are on the device). One ``interpolate`` and one comparison per instance, as many as
+    torchvision's own paste launches.
     """
-    padded, scale = expand_masks(masks, padding=1)
-    int_boxes = expand_boxes(boxes.float(), scale).to(torch.int64).tolist()
-    columns, places = [], []
-    for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
-        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
-        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
-        if x1 <= x0 or y1 <= y0:  # the box lies outside the image
-            x1, y1 = x0, y0
-        else:
-            resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > threshold
-            columns.append(F.pad(crop.T.to(torch.uint8), (1, 1)).reshape(-1))
-        places.append((y0, x0, y1 - y0, x1 - x0))
-    flat = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.uint8, device=masks.device)
-    return flat, places
+    per_image = [len(m) for m in masks]
+    device = masks[0].device if masks else torch.device("cpu")
+    if sum(per_image) == 0:
+        nothing = np.zeros((6, 0), dtype=np.int64)
+        return Crops(torch.zeros(0, dtype=torch.bool, device=device), nothing, nothing[0], per_image)
+    padded, scale = expand_masks(torch.cat(list(masks)), padding=1)
+    int_boxes = expand_boxes(torch.cat([b.float().cpu() for b in boxes]), scale).to(torch.int64).numpy()
+    height = np.repeat(np.array([h for h, _ in sizes], dtype=np.int64), per_image)
+    width = np.repeat(np.array([w for _, w in sizes], dtype=np.int64), per_image)
+    bx0, by0, bx1, by1 = int_boxes.T
+    x0, y0 = np.maximum(bx0, 0), np.maximum(by0, 0)
+    x1, y1 = np.minimum(bx1 + 1, width), np.minimum(by1 + 1, height)
+    inside = (x1 > x0) & (y1 > y0)  # else the box lies outside the image: nothing to crop
+    w, h = np.where(inside, x1 - x0, 0), np.where(inside, y1 - y0, 0)
+    # A crop as tall as its image is contiguous in COCO order: one segment, so that ones running from a
+    # column's bottom into the next column's top stay one run.
+    tall = inside & (h == height)
+    column = np.where(tall, h, h + 2)  # from one column's first pixel to the next one's in ``flat``
+    segment = np.where(tall, w * h + 2, h + 2)
+    block = np.where(tall, w * h + 2, w * (h + 2))
+    end = np.cumsum(block)
+    offset = end - block
+    hidden = end[inside & (y1 == height) & (x1 == width)] - 1
+    flat = torch.zeros(int(end[-1]), dtype=torch.bool, device=device)
+    box_size = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)
+    places = np.stack([bx0, by0, *box_size, x0, y0, w, h, column, offset + 1])[:, inside].T.tolist()
+    for i, (left, top, box_w, box_h, x, y, crop_w, crop_h, step, first) in zip(
+        np.flatnonzero(inside).tolist(), places, strict=True
+    ):
+        resized = F.interpolate(padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False)
+        crop = resized[0, 0, y - top : y - top + crop_h, x - left : x - left + crop_w]
+        torch.gt(crop.T, threshold, out=flat.as_strided((crop_w, crop_h), (step, 1), first))
+    layout = np.stack([offset, end, segment, x0 * height + y0, height, height * width])
+    return Crops(flat, layout, hidden, per_image)
 
 
-def run_starts(flat: torch.Tensor) -> np.ndarray:
-    """Where the sequence changes value, found on its device and copied to the host in one go (on a GPU, a
-    copy per instance would wait on each)."""
-    return (torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1).cpu().numpy()
+def run_lengths(crops: Crops) -> Runs:
+    """The COCO run lengths and areas of every instance's full-size mask, computed on the crops' device
+    and copied to the host in one go.
 
-
-def encode_crops(
-    change: np.ndarray, places: list[tuple[int, int, int, int]], height: int, width: int
-) -> list[tuple[str, int]]:
-    """COCO RLE counts and areas of several ``height x width`` masks, each zero outside its crop, in one
-    vectorised pass (a few numpy calls per image, not per instance).
-
-    ``places[k]`` is ``(y0, x0, h, w)``: crop ``k`` covers rows ``y0:y0+h`` and columns ``x0:x0+w``.
-    The crops that are not empty (``h * w > 0``) laid end to end, in order, each as its ``w`` columns
-    of ``h + 2`` values (0, the column's pixels as 0/1, 0), make one sequence; ``change`` holds the
-    positions where it differs from the value before. A run starts at each such change; a start at the same pixel twice cancels (ones running from a column's bottom into the next
-    column's top), and one at ``height * width`` is the end of the mask.
+    A run starts wherever ``flat`` changes value (but at ``hidden`` positions); each such change maps to
+    its pixel in the full image. With ``m`` starts ``s_1 < ... < s_m`` in an image of ``total`` pixels,
+    the counts are the differences of ``0, s_1, ..., s_m, total``, and the area is the sum of the counts
+    at odd places. Finding the changes (``torch.nonzero``) waits for the device once, since their number
+    sizes everything after it; what follows is a few element-wise steps and the copy.
     """
-    n = len(places)
-    total = height * width
-    y0, x0, h, w = (np.array([p[i] for p in places], dtype=np.int64).reshape(n) for i in range(4))
-    w = np.where(h > 0, w, 0)
-    h = np.where(w > 0, h, 0)
-    # Per column of every crop: its instance, image column, top row and offset in ``flat``.
-    owner = np.repeat(np.arange(n), w)
-    column = x0[owner] + np.arange(len(owner)) - np.repeat(np.cumsum(w) - w, w)
-    offsets = np.concatenate(([0], np.cumsum(h[owner] + 2)))[:-1]
-    c = np.searchsorted(offsets, change, side="right") - 1
-    start = column[c] * height + y0[owner[c]] + (change - offsets[c]) - 1
-    instance = owner[c]
-    # Already sorted (flat is in instance, column, row order): a start found twice is an adjacent pair.
-    pair = (start[1:] == start[:-1]) & (instance[1:] == instance[:-1])
-    keep = start < total
-    keep[1:] &= ~pair
-    keep[:-1] &= ~pair
-    instance, start = instance[keep], start[keep]
-    # counts = differences of (0, starts..., total) within each instance
-    first = np.ones(len(start), dtype=bool)
-    first[1:] = instance[1:] != instance[:-1]
-    previous = np.concatenate(([0], start[:-1]))
-    previous[first] = 0
-    body = start - previous
-    last = np.flatnonzero(np.append(first[1:], True)) if len(start) else np.zeros(0, dtype=np.int64)
-    counts = np.insert(body, last + 1, total - start[last])
-    owners = np.insert(instance, last + 1, instance[last])
-    empty = np.setdiff1d(np.arange(n), instance)  # no run starts: all background
-    counts = np.concatenate((counts, np.full(len(empty), total)))
-    owners = np.concatenate((owners, empty))
-    order = np.argsort(owners, kind="stable")
-    counts, owners = counts[order], owners[order]
-    group_start = np.searchsorted(owners, np.arange(n))
-    position = np.arange(len(counts)) - group_start[owners]
-    areas = np.bincount(owners, weights=counts * (position % 2 == 1), minlength=n).astype(np.int64)
-    return [
-        (text, int(area))
-        for text, area in zip(compress_groups(counts, position, owners, n), areas, strict=True)
-    ]
+    offset, end, segment, base, height, total = crops.layout
+    n = len(offset)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Runs(empty, empty, empty, crops.per_image)
+    device = crops.flat.device
+    # A change at index i of ``change`` starts a run at position p = i + 1 of ``flat``; in instance k,
+    # p is q = p - offset[k] into its block, in segment x = q // segment[k], at pixel
+    # base[k] + x * height[k] + (q - x * segment[k] - 1) = i + (base - offset)[k] + x * (height - segment)[k].
+    table = np.concatenate(
+        [offset[1:] - 1, offset - 1, segment, base - offset, height - segment, end - 1, total, crops.hidden]
+    )
+    meta = torch.from_numpy(table)
+    if device.type == "cuda":
+        meta = meta.pin_memory()
+    meta = meta.to(device, non_blocking=True)
+    after, before, segment_t, shift, step, last, total_t = meta[: 7 * n - 1].split([n - 1] + [n] * 6)
+    change = crops.flat[1:] != crops.flat[:-1]
+    if len(crops.hidden):
+        change[meta[7 * n - 1 :] - 1] = False
+    i = torch.nonzero(change).squeeze(1)  # sorted: by instance, then pixel
+    t = len(i)
+    instance = torch.searchsorted(after, i, right=True)  # an empty block shares its offset with the next
+    x = (i - before[instance]).div_(segment_t[instance], rounding_mode="floor")
+    start = i + shift[instance] + x * step[instance]
+    done = torch.searchsorted(i, last)  # run starts in instances 0..k
+    starts = torch.diff(done, prepend=done.new_zeros(1))
+    # Instance k's counts fill slots head[k] .. tail[k] of the output: the differences of its run starts,
+    # then ``total`` minus the last.
+    tail = done + torch.arange(n, device=device)
+    head = tail - starts
+    ends = torch.empty(t + n, dtype=torch.int64, device=device)
+    ends[torch.arange(t, device=device) + instance] = start
+    ends[tail] = total_t
+    begins = torch.cat([ends.new_zeros(1), ends[:-1]])
+    begins[head] = 0
+    counts = ends - begins
+    # Area: the counts at a group's odd places, which are the odd slots of a group that starts on an even
+    # slot and the even slots of one that starts on an odd slot, summed from cumulative sums.
+    zero = counts.new_zeros(1)
+    even = torch.cat([zero, counts[0::2].cumsum(0)])  # even[j]: the sum over even slots below 2j
+    odd = torch.cat([zero, counts[1::2].cumsum(0)])  # odd[j]: the sum over odd slots below 2j + 1
+    on_odd = odd[(tail + 1) // 2] - odd[head // 2]
+    on_even = even[(tail + 2) // 2] - even[(head + 1) // 2]
+    areas = torch.where(head % 2 == 0, on_odd, on_even)
+    host = torch.cat([counts, starts + 1, areas]).cpu().numpy()
+    return Runs(host[: t + n], host[t + n : t + 2 * n], host[t + 2 * n :], crops.per_image)
+
+
+def rle_strings(runs: Runs) -> list[list[Encoded]]:
+    """Each image's ``[(counts, area), ...]``: the COCO compressed strings of :func:`run_lengths`' output
+    (numpy, on the host)."""
+    encoded = list(zip(compress_groups(runs.counts, runs.lengths), runs.areas.tolist(), strict=True))
+    bounds = np.cumsum([0, *runs.per_image]).tolist()
+    return [encoded[a:b] for a, b in itertools.pairwise(bounds)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,10 +11,23 @@ import torch
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict
-from batchseg.inference.paste import paste_to_rle
+from batchseg.inference.paste import Runs, crop_columns, rle_strings, run_lengths
 
 Detections = tuple[dict[str, torch.Tensor], int, int]  # one image's raw outputs, height, width
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A batch's detections on the host (:meth:`Predictor.fetch`). ``table`` has one float32 row per
+    instance, images in order: ``x1 y1 x2 y2`` in the image's pixels, score, label, then for a keypoint
+    model the keypoints' ``x y v`` triplets; ``per_image`` counts each image's rows; ``runs`` holds the
+    masks' run lengths for a mask model, else None."""
+
+    table: np.ndarray
+    per_image: list[int]
+    runs: Runs | None
+    keypoints: bool
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -105,9 +119,62 @@ class Predictor:
 
     @torch.inference_mode()
     def describe(self, detections: list[Detections]) -> list[list[dict[str, Any]]]:
-        """Raw detections as instance dicts, masks encoded: host-side work that can overlap with the
-        device running the next batch."""
-        return [self._instances(out, height, width) for out, height, width in detections]
+        """Raw detections as instance dicts, masks encoded: :meth:`fetch` (device work and the copies)
+        then :meth:`instances` (host work only)."""
+        return self.instances(self.fetch(detections))
+
+    @torch.inference_mode()
+    def fetch(self, detections: list[Detections]) -> Fetched:
+        """A batch's detections on the host, in two device-to-host copies whatever the number of images:
+        one of boxes, scores, labels (and keypoints), then one of the masks' run lengths, computed on the
+        device from those boxes (:mod:`batchseg.inference.paste`). Each copy waits for the work queued
+        before it on the current CUDA stream."""
+        if not detections:
+            return Fetched(np.zeros((0, 6), dtype=np.float32), [], None, keypoints=False)
+        outputs = [out for out, _, _ in detections]
+        per_image = [len(out["boxes"]) for out in outputs]
+        keypoints = "keypoints" in outputs[0]
+        # Labels travel as float32 beside the boxes and scores: exact for any label below 2**24.
+        fields = [
+            [out["boxes"].float(), out["scores"].float()[:, None], out["labels"].float()[:, None]]
+            + ([out["keypoints"].float().flatten(1)] if keypoints else [])
+            for out in outputs
+        ]
+        table = torch.cat([torch.cat(f, dim=1) for f in fields]).cpu().numpy()
+        runs = None
+        if "masks" in outputs[0]:
+            boxes = torch.from_numpy(table[:, :4]).split(per_image)
+            sizes = [(height, width) for _, height, width in detections]
+            masks = [out["masks"].float() for out in outputs]
+            runs = run_lengths(crop_columns(masks, boxes, sizes, self.mask_threshold))
+        return Fetched(table, per_image, runs, keypoints)
+
+    def instances(self, fetched: Fetched) -> list[list[dict[str, Any]]]:
+        """Each image's instances, dicts with the fields of :data:`batchseg.format.records.INSTANCE`, boxes
+        in that image's pixels: host work only (the masks' COCO strings, then the dicts)."""
+        masks = rle_strings(fetched.runs) if fetched.runs is not None else None
+        categories = self.categories
+        rows = iter(fetched.table.tolist())
+        result: list[list[dict[str, Any]]] = []
+        for image, count in enumerate(fetched.per_image):
+            instances = []
+            for i in range(count):
+                x1, y1, x2, y2, score, label, *keypoints = next(rows)
+                label = int(label)
+                rle, area = masks[image][i] if masks is not None else (None, round((x2 - x1) * (y2 - y1)))
+                instances.append(
+                    {
+                        "category_id": label,
+                        "category": categories[label] if label < len(categories) else str(label),
+                        "score": score,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": area,
+                        "rle": rle,
+                        "keypoints": keypoints if fetched.keypoints else None,
+                    }
+                )
+            result.append(instances)
+        return result
 
     def _to_device(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``3 x H x W`` float32 in [0, 1] on the model's device, from H x W x 3 uint8 numpy pixels or a
@@ -136,30 +203,3 @@ class Predictor:
             if "keypoints" in detection:
                 detection["keypoints"] = resize_keypoints(detection["keypoints"], resized, original)
         return detections
-
-    def _instances(self, out: dict[str, torch.Tensor], height: int, width: int) -> list[dict[str, Any]]:
-        boxes = out["boxes"].float().cpu().numpy()
-        scores = out["scores"].float().cpu().numpy()
-        labels = out["labels"].cpu().numpy()
-        masks = (
-            paste_to_rle(out["masks"].float(), out["boxes"], height, width, self.mask_threshold)
-            if "masks" in out
-            else None
-        )
-        keypoints = out["keypoints"].float().cpu().numpy() if "keypoints" in out else None
-        categories = self.categories
-        instances = []
-        for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-            label = int(labels[i])
-            instances.append(
-                {
-                    "category_id": label,
-                    "category": categories[label] if label < len(categories) else str(label),
-                    "score": float(scores[i]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": masks[i][1] if masks is not None else round((x2 - x1) * (y2 - y1)),
-                    "rle": masks[i][0] if masks is not None else None,
-                    "keypoints": keypoints[i].reshape(-1).tolist() if keypoints is not None else None,
-                }
-            )
-        return instances
