@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -144,7 +145,25 @@ class ShardProcessor:
         if self.encoder is None:
             fill()
         else:
-            self.encoding.append(self.encoder.submit(fill))
+            forward_done = None
+            if self.device.startswith("cuda"):
+                forward_done = torch.cuda.Event()
+                forward_done.record()
+            self.encoding.append(self.encoder.submit(_beside_the_model, fill, forward_done))
+
+
+def _beside_the_model(work: Callable[[], None], forward_done: Any) -> None:
+    """``work`` (a batch's masks: kernels, copies, strings) on a CUDA stream of its own once the batch's
+    forward is done (``forward_done``, an event on the model's stream), so that its kernels run beside the
+    next batch's forward and its copies wait for its own kernels only, not for that forward; without an
+    event (not CUDA), just ``work()``."""
+    if forward_done is None:
+        work()
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_event(forward_done)
+    with torch.cuda.stream(stream):
+        work()
 
 
 def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
