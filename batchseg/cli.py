@@ -133,8 +133,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
         "--prefetch",
         type=int,
         default=64,
-        help="image reads in flight per actor, ahead of the model: hides storage latency (64 covers "
-        "0.49 s per GET at 130 img/s); at most this many encoded images wait in memory",
+        help="image reads in flight per actor, ahead of the model: hides storage latency: give it twice "
+        "img/s x seconds per GET (64 feeds 130 img/s behind up to 0.25 s); at most this many encoded images wait in memory",
     )
     p.add_argument(
         "--io-threads",

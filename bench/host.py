@@ -1,10 +1,13 @@
-"""Host time per image for the work after the model: masks to run lengths, COCO strings and instance dicts,
-Parquet rows.
+"""Host time per image for everything but the model: reading, masks to run lengths, COCO strings and
+instance dicts, Parquet rows.
 
 Synthetic detections as a Mask R-CNN gives them (boxes of 30 to 300 px sides in 800x800 images, 28x28 mask
 probabilities), in two regimes: "random" (noisy probabilities, as in bench/masks.py: many runs per mask)
 and "compact" (every mask fills its box, as a mask head with zero final weights and a positive bias gives).
 Each stage is the real code, one torch thread:
+  0. read: ``ImageLoader`` as a GPU actor runs it on JPEG files of 640x480 on local disk (fetch, format
+     and size check, EXIF orientation, left encoded for the device): CPU time of this process per image
+     (an S3 GET adds botocore's own, which ``bench/storage.py`` reports);
   1. device stage, here on the CPU: ``Predictor.fetch`` (crop, threshold, run lengths, the copies);
   2. host stage after the copy: ``Predictor.instances`` (COCO strings, then the instance dicts);
   3. Parquet: ``records.ok_row`` and ``records.to_parquet`` of a shard of ``--images`` images.
@@ -14,17 +17,25 @@ Usage: python bench/host.py [--images 100] [--instances 20] [--size 800] [--batc
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from storage import photo_like_jpegs
+
 from batchseg.format.records import ok_row, to_parquet
 from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import rle_strings
 from batchseg.inference.predictor import Detections, Predictor
+from batchseg.io.images import EncodedJpeg
+from batchseg.io.loader import ImageLoader
 
 HOST_GOAL_US = 2000  # host stages 2 + 3, compact masks, one core
 
@@ -49,6 +60,24 @@ def detections(
         }
         result.append((out, size, size))
     return result
+
+
+def read_stage(images: int) -> float:
+    """CPU seconds per image of this process for an actor's read stage over local JPEG files."""
+    jpegs = photo_like_jpegs(20)
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = []
+        for i in range(images):
+            path = pathlib.Path(tmp, f"{i:05d}.jpg")
+            path.write_bytes(jpegs[i % len(jpegs)])
+            uris.append(str(path))
+        loader = ImageLoader(keep_jpegs=True)
+        list(loader(uris[:100]))  # warm-up
+        start = time.process_time()
+        loaded = list(loader(uris))
+        seconds = time.process_time() - start
+    assert all(isinstance(x, EncodedJpeg) for x in loaded)
+    return seconds / images
 
 
 def median_seconds(run: Callable[[], object], repeat: int) -> float:
@@ -105,6 +134,8 @@ def main() -> None:
         f"{args.images} images of {args.size}x{args.size}, {args.instances} instances each, "
         f"batches of {args.batch_size}, 1 torch thread, median of {args.repeat}"
     )
+    read = read_stage(2000)
+    print(f"  0. read: local JPEG 640x480, fetch + header + EXIF (CPU)  {read * 1e6:7.0f} us/image")
     for regime in ("random", "compact"):
         bench_regime(predictor, regime, args)
 

@@ -43,13 +43,14 @@ def photo_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return jpegs
 
 
-def read_rate(loader: ImageLoader, uris: list[str]) -> float:
-    start = time.perf_counter()
+def read_rate(loader: ImageLoader, uris: list[str]) -> tuple[float, float]:
+    """Images per second, and this process's CPU seconds per image."""
+    start, cpu = time.perf_counter(), time.process_time()
     loaded = list(loader(uris))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     bad = [x for x in loaded if not isinstance(x, EncodedJpeg)]
     assert not bad, f"{len(bad)} images did not load: {bad[:3]}"
-    return len(uris) / seconds
+    return len(uris) / seconds, cpu / len(uris)
 
 
 def main() -> None:
@@ -79,10 +80,11 @@ def main() -> None:
                         options, prefetch=args.prefetch, threads=args.io_threads, keep_jpegs=True
                     )
                     read_rate(loader, uris[: 2 * args.prefetch])  # warm-up: connections, credentials
-                    rates[delay] = read_rate(loader, uris)
+                    rates[delay], cpu = read_rate(loader, uris)
                     print(
                         f"added {delay:3d} ms per request: {rates[delay]:7.1f} img/s "
-                        f"({rates[delay] / rates[min(rates)]:.2f} of {min(rates)} ms)",
+                        f"({rates[delay] / rates[min(rates)]:.2f} of {min(rates)} ms), "
+                        f"{cpu * 1e6:.0f} us of CPU per image in this process",
                         flush=True,
                     )
         finally:

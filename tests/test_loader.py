@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -86,3 +87,21 @@ def test_loader_gives_each_file_what_decode_image_gives(
             assert isinstance(image, np.ndarray) and np.array_equal(image, expected), uri
     kept = [x for x in loaded if isinstance(x, EncodedJpeg)]
     assert len(kept) == (3 if keep_jpegs else 0)  # grey, exif-rotated, truncated; CMYK goes through PIL
+
+
+def test_an_object_store_that_does_not_answer_is_storage_unavailable_not_an_image_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The asynchronous reads retry transient failures as the blocking ones do, then give up on the shard."""
+    from batchseg.io import storage
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 1.0)
+    options = {"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{port}"}
+    options["config_kwargs"] = {"connect_timeout": 1, "retries": {"max_attempts": 1}}
+    reader = storage.ImageReader(options, in_flight=4)
+    future = reader.fetch("s3://bucket/image.jpg")  # a coroutine on fsspec's loop: s3fs is asynchronous
+    with pytest.raises(StorageUnavailable, match=r"reading s3://bucket/image\.jpg: storage kept failing"):
+        future.result(timeout=120)
