@@ -105,3 +105,18 @@ def test_an_object_store_that_does_not_answer_is_storage_unavailable_not_an_imag
     future = reader.fetch("s3://bucket/image.jpg")  # a coroutine on fsspec's loop: s3fs is asynchronous
     with pytest.raises(StorageUnavailable, match=r"reading s3://bucket/image\.jpg: storage kept failing"):
         future.result(timeout=120)
+
+
+def test_a_huge_prefetch_on_local_files_keeps_the_threads_few(tmp_path: pathlib.Path) -> None:
+
+    jpeg = (pathlib.Path(__file__).parent / "imagefiles.py").read_bytes()  # any bytes: a not_an_image row
+    uris = []
+    for i in range(300):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg)
+        uris.append(str(tmp_path / f"{i}.jpg"))
+    before = set(threading.enumerate())
+    loader = ImageLoader(prefetch=1_000_000, threads=2)
+    results = list(loader(uris))
+    assert [r.kind for r in results if isinstance(r, ImageError)] == ["not_an_image"] * 300
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("batchseg-read")]
+    assert 1 <= len(readers) <= 32, len(readers)

@@ -198,21 +198,29 @@ def image_read_options(
     return options
 
 
+MAX_READ_THREADS = 32
+
+
 class ImageReader:
     """Reads images many at once: :meth:`fetch` returns a future of one image's bytes at once.
 
     On an asynchronous filesystem (s3fs, gcsfs, http: fsspec's ``async_impl``) each read is a coroutine
     on fsspec's event loop, so a hundred GETs can wait on the network together with no thread each; on
-    the others (local disk, NFS mounts) each read takes a thread, up to ``in_flight`` of them. Results
-    are those of :func:`read_image_bytes`: the bytes, an :class:`ImageError` for this image, or
-    :class:`StorageUnavailable` once transient failures have been retried for ``BATCHSEG_RETRY_SECONDS``.
+    the others (local disk, NFS mounts) each read takes a thread, up to ``in_flight`` (at most
+    ``MAX_READ_THREADS``) of them. Results are those of :func:`read_image_bytes`: the bytes, an
+    :class:`ImageError` for this image, or :class:`StorageUnavailable` once transient failures have been
+    retried for ``BATCHSEG_RETRY_SECONDS``.
     The caller bounds how many reads are pending (each holds an encoded image once it is done).
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, in_flight: int = 64) -> None:
         self.storage_options = storage_options or {}
         self.in_flight = in_flight
-        self.threads = ThreadPoolExecutor(in_flight, thread_name_prefix="batchseg-read")
+        # Blocking reads (local disk, NFS) gain nothing from hundreds of threads: a large --prefetch
+        # still waits in order, the threads stay few.
+        self.threads = ThreadPoolExecutor(
+            min(in_flight, MAX_READ_THREADS), thread_name_prefix="batchseg-read"
+        )
 
     def fetch(self, uri: str) -> Future[bytes]:
         try:
