@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from batchseg.io.manifest import Plan, Shard
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
     ActorPool,
     Progress,
     ScalingPolicy,
+    Scheduler,
     WorkQueue,
     duration,
 )
+from tests.simcluster import SimulatedCluster
 
 
 def shards(count: int) -> list[Shard]:
@@ -52,15 +56,63 @@ def test_actor_pool_tracks_what_each_actor_holds() -> None:
     second = pool.add("actor-2", "ready-2")
     assert pool.starting() == 2 and pool.pending() == {"ready-1": first, "ready-2": second}
     assert pool.room(first) == 0, "an actor that is not up gets no work"
-    first.up = True
-    assert pool.room(first) == QUEUE_PER_ACTOR
+    pool.mark_up(first)
+    assert pool.room(first) == QUEUE_PER_ACTOR and pool.starting() == 1 and not pool.busy()
     a, b = shards(2)
-    first.queue += [("ref-a", (a, 1)), ("ref-b", (b, 1))]
+    pool.queue(first, "ref-a", (a, 1))
+    pool.queue(first, "ref-b", (b, 1))
     assert pool.room(first) == 0 and pool.busy()
     assert pool.pending() == {"ready-2": second, "ref-a": first, "ref-b": first}
     assert pool.finished(first, "ref-b") == (b, 1)
     assert first.queue == [("ref-a", (a, 1))]
     assert pool.remove(first) == [(a, 1)] and len(pool) == 1 and not pool.busy()
+    assert pool.pending() == {"ready-2": second}
+    assert pool.remove(second) == [] and pool.pending() == {} and pool.starting() == 0
+
+
+def run_simulated(cluster: SimulatedCluster, count: int, actors: tuple[int, int], attempts: int = 3) -> Any:
+    scheduler = Scheduler(
+        cluster,
+        iter(shards(count)),
+        max_attempts=attempts,
+        scaling=ScalingPolicy(*actors),
+        total_images=count,
+        clock=cluster.clock,
+    )
+    return scheduler, scheduler.run()
+
+
+def test_scheduler_runs_every_shard_once_and_kills_its_actors() -> None:
+    cluster = SimulatedCluster()
+    scheduler, run = run_simulated(cluster, 500, (4, 4))
+    assert sorted(cluster.done) == list(range(500))
+    assert run == {"shards_failed": [], "images_this_run": 500, "shards_this_run": 500, "retries": 0}
+    assert cluster.started == 4 and cluster.killed == 4 and not cluster.alive and len(scheduler.pool) == 0
+
+
+def test_scheduler_scales_up_to_max_while_work_waits() -> None:
+    cluster = SimulatedCluster()
+    run_simulated(cluster, 400, (1, 16))
+    assert cluster.started == 16 and sorted(cluster.done) == list(range(400))
+
+
+def test_scheduler_retries_failed_shards_and_replaces_dead_actors_exactly_once() -> None:
+    """Every 7th attempt raises, every 11th kills its actor: each shard is done once, its queued neighbours
+    move to other actors without losing an attempt, and the counts add up."""
+    cluster = SimulatedCluster(fail_every=7, die_every=11)
+    _, run = run_simulated(cluster, 300, (3, 3), attempts=5)
+    assert sorted(cluster.done) == list(range(300)), "every shard exactly once"
+    assert run["shards_failed"] == [] and run["shards_this_run"] == 300
+    assert cluster.failed > 20 and cluster.died > 20
+    assert run["retries"] == cluster.failed + cluster.died, "only the attempts that ran count"
+    assert cluster.started == 3 + cluster.died and not cluster.alive
+
+
+def test_scheduler_gives_up_a_shard_after_max_attempts() -> None:
+    cluster = SimulatedCluster(fail_every=1)
+    _, run = run_simulated(cluster, 3, (1, 1), attempts=2)
+    assert sorted(f["shard"] for f in run["shards_failed"]) == [0, 1, 2] and cluster.done == []
+    assert run["retries"] == 6 and cluster.attempts == 6
 
 
 def test_scaling_doubles_while_work_waits_up_to_max() -> None:

@@ -16,13 +16,12 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchseg import log
-from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
 from batchseg.segment.processor import ShardProcessor
-from batchseg.segment.scheduling import ActorPool, Progress, ScalingPolicy, Work, Worker, WorkQueue
+from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work
 
 
 @ray.remote(concurrency_groups={"report": 1})  # type: ignore[call-overload]
@@ -90,12 +89,10 @@ def init_ray(address: str | None) -> None:
 
 
 class Driver:
-    """Feeds a job's shards to a pool of SegmentationActors and survives their deaths.
-
-    The bookkeeping lives in :mod:`batchseg.segment.scheduling`; this class makes the Ray calls: start
-    actors, hand them shards, wait on the results, kill and replace the dead. :meth:`run` always kills
-    its actors when it returns or raises (Ctrl-C, an error), so a process whose Ray lives on (a notebook)
-    gets their CPUs and GPUs back.
+    """Runs a job's shards on SegmentationActors: the :class:`~batchseg.segment.scheduling.Scheduler`
+    decides, this class answers its calls with Ray (its :class:`~batchseg.segment.scheduling.Backend`).
+    Actors are always killed when :meth:`run` returns or raises (Ctrl-C, an error), so a process whose
+    Ray lives on (a notebook) gets their CPUs and GPUs back.
     """
 
     def __init__(self, job: Job) -> None:
@@ -111,114 +108,58 @@ class Driver:
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
         self.device = "cuda" if gpus else "cpu"
         self.threads = max(1, int(cpus))
-        self.work = WorkQueue(iter_shards(job.plan, job.done, config.storage_options), config.max_attempts)
-        self.pool = ActorPool()
-        self.scaling = ScalingPolicy(*config.actors)
-        self.progress = Progress(job.plan.num_rows - job.plan.rows_in(job.done))
-        self.start_failures: list[str] = []
+        self.scheduler = Scheduler(
+            self,
+            iter_shards(job.plan, job.done, config.storage_options),
+            max_attempts=config.max_attempts,
+            scaling=ScalingPolicy(*config.actors),
+            total_images=job.plan.num_rows - job.plan.rows_in(job.done),
+        )
 
     def run(self) -> dict[str, Any]:
-        """Process every shard left; returns this run's counts (``shards_failed``, ``images_this_run``,
-        ``shards_this_run``, ``retries``)."""
-        try:
-            self._run()
-        finally:
-            self.shutdown()
-        return {
-            "shards_failed": self.work.given_up,
-            "images_this_run": self.progress.images,
-            "shards_this_run": self.progress.shards,
-            "retries": self.work.retries,
-        }
-
-    def shutdown(self) -> None:
-        for worker in list(self.pool.workers):
-            self.pool.remove(worker)
-            ray.kill(worker.actor, no_restart=True)
-
-    def _run(self) -> None:
+        """Process every shard left; returns this run's counts (see :meth:`Scheduler.run`)."""
+        low, high = self.job.config.actors
         log.info(
-            f"starting {self.scaling.low} actor(s), up to {self.scaling.high}, with {self.options['num_cpus']:g} "
+            f"starting {low} actor(s), up to {high}, with {self.options['num_cpus']:g} "
             f"CPU and {self.options['num_gpus']:g} GPU each, on {self.device}"
         )
-        for _ in range(self.scaling.low):
-            self._start_actor()
-        while self.pool.busy() or self.work:
-            pending = self.pool.pending()
-            if not pending:
-                raise BatchsegError(
-                    f"no actor could start: {self.start_failures[-1] if self.start_failures else '?'}"
-                )
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                self._handle(ref, pending[ref])
-            starting = self.pool.starting()
-            for _ in range(self.scaling.to_start(len(self.pool), starting, bool(self.work))):
-                self._start_actor()
-            if self.progress.due():
-                self._report()
-        self._report()
+        return self.scheduler.run()
 
-    def _start_actor(self) -> None:
+    # The Backend the scheduler calls.
+
+    def start_actor(self) -> tuple[Any, Any]:
         actor = SegmentationActor.options(**self.options).remote(self.job, self.device, self.threads)  # type: ignore[attr-defined]
-        self.pool.add(actor, actor.ready.remote())
+        return actor, actor.ready.remote()
 
-    def _feed(self, worker: Worker) -> None:
-        for _ in range(self.pool.room(worker)):
-            work = self.work.next()
-            if work is None:
-                return
-            worker.queue.append((worker.actor.process.remote(*work), work))
+    def submit(self, actor: Any, work: Work) -> Any:
+        return actor.process.remote(*work)
 
-    def _handle(self, ref: Any, worker: Worker) -> None:
-        if not worker.up:
-            try:
-                ray.get(ref)
-                worker.up = True
-                self._feed(worker)
-            except Exception as e:
-                self._replace(worker, f"an actor failed to start: {_reason(e)}")
-            return
-        work = self.pool.finished(worker, ref)
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        return ready
+
+    def result(self, ref: Any) -> Any:
         try:
-            self.progress.shard_done(ray.get(ref))
-        except RayTaskError as e:  # the shard's code raised; the actor lives on
-            self._failed(work, _reason(e))
-        except Exception as e:
-            # The worker process died (OOM, killed, node lost): everything queued on it goes back.
-            self._failed(work, _reason(e))
-            self._replace(worker, None)
-            return
-        self._feed(worker)
+            return ray.get(ref)
+        except RayTaskError as e:  # the code raised; its actor lives on
+            raise ShardFailed(_reason(e)) from e
+        except Exception as e:  # the worker process died (OOM, killed, node lost)
+            raise ActorLost(_reason(e)) from e
 
-    def _failed(self, work: Work, reason: str) -> None:
-        shard, attempt = work
-        log.info(f"shard {shard.index} failed on attempt {attempt}: {reason}")
-        if not self.work.failed(work, reason):
-            log.info(f"shard {shard.index} failed {attempt} times; giving up on it (a rerun retries it)")
+    def kill(self, actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
 
-    def _replace(self, worker: Worker, start_failure: str | None) -> None:
-        for work in self.pool.remove(worker):
-            self.work.put_back(work)
-        ray.kill(worker.actor, no_restart=True)
-        if start_failure is not None:
-            self.start_failures.append(start_failure)
-            log.info(start_failure)
-            if self.scaling.gives_up(len(self.start_failures)):
-                return  # stop restarting an actor that cannot start; _run() reports it
-        self._start_actor()
-
-    def _report(self) -> None:
-        partial = 0
-        calls = [w.actor.images_done.remote() for w in self.pool.workers if w.up and w.queue]
+    def in_progress(self, actors: list[Any]) -> int:
+        calls = [actor.images_done.remote() for actor in actors]
         with contextlib.suppress(GetTimeoutError, RayActorError):
-            partial = sum(ray.get(calls, timeout=2.0))
-        if not any(w.up for w in self.pool.workers) and time.time() - self.progress.start > 30:
-            log.info(
-                f"waiting for an actor to start ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU "
-                f"each; the cluster has {ray.available_resources()} available)"
-            )
-        log.info(self.progress.line(partial))
+            return int(sum(ray.get(calls, timeout=2.0)))
+        return 0
+
+    def idle_message(self) -> str:
+        return (
+            f"{self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU each; the cluster has "
+            f"{ray.available_resources()} available"
+        )
 
 
 def _reason(e: BaseException) -> str:
