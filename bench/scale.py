@@ -1,0 +1,184 @@
+"""A million-image ``segment`` job on one machine with the model's forward stood in, then queries at that size.
+
+Everything but the forward is the code users run: local Ray, real actors, image files read and decoded,
+masks to RLE, Parquet, completion records, the summary. The stand-in replaces ``Predictor.forward`` in the
+actors only, installed through Ray's ``worker_process_setup_hook``; it returns a fixed set of detections
+per image at once (``--instances`` boxes with compact masks), so what is measured is the framework, the
+part a GPU must never wait on. The manifest has ``--rows`` distinct image ids over a few hundred small
+files made by ``batchseg synth``.
+Usage: python bench/scale.py [--rows 1000000] [--files 300] [--shard-size 1000] [--instances 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from batchseg.analysis.results import open_results
+from batchseg.demo import SHAPES_MODEL
+from batchseg.format.output import OutputDir
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig, prepare_job, summarize
+from batchseg.train.synth import write_dataset
+
+GOALS = {"rate": 1000.0, "driver_mib": 150.0, "rerun_s": 10.0}
+
+
+def stand_in(instances: int) -> Any:
+    """The worker setup hook: ``Predictor.forward`` gives ``instances`` fixed detections per image, each
+    mask filling its box (a trained head on solid objects), without running the model."""
+
+    def setup() -> None:
+        import torch
+
+        from batchseg.inference.predictor import Predictor
+
+        def forward(self: Any, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            out = []
+            for image in images:
+                h, w = int(image.shape[-2]), int(image.shape[-1])
+                k = torch.arange(instances, dtype=torch.float32)
+                x0, y0 = (k * 7) % max(1, w // 2), (k * 5) % max(1, h // 2)
+                boxes = torch.stack([x0, y0, (x0 + w / 3).clamp(max=w), (y0 + h / 3).clamp(max=h)], dim=1)
+                out.append(
+                    {
+                        "boxes": boxes,
+                        "scores": torch.linspace(0.99, 0.6, instances),
+                        "labels": (k % 3 + 1).to(torch.int64),
+                        "masks": torch.ones((instances, 1, 28, 28)),
+                    }
+                )
+            return out
+
+        Predictor.forward = forward  # type: ignore[method-assign]
+
+    return setup
+
+
+class PeakRss:
+    """This process's resident memory, sampled every 0.2 s in a thread (not only at the end)."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = rss_mib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.2):
+            self.peak = max(self.peak, rss_mib())
+
+    def close(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mib())
+        return self.peak - self.base
+
+
+def rss_mib() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def busy_seconds() -> float:
+    """CPU seconds this machine has spent busy (all processes: the driver, Ray, the actors)."""
+    fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def write_manifest(path: str, uris: list[str], rows: int) -> list[str]:
+    ids = [f"img-{i:07d}" for i in range(rows)]
+    table = pa.table({"image_id": ids, "uri": [uris[i % len(uris)] for i in range(rows)]})
+    pq.write_table(table, path)
+    return ids
+
+
+def segment(config: SegmentConfig, ids: list[str], label: str) -> dict[str, Any]:
+    """Run the job; print its figures; check every id once; time a no-op rerun and the summary."""
+    memory = PeakRss()
+    busy, start = busy_seconds(), time.perf_counter()
+    summary = run_segment(config)
+    wall = time.perf_counter() - start
+    cpu = busy_seconds() - busy
+    grew = memory.close()
+    assert summary["status"] == "complete", summary
+    written = open_results(config.output, config.storage_options).to_table(columns=["image_id"])
+    column = written.column("image_id")
+    assert len(column) == len(ids) and set(column.to_pylist()) == set(ids), "rows exactly once"
+    start = time.perf_counter()
+    again = run_segment(config)
+    rerun = time.perf_counter() - start
+    assert again["images_this_run"] == 0 and again["shards_skipped"] == summary["shards_done"]
+    start = time.perf_counter()
+    summarize(OutputDir(config.output, config.storage_options).records(), prepare_job(config), {})
+    records = time.perf_counter() - start
+    figures = {
+        "rows": len(ids),
+        "shards": summary["shards_done"],
+        "wall_s": wall,
+        "img_per_s": len(ids) / wall,
+        "cpu_us_per_image": cpu / len(ids) * 1e6,
+        "driver_mib_over_imports": grew,
+        "rerun_s": rerun,
+        "summary_s": records,
+        "instances": summary["instances"],
+    }
+    print(f"[{label}] {json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)
+    print(
+        f"[{label}] {figures['img_per_s']:.0f} img/s (goal: at least {GOALS['rate']:.0f}); "
+        f"driver +{grew:.0f} MiB over its imports, peak while running (goal: at most {GOALS['driver_mib']:.0f}); "
+        f"no-op rerun {rerun:.1f} s (goal: under {GOALS['rerun_s']:.0f} s); records + summary {records:.2f} s; "
+        f"{figures['cpu_us_per_image']:.0f} us of machine CPU per image; every id exactly once",
+        flush=True,
+    )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--files", type=int, default=300, help="distinct image files behind the rows")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--instances", type=int, default=5, help="stand-in detections per image")
+    parser.add_argument("--actors", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        configure_logging=False,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+        runtime_env={"worker_process_setup_hook": stand_in(args.instances)},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = write_dataset(f"{tmp}/files", args.files, seed=0, size=args.size).uris
+        ids = write_manifest(f"{tmp}/manifest.parquet", uris, args.rows)
+        config = SegmentConfig(
+            manifest=f"{tmp}/manifest.parquet",
+            output=f"{tmp}/out",
+            weights=str(SHAPES_MODEL),
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            actors=(args.actors, args.actors),
+            cpus_per_actor=1,
+        )
+        segment(config, ids, f"local, {args.rows:,} rows")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
