@@ -15,6 +15,9 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -147,6 +150,72 @@ def segment(config: SegmentConfig, ids: list[str], label: str) -> dict[str, Any]
     return figures
 
 
+QUERIES = {
+    "instances per category": (
+        "SELECT category, count(*) AS n FROM instances GROUP BY category ORDER BY n DESC",
+        "SELECT i.category, count(*) AS n FROM (SELECT UNNEST(instances) AS i FROM {rows}) "
+        "GROUP BY i.category ORDER BY n DESC",
+    ),
+    "images with 2+ instances of category 1": (
+        "SELECT count(*) AS images FROM (SELECT image_id FROM instances WHERE category_id = 1 "
+        "GROUP BY image_id HAVING count(*) >= 2)",
+        "SELECT count(*) AS images FROM (SELECT image_id FROM (SELECT image_id, UNNEST(instances) AS i "
+        "FROM {rows}) WHERE i.category_id = 1 GROUP BY image_id HAVING count(*) >= 2)",
+    ),
+    "one image by image_id": (
+        "SELECT image_id, uri, len(instances) AS n FROM images WHERE image_id = '{one}'",
+        "SELECT image_id, uri, len(instances) AS n FROM {rows} WHERE image_id = '{one}'",
+    ),
+}
+
+
+def run_command(argv: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of a command run in its own process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdout = process.stdout.read().decode() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    assert status == 0, f"{argv[:3]} failed: {stdout[-2000:]}"
+    return seconds, usage.ru_maxrss / 1024, stdout
+
+
+def queries(output: str, ids: list[str], repeat: int) -> None:
+    """``batchseg query`` against DuckDB run directly on the Parquet glob, each in a fresh process."""
+    batchseg = [sys.executable, "-m", "batchseg.cli", "query", output]
+    rows = f"read_parquet('{output}/part-*.parquet')"
+    direct = [sys.executable, "-c", "import duckdb, sys; print(duckdb.sql(sys.argv[1]).fetchall())"]
+    one = ids[len(ids) * 2 // 3]
+    for name, (ours, theirs) in QUERIES.items():
+        timings: dict[str, list[float]] = {"batchseg": [], "duckdb": []}
+        memory: dict[str, float] = {"batchseg": 0.0, "duckdb": 0.0}
+        for _ in range(repeat):
+            for who, argv in (
+                ("batchseg", [*batchseg, ours.format(one=one)]),
+                ("duckdb", [*direct, theirs.format(one=one, rows=rows)]),
+            ):
+                seconds, peak, _ = run_command(argv)
+                timings[who].append(seconds)
+                memory[who] = max(memory[who], peak)
+        a, b = statistics.median(timings["batchseg"]), statistics.median(timings["duckdb"])
+        print(
+            f"[query] {name}: batchseg query {a:.2f} s ({memory['batchseg']:.0f} MiB peak), DuckDB directly "
+            f"{b:.2f} s ({memory['duckdb']:.0f} MiB); ratio {a / b:.2f} (goal: at most 1.25); median of {repeat}",
+            flush=True,
+        )
+
+
+def read_side(output: str, tmp: str) -> None:
+    """``export-coco`` and ``report`` over the whole output: time and peak memory."""
+    cli = [sys.executable, "-m", "batchseg.cli"]
+    for name, argv in (
+        ("export-coco", [*cli, "export-coco", output, "--out", f"{tmp}/results.json"]),
+        ("report", [*cli, "report", output, "--out", f"{tmp}/report.html"]),
+    ):
+        seconds, peak, _ = run_command(argv)
+        print(f"[read side] batchseg {name}: {seconds:.1f} s, {peak:.0f} MiB peak", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -156,6 +225,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--instances", type=int, default=5, help="stand-in detections per image")
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each query (the median is shown)")
     args = parser.parse_args()
     ray.init(
         num_cpus=os.cpu_count(),
@@ -177,7 +247,9 @@ def main() -> None:
             cpus_per_actor=1,
         )
         segment(config, ids, f"local, {args.rows:,} rows")
-    ray.shutdown()
+        ray.shutdown()
+        queries(config.output, ids, args.repeat)
+        read_side(config.output, tmp)
 
 
 if __name__ == "__main__":
