@@ -12,6 +12,7 @@ Usage: python bench/scale.py [--rows 1000000] [--files 300] [--shard-size 1000] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -21,11 +22,15 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import s3fs
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the S3 server
 
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
@@ -33,6 +38,7 @@ from batchseg.format.output import OutputDir
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig, prepare_job, summarize
 from batchseg.train.synth import write_dataset
+from tests.s3server import S3Server
 
 GOALS = {"rate": 1000.0, "driver_mib": 150.0, "rerun_s": 10.0}
 
@@ -102,8 +108,12 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def image_id(row: int) -> str:
+    return f"img-{row:07d}"
+
+
 def write_manifest(path: str, uris: list[str], rows: int) -> list[str]:
-    ids = [f"img-{i:07d}" for i in range(rows)]
+    ids = [image_id(i) for i in range(rows)]
     table = pa.table({"image_id": ids, "uri": [uris[i % len(uris)] for i in range(rows)]})
     pq.write_table(table, path)
     return ids
@@ -121,6 +131,7 @@ def segment(config: SegmentConfig, ids: list[str], label: str) -> dict[str, Any]
     written = open_results(config.output, config.storage_options).to_table(columns=["image_id"])
     column = written.column("image_id")
     assert len(column) == len(ids) and set(column.to_pylist()) == set(ids), "rows exactly once"
+    config = replace(config, overwrite=False)
     start = time.perf_counter()
     again = run_segment(config)
     rerun = time.perf_counter() - start
@@ -170,22 +181,34 @@ QUERIES = {
 
 
 def run_command(argv: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of a command run in its own process."""
+    """Wall seconds, peak RSS (MiB, the child's own VmHWM, polled: a forked child's ``ru_maxrss`` starts
+    at its parent's) and stdout of a command run in its own process."""
     start = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    stdout = process.stdout.read().decode() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    assert status == 0, f"{argv[:3]} failed: {stdout[-2000:]}"
-    return seconds, usage.ru_maxrss / 1024, stdout
+    with tempfile.TemporaryFile() as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        peak = 0.0
+        status = pathlib.Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+        seconds = time.perf_counter() - start
+        sink.seek(0)
+        stdout = sink.read().decode()
+    assert process.returncode == 0, f"{argv[:4]} failed: {stdout[-2000:]}"
+    return seconds, peak, stdout
 
 
-def queries(output: str, ids: list[str], repeat: int) -> None:
+def queries(output: str, rows_in_output: int, repeat: int) -> None:
     """``batchseg query`` against DuckDB run directly on the Parquet glob, each in a fresh process."""
     batchseg = [sys.executable, "-m", "batchseg.cli", "query", output]
     rows = f"read_parquet('{output}/part-*.parquet')"
     direct = [sys.executable, "-c", "import duckdb, sys; print(duckdb.sql(sys.argv[1]).fetchall())"]
-    one = ids[len(ids) * 2 // 3]
+    one = image_id(rows_in_output * 2 // 3)
     for name, (ours, theirs) in QUERIES.items():
         timings: dict[str, list[float]] = {"batchseg": [], "duckdb": []}
         memory: dict[str, float] = {"batchseg": 0.0, "duckdb": 0.0}
@@ -216,6 +239,36 @@ def read_side(output: str, tmp: str) -> None:
         print(f"[read side] batchseg {name}: {seconds:.1f} s, {peak:.0f} MiB peak", flush=True)
 
 
+def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
+    """The same job at ``--s3-rows`` on SeaweedFS (as the tests start it): images, manifest, shards,
+    completion records and summary all on the object store."""
+    server = S3Server(tmp / "s3")
+    (tmp / "s3").mkdir()
+    server.start()
+    try:
+        options = server.options()
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("bench")
+        uris = write_dataset(
+            "s3://bench/files", args.files, seed=0, size=args.size, storage_options=options
+        ).uris
+        local = f"{tmp}/s3-manifest.parquet"
+        ids = write_manifest(local, uris, args.s3_rows)
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(local, "bench/manifest.parquet")
+        config = SegmentConfig(
+            manifest="s3://bench/manifest.parquet",
+            output="s3://bench/out",
+            weights=str(SHAPES_MODEL),
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            actors=(args.actors, args.actors),
+            cpus_per_actor=1,
+            storage_options=options,
+        )
+        segment(config, ids, f"S3, {args.s3_rows:,} rows")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -225,31 +278,45 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--instances", type=int, default=5, help="stand-in detections per image")
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--s3-rows", type=int, default=100_000, help="rows of the S3 run (0: none)")
+    parser.add_argument(
+        "--workdir", default=None, help="keep the files and output here (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--queries-only", action="store_true", help="only the queries and read side, on --workdir's output"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each query (the median is shown)")
     args = parser.parse_args()
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        configure_logging=False,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"worker_process_setup_hook": stand_in(args.instances)},
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        uris = write_dataset(f"{tmp}/files", args.files, seed=0, size=args.size).uris
-        ids = write_manifest(f"{tmp}/manifest.parquet", uris, args.rows)
-        config = SegmentConfig(
-            manifest=f"{tmp}/manifest.parquet",
-            output=f"{tmp}/out",
-            weights=str(SHAPES_MODEL),
-            shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            actors=(args.actors, args.actors),
-            cpus_per_actor=1,
-        )
-        segment(config, ids, f"local, {args.rows:,} rows")
-        ray.shutdown()
-        queries(config.output, ids, args.repeat)
-        read_side(config.output, tmp)
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        output = f"{tmp}/out"
+        if not args.queries_only:
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                configure_logging=False,
+                logging_config=ray.LoggingConfig(log_level="ERROR"),
+                runtime_env={"worker_process_setup_hook": stand_in(args.instances)},
+            )
+            uris = write_dataset(f"{tmp}/files", args.files, seed=0, size=args.size).uris
+            ids = write_manifest(f"{tmp}/manifest.parquet", uris, args.rows)
+            config = SegmentConfig(
+                manifest=f"{tmp}/manifest.parquet",
+                output=output,
+                weights=str(SHAPES_MODEL),
+                shard_size=args.shard_size,
+                batch_size=args.batch_size,
+                actors=(args.actors, args.actors),
+                cpus_per_actor=1,
+                overwrite=True,
+            )
+            segment(config, ids, f"local, {args.rows:,} rows")
+            del ids
+            if args.s3_rows:
+                on_s3(args, pathlib.Path(tmp))
+            ray.shutdown()
+        queries(output, args.rows, args.repeat)
+        read_side(output, tmp)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """SQL over a segmentation output with DuckDB: an ``images`` view (rows as written) and an ``instances``
-view (one row per instance), streamed from a pyarrow dataset opened through fsspec (so s3:// and
-S3-compatible endpoints work offline, without DuckDB's httpfs extension)."""
+view (one row per instance), over exactly the output's shard files (``Results`` lists them). Local
+files go through DuckDB's own Parquet reader; object stores through a pyarrow dataset opened with
+fsspec (so s3:// and S3-compatible endpoints work offline, without DuckDB's httpfs extension)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +28,12 @@ def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckd
     """A DuckDB connection with the views ``images`` and ``instances`` over the output at ``output``."""
     results = open_results(output, storage_options)
     con = duckdb.connect()
-    con.register("batchseg_rows", results.dataset)  # scanned lazily, batch by batch, with projection pushdown
+    if storage.is_local(results.fs):
+        # DuckDB's own Parquet reader on exactly the output's shard files: parallel, and it skips files
+        # and row groups by their statistics (a lookup by image_id reads one shard).
+        con.read_parquet([os.path.abspath(f) for f in results.files]).create_view("batchseg_rows")
+    else:  # object stores: through fsspec, as pyarrow scans it (lazily, with projection pushdown)
+        con.register("batchseg_rows", results.dataset)
     con.execute("CREATE VIEW images AS SELECT * FROM batchseg_rows")
     con.execute(
         "CREATE VIEW instances AS SELECT image_id, uri, width, height, instance.* FROM "

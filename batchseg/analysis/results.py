@@ -8,6 +8,7 @@ for image in results.images(category="person", min_score=0.8):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
@@ -73,7 +73,14 @@ class Results:
             raise BatchsegError(
                 f"output {self.uri} holds no {SHARD_GLOB} files: not a batchseg segment output"
             )
-        self.dataset = ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=SCHEMA)
+
+    @functools.cached_property
+    def dataset(self) -> Any:
+        """The rows as a ``pyarrow.dataset.Dataset`` over exactly the output's shard files."""
+        # Imported here: pyarrow.dataset loads pandas (0.2 s), which a SQL query on local files never needs.
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=SCHEMA)
 
     def _list(self) -> list[str]:
         path = self.output.path
