@@ -11,7 +11,6 @@ from typing import Any
 from batchseg import __version__, log
 from batchseg.errors import BatchsegError
 from batchseg.inference.registry import DEFAULT_MODEL, MODELS, TRAINABLE
-from batchseg.io.images import DEFAULT_MAX_PIXELS
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -96,7 +95,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=DEFAULT_MAX_PIXELS,
+        default=None,
         help="images with more pixels become 'too_large' error rows (decompression bombs)",
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per model call")
@@ -154,7 +153,8 @@ def segment_config(args: argparse.Namespace) -> Any:
     from batchseg.segment.job import SegmentConfig
 
     names = SegmentConfig.__dataclass_fields__
-    return SegmentConfig(**{k: v for k, v in vars(args).items() if k in names})
+    # An option left unset takes SegmentConfig's default (the CLI does not import the image code for it).
+    return SegmentConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from batchseg.analysis.results import open_results
@@ -89,6 +88,8 @@ def run_query(
                     writer.write_batch(batch)
                     rows += batch.num_rows
         elif fmt == "csv":
+            import pyarrow.csv as pcsv  # here: only CSV output needs it
+
             with pcsv.CSVWriter(f, reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)

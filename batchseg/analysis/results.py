@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
@@ -146,6 +145,8 @@ class Results:
     ) -> Iterator[ImageResult]:
         """Stream the images in output order. ``status`` keeps rows with that status; ``category`` and
         ``min_score`` keep the instances that match and drop images left with none of them."""
+        import pyarrow.compute as pc  # here, not at the top: a SQL query's start does not need it
+
         wanted = {category} if isinstance(category, str) else set(category) if category else None
         for batch in self.batches(batch_size=batch_size):
             if status:
