@@ -242,8 +242,8 @@ def read_side(output: str, tmp: str) -> None:
 def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
     """The same job at ``--s3-rows`` on SeaweedFS (as the tests start it): images, manifest, shards,
     completion records and summary all on the object store."""
-    server = S3Server(tmp / "s3")
     (tmp / "s3").mkdir()
+    server = S3Server(tmp / "s3")
     server.start()
     try:
         options = server.options()
