@@ -239,6 +239,20 @@ def read_side(output: str, tmp: str) -> None:
         print(f"[read side] batchseg {name}: {seconds:.1f} s, {peak:.0f} MiB peak", flush=True)
 
 
+def job_config(args: argparse.Namespace, manifest: str, output: str, **changes: Any) -> SegmentConfig:
+    """The benchmark's job: the shipped small model (its forward stood in), one CPU per actor."""
+    return SegmentConfig(
+        manifest=manifest,
+        output=output,
+        weights=str(SHAPES_MODEL),
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        actors=(args.actors, args.actors),
+        cpus_per_actor=1,
+        **changes,
+    )
+
+
 def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
     """The same job at ``--s3-rows`` on SeaweedFS (as the tests start it): images, manifest, shards,
     completion records and summary all on the object store."""
@@ -254,16 +268,7 @@ def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
         local = f"{tmp}/s3-manifest.parquet"
         ids = write_manifest(local, uris, args.s3_rows)
         s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(local, "bench/manifest.parquet")
-        config = SegmentConfig(
-            manifest="s3://bench/manifest.parquet",
-            output="s3://bench/out",
-            weights=str(SHAPES_MODEL),
-            shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            actors=(args.actors, args.actors),
-            cpus_per_actor=1,
-            storage_options=options,
-        )
+        config = job_config(args, "s3://bench/manifest.parquet", "s3://bench/out", storage_options=options)
         segment(config, ids, f"S3, {args.s3_rows:,} rows")
     finally:
         server.stop()
@@ -300,16 +305,7 @@ def main() -> None:
             )
             uris = write_dataset(f"{tmp}/files", args.files, seed=0, size=args.size).uris
             ids = write_manifest(f"{tmp}/manifest.parquet", uris, args.rows)
-            config = SegmentConfig(
-                manifest=f"{tmp}/manifest.parquet",
-                output=output,
-                weights=str(SHAPES_MODEL),
-                shard_size=args.shard_size,
-                batch_size=args.batch_size,
-                actors=(args.actors, args.actors),
-                cpus_per_actor=1,
-                overwrite=True,
-            )
+            config = job_config(args, f"{tmp}/manifest.parquet", output, overwrite=True)
             segment(config, ids, f"local, {args.rows:,} rows")
             del ids
             if args.s3_rows:
