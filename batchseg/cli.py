@@ -318,6 +318,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from batchseg.analysis.verify import verify
+
+    verdict = verify(args.output, args.manifest, args.storage_options)
+    print(verdict.line())
+    for problem in verdict.problems[: args.show]:
+        print(f"  {problem}")
+    if len(verdict.problems) > args.show:
+        print(f"  ... and {len(verdict.problems) - args.show:,} more")
+    return 0 if verdict.ok else 1
+
+
 RERUN_RESUMES = "finished shards are kept, and rerunning the same command resumes"
 
 
@@ -434,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--gallery", type=_at_least(0), default=12, help="how many rendered images to include"
     )
     _storage_options(report)
+
+    check = _command(
+        sub,
+        "verify",
+        "check an output fully: every shard against its record, its rows against the manifest (exit 1 "
+        "when anything is wrong)",
+        cmd_verify,
+    )
+    check.add_argument("output", type=_uri, help="output folder of batchseg segment")
+    check.add_argument(
+        "--manifest", type=_uri, default=None, help="the manifest to check against (default: the job's)"
+    )
+    check.add_argument("--show", type=_at_least(0), default=20, help="how many problems to print")
+    _storage_options(check)
 
     demo = _command(
         sub,

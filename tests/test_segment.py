@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from batchseg.analysis.results import open_results
+from batchseg.cli import main
 from batchseg.errors import BatchsegError
 from batchseg.format.output import DONE_DIR
 from batchseg.format.records import read_provenance
@@ -216,6 +217,22 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
         "summary.json",
     ]
     assert open_results(str(output)).to_table().column("uri").to_pylist() == uris
+
+
+def test_a_shard_deleted_by_hand_is_redone_and_verify_proves_the_output(
+    ray_address: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, uris, _ = archive(tmp_path, 5, bad=False)
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **FAST)
+    run_segment(config)
+    (tmp_path / "out" / "part-000001.parquet").unlink()  # its completion record stays
+    assert main(["verify", config.output]) == 1
+    assert "part-000001.parquet is missing" in capsys.readouterr().out
+    summary = run_segment(config)
+    assert (summary["status"], summary["images"], summary["images_this_run"]) == ("complete", 5, 2)
+    assert_exactly_once(config, uris)
+    assert main(["verify", config.output]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {config.output}: 5 images in 3 shards")
 
 
 def done_markers(output: pathlib.Path) -> dict[str, bytes]:

@@ -25,7 +25,7 @@ from batchseg import __version__, log
 from batchseg.analysis.render import draw_overlay
 from batchseg.analysis.results import Results
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.format.output import SHARD_GLOB, SUMMARY_FILE
+from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE
 from batchseg.format.records import error_kind
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.io import storage
@@ -123,7 +123,7 @@ def build_report(
     summary = results.summary
     if not results.files and summary is None:
         raise BatchsegError(
-            f"output {output_uri} holds no {SHARD_GLOB} files and no {SUMMARY_FILE}: not a segment output"
+            f"output {output_uri} holds no {SHARD_NAMES} files and no {SUMMARY_FILE}: not a segment output"
         )
     stats = _Stats(max(0, gallery))
     for batch in results.batches(batch_size=BATCH_ROWS):

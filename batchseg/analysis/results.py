@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.format.output import SHARD_GLOB, SUMMARY_FILE, OutputDir
+from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE, OutputDir
 from batchseg.format.records import SCHEMA, read_provenance
 from batchseg.format.rle import decode_rle
 from batchseg.io import storage
@@ -70,7 +70,7 @@ class Results:
             self.files = self._list()
         if not self.files and not allow_empty:
             raise BatchsegError(
-                f"output {self.uri} holds no {SHARD_GLOB} files: not a batchseg segment output"
+                f"output {self.uri} holds no {SHARD_NAMES} files: not a batchseg segment output"
             )
 
     @functools.cached_property
@@ -82,18 +82,11 @@ class Results:
         return ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=SCHEMA)
 
     def _list(self) -> list[str]:
+        """Exactly batchseg's shard objects (another tool's ``part-*.parquet`` beside them is not read)."""
         path = self.output.path
-        self.fs.invalidate_cache(path)  # other processes (the actors) write here
-        files = sorted(
-            storage.retrying(lambda: self.fs.glob(storage.join(path, SHARD_GLOB)), "listing shards")
-        )
-        if (
-            not files
-            and path.endswith(".parquet")
-            and storage.retrying(lambda: self.fs.isfile(path), "listing")
-        ):
+        if path.endswith(".parquet") and storage.retrying(lambda: self.fs.isfile(path), "listing"):
             return [path]
-        return files
+        return [o.path for o in self.output.shard_objects()]
 
     def __len__(self) -> int:
         return self.dataset.count_rows()

@@ -3,27 +3,58 @@
 Under ``--output``::
 
     part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard)
-    _done/part-000000.json    the shard's completion record, written after its Parquet object
+    _done/part-000000.json    the shard's completion record, written after its Parquet object: its rows,
+                              counts and the object's size in bytes, which a rerun checks the object against
     _batchseg_job.json        the settings the output was made with; a rerun must match them
     summary.json              totals over all shards, written when a run ends
+
+batchseg owns exactly these names (and the ``<name>.tmp-<hex>`` files a local write renames into them):
+it reads, counts and removes nothing else, so an output folder may also hold other files.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri, shard_name
 
 JOB_FILE = "_batchseg_job.json"
-SHARD_GLOB = "part-*.parquet"
+SHARD_NAMES = "part-NNNNNN.parquet"
 DONE_DIR = "_done"
 SUMMARY_FILE = "summary.json"
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result.
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
                    "max_instances", "max_pixels", "shard_size", "manifest_rows", "manifest_fingerprint")  # fmt: skip
+
+
+@dataclass(frozen=True, order=True)
+class ShardObject:
+    """One shard's Parquet object as listed: its index, full path and size in bytes."""
+
+    index: int
+    path: str
+    size: int
+
+
+@dataclass
+class Check:
+    """An output's shard objects and completion records, checked against each other."""
+
+    objects: dict[int, ShardObject]
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)  # records that hold
+    broken: dict[int, str] = field(default_factory=dict)  # shard -> what is wrong with its record
+
+    @property
+    def unrecorded(self) -> list[int]:
+        """Shard objects with no completion record (an unfinished shard, or put there by hand)."""
+        return sorted(self.objects.keys() - self.done.keys() - self.broken.keys())
 
 
 class OutputDir:
@@ -45,7 +76,8 @@ class OutputDir:
             return None
 
     def prepare(self, provenance: dict[str, Any], overwrite: bool) -> None:
-        """Check that this output may take the job (or clear it, with ``overwrite``), then record the job."""
+        """Check that this output may take the job (or clear it, with ``overwrite``), then record the job.
+        Files batchseg did not write are left alone, with a warning that names them."""
         with job_errors(f"cannot use output {self.uri}"):
             bucket = self.path.split("/", 1)[0]
             if not storage.is_local(self.fs) and not storage.retrying(
@@ -55,45 +87,133 @@ class OutputDir:
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
+            others = self.foreign()
+            if others:
+                shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                log.warning(
+                    f"output {self.uri} also holds {len(others)} file(s) batchseg did not write ({shown}); "
+                    "they are left alone and never read"
+                )
             if overwrite:
                 self.clear()
             storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
+    def _names(self, *folder: str) -> dict[str, int]:
+        """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
+        path = self._at(*folder)
+        self.fs.invalidate_cache(path)  # other processes (the actors) write here
+        try:
+            entries = storage.retrying(lambda: self.fs.ls(path, detail=True), f"listing {path}")
+        except FileNotFoundError:
+            return {}
+        return {
+            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") != "directory"
+        }
+
+    def shard_objects(self) -> list[ShardObject]:
+        """Every ``part-NNNNNN.parquet`` here, in shard order (one listing, with sizes)."""
+        found = [(shard_index(name, ".parquet"), name, size) for name, size in self._names().items()]
+        return sorted(ShardObject(i, self._at(name), size) for i, name, size in found if i is not None)
+
+    def _record_paths(self) -> list[str]:
+        names = self._names(DONE_DIR)
+        return sorted(self._at(DONE_DIR, n) for n in names if shard_index(n, ".json") is not None)
+
+    def foreign(self) -> list[str]:
+        """The files here that batchseg did not write (it never reads, counts or removes them)."""
+        top = [n for n in self._names() if not _is_ours(n)]
+        done = [f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR) if not _is_ours(n, ".json")]
+        return sorted(top + done)
+
     def clear(self) -> None:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
-        if not self.fs.exists(self.path):
-            return
-        ours = [p for p in storage.listing(self.fs, self.path) if _is_ours(p.rsplit("/", 1)[-1])]
-        if self.fs.exists(self._at(DONE_DIR)):
-            self.fs.rm(self._at(DONE_DIR), recursive=True)
+        ours = [self._at(n) for n in self._names() if _is_ours(n)]
+        ours += [self._at(DONE_DIR, n) for n in self._names(DONE_DIR) if _is_ours(n, ".json")]
         if ours:
-            self.fs.rm(ours)
-
-    def done_shards(self) -> frozenset[int]:
-        return frozenset(int(p.rsplit("/", 1)[-1][5:-5]) for p in self._records())
-
-    def _records(self) -> list[str]:
-        try:
-            names = storage.listing(self.fs, self._at(DONE_DIR))
-        except FileNotFoundError:
-            return []
-        return [n for n in names if n.endswith(".json") and n.rsplit("/", 1)[-1].startswith("part-")]
+            storage.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
+        if (
+            storage.is_local(self.fs)
+            and self.fs.isdir(self._at(DONE_DIR))
+            and not self.fs.ls(self._at(DONE_DIR))
+        ):
+            self.fs.rmdir(self._at(DONE_DIR))
 
     def records(self) -> list[dict[str, Any]]:
-        """Every shard's completion record (one bulk read; object stores fetch them concurrently)."""
-        paths = self._records()
+        """Every shard's completion record that reads as one (one bulk read; object stores fetch them
+        concurrently)."""
+        return [r for r in self._read_records().values() if isinstance(r, dict)]
+
+    def _read_records(self) -> dict[int, dict[str, Any] | str]:
+        """Shard index -> its completion record, or why it is not one (unreadable, another shard's)."""
+        paths = self._record_paths()
         contents = storage.retrying(lambda: self.fs.cat(paths), "reading shard records") if paths else {}
-        return [json.loads(contents[p]) for p in sorted(contents)]
+        records: dict[int, dict[str, Any] | str] = {}
+        for path in sorted(contents):
+            index = shard_index(path.rsplit("/", 1)[-1], ".json")
+            assert index is not None
+            try:
+                record = json.loads(contents[path])
+                ok = record["shard"] == index and record["rows"] >= 0
+                records[index] = record if ok else "its completion record is another shard's"
+            except (ValueError, TypeError, KeyError) as e:
+                records[index] = f"its completion record is unreadable ({type(e).__name__})"
+        return records
+
+    def check(self) -> Check:
+        """Every completion record against the shard object it stands for (one listing with sizes)."""
+        records = self._read_records()  # before listing the objects: each object is written before its record
+        objects = {o.index: o for o in self.shard_objects()}
+        check = Check(objects)
+        for index, record in records.items():
+            problem = record if isinstance(record, str) else _object_problem(record, objects.get(index))
+            if problem is None:
+                check.done[index] = record  # type: ignore[assignment]
+            else:
+                check.broken[index] = problem
+        return check
+
+    def done_shards(self) -> frozenset[int]:
+        """The shards whose completion record holds: the object is there, of the size the record says.
+        A record that does not hold (its object deleted or replaced by hand, the record damaged) is
+        removed, with a warning, so the shard is redone."""
+        check = self.check()
+        for index, problem in check.broken.items():
+            log.warning(f"{shard_name(index)}: {problem}; its record is removed and the shard redone")
+            path = self._at(DONE_DIR, f"{shard_name(index)}.json")
+            storage.retrying(functools.partial(self.fs.rm, path), f"removing {path}")
+        return frozenset(check.done)
 
     def write_shard(self, index: int, parquet: bytes, record: dict[str, Any]) -> None:
-        """The shard's rows first, then its completion record: a record always means a whole shard."""
+        """The shard's rows first, then its completion record: a record always means a whole shard, of the
+        size it says."""
         storage.write_atomic(self.fs, self._at(f"{shard_name(index)}.parquet"), parquet)
+        record = record | {"bytes": len(parquet)}
         storage.write_atomic(
             self.fs, self._at(DONE_DIR, f"{shard_name(index)}.json"), json.dumps(record).encode()
         )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+
+
+def shard_index(name: str, suffix: str) -> int | None:
+    """The shard index of a file named exactly as batchseg names shard ``suffix`` files
+    (``part-000042.parquet``, ``part-000042.json``), else None."""
+    match = _SHARD_FILE.fullmatch(name)
+    if match is None or match[2] != suffix or shard_name(int(match[1])) != f"part-{match[1]}":
+        return None
+    return int(match[1])
+
+
+def _object_problem(record: dict[str, Any], found: ShardObject | None) -> str | None:
+    name = f"{shard_name(record['shard'])}.parquet"
+    if found is None:
+        return f"its completion record is there but {name} is missing"
+    if "bytes" in record and record["bytes"] != found.size:
+        return f"{name} is {found.size:,} bytes, its completion record says {record['bytes']:,}"
+    return None
 
 
 def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[str, Any]) -> None:
@@ -109,5 +229,13 @@ def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[
         )
 
 
-def _is_ours(name: str) -> bool:
-    return (name.startswith("part-") and ".parquet" in name) or name in (JOB_FILE, SUMMARY_FILE)
+_SHARD_FILE = re.compile(r"part-(\d+)(\.parquet|\.json)")
+_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # storage.write_atomic's file, before its rename
+
+
+def _is_ours(name: str, shard_suffix: str = ".parquet") -> bool:
+    """Whether batchseg writes files of this name (at the top of an output; in ``_done/`` with ``.json``)."""
+    temp = _TEMP.fullmatch(name)
+    name = temp[1] if temp else name
+    top = shard_suffix == ".parquet" and name in (JOB_FILE, SUMMARY_FILE)
+    return top or shard_index(name, shard_suffix) is not None

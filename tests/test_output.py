@@ -1,0 +1,231 @@
+"""The output folder's ownership and self-checks, on outputs written through OutputDir itself (no Ray):
+batchseg reads, counts and removes only the files it names; a rerun trusts a completion record only when
+its object backs it; ``batchseg verify`` proves an output whole."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchseg.analysis.query import connect
+from batchseg.analysis.report import build_report
+from batchseg.analysis.results import open_results
+from batchseg.cli import main
+from batchseg.format.output import DONE_DIR, OutputDir
+from batchseg.format.records import ok_row, to_parquet
+from batchseg.io.manifest import iter_shards, plan_shards
+
+SHARD_SIZE = 4
+BOX = {"category_id": 1, "category": "circle", "score": 0.9, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4}
+INSTANCE = BOX | {"rle": "04", "keypoints": None}  # a 2x2 image's 4 pixels: its mask is the whole image
+
+# Names other tools write beside batchseg's: Spark's, a person's notes, a listing of parts.
+FOREIGN = [
+    "part-00000-c0ffee.snappy.parquet",
+    "part-notes.parquet",
+    "part-list.parquet.txt",
+    "part-1.parquet",
+    "part-0000001.parquet",
+    "README.md",
+    f"{DONE_DIR}/notes.txt",
+    f"{DONE_DIR}/part-1.json",
+    f"{DONE_DIR}/part-000001.json.bak",
+]
+
+
+def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
+    """A manifest of ``images`` rows and a finished output over it, written as the job writes one."""
+    manifest = root / "manifest.txt"
+    manifest.write_text("".join(f"{root}/img{i:03d}.png\n" for i in range(images)))
+    plan = plan_shards(str(manifest), SHARD_SIZE)
+    output = OutputDir(str(root / "out"))
+    provenance = {"model": "m", "shard_size": SHARD_SIZE, "manifest": plan.manifest}
+    output.prepare(
+        provenance | {"manifest_rows": plan.num_rows, "manifest_fingerprint": plan.fingerprint}, False
+    )
+    ids = []
+    for shard in iter_shards(plan):
+        rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
+        record = {
+            "shard": shard.index,
+            "rows": len(rows),
+            "ok": len(rows),
+            "errors": {},
+            "instances": len(rows),
+        }
+        output.write_shard(shard.index, to_parquet(rows, provenance), record)
+        ids += shard.image_ids
+    return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}
+
+
+def add_foreign_files(out: pathlib.Path) -> None:
+    for name in FOREIGN:
+        (out / name).parent.mkdir(exist_ok=True)
+        if name.endswith(".parquet"):  # another tool's Parquet, with columns of its own
+            pq.write_table(pa.table({"image_id": ["x"], "value": [1.5]}), out / name)
+        else:
+            (out / name).write_text("not batchseg's")
+
+
+def test_overwrite_removes_batchseg_files_and_nothing_else(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    add_foreign_files(out)
+    (out / "summary.json").write_text("{}")
+    (out / "part-000001.parquet.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"a crashed write")
+    OutputDir(str(out)).clear()
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == sorted(FOREIGN)
+
+
+def test_readers_read_only_batchseg_shards(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    add_foreign_files(out)
+    results = open_results(str(out))
+    assert [pathlib.Path(f).name for f in results.files] == [f"part-{i:06d}.parquet" for i in range(3)]
+    assert results.to_table().column("image_id").to_pylist() == made["ids"]
+    sql = "SELECT count(*), count(status), sum(len(instances)) FROM images"
+    assert connect(str(out)).sql(sql).fetchall() == [(10, 10, 10)]
+    report = build_report(str(out), str(tmp_path / "report.html"), gallery=0)
+    assert report["table_totals"]["images"] == 10
+    assert main(["report", str(out), "--out", str(tmp_path / "cli.html"), "--gallery", "0"]) == 0
+
+
+def test_segment_into_a_folder_with_other_files_warns_and_keeps_them(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path)
+    add_foreign_files(made["out"])
+    job = OutputDir(str(made["out"])).read_job()
+    assert job is not None
+    capsys.readouterr()
+    OutputDir(str(made["out"])).prepare(job, overwrite=True)
+    warning = capsys.readouterr().err
+    assert f"holds {len(FOREIGN)} file(s) batchseg did not write" in warning
+    assert "part-00000-c0ffee.snappy.parquet" in warning and "left alone" in warning
+    assert all((made["out"] / name).exists() for name in FOREIGN)
+    assert not [p for p in made["out"].iterdir() if p.name.startswith("part-00000") and len(p.name) == 19]
+
+
+def test_a_rerun_redoes_shards_whose_record_does_not_hold(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = write_output(tmp_path, images=16)["out"]
+    (out / "part-000001.parquet").unlink()  # deleted by hand, its record kept
+    with open(out / "part-000002.parquet", "ab") as f:  # replaced by another object
+        f.write(b"more")
+    (out / DONE_DIR / "part-000000.json").write_text('{"shard": 0, "rows": ')  # damaged
+    capsys.readouterr()
+    assert OutputDir(str(out)).done_shards() == {3}
+    warnings = capsys.readouterr().err
+    assert "part-000001: its completion record is there but part-000001.parquet is missing" in warnings
+    size = (out / "part-000002.parquet").stat().st_size
+    assert f"part-000002.parquet is {size:,} bytes, its completion record says {size - 4:,};" in warnings
+    assert "part-000000: its completion record is unreadable" in warnings
+    assert sorted(p.name for p in (out / DONE_DIR).iterdir()) == ["part-000003.json"]
+    assert OutputDir(str(out)).done_shards() == {3}  # and a second look agrees
+
+
+def test_records_without_a_size_are_trusted_when_their_object_is_there(tmp_path: pathlib.Path) -> None:
+    out = write_output(tmp_path)["out"]
+    for path in (out / DONE_DIR).iterdir():  # as batchseg before 0.x wrote them
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items() if k != "bytes"}))
+    (out / "part-000002.parquet").unlink()
+    assert OutputDir(str(out)).done_shards() == {0, 1}
+
+
+def run_verify(out: pathlib.Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, list[str]]:
+    code = main(["verify", str(out), *extra])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_verify_passes_a_whole_output(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = write_output(tmp_path)["out"]
+    add_foreign_files(out)
+    code, lines = run_verify(out, capsys)
+    assert (code, len(lines)) == (0, 1)
+    assert lines[0].startswith(f"OK: {out}: 10 images in 3 shards, every manifest row exactly once")
+
+
+def rewrite_shard(out: pathlib.Path, index: int, keep: slice, *, fix_size: bool = True) -> None:
+    """Rewrite a shard object with only some of its rows, and its record's size to match (a hand edit
+    that a listing cannot see)."""
+    path = out / f"part-{index:06d}.parquet"
+    pq.write_table(pq.read_table(path).slice(keep.start, keep.stop - keep.start), path)
+    record_path = out / DONE_DIR / f"part-{index:06d}.json"
+    record = json.loads(record_path.read_text())
+    if fix_size:
+        record_path.write_text(json.dumps(record | {"bytes": path.stat().st_size}))
+
+
+def test_verify_finds_every_kind_of_damage(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path, images=20)
+    out = made["out"]
+    (out / "part-000001.parquet").unlink()
+    rewrite_shard(out, 2, slice(0, 3))
+    (out / DONE_DIR / "part-000003.json").unlink()  # an unfinished shard: object, no record
+    code, lines = run_verify(out, capsys)
+    assert code == 1
+    assert lines[0] == f"FAILED: {out}: 5 problem(s) in 3 shards"
+    assert lines[1:] == [
+        "  part-000001: its completion record is there but part-000001.parquet is missing",
+        "  part-000003.parquet has no completion record (an unfinished shard, or put there by hand)",
+        "  part-000002.parquet holds 3 rows, its completion record says 4",
+        "  part-000002.parquet does not hold the manifest's rows for it: 1 missing, 0 not in the shard",
+        "  2 of the manifest's shards are not done (part-000001, part-000003): rerun segment",
+    ]
+
+
+def test_verify_checks_ids_against_the_manifest(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    shard0 = pq.read_table(out / "part-000000.parquet")
+    shard1 = pq.read_table(out / "part-000001.parquet")
+    # Shard 1 holds shard 0's first row instead of its own: the right count, one id twice in the output.
+    swapped = pa.concat_tables([shard0.slice(0, 1), shard1.slice(1)]).replace_schema_metadata(
+        shard1.schema.metadata
+    )
+    pq.write_table(swapped, out / "part-000001.parquet")
+    record = json.loads((out / DONE_DIR / "part-000001.json").read_text())
+    (out / DONE_DIR / "part-000001.json").write_text(
+        json.dumps(record | {"bytes": (out / "part-000001.parquet").stat().st_size})
+    )
+    code, lines = run_verify(out, capsys)
+    assert code == 1
+    assert lines[1:] == [
+        "  part-000001.parquet does not hold the manifest's rows for it: 1 missing, 1 not in the shard"
+    ]
+    # Without the manifest, the same damage shows as an id in two shards.
+    pathlib.Path(made["manifest"]).unlink()
+    code, lines = run_verify(out, capsys)
+    assert code == 1
+    assert any("cannot check the image ids against the manifest" in line for line in lines)
+    assert f"  part-000001: image_id {made['ids'][0]!r} is also in an earlier shard" in lines
+
+
+def test_verify_refuses_a_grown_manifest_and_a_folder_that_is_not_an_output(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path)
+    with open(made["manifest"], "a") as f:
+        f.write(f"{tmp_path}/img999.png\n")
+    code, lines = run_verify(made["out"], capsys)
+    assert code == 1
+    assert "is not the one the output was made from" in lines[1]
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a batchseg output" in err[0]
