@@ -17,6 +17,7 @@ import torch
 from batchseg.analysis.evaluate import evaluate
 from batchseg.analysis.query import run_query
 from batchseg.analysis.results import open_results
+from batchseg.analysis.verify import verify
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.format.records import read_provenance
@@ -63,8 +64,13 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
         import pyarrow.parquet as pq
 
         assert read_provenance(pq.read_schema(f))["model"] == "maskrcnn_small"
+    fs.pipe({"out/seg/part-00000-c0ffee.snappy.parquet": b"PAR1 another tool's", "out/seg/_done/x.txt": b""})
+    fs.rm("out/seg/part-000001.parquet")  # by hand: its completion record stays, the rerun redoes it
     again = run_segment(config)
-    assert (again["images_this_run"], again["shards_skipped"], again["images"]) == (0, 3, 12)
+    assert (again["images_this_run"], again["shards_skipped"], again["images"]) == (5, 2, 12)
+    assert (
+        verify(config.output, storage_options=s3.options()).line().startswith("OK: s3://out/seg: 12 images")
+    )
     metrics = evaluate(config.output, data.annotations, s3.options())
     assert metrics["images"]["matched"] == 12 and metrics["segm"]["AP"] > 0.3
     table = run_query(config.output, "SELECT count(*) AS n FROM instances", storage_options=s3.options())
@@ -72,6 +78,7 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     redone = run_segment(replace(config, shard_size=4, overwrite=True))  # other settings: start over
     assert (redone["images_this_run"], redone["shards_done"], redone["shards_skipped"]) == (12, 3, 0)
     assert open_results(config.output, s3.options()).to_table().column("uri").to_pylist() == data.uris
+    assert fs.exists("out/seg/part-00000-c0ffee.snappy.parquet") and fs.exists("out/seg/_done/x.txt")
 
 
 def test_reads_behind_50_ms_of_latency_give_the_same_rows(ray_address: str, s3: S3Server) -> None:
