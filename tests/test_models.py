@@ -137,3 +137,17 @@ def test_each_registry_entry_says_what_its_model_is(name: str) -> None:
         BatchsegError, match="unknown model 'resnet9000'; choose one of: maskrcnn_resnet50_fpn_v2"
     ):
         model_spec("resnet9000")
+
+
+def test_an_image_squeezed_under_a_pixel_by_the_resize_still_trains() -> None:
+    """The resize keeps a 4 x 3000 image's short side at one pixel, targets mapped along (inference:
+    tests/test_predictor.py)."""
+    model: Any = build_model(resolve_weights("none", "maskrcnn_small")).train()
+    masks = torch.zeros(1, 4, 3000, dtype=torch.uint8)
+    masks[0, :, :1500] = 1
+    target = {"boxes": torch.tensor([[0.0, 0.0, 1500.0, 4.0]]), "labels": torch.tensor([1]), "masks": masks}
+    image, resized = model.transform.resize(torch.rand(3, 4, 3000), dict(target))
+    assert image.shape == (3, 1, 256) and resized["masks"].shape == (1, 1, 256)
+    assert resized["boxes"].tolist() == [[0.0, 0.0, 128.0, 1.0]]
+    losses = model([torch.rand(3, 4, 3000)], [target])
+    assert all(torch.isfinite(loss) for loss in losses.values())

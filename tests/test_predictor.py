@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
+from typing import Any
+
 import fsspec
 import numpy as np
+import pycocotools.mask as coco_mask
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
 
+from batchseg.analysis.results import open_results
+from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import ImageError
 from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import paste_to_rle
@@ -69,6 +76,70 @@ def test_a_batch_is_described_as_each_image_alone() -> None:
         ):
             assert instance["bbox"] == [x1, y1, x2 - x1, y2 - y1]
             assert (instance["score"], instance["category_id"]) == (score, label)
+
+
+# (height, width): the long side capped at max_size leaves the short one under a pixel, or nothing to scale.
+EXTREME_SIZES = [(1, 10000), (10000, 1), (3000, 4), (4, 3000), (1, 1)]
+
+
+def stretched(height: int, width: int) -> np.ndarray:
+    """A shapes image squeezed or stretched to ``height`` x ``width`` pixels."""
+    pixels = draw_shapes(np.random.default_rng(height + width), 96).pixels
+    return np.array(Image.fromarray(pixels).resize((width, height)))
+
+
+def assert_inside(instances: list[dict[str, Any]], height: int, width: int) -> None:
+    """Boxes lie in the image, and each mask decodes (pycocotools) to height x width with its area."""
+    for instance in instances:
+        x, y, w, h = instance["bbox"]
+        assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height, instance["bbox"]
+        mask = coco_mask.decode({"size": [height, width], "counts": instance["rle"]})
+        assert mask.shape == (height, width)
+        assert int(mask.sum()) == instance["area"]
+
+
+@pytest.fixture(scope="module")
+def shapes_predictor() -> Predictor:
+    """The shipped shapes model: its resize (128, capped at 256) squeezes a 4 x 3000 image under a pixel."""
+    return Predictor.from_weights(resolve_weights(str(SHAPES_MODEL)), score_threshold=0.0)
+
+
+@pytest.mark.parametrize(("height", "width"), EXTREME_SIZES)
+def test_extreme_aspect_ratios_give_instances_in_the_image(
+    shapes_predictor: Predictor, height: int, width: int
+) -> None:
+    (instances,) = shapes_predictor([stretched(height, width)])
+    assert instances  # score threshold 0: the model always proposes something
+    assert_inside(instances, height, width)
+
+
+def test_extreme_aspect_ratios_are_ok_rows(tmp_path: pathlib.Path) -> None:
+    """Through the shard processor (no Ray), in one batch with a normal image."""
+    from batchseg.io.manifest import iter_shards
+    from batchseg.segment.job import SegmentConfig, prepare_job
+    from batchseg.segment.processor import ShardProcessor
+
+    sizes = [*EXTREME_SIZES, (96, 96)]
+    uris = []
+    for height, width in sizes:
+        uris.append(str(tmp_path / f"{height}x{width}.png"))
+        Image.fromarray(stretched(height, width)).save(uris[-1])
+    (tmp_path / "manifest.csv").write_text("uri\n" + "".join(f"{u}\n" for u in uris))
+    config = SegmentConfig(
+        manifest=str(tmp_path / "manifest.csv"),
+        output=str(tmp_path / "out"),
+        weights=str(SHAPES_MODEL),
+        score_threshold=0.0,
+        batch_size=len(sizes),
+    )
+    job = prepare_job(config)
+    ShardProcessor(job).process(next(iter_shards(job.plan)))
+    rows = open_results(config.output).to_table().to_pylist()
+    assert [(r["status"], r["error"]) for r in rows] == [("ok", None)] * len(sizes)
+    for row, (height, width) in zip(rows, sizes, strict=True):
+        assert (row["height"], row["width"]) == (height, width)
+        assert row["instances"]
+        assert_inside(row["instances"], height, width)
 
 
 def test_precision_auto_is_fp32_on_cpu() -> None:

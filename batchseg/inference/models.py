@@ -7,6 +7,7 @@ import functools
 import hashlib
 import importlib
 import io
+import math
 import os
 import re
 import socket
@@ -22,6 +23,12 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    _resize_image_and_masks,
+    resize_boxes,
+    resize_keypoints,
+)
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -51,6 +58,39 @@ class WeightsInfo:
     num_keypoints: int | None = None
     min_size: int | None = None  # the resize a checkpoint was trained for (None: the model's default)
     max_size: int | None = None
+
+
+class ClampedTransform(GeneralizedRCNNTransform):
+    """torchvision's normalise, resize and batching, but no side resized to under one pixel.
+
+    torchvision scales the short side to ``min_size`` unless the long side would pass ``max_size``; then the
+    scale is ``max_size / long``, and the short side of a 1 x 10000 image (or 4 x 3000 at the shapes
+    model's 256) rounds down to 0 pixels, which ``interpolate`` refuses. Such an image is resized with that
+    scale and its short side kept at one pixel; boxes (and targets) map between the image and its resized
+    size per axis as usual. Every other image takes torchvision's own resize.
+    """
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        height, width = image.shape[-2:]
+        # Only where the long side caps the scale can the short side fall under a pixel; whatever min_size
+        # is drawn in training, that scale is then max_size / long.
+        scale = self.max_size / max(height, width)
+        if (
+            self.fixed_size is not None
+            or (self.training and self._skip_resize)
+            or math.floor(min(height, width) * scale) >= 1
+        ):
+            return super().resize(image, target)
+        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+        resized, target = _resize_image_and_masks(image, self.min_size[-1], self.max_size, target, size)
+        if target is not None:  # as torchvision's resize does after its own
+            new = list(resized.shape[-2:])
+            target["boxes"] = resize_boxes(target["boxes"], [height, width], new)
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], [height, width], new)
+        return resized, target
 
 
 def maskrcnn_small(num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
@@ -275,6 +315,7 @@ def build_model(
         kwargs["num_keypoints"] = info.num_keypoints
     torch.manual_seed(RANDOM_SEED)
     model = _builder(spec)(**kwargs)
+    model.transform.__class__ = ClampedTransform  # the same settings; a resize that keeps every side
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # Pretrained torchvision weights come from FrozenBatchNorm2d, which has no batch counter.
