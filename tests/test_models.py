@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchvision.models import get_model, get_model_weights
 
+from batchseg.cli import main
 from batchseg.errors import BatchsegError
 from batchseg.inference.models import build_model, coco_categories, resolve_weights
 from batchseg.inference.predictor import Predictor
@@ -106,12 +107,37 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path: pathlib.Path) -> None:
         pickle.dump(
             {"model": pathlib.Path("/etc/passwd")}, f, protocol=2
         )  # arbitrary objects: refused by weights_only
-    with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
+    with pytest.raises(
+        BatchsegError, match=r"not a plain weights file: it holds a pickled pathlib\.PosixPath"
+    ):
         resolve_weights(str(tmp_path / "code.pkl"))
     with pytest.raises(BatchsegError, match=r"weights .*missing.pt do not exist"):
         resolve_weights(str(tmp_path / "missing.pt"))
     with pytest.raises(BatchsegError, match="unknown model 'yolo'"):
         resolve_weights("none", "yolo")
+
+
+@pytest.mark.parametrize("content", ["model", "custom"])
+def test_a_pickled_model_is_refused_in_one_line_that_says_how_to_convert_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    """torch's own refusal is seven lines of advice to load with weights_only=False."""
+    model = build_model(resolve_weights("none", "maskrcnn_small"))
+    path = tmp_path / "pickled.pt"
+    saved = {"model": model, "custom": {"model": model.state_dict(), "root": pathlib.Path("/data")}}[content]
+    torch.save(saved, path)
+    (tmp_path / "manifest.csv").write_text("uri\nimage.png\n")
+    args = ["segment", "--manifest", str(tmp_path / "manifest.csv"), "--output", str(tmp_path / "out")]
+    assert main([*args, "--weights", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    refused = "torchvision.models.detection.mask_rcnn.MaskRCNN" if content == "model" else "pathlib.PosixPath"
+    assert line.startswith(
+        f"batchseg: error: {path} is not a plain weights file: it holds a pickled {refused}"
+    )
+    assert "refused for safety (batchseg loads weights with weights_only=True)" in line
+    assert "torch.save(torch.load(PATH, weights_only=False).state_dict(), NEW_PATH)" in line
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -9,6 +9,7 @@ import importlib
 import io
 import math
 import os
+import pickle
 import re
 import socket
 from collections.abc import Callable
@@ -39,6 +40,9 @@ from batchseg.io import storage
 RANDOM_SEED = 0
 # "DEFAULT", "COCO_V1" or "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"; anything else is a checkpoint URI
 TORCHVISION_WEIGHTS = re.compile(r"(\w+_Weights\.)?[A-Z][A-Z0-9_]*")
+UNSAFE_GLOBAL = re.compile(
+    r"Unsupported global: GLOBAL ([\w.]+)"
+)  # named in torch.load's weights_only refusal
 
 
 @dataclass(frozen=True)
@@ -230,8 +234,20 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     try:
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
+        message = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in message:
+            # torch's refusal is seven lines urging weights_only=False; --verbose still shows them.
+            refused = UNSAFE_GLOBAL.search(message)
+            what = f"a pickled {refused[1]}" if refused else "pickled objects"
+            raise BatchsegError(
+                f"{uri} is not a plain weights file: it holds {what}, refused for safety (batchseg loads "
+                "weights with weights_only=True). If you trust it, save its weights alone: "
+                "torch.save(torch.load(PATH, weights_only=False).state_dict(), NEW_PATH) for a pickled "
+                "model, or the state_dict it holds"
+            ) from e
+        first_line = message.strip().split("\n")[0]
         raise BatchsegError(
-            f"{uri} is not a PyTorch checkpoint that loads safely: {type(e).__name__}: {e}"
+            f"{uri} is not a PyTorch checkpoint that loads safely: {type(e).__name__}: {first_line}"
         ) from e
     if not isinstance(content, dict):
         raise BatchsegError(
