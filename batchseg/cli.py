@@ -142,6 +142,19 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
         help="threads per actor checking and decoding fetched images (and encoding masks on a GPU)",
     )
     p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for a connection to storage before trying again (default 10)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for storage's next bytes before trying again (default 30); an image read "
+        "as a whole gets connect + 2 x read timeout",
+    )
     p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)"

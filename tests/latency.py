@@ -18,23 +18,26 @@ import subprocess
 import sys
 import time
 from types import TracebackType
+from typing import Self
 
 
-class LatencyProxy:
-    """``with LatencyProxy(upstream_port, 0.05) as proxy:`` then talk to ``proxy.endpoint``."""
+class ProxyProcess:
+    """A proxy on a free port of 127.0.0.1 in a process of its own (``python -m MODULE PORT ARGS...``),
+    started and stopped by PID: ``with Proxy(...) as proxy:`` then talk to ``proxy.endpoint``."""
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
-        self.upstream_port = upstream_port
-        self.delay = delay
+    module = ""
+
+    def __init__(self, *args: object) -> None:
+        self.args = [str(a) for a in args]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> LatencyProxy:
+    def __enter__(self) -> Self:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.latency", str(self.port), str(self.upstream_port), str(self.delay)],
+            [sys.executable, "-m", self.module, str(self.port), *self.args],
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             start_new_session=True,
         )
@@ -46,7 +49,7 @@ class LatencyProxy:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.__exit__(None, None, None)
-                    raise RuntimeError("the latency proxy did not start") from None
+                    raise RuntimeError(f"{self.module} did not start") from None
                 time.sleep(0.05)
 
     def __exit__(
@@ -56,6 +59,15 @@ class LatencyProxy:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=10)
         self.process = None
+
+
+class LatencyProxy(ProxyProcess):
+    """``with LatencyProxy(upstream_port, 0.05) as proxy:`` then talk to ``proxy.endpoint``."""
+
+    module = "tests.latency"
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        super().__init__(upstream_port, delay)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:

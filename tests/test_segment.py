@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import torch
 
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
+from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.output import DONE_DIR
 from batchseg.format.records import read_provenance
@@ -340,6 +342,8 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
         ("bad_threshold", "--score-threshold must be in"),
         ("no_prefetch", "--prefetch must be at least 1, not 0"),
         ("no_io_threads", "--io-threads must be at least 1, not -2"),
+        ("no_read_timeout", "--read-timeout must be positive seconds, not 0.0"),
+        ("endless_connect_timeout", "--connect-timeout must be positive seconds, not nan"),
     ],
 )
 def test_job_level_problems_fail_early_with_one_line(
@@ -370,6 +374,10 @@ def test_job_level_problems_fail_early_with_one_line(
         args["--prefetch"] = "0"
     elif case == "no_io_threads":
         args["--io-threads"] = "-2"
+    elif case == "no_read_timeout":
+        args["--read-timeout"] = "0"
+    elif case == "endless_connect_timeout":
+        args["--connect-timeout"] = "nan"
     code = main(["segment", *[x for pair in args.items() for x in pair]])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -459,3 +467,27 @@ def test_verbose_shows_the_cause_behind_the_one_line_error(tmp_path: pathlib.Pat
     assert lines[0] == "Traceback (most recent call last):"
     assert "The above exception was the direct cause of the following exception:" in proc.stderr
     assert "batchseg.errors.BatchsegError" in proc.stderr
+
+
+@pytest.mark.timeout(240)  # before they were refused, a FIFO's read waited for a writer forever
+def test_fifos_and_sockets_in_a_folder_manifest_are_read_error_rows(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    images = tmp_path / "archive" / "images"
+    uris = write_dataset(str(tmp_path / "archive"), 4, seed=2, size=64).uris
+    os.mkfifo(images / "pipe.jpg")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(images / "sock.png"))
+        config = SegmentConfig(manifest=str(images), output=str(tmp_path / "out"), weights=str(SHAPES_MODEL))
+        summary = run_segment(config)
+    rows = {r["uri"]: r for r in open_results(config.output).to_table().to_pylist()}
+    assert (
+        rows.pop(str(images / "pipe.jpg"))["error"]
+        == f"read_error: {images / 'pipe.jpg'} is a FIFO, not an image file"
+    )
+    assert (
+        rows.pop(str(images / "sock.png"))["error"]
+        == f"read_error: {images / 'sock.png'} is a socket, not an image file"
+    )
+    assert sorted(rows) == uris and all(r["status"] == "ok" for r in rows.values())
+    assert (summary["status"], summary["ok"], summary["errors_by_kind"]) == ("complete", 4, {"read_error": 2})

@@ -1,7 +1,9 @@
 """Every byte batchseg reads or writes goes through fsspec: local paths, file://, s3://, gs://, http(s)://.
 
 Object stores fail now and then (5xx, throttling, timeouts, a restarting server): such transient errors
-are retried with backoff for up to ``BATCHSEG_RETRY_SECONDS`` (default 120 s) before they count.
+are retried with backoff for up to ``BATCHSEG_RETRY_SECONDS`` (default 120 s) before they count. No call
+waits forever: connections and reads time out (``connect_timeout``, ``read_timeout``), and those timeouts
+are transient errors too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import errno
 import os
 import posixpath
 import re
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +29,13 @@ from batchseg.errors import ImageError, StorageUnavailable
 
 T = TypeVar("T")
 RETRY_SECONDS = float(os.environ.get("BATCHSEG_RETRY_SECONDS", "120"))
+# A connection is refused or made within a few seconds (10 s covers SYNs lost and resent at 1 and 3 s, and
+# a TLS handshake with a busy endpoint far away). An object store's first byte comes in well under a
+# second, and bytes keep coming on a healthy connection: 30 s without one (botocore waits 60, s3fs 15)
+# leaves room for a slow S3-compatible server or the answer to a large PUT, while a stalled read holds
+# its shard up for half a minute before it is tried again.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
 _TRANSIENT_TYPES = frozenset({
     "ConnectionError", "TimeoutError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
     "ConnectionClosedError", "HTTPClientError", "ServerDisconnectedError", "ClientConnectorError",
@@ -39,9 +50,43 @@ _TRANSIENT_TEXT = re.compile(
 def filesystem(
     uri: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem that serves ``uri`` and the path inside it (fsspec caches instances)."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """The filesystem that serves ``uri`` and the path inside it (fsspec caches instances), with its
+    timeouts set (:func:`with_timeouts`)."""
+    fs, path = fsspec.core.url_to_fs(uri, **with_timeouts(uri, storage_options))
     return fs, path
+
+
+def with_timeouts(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` for ``uri`` with batchseg's own ``connect_timeout`` and ``read_timeout`` keys
+    (seconds, for any protocol; default :data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`) turned into what
+    its filesystem knows: botocore's ``config_kwargs`` for s3://, an aiohttp ``ClientTimeout`` in
+    ``client_kwargs`` for http(s):// (whose default gives a silent server 5 minutes). Timeouts already
+    set in those win. Other filesystems have no such setting; :class:`ImageReader` bounds their reads."""
+    options = dict(storage_options or {})
+    connect, read = timeouts(options)
+    options.pop("connect_timeout", None)
+    options.pop("read_timeout", None)
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", connect)
+        config.setdefault("read_timeout", read)
+        options["config_kwargs"] = config
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read))
+        options["client_kwargs"] = client
+    return options
+
+
+def timeouts(storage_options: dict[str, Any] | None) -> tuple[float, float]:
+    """The (connect, read) timeouts in seconds that ``storage_options`` ask for."""
+    options = storage_options or {}
+    return float(options.get("connect_timeout", CONNECT_TIMEOUT)), float(
+        options.get("read_timeout", READ_TIMEOUT)
+    )
 
 
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
@@ -66,7 +111,32 @@ def is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
         return True
-    return bool(_TRANSIENT_TEXT.search(str(error)))
+    if _TRANSIENT_TEXT.search(str(error)):
+        return True
+    # s3fs turns botocore's errors into OSErrors whose message may not say what happened (a 503 SlowDown
+    # becomes "Please reduce your request rate."), keeping the original as the cause.
+    return error.__cause__ is not None and is_transient(error.__cause__)
+
+
+class _Tally:
+    """A count that threads add to."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.count += 1
+
+
+_RETRIES = _Tally()
+
+
+def retries() -> int:
+    """How many times a storage call has been tried again in this process so far (a shard's record holds
+    the difference over the shard)."""
+    return _RETRIES.count
 
 
 class Backoff:
@@ -88,6 +158,7 @@ class Backoff:
                 f"{self.what}: storage kept failing: {type(error).__name__}: {error}"
             ) from error
         log.warning(f"{self.what}: {type(error).__name__}: {error}; retrying in {self.delay:.1f} s")
+        _RETRIES.add()
         delay, self.delay = self.delay, min(2 * self.delay, 10.0)
         return delay
 
@@ -160,11 +231,25 @@ def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) ->
 
 def _read_image(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     try:
+        if is_local(fs):
+            _refuse_special_file(path, uri)
         return retrying(lambda: fs.cat_file(path), f"reading {uri}")
-    except StorageUnavailable:
+    except (StorageUnavailable, ImageError):
         raise
     except Exception as e:
         raise image_error(e, uri) from None
+
+
+_SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device"}  # fmt: skip
+
+
+def _refuse_special_file(path: str, uri: str) -> None:
+    """Raise an :class:`ImageError` if ``path`` is a FIFO, socket or device, found before opening it: opening
+    a FIFO waits for a writer, forever, and reading a device may never end either."""
+    kind = _SPECIAL_FILES.get(stat.S_IFMT(os.stat(path).st_mode))
+    if kind:
+        raise ImageError("read_error", f"{uri} is {kind}, not an image file")
 
 
 def image_error(error: Exception, uri: str) -> ImageError:
@@ -210,12 +295,17 @@ class ImageReader:
     ``MAX_READ_THREADS``) of them. Results are those of :func:`read_image_bytes`: the bytes, an
     :class:`ImageError` for this image, or :class:`StorageUnavailable` once transient failures have been
     retried for ``BATCHSEG_RETRY_SECONDS``.
+    An asynchronous read that has not ended within ``connect_timeout + 2 * read_timeout`` (the
+    filesystem's own retries included: room for one stalled try and another) is a transient
+    ``TimeoutError``, whatever the filesystem's own timeouts, so no read waits forever.
     The caller bounds how many reads are pending (each holds an encoded image once it is done).
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, in_flight: int = 64) -> None:
         self.storage_options = storage_options or {}
         self.in_flight = in_flight
+        connect, read = timeouts(self.storage_options)
+        self.deadline = connect + 2 * read
         # Blocking reads (local disk, NFS) gain nothing from hundreds of threads: a large --prefetch
         # still waits in order, the threads stay few.
         self.threads = ThreadPoolExecutor(
@@ -237,8 +327,7 @@ class ImageReader:
         backoff = Backoff(f"reading {uri}")
         while True:
             try:
-                data: bytes = await fs._cat_file(path)
-                return data
+                return await self._read_once(fs, path)
             except Exception as e:
                 try:
                     delay = backoff.after(e)
@@ -247,3 +336,14 @@ class ImageReader:
                 except Exception as final:
                     raise image_error(final, uri) from None
                 await asyncio.sleep(delay)
+
+    async def _read_once(self, fs: Any, path: str) -> bytes:
+        """One try at reading ``path``, given up after :attr:`deadline` (its own ``TimeoutError``, told
+        apart from the filesystem's)."""
+        reading = asyncio.ensure_future(fs._cat_file(path))
+        await asyncio.wait({reading}, timeout=self.deadline)
+        if not reading.done():
+            reading.cancel()
+            raise TimeoutError(f"no whole answer within {self.deadline:g} s")
+        data: bytes = reading.result()
+        return data

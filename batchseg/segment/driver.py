@@ -62,7 +62,7 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     if todo:
         init_ray(config.address)
         run = Driver(job).run()
-    output = OutputDir(config.output, config.storage_options)
+    output = OutputDir(config.output, config.io_options)
     wall = time.time() - started
     run |= {
         "shards_skipped": len(job.done),
@@ -110,7 +110,7 @@ class Driver:
         self.threads = max(1, int(cpus))
         self.scheduler = Scheduler(
             self,
-            iter_shards(job.plan, job.done, config.storage_options),
+            iter_shards(job.plan, job.done, config.io_options),
             max_attempts=config.max_attempts,
             scaling=ScalingPolicy(*config.actors),
             total_images=job.plan.num_rows - job.plan.rows_in(job.done),

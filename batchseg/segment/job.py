@@ -3,6 +3,7 @@ totals of a run."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,17 @@ class SegmentConfig:
     max_attempts: int = 3
     overwrite: bool = False
     address: str | None = None
+    connect_timeout: float = storage.CONNECT_TIMEOUT
+    read_timeout: float = storage.READ_TIMEOUT
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def io_options(self) -> dict[str, Any]:
+        """``storage_options`` as the job's every read and write uses them: with ``--connect-timeout`` and
+        ``--read-timeout`` (see :func:`batchseg.io.storage.with_timeouts`); timeouts set in
+        ``storage_options`` win."""
+        timeouts = {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout}
+        return timeouts | self.storage_options
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,8 @@ class Job:
 def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts."""
     _check_options(config)
-    plan = plan_shards(config.manifest, config.shard_size, config.storage_options)
-    weights = resolve_weights(config.weights, config.model, config.storage_options)
+    plan = plan_shards(config.manifest, config.shard_size, config.io_options)
+    weights = resolve_weights(config.weights, config.model, config.io_options)
     provenance = {
         "batchseg_version": __version__,
         "model": weights.model,
@@ -79,7 +90,7 @@ def prepare_job(config: SegmentConfig) -> Job:
         "manifest_rows": plan.num_rows,
         "manifest_fingerprint": plan.fingerprint,
     }
-    output = OutputDir(config.output, config.storage_options)
+    output = OutputDir(config.output, config.io_options)
     output.prepare(provenance, config.overwrite)
     return Job(config, weights, plan, provenance, output.done_shards())
 
@@ -100,6 +111,14 @@ def _check_options(config: SegmentConfig) -> None:
         (config.max_instances > 0, "--max-instances must be positive"),
         (config.io_threads >= 1, f"--io-threads must be at least 1, not {config.io_threads}"),
         (config.prefetch >= 1, f"--prefetch must be at least 1, not {config.prefetch}"),
+        (
+            0 < config.connect_timeout < math.inf,
+            f"--connect-timeout must be positive seconds, not {config.connect_timeout}",
+        ),
+        (
+            0 < config.read_timeout < math.inf,
+            f"--read-timeout must be positive seconds, not {config.read_timeout}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -117,6 +136,7 @@ def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> d
         "error": sum(errors.values()),
         "errors_by_kind": dict(sorted(errors.items())),
         "instances": sum(r["instances"] for r in records),
+        "storage_retries": sum(r.get("storage_retries", 0) for r in records),
         "shards_total": job.plan.num_shards,
         "shards_done": len(records),
         "manifest_rows": job.plan.num_rows,

@@ -17,6 +17,7 @@ from batchseg.errors import ImageError
 from batchseg.format.output import OutputDir
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.predictor import Predictor
+from batchseg.io import storage
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader
 from batchseg.io.manifest import Shard
@@ -46,15 +47,15 @@ class ShardProcessor:
             max_instances=config.max_instances,
             device=device,
             precision=config.precision,
-            storage_options=config.storage_options,
+            storage_options=config.io_options,
         )
-        self.output = OutputDir(config.output, config.storage_options)
+        self.output = OutputDir(config.output, config.io_options)
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
         self.decode_on_device = config.decode == "torchvision" or (
             config.decode == "auto" and device != "cpu"
         )
         self.loader = ImageLoader(
-            config.storage_options,
+            config.io_options,
             prefetch=config.prefetch,
             threads=config.io_threads,
             decode_ahead=2 * config.batch_size,
@@ -97,6 +98,7 @@ class ShardProcessor:
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
+        retries_before = storage.retries()  # one shard at a time here: the process's retries are its
         self.images_done = 0
         self.encoding = []
         config = self.job.config
@@ -121,7 +123,7 @@ class ShardProcessor:
             "device": self.device,
             "precision": self.predictor.precision,
         }
-        record = _record(shard, rows, attempt, time.time() - start)
+        record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
         self.output.write_shard(shard.index, to_parquet(rows, provenance), record)  # type: ignore[arg-type]
         return record
 
@@ -173,7 +175,7 @@ def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
     return int(image.shape[1]), int(image.shape[0])
 
 
-def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float) -> dict[str, Any]:
+def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float, retries: int) -> dict[str, Any]:
     errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
     return {
         "shard": shard.index,
@@ -183,4 +185,5 @@ def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float) -> dict
         "instances": sum(len(r["instances"]) for r in rows if r["instances"]),
         "seconds": round(seconds, 3),
         "attempt": attempt,
+        "storage_retries": retries,  # storage calls tried again (not those of the writes that follow)
     }
