@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from batchseg import __version__, log
 from batchseg.errors import BatchsegError
@@ -370,10 +370,15 @@ def _storage_options(command: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line like every other error (``--help`` has the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="batchseg", description="Mask R-CNN over large image archives, on Ray."
-    )
+    parser = _Parser(prog="batchseg", description="Mask R-CNN over large image archives, on Ray.")
     parser.add_argument("--version", action="version", version=f"batchseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

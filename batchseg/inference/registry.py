@@ -12,6 +12,27 @@ from batchseg.errors import BatchsegError
 
 TORCHVISION = "torchvision"
 COCO_SCALES = (640, 672, 704, 736, 768, 800)  # torchvision's references: multi-scale training on COCO
+# The resize an option may ask for (a shorter side, or the longer side's cap), in pixels: under 32 the
+# backbone's stride-32 features are a single cell; over 10,000 a model input is past 100 megapixels.
+RESIZE_MIN, RESIZE_MAX = 32, 10_000
+
+
+def resize_checks(
+    min_sizes: tuple[int, ...], max_size: int | None, min_option: str
+) -> list[tuple[bool, str]]:
+    """The checks of a resize option pair (``min_option``, ``--max-size``) as ``(ok, message)`` rows:
+    every size in [RESIZE_MIN, RESIZE_MAX], and no shorter side above the longer side's cap."""
+    allowed = f"must be from {RESIZE_MIN} to {RESIZE_MAX} pixels"
+    shown = ",".join(map(str, min_sizes))
+    return [
+        (all(RESIZE_MIN <= s <= RESIZE_MAX for s in min_sizes), f"{min_option} {allowed}, not {shown}"),
+        (max_size is None or RESIZE_MIN <= max_size <= RESIZE_MAX, f"--max-size {allowed}, not {max_size}"),
+        (
+            max_size is None or max(min_sizes, default=0) <= max_size,
+            f"--max-size {max_size} is under {min_option} {shown}: the longer side's cap must be at least "
+            "the shorter side",
+        ),
+    ]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,12 @@ from batchseg import __version__
 from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir
 from batchseg.inference.models import WeightsInfo, resolve_weights
+from batchseg.inference.registry import resize_checks
 from batchseg.io import storage
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.io.manifest import Plan, plan_shards
+
+RAY_FRACTION = 1e-4  # the finest fraction of a CPU or GPU Ray takes
 
 
 @dataclass(frozen=True)
@@ -97,20 +100,35 @@ def prepare_job(config: SegmentConfig) -> Job:
 
 def _check_options(config: SegmentConfig) -> None:
     low, high = config.actors
+    gpus, cpus = config.gpus_per_actor, config.cpus_per_actor
     checks = [
         (
             0 <= config.score_threshold <= 1,
             f"--score-threshold must be in [0, 1], not {config.score_threshold}",
         ),
         (0 <= config.mask_threshold < 1, f"--mask-threshold must be in [0, 1), not {config.mask_threshold}"),
+        *resize_checks(() if config.min_size is None else (config.min_size,), config.max_size, "--min-size"),
         (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
         (1 <= low <= high, f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not {low},{high}"),
+        (
+            gpus is None or gpus == 0 or RAY_FRACTION <= gpus < math.inf,
+            f"--gpus-per-actor must be 0 (CPU) or from {RAY_FRACTION} GPUs up, not {gpus}",
+        ),
+        (
+            cpus is None or RAY_FRACTION <= cpus < math.inf,
+            f"--cpus-per-actor must be from {RAY_FRACTION} CPUs up, not {cpus}",
+        ),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
         (config.decode in ("auto", "pil", "torchvision"), f"unknown --decode {config.decode!r}"),
-        (config.max_pixels > 0, "--max-pixels must be positive"),
-        (config.max_instances > 0, "--max-instances must be positive"),
+        (config.max_pixels >= 1, f"--max-pixels must be at least 1, not {config.max_pixels}"),
+        (config.max_instances >= 1, f"--max-instances must be at least 1, not {config.max_instances}"),
         (config.io_threads >= 1, f"--io-threads must be at least 1, not {config.io_threads}"),
         (config.prefetch >= 1, f"--prefetch must be at least 1, not {config.prefetch}"),
+        (config.max_attempts >= 1, f"--max-attempts must be at least 1, not {config.max_attempts}"),
+        (
+            bool(config.weights.strip()),
+            "--weights must not be empty: DEFAULT, a weights name, a checkpoint or none",
+        ),
         (
             0 < config.connect_timeout < math.inf,
             f"--connect-timeout must be positive seconds, not {config.connect_timeout}",

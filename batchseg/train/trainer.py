@@ -8,6 +8,7 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -19,10 +20,11 @@ import torch
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
-from batchseg.inference.registry import TRAINABLE, model_spec
+from batchseg.inference.registry import TRAINABLE, model_spec, resize_checks
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.segment.driver import init_ray
+from batchseg.segment.job import RAY_FRACTION
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
@@ -320,19 +322,44 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _check(config: TrainConfig) -> None:
-    for name in ("images", "annotations", "validation_images", "validation_annotations"):
-        uri = getattr(config, name)
-        if uri:
-            fs, path = storage.filesystem(uri, config.storage_options)
-            if not fs.exists(path):
-                raise BatchsegError(f"--{name.replace('_', '-')} {uri} does not exist")
-    if config.iterations is None and config.epochs is None:
-        raise BatchsegError("give --iterations or --epochs")
+    """Every option first (one table), then that the inputs exist: all before anything is written."""
+    iterations, epochs = config.iterations, config.epochs
+    gpus, cpus = config.gpus_per_worker, config.cpus_per_worker
+    lr, decay, clip, warmup = config.lr, config.weight_decay, config.grad_clip, config.warmup_iterations
     checks = [
-        (config.workers >= 1, "--workers must be at least 1"),
-        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        ((iterations is None) != (epochs is None), "give --iterations or --epochs (exactly one)"),
+        (iterations is None or iterations >= 1, f"--iterations must be at least 1, not {iterations}"),
+        (epochs is None or epochs >= 1, f"--epochs must be at least 1, not {epochs}"),
+        (config.workers >= 1, f"--workers must be at least 1, not {config.workers}"),
+        (
+            gpus == 0 or RAY_FRACTION <= gpus < math.inf,
+            f"--gpus-per-worker must be 0 (CPU) or from {RAY_FRACTION} GPUs up, not {gpus}",
+        ),
+        (
+            cpus is None or RAY_FRACTION <= cpus < math.inf,
+            f"--cpus-per-worker must be from {RAY_FRACTION} CPUs up, not {cpus}",
+        ),
+        (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
         (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
+        (lr is None or 0 < lr < math.inf, f"--lr must be a positive number, not {lr}"),
+        (0 <= decay < math.inf, f"--weight-decay must be 0 or a positive number, not {decay}"),
         (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
+        (warmup is None or warmup >= 0, f"--warmup-iterations must be at least 0, not {warmup}"),
+        *resize_checks(config.min_sizes or (), config.max_size, "--min-sizes"),
+        (config.min_sizes is None or len(config.min_sizes) >= 1, "--min-sizes must name at least one size"),
+        (0 <= clip < math.inf, f"--grad-clip must be 0 (off) or a positive number, not {clip}"),
+        (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
+        (
+            config.checkpoint_every is None or config.checkpoint_every >= 1,
+            f"--checkpoint-every must be at least 1, not {config.checkpoint_every}",
+        ),
+        (
+            config.max_failures >= -1,
+            f"--max-failures must be -1 (no limit) or at least 0, not {config.max_failures}",
+        ),
+        (config.loader_workers >= 0, f"--loader-workers must be at least 0, not {config.loader_workers}"),
+        (0 <= config.seed < 2**32, f"--seed must be from 0 to {2**32 - 1}, not {config.seed}"),
+        (bool(config.weights.strip()), "--weights must not be empty: none, DEFAULT or a checkpoint"),
         (
             config.model in TRAINABLE,
             f"{config.model} cannot be trained here (choose one of {', '.join(TRAINABLE)})",
@@ -345,3 +372,9 @@ def _check(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise BatchsegError(message)
+    for name in ("images", "annotations", "validation_images", "validation_annotations"):
+        uri = getattr(config, name)
+        if uri:
+            fs, path = storage.filesystem(uri, config.storage_options)
+            if not fs.exists(path):
+                raise BatchsegError(f"--{name.replace('_', '-')} {uri} does not exist")

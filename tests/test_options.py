@@ -1,0 +1,182 @@
+"""Every option of ``segment`` and ``train`` is checked before anything is written or Ray starts: a bad value
+is one ``error:`` line on stderr naming the option, exit 2, and no output folder."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+
+from batchseg.cli import main
+from batchseg.errors import BatchsegError
+from batchseg.segment import driver
+from batchseg.segment.job import SegmentConfig
+from batchseg.train import trainer
+from batchseg.train.synth import SynthDataset, write_dataset
+
+# (extra arguments, the option the one-line message must name)
+SEGMENT = [
+    (["--score-threshold", "nan"], "--score-threshold"),
+    (["--score-threshold", "-0.1"], "--score-threshold"),
+    (["--score-threshold", "inf"], "--score-threshold"),
+    (["--mask-threshold", "nan"], "--mask-threshold"),
+    (["--mask-threshold", "1"], "--mask-threshold"),
+    (["--min-size", "0"], "--min-size"),  # silently meant the model's default
+    (["--min-size", "-5"], "--min-size"),
+    (["--min-size", "16"], "--min-size"),
+    (["--min-size", "100000"], "--min-size"),
+    (["--min-size", "1.5"], "--min-size"),
+    (["--max-size", "1"], "--max-size"),  # ran to the end, every image an error row
+    (["--max-size", "0"], "--max-size"),
+    (["--max-size", "-1"], "--max-size"),
+    (["--max-size", "20000"], "--max-size"),
+    (["--min-size", "512", "--max-size", "256"], "--max-size"),
+    (["--max-instances", "0"], "--max-instances"),
+    (["--max-instances", "-3"], "--max-instances"),
+    (["--max-pixels", "0"], "--max-pixels"),
+    (["--max-pixels", "-1"], "--max-pixels"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--shard-size", "0"], "--shard-size"),
+    (["--shard-size", "-1"], "--shard-size"),
+    (["--actors", "0"], "--actors"),
+    (["--actors", "3,2"], "--actors"),
+    (["--actors", "-1,2"], "--actors"),
+    (["--actors", ""], "--actors"),
+    (["--gpus-per-actor", "-1"], "--gpus-per-actor"),  # Ray's traceback, after the job file was written
+    (["--gpus-per-actor", "nan"], "--gpus-per-actor"),
+    (["--gpus-per-actor", "inf"], "--gpus-per-actor"),
+    (["--gpus-per-actor", "0.00001"], "--gpus-per-actor"),
+    (["--cpus-per-actor", "-1"], "--cpus-per-actor"),
+    (["--cpus-per-actor", "nan"], "--cpus-per-actor"),
+    (["--cpus-per-actor", "inf"], "--cpus-per-actor"),
+    (["--cpus-per-actor", "0"], "--cpus-per-actor"),  # silently meant the default
+    (["--io-threads", "0"], "--io-threads"),
+    (["--prefetch", "-1"], "--prefetch"),
+    (["--max-attempts", "0"], "--max-attempts"),  # ran, each shard tried once
+    (["--max-attempts", "-2"], "--max-attempts"),
+    (["--connect-timeout", "0"], "--connect-timeout"),
+    (["--read-timeout", "nan"], "--read-timeout"),
+    (["--weights", ""], "--weights"),  # meant the working directory's model.pt
+    (["--precision", "fp8"], "--precision"),
+    (["--decode", "gpu"], "--decode"),
+    (["--storage-options", "[1]"], "--storage-options"),
+]
+
+TRAIN = [
+    (["--workers", "0"], "--workers"),
+    (["--gpus-per-worker", "-1"], "--gpus-per-worker"),
+    (["--gpus-per-worker", "nan"], "--gpus-per-worker"),
+    (["--gpus-per-worker", "inf"], "--gpus-per-worker"),
+    (["--cpus-per-worker", "0"], "--cpus-per-worker"),  # silently meant 1
+    (["--cpus-per-worker", "-2"], "--cpus-per-worker"),
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker"),
+    (["--iterations", "0"], "--iterations"),
+    (["--iterations", "-1"], "--iterations"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--warmup-iterations", "-1"], "--warmup-iterations"),
+    (["--min-sizes", "0"], "--min-sizes"),
+    (["--min-sizes", "128,-1"], "--min-sizes"),
+    (["--min-sizes", "100000"], "--min-sizes"),
+    (["--min-sizes", ""], "--min-sizes"),
+    (["--max-size", "0"], "--max-size"),  # silently meant the model's
+    (["--max-size", "1"], "--max-size"),
+    (["--min-sizes", "128,512", "--max-size", "256"], "--max-size"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--grad-clip", "nan"], "--grad-clip"),
+    (["--grad-clip", "inf"], "--grad-clip"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--max-failures", "-2"], "--max-failures"),
+    (["--loader-workers", "-1"], "--loader-workers"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--weights", ""], "--weights"),
+    (["--precision", "fp8"], "--precision"),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused job fails before Ray starts: starting it here fails the test."""
+
+    def refuse(address: str | None) -> None:
+        raise AssertionError("Ray was started for a job that should have been refused")
+
+    monkeypatch.setattr(driver, "init_ray", refuse)
+    monkeypatch.setattr(trainer, "init_ray", refuse)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> SynthDataset:
+    return write_dataset(str(tmp_path_factory.mktemp("shapes")), 2, seed=1, size=64)
+
+
+def refused(argv: list[str], option: str, out: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = int(e.code or 0)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and " error: " in err and option in err, err
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.parametrize(("extra", "option"), SEGMENT, ids=[" ".join(extra) for extra, _ in SEGMENT])
+def test_segment_refuses_a_bad_option_before_writing_anything(
+    shapes: SynthDataset,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    option: str,
+) -> None:
+    out = tmp_path / "out"
+    argv = ["segment", "--manifest", shapes.manifest, "--output", str(out), "--model", "maskrcnn_small"]
+    weights = [] if "--weights" in extra else ["--weights", "none"]
+    refused([*argv, *weights, *extra], option, out, capsys)
+
+
+@pytest.mark.parametrize(("extra", "option"), TRAIN, ids=[" ".join(extra) for extra, _ in TRAIN])
+def test_train_refuses_a_bad_option_before_writing_anything(
+    shapes: SynthDataset,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    option: str,
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--images", shapes.images, "--annotations", shapes.annotations, "--output", str(out)]
+    length = [] if "--epochs" in extra or "--iterations" in extra else ["--iterations", "2"]
+    refused([*argv, *length, *extra], option, out, capsys)
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        ({"min_size": 0}, "--min-size"),
+        ({"max_size": 1}, "--max-size"),
+        ({"cpus_per_actor": float("nan")}, "--cpus-per-actor"),
+        ({"max_attempts": 0}, "--max-attempts"),
+    ],
+)
+def test_the_python_api_gets_the_same_checks(
+    shapes: SynthDataset, tmp_path: pathlib.Path, changes: dict[str, Any], option: str
+) -> None:
+    out = tmp_path / "out"
+    config = SegmentConfig(shapes.manifest, str(out), model="maskrcnn_small", weights="none", **changes)
+    with pytest.raises(BatchsegError, match=option):
+        driver.run_segment(config)
+    assert not out.exists()
+    run = trainer.TrainConfig(
+        shapes.images, shapes.annotations, str(tmp_path / "run"), iterations=1, epochs=1
+    )
+    with pytest.raises(BatchsegError, match=r"give --iterations or --epochs \(exactly one\)"):
+        trainer.run_training(run)
+    assert not (tmp_path / "run").exists()
