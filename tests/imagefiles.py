@@ -9,6 +9,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 BOMB_TEST_MAX_PIXELS = 10_000_000
@@ -31,6 +32,8 @@ BAD_FILES: dict[str, str | None] = {
     "palette-transparent.png": None,
     "rgba.png": None,
     "exif-rotated.jpg": None,
+    "float-planar.tif": None,
+    "float-lzw.tif": "corrupt_image",
 }
 """File name -> the ImageError kind decoding it must raise, or None where it must decode."""
 
@@ -43,6 +46,7 @@ EXPECTED_SIZES: dict[str, tuple[int, int]] = {
     "palette-transparent.png": (20, 10),
     "rgba.png": (30, 20),
     "exif-rotated.jpg": (40, 60),
+    "float-planar.tif": (24, 16),
 }
 """Displayed (width, height) of each file in BAD_FILES that must decode."""
 
@@ -79,11 +83,38 @@ def write_bad_files(directory: pathlib.Path) -> dict[str, str | None]:
         "palette-transparent.png": _palette_with_transparency(),
         "rgba.png": encode(Image.new("RGBA", EXPECTED_SIZES["rgba.png"], (0, 128, 255, 128)), "PNG"),
         "exif-rotated.jpg": _exif_rotated_jpeg(),
+        # As microscopy and remote-sensing software writes them; Pillow has no mode for float RGB.
+        "float-planar.tif": tiff(
+            np.full((3, 16, 24), 200.5, dtype=np.float32),
+            photometric="rgb",
+            planarconfig="separate",
+            compression="zlib",
+        ),
+        # LZW, which tifffile decodes only with the imagecodecs package (not a dependency).
+        "float-lzw.tif": with_tags(
+            tiff(np.zeros((8, 8, 3), dtype=np.float32), photometric="rgb"), Compression=5
+        ),
     }
     assert contents.keys() == BAD_FILES.keys()
     for name, data in contents.items():
         (directory / name).write_bytes(data)
     return dict(BAD_FILES)
+
+
+def tiff(pixels: np.ndarray, **options: Any) -> bytes:
+    """``pixels`` written by tifffile."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, **options)
+    return buffer.getvalue()
+
+
+def with_tags(data: bytes, **tags: int) -> bytes:
+    """A TIFF with tags of its first page overwritten in place (a header that lies)."""
+    buffer = io.BytesIO(data)
+    with tifffile.TiffFile(buffer) as opened:
+        for name, value in tags.items():
+            opened.pages[0].tags[name].overwrite(value)
+    return buffer.getvalue()
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:

@@ -199,3 +199,118 @@ def test_any_truncation_decodes_or_raises_image_error(fmt: str) -> None:
             assert error.kind in {"not_an_image", "corrupt_image"}, (length, error)
         else:
             assert pixels.shape == (30, 40, 3)
+
+
+RGB16 = np.array([[[0, 255, 256], [32768, 65535, 4660]], [[1, 2, 3], [40000, 50000, 60000]]], dtype=np.uint16)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_planar_16_bit_rgb_keeps_each_samples_high_byte(compression: str | None) -> None:
+    """PlanarConfiguration=2: Pillow's own decoder reads the 16-bit planes as bytes, silently."""
+    data = imagefiles.tiff(
+        np.moveaxis(RGB16, -1, 0), photometric="rgb", planarconfig="separate", compression=compression
+    )
+    np.testing.assert_array_equal(decode_image(data), RGB16 >> 8)
+
+
+def test_float_rgb_is_clipped_and_signed_rgb_keeps_high_bytes() -> None:
+    floats = np.array([[[-3.0, 0.5, 127.9], [300.0, np.nan, 255.0]]], dtype=np.float32)
+    for options in ({}, {"planarconfig": "separate"}, {"compression": "zlib"}):
+        pixels = floats if options.get("planarconfig") != "separate" else np.moveaxis(floats, -1, 0)
+        decoded = decode_image(imagefiles.tiff(pixels, photometric="rgb", **options))
+        np.testing.assert_array_equal(decoded, [[[0, 0, 127], [255, 0, 255]]], err_msg=str(options))
+    signed = np.array([[[-5, 256, 32767]]], dtype=np.int16)
+    np.testing.assert_array_equal(decode_image(imagefiles.tiff(signed, photometric="rgb")), [[[0, 1, 127]]])
+
+
+def test_multi_channel_stack_gives_the_first_pages_first_channel_as_grey() -> None:
+    """A tifffile stack of 5-channel 16-bit pages (a fluorescence time series): no colour to guess."""
+    stack = np.zeros((2, 3, 4, 5), dtype=np.uint16)  # pages, height, width, channels
+    stack[0, :, :, 0] = np.arange(12).reshape(3, 4) * 5000
+    stack[0, :, :, 1:] = 65535
+    stack[1] = 12345
+    pixels = decode_image(
+        imagefiles.tiff(stack, photometric="minisblack", planarconfig="contig", compression="zlib")
+    )
+    np.testing.assert_array_equal(pixels, np.repeat((stack[0, :, :, :1] >> 8).astype(np.uint8), 3, axis=2))
+    assert pixels.flags.c_contiguous and pixels.flags.writeable
+
+
+def test_float_rgba_is_composited_over_white() -> None:
+    rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128], [0, 0, 0, 1000]]], dtype=np.float32)
+    pixels = decode_image(
+        imagefiles.tiff(rgba, photometric="rgb", extrasamples=["unassalpha"], compression="zlib")
+    )
+    np.testing.assert_array_equal(pixels[0, [0, 1, 3]], [[255, 255, 255], [10, 20, 30], [0, 0, 0]])
+    assert (abs(pixels[0, 2].astype(int) - 127) <= 1).all()
+
+
+def test_16_bit_grey_with_premultiplied_alpha_and_min_is_white() -> None:
+    grey_alpha = np.array([[[40000, 65535], [0, 0], [20000, 32768]]], dtype=np.uint16)  # grey * alpha
+    pixels = decode_image(imagefiles.tiff(grey_alpha, photometric="minisblack", extrasamples=["assocalpha"]))
+    assert (pixels == pixels[:, :, :1]).all()
+    # Half transparent: 40000 premultiplied by one half, over white: (156 + 255) / 2.
+    assert pixels[0, :2, 0].tolist() == [156, 255] and abs(int(pixels[0, 2, 0]) - 205) <= 1
+    white_is_zero = np.array([[[0, 1], [65535, 7]]], dtype=np.uint16)
+    pixels = decode_image(imagefiles.tiff(white_is_zero, photometric="miniswhite", planarconfig="contig"))
+    np.testing.assert_array_equal(pixels[0, :, 0], [255, 0])
+
+
+def test_a_tiffs_orientation_tag_turns_it() -> None:
+    floats = np.zeros((2, 3, 3), dtype=np.float32)
+    floats[0, 0] = 255.0
+    # Orientation 6: rotate 90 degrees clockwise to display; the stored top-left goes to the top-right.
+    pixels = decode_image(imagefiles.tiff(floats, photometric="rgb", extratags=[(0x0112, "H", 1, 6, True)]))
+    assert pixels.shape == (3, 2, 3)
+    np.testing.assert_array_equal(pixels[:, :, 0], [[0, 255], [0, 0], [0, 0]])
+
+
+def test_tiff_size_is_checked_from_the_header_before_decoding() -> None:
+    """The header says 100000 x 100000 float RGB (112 GiB); the file holds 240 bytes of pixels."""
+    small = imagefiles.tiff(np.zeros((4, 5, 3), dtype=np.float32), photometric="rgb")
+    data = imagefiles.with_tags(small, ImageWidth=100_000, ImageLength=100_000)
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=imagefiles.BOMB_TEST_MAX_PIXELS)
+    assert caught.value.kind == "too_large"
+    assert "100000x100000 = 10,000,000,000 pixels" in caught.value.message
+
+
+def test_a_tiff_of_many_samples_is_held_to_the_bytes_of_four_float_samples_a_pixel() -> None:
+    """A hyperspectral cube: 10 x 10 pixels (under the limit of 200) of 100 float samples, 40,000 bytes."""
+    cube = imagefiles.tiff(
+        np.zeros((10, 10, 100), dtype=np.float32), photometric="minisblack", planarconfig="contig"
+    )
+    with pytest.raises(ImageError) as caught:
+        decode_image(cube, max_pixels=200)
+    assert caught.value.kind == "too_large"
+    assert "10x10 with 100 samples a pixel, 40,000 bytes decoded" in caught.value.message
+    assert decode_image(cube, max_pixels=2_500).shape == (10, 10, 3)
+
+
+def test_tiffs_that_still_cannot_be_decoded_say_why(files: pathlib.Path) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_file(files, "float-lzw.tif")
+    assert caught.value.kind == "corrupt_image"
+    assert "LZW" in caught.value.message and "imagecodecs" in caught.value.message
+    lab = imagefiles.tiff(np.zeros((4, 5, 3), dtype=np.float32), photometric="cielab")
+    with pytest.raises(ImageError) as caught:
+        decode_image(lab)
+    assert caught.value.kind == "corrupt_image" and "CIELAB" in caught.value.message
+
+
+@pytest.mark.filterwarnings("ignore:(Corrupt EXIF data|Truncated File Read):UserWarning")
+def test_any_truncation_of_a_float_tiff_decodes_or_raises_image_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each is an error row (or pixels), and tifffile keeps quiet about it: the row says what is wrong."""
+    data = imagefiles.tiff(
+        np.full((30, 40, 3), 99.5, dtype=np.float32), photometric="rgb", compression="zlib"
+    )
+    for length in sorted({4, 8, 16, 30, 60, len(data) // 3, len(data) // 2, len(data) - 1}):
+        try:
+            pixels = decode_image(data[:length])
+        except ImageError as error:
+            assert error.kind in {"not_an_image", "corrupt_image"}, (length, error)
+        else:
+            assert pixels.shape == (30, 40, 3)
+    assert not [r.getMessage() for r in caplog.records if r.name == "tifffile"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 """Lower-case file suffixes (with the dot) treated as images when listing a directory or bucket."""
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Little- and big-endian, classic and BigTIFF.
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# A TIFF may hold hundreds of samples a pixel (hyperspectral images): max_pixels alone would let one
+# decode to many times the memory of a four-sample image as large. Four float samples a pixel at most.
+_TIFF_BYTES_PER_PIXEL = 16
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -31,13 +37,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     in R, G, B order, where height and width are the *displayed* ones: EXIF orientation is applied.
     Only the first frame of an animated or multi-page file is returned. Grey, bilevel, palette, CMYK
     and YCbCr images are converted to RGB; images with transparency are composited over white;
-    16-bit samples keep their top 8 bits (65535 -> 255) and float samples are clipped to [0, 255].
+    16-bit samples keep their top 8 bits (65535 -> 255), other integer samples are taken as 16-bit
+    ones (clipped to [0, 65535] first), and float samples are clipped to [0, 255]. A TIFF that Pillow
+    cannot read (float or signed samples in colour, more than four samples, 16-bit planar RGB) is read
+    with tifffile: channel 0 as grey unless the file says RGB, alpha as above, other extra samples
+    dropped.
 
     Raises ``ImageError`` with kind ``empty_file``, ``not_an_image``, ``too_large`` (width*height
-    over ``max_pixels``, found from the header alone) or ``corrupt_image``; never anything else.
+    over ``max_pixels``, or a TIFF's samples over 16 bytes a pixel of it, found from the header alone)
+    or ``corrupt_image``; never anything else.
     """
     if not data:
         raise ImageError("empty_file", "file is empty (0 bytes)")
+    try:
+        return _decode_with_pil(data, max_pixels)
+    except ImageError as error:
+        if error.kind == "too_large" or not data.startswith(_TIFF_SIGNATURES):
+            raise
+        refused = error
+    return _decode_tiff(data, max_pixels, refused)
+
+
+def _decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
     _let_pil_open_up_to(max_pixels)
     try:
         # PIL warns about large images inside Image.open; the size policy here is max_pixels, so
@@ -46,6 +67,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 _check_size(image.size, max_pixels)
+                if _pil_misreads(image):
+                    raise ImageError(
+                        "corrupt_image", "Pillow reads planar samples wider than 8 bits as bytes"
+                    )
                 image.load()
                 return _to_rgb_array(ImageOps.exif_transpose(image))
     except ImageError:
@@ -59,6 +84,75 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageError("corrupt_image", f"cannot decode image: {exc}") from None
     except Exception as exc:
         raise ImageError("corrupt_image", f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _pil_misreads(image: Any) -> bool:
+    """Pillow's own TIFF decoders (libtiff's are right) read each plane of a PlanarConfiguration=2 file
+    with samples wider than 8 bits as bytes, and say nothing (Pillow 13)."""
+    if image.format != "TIFF" or not image.tile:
+        return False
+    tags = image.tag_v2
+    return bool(
+        tags.get(284) == 2  # PlanarConfiguration: separate planes
+        and tags.get(277, 1) > 1  # SamplesPerPixel
+        and max(tags.get(258, (8,))) > 8  # BitsPerSample
+        and image.tile[0][0] != "libtiff"
+    )
+
+
+def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarray:
+    """The first page of a TIFF that Pillow refused (``refused``), read with tifffile: microscopy and
+    remote-sensing software writes float, signed and many-channel samples that Pillow has no mode for.
+    The size (pixels, and bytes of samples) is checked from the page's header before any pixel is
+    decoded."""
+    import tifffile  # here, not at the top: 18 ms that every command importing this module would pay
+
+    # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error row.
+    tifffile_log = logging.getLogger("tifffile")
+    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
+        tifffile_log.setLevel(logging.CRITICAL)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages[0]
+            assert isinstance(page, tifffile.TiffPage)  # the first page is never a TiffFrame
+            _check_size((page.imagewidth, page.imagelength), max_pixels)
+            if page.nbytes > _TIFF_BYTES_PER_PIXEL * max_pixels:
+                raise ImageError(
+                    "too_large",
+                    f"image is {page.imagewidth}x{page.imagelength} with {page.samplesperpixel} samples a "
+                    f"pixel, {page.nbytes:,} bytes decoded, over the limit of {_TIFF_BYTES_PER_PIXEL} "
+                    f"bytes a pixel for {max_pixels:,} pixels (raise --max-pixels to allow it)",
+                )
+            photometric, extra = int(page.photometric), page.extrasamples
+            orientation = page.tags.valueof(0x0112, 1)
+            if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+                name = getattr(page.compression, "name", page.compression)
+                raise ImageError("corrupt_image", f"TIFF compression {name} needs the imagecodecs package")
+            if photometric not in (0, 1, 2) or (photometric == 2 and page.samplesperpixel < 3):
+                name = getattr(page.photometric, "name", photometric)
+                raise ImageError("corrupt_image", f"TIFF {name} images are not supported")
+            # (planar samples, depth, height, width, contiguous samples): keep the first depth.
+            planes = page.asarray().reshape(page.shaped)[:, 0]
+    except ImageError:
+        raise
+    except (tifffile.TiffFileError, IndexError):
+        raise refused from None  # not even a TIFF's structure: Pillow's verdict stands
+    except Exception as exc:
+        raise ImageError("corrupt_image", f"cannot decode TIFF: {type(exc).__name__}: {exc}") from None
+    samples = np.moveaxis(planes, 0, -1).reshape(*planes.shape[1:3], -1)  # height, width, samples
+    if photometric == 2:
+        pixels = _to_8_bit(samples[:, :, :3])
+    else:  # MinIsWhite or MinIsBlack: channel 0 is the grey
+        grey = _to_8_bit(samples[:, :, 0])
+        pixels = np.repeat((255 - grey if photometric == 0 else grey)[:, :, None], 3, axis=2)
+    # ExtraSamples 1 and 2 are associated (premultiplied) and unassociated alpha; others are dropped.
+    alpha = {1: "RGBa", 2: "RGBA"}.get(extra[0]) if extra else None
+    if alpha:
+        pixels = np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])])
+    height, width = pixels.shape[:2]
+    image = Image.frombytes(alpha or "RGB", (width, height), np.ascontiguousarray(pixels).tobytes())
+    image.getexif()[0x0112] = orientation  # the TIFF's own Orientation tag, turned as any image's
+    return _to_rgb_array(ImageOps.exif_transpose(image))
 
 
 def _let_pil_open_up_to(max_pixels: int) -> None:
@@ -88,14 +182,22 @@ def _bomb_message(pil_message: str, max_pixels: int) -> str:
     return f"image is {size}, over the limit of {max_pixels:,} (raise --max-pixels to allow it)"
 
 
+def _to_8_bit(samples: np.ndarray) -> np.ndarray:
+    """``uint8`` samples: 8-bit ones as they are, float ones clipped to [0, 255], any other integers as
+    16-bit data that keeps its high byte. PIL's convert("L") would clip 16-bit values at 255 instead of
+    scaling them; mode "I" is taken as 16-bit data, which is what PIL has produced for 16-bit PNG and TIFF."""
+    if samples.dtype == np.uint8:
+        return samples
+    if samples.dtype == np.uint16:
+        return (samples >> 8).astype(np.uint8)
+    if samples.dtype.kind == "f":
+        return np.clip(np.nan_to_num(samples), 0, 255).astype(np.uint8)
+    return (np.clip(samples.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # PIL's convert("L") clips 16-bit values at 255 instead of scaling them; keep the high byte.
-        # Mode "I" is treated as 16-bit data, which is what PIL has produced for 16-bit PNG and TIFF.
-        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        grey = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0, 255).astype(np.uint8)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        grey = _to_8_bit(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.has_transparency_data:
         # Dropping alpha would expose whatever colour the encoder left under transparent pixels.
