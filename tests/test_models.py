@@ -101,8 +101,13 @@ def test_weights_that_do_not_fit_the_model_fail_early(
 
 def test_unsafe_or_foreign_files_are_refused(tmp_path: pathlib.Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "noise.bin").write_bytes(bytes(range(1, 256)) * 4)
+    for name, size in (("notes.txt", 5), ("noise.bin", 1020)):  # neither torch.save's zip nor a pickle
+        with pytest.raises(BatchsegError, match=rf"{name} is not a PyTorch checkpoint \({size:,} bytes"):
+            resolve_weights(str(tmp_path / name))
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
     with pytest.raises(BatchsegError, match="not a PyTorch checkpoint that loads safely"):
-        resolve_weights(str(tmp_path / "notes.txt"))
+        resolve_weights(str(tmp_path / "cut.pt"))
     with (tmp_path / "code.pkl").open("wb") as f:
         pickle.dump(
             {"model": pathlib.Path("/etc/passwd")}, f, protocol=2

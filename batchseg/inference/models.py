@@ -231,6 +231,10 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
             data = storage.retrying(lambda: fs.cat_file(path), f"reading {uri}")
         except FileNotFoundError as e:
             raise BatchsegError(f"weights {uri} do not exist") from e
+    if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        raise BatchsegError(
+            f"{uri} is not a PyTorch checkpoint ({len(data):,} bytes, not written by torch.save)"
+        )
     try:
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
