@@ -284,13 +284,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from batchseg.analysis.evaluate import evaluate, format_table
+    from batchseg.errors import job_errors
     from batchseg.io import storage
+    from batchseg.io.manifest import absolute_uri
 
+    if args.json and absolute_uri(args.json) == absolute_uri(args.annotations):
+        raise BatchsegError(f"--json {args.json} is also --annotations: it would overwrite them")
     results = evaluate(args.predictions, args.annotations, args.storage_options)
     print(format_table(results))
     if args.json:
-        fs, path = storage.filesystem(args.json, args.storage_options)
-        fs.pipe_file(path, json.dumps(results, indent=2).encode())
+        with job_errors(f"cannot write {args.json}"):
+            fs, path = storage.filesystem(args.json, args.storage_options)
+            fs.pipe_file(path, json.dumps(results, indent=2).encode())
     return 0
 
 

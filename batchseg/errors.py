@@ -40,10 +40,16 @@ def describe(error: BaseException) -> str:
     if isinstance(error, PermissionError):
         return "access denied (check the credentials and what they may read and write)"
     if isinstance(error, FileNotFoundError):
-        return "not found (does the bucket exist?)"
+        return "not found (does its folder or bucket exist?)"
     if isinstance(error, StorageUnavailable):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        return first_line(error)
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message, its first line only: DuckDB's and others' go on with lines of context, and a
+    job-level message is one line (``--verbose`` shows the whole error)."""
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 @contextlib.contextmanager

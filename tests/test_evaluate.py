@@ -268,8 +268,8 @@ def test_job_level_problems_are_one_line_errors(tmp_path: pathlib.Path) -> None:
         ((out, str(tmp_path / "missing.json")), r"annotations not found: .*missing\.json"),
         ((out, str(tmp_path / "bad.json")), "is not JSON"),
         ((out, str(tmp_path / "list.json")), "not a COCO instances JSON"),
-        ((str(tmp_path / "empty"), gt), r"holds no part-\*\.parquet files: not a batchseg segment output"),
-        ((str(tmp_path / "nowhere"), gt), r"holds no part-\*\.parquet files: not a batchseg segment output"),
+        ((str(tmp_path / "empty"), gt), r"holds no part-NNNNNN\.parquet files: not a batchseg"),
+        ((str(tmp_path / "nowhere"), gt), r"holds no part-NNNNNN\.parquet files: not a batchseg"),
     ]
     for args, message in cases:
         with pytest.raises(BatchsegError, match=message) as raised:

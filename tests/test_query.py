@@ -22,9 +22,11 @@ from batchseg.analysis.query import connect, run_query
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
+from batchseg.format.records import ok_row, to_parquet
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
+from tests.test_render import write_segment_output
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +204,7 @@ def test_read_side_commands_answer_bad_input_with_one_line_and_exit_2(
 ) -> None:
     """Bad SQL in --where, an --out that cannot be written: one 'batchseg: error:' line, nothing written."""
     cases = [
-        (["render", output["uri"], "--out", str(tmp_path / "png"), "--where", "nope("], "--where is not valid SQL"),
+        (["render", output["uri"], "--out", str(tmp_path / "png"), "--where", "nope("], "--where cannot be evaluated"),
         (["export-coco", output["uri"], "--out", str(tmp_path)], f"cannot write {tmp_path}: IsADirectoryError"),
         (["query", output["uri"], "SELECT 1", "--format", "csv", "--out", str(tmp_path / "no" / "x.csv")],
          f"cannot write {tmp_path / 'no' / 'x.csv'}"),
@@ -239,3 +241,89 @@ def test_empty_paths_and_impossible_counts_are_refused_while_parsing(
     assert re.search(
         r"error: argument [-\w]+: (expected a path or URI, not an empty string|must be at least)", err
     )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Read-side inputs made without Ray: a good output (tests/test_render's), one whose last of 70,001 rows
+    has a non-numeric image_id (a query on it fails while its rows stream, after the first batch), damaged
+    outputs (a shard that is not Parquet, one of another tool's schema, a summary.json that is a list),
+    annotations that are not COCO, and a folder that does not exist yet."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = write_segment_output(root / "good")
+    paths = {"OUT": good.uri, "GT": good.data.annotations, "NEW": str(root / "new"), "DIR": str(root)}
+    for name in ("BIG", "CORRUPT", "FOREIGN", "LISTED"):
+        (root / name).mkdir()
+        paths[name] = str(root / name)
+    rows = [ok_row(str(i), f"/a/{i}.jpg", 10, 10, []) for i in range(70_000)] + [
+        ok_row("x", "/a/x", 10, 10, [])
+    ]
+    (root / "BIG" / "part-000000.parquet").write_bytes(to_parquet(rows, {}))
+    (root / "CORRUPT" / "part-000000.parquet").write_text("not parquet")
+    pq.write_table(pa.table({"a": [1, 2]}), root / "FOREIGN" / "part-000000.parquet")
+    for shard in pathlib.Path(good.uri).glob("part-*.parquet"):
+        (root / "LISTED" / shard.name).write_bytes(shard.read_bytes())
+    (root / "LISTED" / "summary.json").write_text("[1, 2]")
+    gt = json.loads(pathlib.Path(good.data.annotations).read_text())
+    (root / "images-as-ints.json").write_text(json.dumps(gt | {"images": [1, 2]}))
+    paths["INTS_GT"] = str(root / "images-as-ints.json")
+    (root / "gt2.json").write_text(json.dumps(gt))  # for --json naming the annotations: not overwritten
+    paths["GT2"] = str(root / "gt2.json")
+    return paths
+
+
+BAD_INPUT = [
+    (["query", "{OUT}", ""], "query failed: no statement that returns rows"),
+    (["query", "{OUT}", "   "], "query failed: no statement that returns rows"),
+    (["query", "{OUT}", "-- nothing"], "query failed: no statement that returns rows"),
+    (["query", "{BIG}", "SELECT CAST(image_id AS INT) AS n FROM images", "--format", "csv", "--out", "{DIR}/n.csv"],
+     "query failed: Conversion Error"),
+    (["query", "{CORRUPT}", "SELECT 1"], "cannot read output .*CORRUPT: .*Parquet"),
+    (["query", "{FOREIGN}", "SELECT count(*) FROM images"], "a shard of output .*FOREIGN is not a batchseg shard: it has no column image_id"),
+    (["query", "{OUT}", "SELECT 1", "--storage-options", ""], "argument --storage-options: not valid JSON"),
+    (["render", "{OUT}", "--out", "{NEW}", "--where", ""], "--where is empty"),
+    (["render", "{OUT}", "--out", "{NEW}", "--where", "-- x"], "--where cannot be evaluated on the images view: Parser Error"),
+    (["render", "{OUT}", "--out", "{NEW}", "--where", "true) OR (true"], "--where cannot be evaluated on the images view: Parser Error"),
+    (["render", "{OUT}", "--out", "{NEW}", "--where", "nope(("], "--where cannot be evaluated on the images view: Parser Error"),
+    (["render", "{OUT}", "--out", "{NEW}", "--limit", "0"], "argument --limit: must be at least 1, not 0"),
+    (["render", "{OUT}", "--out", "{NEW}", "--limit", "-1"], "argument --limit: must be at least 1, not -1"),
+    (["render", "{BIG}", "--out", "{NEW}", "--where", "CAST(image_id AS INT) >= 0"], "--where cannot be evaluated on the images view: Conversion Error"),
+    (["render", "{CORRUPT}", "--out", "{NEW}"], "cannot read output .*CORRUPT: .*Parquet"),
+    (["export-coco", "{CORRUPT}", "--out", "{NEW}/r.json"], "cannot read .*CORRUPT.*Parquet"),
+    (["export-coco", "{FOREIGN}", "--out", "{NEW}/r.json"], "is not a batchseg shard"),
+    (["export-coco", "{OUT}", "--out", "{NEW}/r.json", "--images", "{NEW}/r.json"], "--images .* is also --out"),
+    (["report", "{FOREIGN}", "--out", "{NEW}/r.html"], "is not a batchseg shard"),
+    (["report", "{LISTED}", "--out", "{NEW}/r.html"], "summary.json is not a batchseg summary"),
+    (["report", "{GT}", "--out", "{NEW}/r.html"], "annotations.json holds no part-NNNNNN.parquet files and no summary"),
+    (["report", "{OUT}", "--out", "{NEW}/r.html", "--gallery", "x"], "argument --gallery: expected a whole number"),
+    (["eval", "--predictions", "{OUT}", "--annotations", "{GT}", "--json", "{DIR}"], "cannot write .*: IsADirectoryError"),
+    (["eval", "--predictions", "{OUT}", "--annotations", "{GT2}", "--json", "{GT2}"], "--json .* is also --annotations"),
+    (["eval", "--predictions", "{FOREIGN}", "--annotations", "{GT}"], "is not a batchseg shard"),
+    (["eval", "--predictions", "{CORRUPT}", "--annotations", "{GT}"], "cannot read .*CORRUPT.*Parquet"),
+    (["eval", "--predictions", "{OUT}", "--annotations", "{INTS_GT}"], "is not a COCO instances JSON"),
+    (["eval", "--predictions", "{OUT}", "--annotations", "{OUT}"], "is a folder, not a COCO JSON file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_read_side_commands_refuse_bad_input_with_one_line(
+    inputs: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Bad SQL, empty or impossible values, damaged outputs, files that cannot be written: exit 2 and one
+    line naming the problem (no traceback), whether DuckDB finds it before the rows stream or while."""
+    try:
+        code = main([arg.format(**inputs) for arg in argv])
+    except SystemExit as e:  # argparse's own refusals
+        code = int(e.code or 0)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and " error: " in err, err
+    assert re.search(message, err), err
+
+
+def test_a_render_limit_past_the_output_renders_every_image(
+    inputs: dict[str, str], tmp_path: pathlib.Path
+) -> None:
+    """A --limit too big for a SQL LIMIT (past 2**63) was a "--where is not valid SQL" error."""
+    assert main(["render", inputs["OUT"], "--out", str(tmp_path), "--limit", str(10**23)]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 7

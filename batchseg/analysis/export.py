@@ -10,9 +10,10 @@ from typing import Any
 import pyarrow.compute as pc
 
 from batchseg.analysis.results import open_results
-from batchseg.errors import job_errors
+from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.coco import coco_result
 from batchseg.io import storage
+from batchseg.io.manifest import absolute_uri
 
 SKIPPED_NAMES = ("__background__", "N/A")
 
@@ -25,6 +26,8 @@ def export_coco(
     and, with ``images_out``, ``{"images", "categories", "annotations": []}`` (a data set without ground
     truth, whose ids the results use). Image ids are the rows' ids when all are integers (as in a COCO
     manifest), else 1, 2, ... in output order, with the original id kept as ``batchseg_image_id``."""
+    if images_out and absolute_uri(images_out) == absolute_uri(out):
+        raise BatchsegError(f"--images {images_out} is also --out: each needs its own file")
     results = open_results(output, storage_options)
     ids = results.to_table(columns=["image_id"]).column("image_id")
     numeric = bool(pc.all(pc.match_substring_regex(ids, r"^[0-9]+$")).as_py()) if len(ids) else True

@@ -5,17 +5,19 @@ fsspec (so s3:// and S3-compatible endpoints work offline, without DuckDB's http
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchseg.analysis.results import open_results
-from batchseg.errors import BatchsegError, job_errors
+from batchseg.analysis.results import check_columns, open_results
+from batchseg.errors import BatchsegError, first_line, job_errors
 from batchseg.io import storage
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -27,17 +29,20 @@ def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckd
     """A DuckDB connection with the views ``images`` and ``instances`` over the output at ``output``."""
     results = open_results(output, storage_options)
     con = duckdb.connect()
-    if storage.is_local(results.fs):
-        # DuckDB's own Parquet reader on exactly the output's shard files: parallel, and it skips files
-        # and row groups by their statistics (a lookup by image_id reads one shard).
-        con.read_parquet([os.path.abspath(f) for f in results.files]).create_view("batchseg_rows")
-    else:  # object stores: through fsspec, as pyarrow scans it (lazily, with projection pushdown)
-        con.register("batchseg_rows", results.dataset)
-    con.execute("CREATE VIEW images AS SELECT * FROM batchseg_rows")
-    con.execute(
-        "CREATE VIEW instances AS SELECT image_id, uri, width, height, instance.* FROM "
-        "(SELECT image_id, uri, width, height, UNNEST(instances) AS instance FROM batchseg_rows)"
-    )
+    with job_errors(f"cannot read output {results.uri}"):
+        if storage.is_local(results.fs):
+            # DuckDB's own Parquet reader on exactly the output's shard files: parallel, and it skips files
+            # and row groups by their statistics (a lookup by image_id reads one shard).
+            rows = con.read_parquet([os.path.abspath(f) for f in results.files])
+            check_columns(rows.columns, f"a shard of output {results.uri}")
+            rows.create_view("batchseg_rows")
+        else:  # object stores: through fsspec, as pyarrow scans it (lazily, with projection pushdown)
+            con.register("batchseg_rows", results.dataset)
+        con.execute("CREATE VIEW images AS SELECT * FROM batchseg_rows")
+        con.execute(
+            "CREATE VIEW instances AS SELECT image_id, uri, width, height, instance.* FROM "
+            "(SELECT image_id, uri, width, height, UNNEST(instances) AS instance FROM batchseg_rows)"
+        )
     return con
 
 
@@ -49,14 +54,26 @@ def ok_images(
 ) -> Iterator[dict[str, Any]]:
     """The ``ok`` rows of ``output`` (as dicts, in output order) for which the SQL condition ``where`` on the
     ``images`` view holds, at most ``limit`` of them; streamed. A condition DuckDB rejects is a
-    :class:`BatchsegError`, raised here, before the caller writes anything."""
-    condition = f"status = 'ok' AND ({where})" if where else "status = 'ok'"
-    sql = f"SELECT * FROM images WHERE {condition}" + (f" LIMIT {int(limit)}" if limit is not None else "")
-    try:
-        reader = connect(output, storage_options).sql(sql).to_arrow_reader(256)
-    except duckdb.Error as e:
-        raise BatchsegError(f"--where is not valid SQL here: {str(e).splitlines()[0]}") from e
-    return (row for batch in reader for row in batch.to_pylist())
+    :class:`BatchsegError`, raised here, before the caller writes anything; one it cannot evaluate on some
+    row is one too, raised while the rows stream."""
+    if where is not None and not where.strip():
+        raise BatchsegError(
+            "--where is empty: give a condition on the images view, e.g. \"uri LIKE '%cat%'\""
+        )
+    if limit is not None and limit < 1:
+        raise BatchsegError(f"--limit must be at least 1, not {limit}")
+    con = connect(output, storage_options)
+
+    def selected() -> duckdb.DuckDBPyRelation:
+        # The relation's filter parses the condition as one expression: no text in it reaches past it, as
+        # "true) OR (true" did inside "status = 'ok' AND (...)".
+        ok = con.table("images").filter("status = 'ok'")
+        return ok.filter(where) if where else ok
+
+    what = "--where cannot be evaluated on the images view" if where else f"cannot read output {output}"
+    rows = (row for batch in stream(selected, what, 256) for row in batch.to_pylist())
+    # Not SQL's LIMIT, which refuses a number past 2**63: any whole number is a limit.
+    return rows if limit is None else itertools.islice(rows, min(limit, sys.maxsize))
 
 
 def run_query(
@@ -71,10 +88,7 @@ def run_query(
     if fmt not in FORMATS:
         raise BatchsegError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     con = connect(output, storage_options)
-    try:
-        reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
-    except duckdb.Error as e:
-        raise BatchsegError(f"query failed: {str(e).splitlines()[0]}") from e
+    reader = stream(lambda: con.sql(sql), "query failed", BATCH_ROWS)
     if out is None and fmt == "table":
         return format_table(reader)
     if out is None:
@@ -99,6 +113,34 @@ def run_query(
                 f.write("".join(json.dumps(r, default=str) + "\n" for r in batch.to_pylist()).encode())
                 rows += batch.num_rows
     return f"{rows} rows written to {out} ({fmt})"
+
+
+def stream(
+    relation: Callable[[], duckdb.DuckDBPyRelation | None], what: str, batch_rows: int
+) -> pa.RecordBatchReader:
+    """The rows of the DuckDB relation ``relation()`` builds, streamed in batches of ``batch_rows``. Any error
+    DuckDB meets is a :class:`BatchsegError` reading ``"<what>: <DuckDB's first line>"``, whether it meets it
+    before the rows stream or while they do (it then comes through Arrow's stream as an ``OSError``); SQL
+    with no statement that returns rows (empty, only comments) is one too."""
+    try:
+        built = relation()
+        if built is None:
+            raise BatchsegError(f"{what}: no statement that returns rows (e.g. SELECT ... FROM images)")
+        reader = built.to_arrow_reader(batch_rows)
+    except duckdb.Error as e:
+        raise BatchsegError(f"{what}: {first_line(e)}") from e
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (duckdb.Error, OSError) as e:
+                raise BatchsegError(f"{what}: {first_line(e)}") from e
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 def format_table(reader: pa.RecordBatchReader, limit: int = SHOWN_ROWS, width: int = 48) -> str:

@@ -89,14 +89,17 @@ class Results:
         return [o.path for o in self.output.shard_objects()]
 
     def __len__(self) -> int:
-        return self.dataset.count_rows()
+        with job_errors(f"cannot read output {self.uri}"):
+            return int(self.dataset.count_rows())
 
     def batches(self, columns: list[str] | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
         """Every row in output order, streamed file by file in record batches of ``columns`` (all when
         None): memory stays one batch, whatever the output's size."""
         for path in self.files:
             with job_errors(f"cannot read shard {path}"), self.fs.open(path, "rb") as f:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+                shard = pq.ParquetFile(f)
+                check_columns(shard.schema_arrow.names, f"shard {path}")
+                yield from shard.iter_batches(batch_size=batch_size, columns=columns)
 
     @property
     def summary(self) -> dict[str, Any] | None:
@@ -107,9 +110,12 @@ class Results:
         path = storage.join(self.output.path, SUMMARY_FILE)
         with job_errors(f"cannot read {path}"):
             try:
-                return json.loads(storage.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
-            except FileNotFoundError:
+                summary = json.loads(storage.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
+            except (FileNotFoundError, NotADirectoryError):  # the latter: ``uri`` is a file, not an output
                 return None
+        if not isinstance(summary, dict):
+            raise BatchsegError(f"{path} is not a batchseg summary: it holds a {type(summary).__name__}")
+        return summary
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -123,7 +129,8 @@ class Results:
     def to_table(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
         """The rows as an Arrow table (``filter``: a ``pyarrow.dataset`` expression, e.g.
         ``pc.field("status") == "error"``)."""
-        return self.dataset.to_table(columns=columns, filter=filter)
+        with job_errors(f"cannot read output {self.uri}"):
+            return self.dataset.to_table(columns=columns, filter=filter)
 
     def to_pandas(self, columns: list[str] | None = None, filter: Any = None) -> Any:
         return self.to_table(columns, filter).to_pandas()
@@ -163,6 +170,14 @@ class Results:
                     row["error"],
                     instances,
                 )
+
+
+def check_columns(names: list[str], shard: str) -> None:
+    """Refuse a ``part-NNNNNN.parquet`` another tool wrote (``shard`` names it in the message): it lacks
+    columns of :data:`~batchseg.format.records.SCHEMA`."""
+    missing = [name for name in SCHEMA.names if name not in names]
+    if missing:
+        raise BatchsegError(f"{shard} is not a batchseg shard: it has no column {', '.join(missing)}")
 
 
 def open_results(
