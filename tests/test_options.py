@@ -4,6 +4,7 @@ is one ``error:`` line on stderr naming the option, exit 2, and no output folder
 from __future__ import annotations
 
 import pathlib
+import socket
 from typing import Any
 
 import pytest
@@ -15,8 +16,24 @@ from batchseg.segment.job import SegmentConfig
 from batchseg.train import trainer
 from batchseg.train.synth import SynthDataset, write_dataset
 
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (taken from the OS, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A Ray address that does not answer: ray.init retried it for minutes, after the job file was written.
+NO_RAY = [
+    (["--address", f"127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
+    (["--address", "ray://127.0.0.1:1"], "cannot reach the Ray cluster at ray://127.0.0.1:1"),
+    (["--address", "headnode"], "expected HOST:PORT"),
+]
+
 # (extra arguments, the option the one-line message must name)
 SEGMENT = [
+    *NO_RAY,
     (["--score-threshold", "nan"], "--score-threshold"),
     (["--score-threshold", "-0.1"], "--score-threshold"),
     (["--score-threshold", "inf"], "--score-threshold"),
@@ -64,6 +81,7 @@ SEGMENT = [
 ]
 
 TRAIN = [
+    *NO_RAY,
     (["--workers", "0"], "--workers"),
     (["--gpus-per-worker", "-1"], "--gpus-per-worker"),
     (["--gpus-per-worker", "nan"], "--gpus-per-worker"),

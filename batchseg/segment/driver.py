@@ -9,6 +9,8 @@ their shards: a shard is redone whole and rewritten under the same name, so rows
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchseg import log
+from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
@@ -49,6 +52,7 @@ class SegmentationActor:
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
     """Run (or resume) a segmentation job; returns its summary, which is also written to summary.json."""
     started = time.time()
+    check_ray_address(config.address)
     job = prepare_job(config)
     plan = job.plan
     todo = plan.num_shards - len(job.done)
@@ -73,6 +77,23 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     summary["status"] = "complete" if summary["shards_done"] == plan.num_shards else "incomplete"
     output.write_summary(summary)
     return summary
+
+
+def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+    """One line, before anything is written, when the Ray cluster at ``address`` (or ``RAY_ADDRESS``) does
+    not answer: ``ray.init`` would retry for minutes. ``auto``/``local`` (and no address) start or find a
+    Ray on this machine, and are left to ``ray.init``."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise BatchsegError(
+            f"cannot reach the Ray cluster at {address} (expected HOST:PORT of its head node; "
+            f"{type(e).__name__}: {e}); is it up? (ray status)"
+        ) from e
 
 
 def init_ray(address: str | None) -> None:

@@ -23,7 +23,7 @@ from batchseg.inference.models import WeightsInfo, build_model, load_state_dict,
 from batchseg.inference.registry import TRAINABLE, model_spec, resize_checks
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
-from batchseg.segment.driver import init_ray
+from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.segment.job import RAY_FRACTION
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
@@ -257,6 +257,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     paths: dict[str, Any] = {k: absolute_uri(v) for k in PATH_FIELDS if (v := getattr(config, k))}
     config = replace(config, **paths)
     _check(config)
+    check_ray_address(config.address)
     weights = resolve_weights(config.weights, config.model, config.storage_options)
     output = config.output.rstrip("/")
     fs, path = storage.filesystem(output, config.storage_options)
