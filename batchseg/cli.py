@@ -273,6 +273,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _storage_options(p)
 
 
+def _not_over_the_output(output: str, **targets: str | None) -> None:
+    """Refuse a file to write that would replace one of batchseg's own files in ``output``."""
+    from batchseg.format.output import owned_by
+
+    for option, target in targets.items():
+        if target and owned_by(output, target):
+            raise BatchsegError(f"--{option} {target} would overwrite batchseg's own file in {output}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from batchseg.train.trainer import TrainConfig, run_training
 
@@ -290,6 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.json and absolute_uri(args.json) == absolute_uri(args.annotations):
         raise BatchsegError(f"--json {args.json} is also --annotations: it would overwrite them")
+    _not_over_the_output(args.predictions, json=args.json)
     results = evaluate(args.predictions, args.annotations, args.storage_options)
     print(format_table(results))
     if args.json:
@@ -302,6 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from batchseg.analysis.query import run_query
 
+    _not_over_the_output(args.output, out=args.out)
     print(run_query(args.output, args.sql, args.format, args.out, args.storage_options))
     return 0
 
@@ -309,6 +320,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_export_coco(args: argparse.Namespace) -> int:
     from batchseg.analysis.export import export_coco
 
+    _not_over_the_output(args.output, out=args.out, images=args.images)
     counts = export_coco(args.output, args.out, args.images, args.storage_options)
     print(
         f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
@@ -331,6 +343,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batchseg.analysis.report import build_report
 
+    _not_over_the_output(args.output, out=args.out)
     build_report(args.output, args.out, args.storage_options, args.gallery)
     print(f"report written to {args.out}")
     return 0

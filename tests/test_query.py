@@ -302,6 +302,11 @@ BAD_INPUT = [
     (["eval", "--predictions", "{CORRUPT}", "--annotations", "{GT}"], "cannot read .*CORRUPT.*Parquet"),
     (["eval", "--predictions", "{OUT}", "--annotations", "{INTS_GT}"], "is not a COCO instances JSON"),
     (["eval", "--predictions", "{OUT}", "--annotations", "{OUT}"], "is a folder, not a COCO JSON file"),
+    # Files to write that would replace the output's own: a shard, the summary, a completion record.
+    (["query", "{OUT}", "SELECT 1", "--format", "csv", "--out", "{OUT}/part-000000.parquet"], "--out .*part-000000.parquet would overwrite batchseg's own file"),
+    (["export-coco", "{OUT}", "--out", "{NEW}/r.json", "--images", "{OUT}/summary.json"], "--images .*summary.json would overwrite batchseg's own file"),
+    (["report", "{OUT}", "--out", "{OUT}/_done/part-000001.json"], "--out .*part-000001.json would overwrite batchseg's own file"),
+    (["eval", "--predictions", "{OUT}", "--annotations", "{GT}", "--json", "{OUT}/part-000001.parquet"], "--json .* would overwrite batchseg's own file"),
 ]  # fmt: skip
 
 

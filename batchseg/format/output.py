@@ -198,6 +198,14 @@ class OutputDir:
         storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
 
 
+def owned_by(output: str, target: str) -> bool:
+    """Whether writing ``target`` would replace one of batchseg's own files in the output at ``output``
+    (a report or a COCO file written over a shard or ``summary.json``)."""
+    folder, _, name = absolute_uri(target).rstrip("/").rpartition("/")
+    out = absolute_uri(output).rstrip("/")
+    return (folder == out and _is_ours(name)) or (folder == f"{out}/{DONE_DIR}" and _is_ours(name, ".json"))
+
+
 def shard_index(name: str, suffix: str) -> int | None:
     """The shard index of a file named exactly as batchseg names shard ``suffix`` files
     (``part-000042.parquet``, ``part-000042.json``), else None."""
