@@ -1,17 +1,22 @@
 """An HTTP proxy on 127.0.0.1 in front of the S3 server that breaks requests on a fixed schedule, as a
-flaky object store or network would: every ``every``-th request gets the next fault of ``kinds`` in turn.
+flaky object store or network would: every ``every``-th request (of those whose request line matches
+``only``) gets the next fault of ``kinds`` in turn, and so do the next ``repeat - 1`` requests for the
+same method and path (the client's retries: s3fs and botocore retry a few times on their own, so a fault
+that must reach batchseg outlasts them).
 
 Faults:
-    ``reset``: half the response body, then the connection reset (RST) mid-body.
+    ``reset``: the headers and half the body (half the headers if there is no body), then the
+        connection reset (RST).
     ``slowdown``: ``503 SlowDown`` with S3's XML error body; the request never reaches the server.
     ``stall``: the request is served, its response held back until the client gives up (or ``stall``
         seconds), then the connection closed.
-    ``truncate``: the headers (the whole ``Content-Length``) and half the body, then the connection closed.
+    ``truncate``: the headers (the whole ``Content-Length``) and half the body (half the headers if
+        there is no body), then the connection closed.
 
-A fault that needs a body (``reset``, ``truncate``) waits for the next response that has one (HEAD and
-PUT answers have none), so every scheduled fault happens. ``GET /__faults__`` on the proxy answers
-the counts so far (JSON: ``requests`` and one count per kind). Run as
-``python -m tests.faults PORT UPSTREAM_PORT EVERY KINDS STALL_S``, or with :class:`FaultProxy`.
+``GET /__faults__`` on the proxy answers the counts so far (JSON: ``requests``, one count per kind, and
+``faulted``: each fault started, as its kind, method and target).
+Run as ``python -m tests.faults PORT UPSTREAM_PORT EVERY KINDS REPEAT ONLY STALL_S``, or with
+:class:`FaultProxy`.
 """
 
 from __future__ import annotations
@@ -19,34 +24,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import struct
 import sys
 import urllib.request
-from collections import Counter, deque
+from collections import Counter
+from typing import Any
 
 from tests.latency import ProxyProcess
 
 KINDS = ("reset", "slowdown", "stall", "truncate")
-NEEDS_BODY = {"reset", "truncate"}
 
 
 class FaultProxy(ProxyProcess):
     """``with FaultProxy(upstream_port, every=7) as proxy:`` then talk to ``proxy.endpoint``; ``every=1,
-    kinds=("stall",)`` stalls every request."""
+    kinds=("stall",)`` stalls every request; ``only=r"/images/"`` breaks only the requests whose request
+    line matches."""
 
     module = "tests.faults"
 
     def __init__(
-        self, upstream_port: int, every: int, kinds: tuple[str, ...] = KINDS, stall: float = 3600
+        self,
+        upstream_port: int,
+        every: int,
+        kinds: tuple[str, ...] = KINDS,
+        *,
+        repeat: int = 1,
+        only: str = "",
+        stall: float = 3600,
     ) -> None:
-        assert every >= 1 and kinds and set(kinds) <= set(KINDS), (every, kinds)
-        super().__init__(upstream_port, every, ",".join(kinds), stall)
+        assert every >= 1 and repeat >= 1 and kinds and set(kinds) <= set(KINDS), (every, repeat, kinds)
+        super().__init__(upstream_port, every, ",".join(kinds), repeat, only, stall)
 
-    def counts(self) -> dict[str, int]:
-        """Requests seen and faults made so far, per kind."""
+    def counts(self) -> dict[str, Any]:
+        """Requests seen and faults made so far, per kind, and the requests broken (``faulted``)."""
         with urllib.request.urlopen(f"{self.endpoint}/__faults__", timeout=10) as answer:
-            counts: dict[str, int] = json.load(answer)
+            counts: dict[str, Any] = json.load(answer)
             return counts
 
 
@@ -112,25 +126,36 @@ def slowdown(request: Message, number: int) -> bytes:
 class Faults:
     """The schedule and the counts, shared by every connection of the proxy."""
 
-    def __init__(self, every: int, kinds: list[str]) -> None:
+    def __init__(self, every: int, kinds: list[str], repeat: int, only: str) -> None:
         self.every = every
         self.kinds = kinds
+        self.repeat = repeat
+        self.only = re.compile(only)
         self.counts: Counter[str] = Counter({k: 0 for k in kinds})
-        self.requests = 0
-        self.pending: deque[str] = deque()
+        self.requests = self.eligible = 0
+        self.repeating: dict[str, tuple[str, int]] = {}  # "METHOD target": (kind, requests left)
+        self.faulted: list[str] = []
 
-    def on_request(self) -> int:
+    def fault_for(self, request_line: str) -> str | None:
+        """The fault this request gets, if any (counted as made)."""
         self.requests += 1
-        if self.requests % self.every == 0:
-            self.pending.append(self.kinds[(self.requests // self.every - 1) % len(self.kinds)])
-        return self.requests
-
-    def take(self, kinds: set[str]) -> str | None:
-        """The fault due now if it is one of ``kinds`` (it is counted as made)."""
-        if self.pending and self.pending[0] in kinds:
-            self.counts[self.pending[0]] += 1
-            return self.pending.popleft()
-        return None
+        key = request_line.rsplit(" ", 1)[0]  # without the protocol version
+        if (repeating := self.repeating.pop(key, None)) is not None:
+            kind, left = repeating
+            if left > 1:
+                self.repeating[key] = (kind, left - 1)
+        elif self.only.search(request_line):
+            self.eligible += 1
+            if self.eligible % self.every:
+                return None
+            kind = self.kinds[(self.eligible // self.every - 1) % len(self.kinds)]
+            self.faulted.append(f"{kind} {key}")
+            if self.repeat > 1:
+                self.repeating[key] = (kind, self.repeat - 1)
+        else:
+            return None
+        self.counts[kind] += 1
+        return kind
 
 
 async def _reset(writer: asyncio.StreamWriter) -> None:
@@ -155,14 +180,15 @@ async def _connection(
                 client_writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await read_body(client_reader, request)
             if request.start.startswith("GET /__faults__"):
-                answer = json.dumps({"requests": faults.requests, **faults.counts}).encode()
+                report = {"requests": faults.requests, **faults.counts, "faulted": faults.faulted}
+                answer = json.dumps(report).encode()
                 client_writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
                 )
                 continue
-            number = faults.on_request()
-            if faults.take({"slowdown"}):
-                client_writer.write(slowdown(request, number))
+            kind = faults.fault_for(request.start)
+            if kind == "slowdown":
+                client_writer.write(slowdown(request, faults.requests))
                 await client_writer.drain()
                 continue
             if upstream is None:
@@ -177,20 +203,20 @@ async def _connection(
             if "close" in response.headers.get("connection", "").lower():
                 upstream[1].close()
                 upstream = None
-            if faults.take({"stall"}):
+            if kind == "stall":
                 with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
                     await asyncio.wait_for(client_reader.read(), stall)  # until the client gives up
                 return
-            kind = faults.take(NEEDS_BODY) if len(response.body) >= 2 else None
-            client_writer.write(
-                response.head + (response.body[: len(response.body) // 2] if kind else response.body)
-            )
+            if kind is None:
+                client_writer.write(response.head + response.body)
+                await client_writer.drain()
+                continue
+            # half the body after the headers, or half the headers when there is no body
+            cut = len(response.head) + len(response.body) // 2 if response.body else len(response.head) // 2
+            client_writer.write((response.head + response.body)[:cut])
             if kind == "reset":
                 await _reset(client_writer)
-                return
-            if kind == "truncate":
-                return
-            await client_writer.drain()
+            return
     except (ConnectionError, OSError, asyncio.IncompleteReadError):
         pass
     finally:
@@ -199,8 +225,10 @@ async def _connection(
         client_writer.close()
 
 
-async def _serve(port: int, upstream_port: int, every: int, kinds: list[str], stall: float) -> None:
-    faults = Faults(every, kinds)
+async def _serve(
+    port: int, upstream_port: int, every: int, kinds: list[str], repeat: int, only: str, stall: float
+) -> None:
+    faults = Faults(every, kinds, repeat, only)
     server = await asyncio.start_server(
         lambda r, w: _connection(r, w, upstream_port, faults, stall), "127.0.0.1", port, backlog=1024
     )
@@ -209,5 +237,7 @@ async def _serve(port: int, upstream_port: int, every: int, kinds: list[str], st
 
 
 if __name__ == "__main__":
-    port, upstream, every, kinds, stall = sys.argv[1:6]
-    asyncio.run(_serve(int(port), int(upstream), int(every), kinds.split(","), float(stall)))
+    port, upstream, every, kinds, repeat, only, stall = sys.argv[1:8]
+    asyncio.run(
+        _serve(int(port), int(upstream), int(every), kinds.split(","), int(repeat), only, float(stall))
+    )

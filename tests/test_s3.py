@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -20,12 +21,15 @@ from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
+from batchseg.format.output import OutputDir
 from batchseg.format.records import read_provenance
+from batchseg.io import storage
 from batchseg.io.manifest import default_image_id
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import TrainConfig, run_training
+from tests.faults import KINDS, FaultProxy
 from tests.latency import LatencyProxy
 from tests.processes import wait_for
 from tests.s3server import SECRET, S3Server
@@ -226,3 +230,49 @@ def test_credentials_from_the_environment_and_secrets_never_written(
         if log.is_file():
             assert SECRET.encode() not in log.read_bytes(), log
     assert default_image_id(data.uris[0])  # the rows were made from the env-configured storage
+
+
+def test_a_flaky_store_gives_every_row_ok_exactly_once_and_counts_the_retries(
+    ray_address: str, s3: S3Server
+) -> None:
+    """Every 8th request for an image or the output is, in turn, reset mid-body, answered 503 SlowDown,
+    stalled past the read timeout or cut short, and so are its next four tries: as many as s3fs makes on
+    its own (botocore's retries are off), so each fault reaches batchseg. aiohttp checks a body against
+    its Content-Length (a ClientPayloadError), so a cut-short image is retried, never a corrupt_image row."""
+    data = write_dataset("s3://data/chaos", 200, seed=4, size=64, storage_options=s3.options())
+    config = small_model_job(s3, data.manifest, "s3://out/chaos", shard_size=50, actors=(2, 2))
+    config = replace(config, connect_timeout=1, read_timeout=1)
+    with FaultProxy(s3.ports[3], every=8, repeat=5, only=r" /data/chaos/images/| /out[/?]") as proxy:
+        flaky = s3.options() | {
+            "endpoint_url": proxy.endpoint,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}},
+        }
+        summary = run_segment(replace(config, storage_options=flaky))
+        faults = proxy.counts()
+    assert all(faults[kind] >= 5 for kind in KINDS), faults
+    started = [f.split(" ", 1) for f in faults["faulted"]]  # [kind, "METHOD target"]
+    assert any(key.startswith("PUT /out/chaos/") for _, key in started), started
+    image_reads = {key for _, key in started if key.startswith("GET /data/chaos/images/")}
+    assert (summary["status"], summary["ok"], summary["shards_failed"]) == ("complete", 200, [])
+    assert summary["storage_retries"] >= len(image_reads), (summary["storage_retries"], faults)
+    table = open_results(config.output, s3.options()).to_table()
+    assert table.column("status").to_pylist() == ["ok"] * 200, "a storage fault must not become an error row"
+    assert table.column("uri").to_pylist() == data.uris  # every image once, in manifest order
+
+
+def test_many_shard_records_are_read_through_a_flaky_store(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk read tries again only the objects that failed: tried all or nothing, 40 records behind a store
+    that breaks one request in eight (for five tries each) would almost never all come back."""
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 20.0)
+    records = {f"out/records/_done/part-{i:06d}.json": json.dumps({"shard": i, "rows": 1}) for i in range(40)}
+    bucket_fs(s3).pipe({path: text.encode() for path, text in records.items()})
+    with FaultProxy(s3.ports[3], every=8, repeat=5, only=r"/_done/part-") as proxy:
+        flaky = s3.options() | {
+            "endpoint_url": proxy.endpoint,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}},
+        }
+        read = OutputDir("s3://out/records", flaky | {"connect_timeout": 1, "read_timeout": 1}).records()
+        assert all(proxy.counts()[kind] >= 5 for kind in KINDS)
+    assert [r["shard"] for r in read] == list(range(40))

@@ -85,7 +85,7 @@ def test_a_store_that_keeps_throttling_is_storage_unavailable_not_an_image_error
     with FaultProxy(s3.ports[3], every=1, kinds=("slowdown",)) as proxy:
         options = s3.options() | {
             "endpoint_url": proxy.endpoint,
-            "config_kwargs": {"retries": {"max_attempts": 1}},
+            "config_kwargs": {"retries": {"total_max_attempts": 1}},
         }
         error = unavailable_within("s3://data/throttled/image.jpg", options, 60)
         assert "reduce your request rate" in str(error)

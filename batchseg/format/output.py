@@ -148,7 +148,7 @@ class OutputDir:
     def _read_records(self) -> dict[int, dict[str, Any] | str]:
         """Shard index -> its completion record, or why it is not one (unreadable, another shard's)."""
         paths = self._record_paths()
-        contents = storage.retrying(lambda: self.fs.cat(paths), "reading shard records") if paths else {}
+        contents = storage.read_many(self.fs, paths, "reading shard records")
         records: dict[int, dict[str, Any] | str] = {}
         for path in sorted(contents):
             index = shard_index(path.rsplit("/", 1)[-1], ".json")
