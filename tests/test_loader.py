@@ -5,12 +5,15 @@ from __future__ import annotations
 import pathlib
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import fsspec
 import numpy as np
 import pytest
 
 from batchseg.errors import ImageError, StorageUnavailable
+from batchseg.io import storage
 from batchseg.io.images import EncodedJpeg, decode_image
 from batchseg.io.loader import ImageLoader, read_ahead
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, write_bad_files
@@ -120,3 +123,34 @@ def test_a_huge_prefetch_on_local_files_keeps_the_threads_few(tmp_path: pathlib.
     assert [r.kind for r in results if isinstance(r, ImageError)] == ["not_an_image"] * 300
     readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("batchseg-read")]
     assert 1 <= len(readers) <= 32, len(readers)
+
+
+class HungFileSystem(fsspec.AbstractFileSystem):
+    """A blocking filesystem whose reads never end, as on a hung NFS mount (no real one can be had here)."""
+
+    protocol = "hung"
+    release = threading.Event()
+
+    def cat_file(
+        self, path: str, start: int | None = None, end: int | None = None, **kwargs: object
+    ) -> bytes:
+        self.release.wait()
+        return b""
+
+
+def test_a_blocking_read_that_never_ends_is_storage_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads on a thread cannot be interrupted; the loader stops waiting for one after the reader's
+    patience (retry budget plus twice a try's deadline)."""
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 0.5)
+    fsspec.register_implementation("hung", HungFileSystem, clobber=True)
+    loader = ImageLoader({"connect_timeout": 0.5, "read_timeout": 0.5}, prefetch=2, threads=1)
+    assert loader.reader.patience == 3.5
+    start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(1) as guard:  # a loader that waits forever fails the test, not hangs it
+            consumer = guard.submit(lambda: list(loader(["hung://a.jpg", "hung://b.jpg"])))
+            with pytest.raises(StorageUnavailable, match=r"has not ended after 3.5 s: the storage hangs"):
+                consumer.result(timeout=15)
+    finally:
+        HungFileSystem.release.set()
+    assert 3.5 <= time.monotonic() - start < 10

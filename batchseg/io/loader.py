@@ -98,7 +98,7 @@ class ImageLoader:
 
     def load(self, fetched: Future[bytes]) -> Loaded:
         try:
-            data = fetched.result()
+            data = self.reader.result(fetched)
             if self.keep_jpegs and (orientation := jpeg_orientation(data, self.max_pixels)):
                 return EncodedJpeg(data, orientation)
             return decode_image(data, self.max_pixels)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
 
 import fsspec
@@ -319,7 +320,8 @@ class ImageReader:
     An asynchronous read that has not ended within ``connect_timeout + 2 * read_timeout`` (the
     filesystem's own retries included: room for one stalled try and another) is a transient
     ``TimeoutError``, whatever the filesystem's own timeouts, so no read waits forever.
-    The caller bounds how many reads are pending (each holds an encoded image once it is done).
+    The caller bounds how many reads are pending (each holds an encoded image once it is done), and waits
+    for each at most :attr:`patience` (see :meth:`result`).
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, in_flight: int = 64) -> None:
@@ -327,6 +329,9 @@ class ImageReader:
         self.in_flight = in_flight
         connect, read = timeouts(self.storage_options)
         self.deadline = connect + 2 * read
+        # How long a caller waits for any read, retries included: past it, the storage hangs (a blocking
+        # read on a hung NFS mount cannot be interrupted, only given up on).
+        self.patience = RETRY_SECONDS + 2 * self.deadline
         # Blocking reads (local disk, NFS) gain nothing from hundreds of threads: a large --prefetch
         # still waits in order, the threads stay few.
         self.threads = ThreadPoolExecutor(
@@ -343,6 +348,18 @@ class ImageReader:
         if getattr(fs, "async_impl", False) and getattr(fs, "asynchronous", True) is False:
             return asyncio.run_coroutine_threadsafe(self._read(fs, path, uri), fs.loop)
         return self.threads.submit(_read_image, fs, path, uri)
+
+    def result(self, fetched: Future[bytes]) -> bytes:
+        """The bytes of a :meth:`fetch`, waited for at most :attr:`patience`: a blocking read that hangs
+        (a hung NFS mount) is :class:`StorageUnavailable` then (its thread is left behind), never a wait
+        without end."""
+        try:
+            return fetched.result(timeout=self.patience)
+        except FuturesTimeout:
+            fetched.cancel()
+            raise StorageUnavailable(
+                f"an image read has not ended after {self.patience:g} s: the storage hangs"
+            ) from None
 
     async def _read(self, fs: Any, path: str, uri: str) -> bytes:
         backoff = Backoff(f"reading {uri}")
