@@ -21,7 +21,6 @@ import time
 from collections import Counter
 
 import ray
-import s3fs
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the S3 server and proxy
 
@@ -32,7 +31,7 @@ from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from tests.faults import KINDS, FaultProxy
-from tests.s3server import S3Server
+from tests.s3server import running_s3
 
 
 def main() -> None:
@@ -43,13 +42,8 @@ def main() -> None:
     parser.add_argument("--read-timeout", type=float, default=1.0)
     parser.add_argument("--client-retries", action="store_true", help="leave botocore's own retries on")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = S3Server(pathlib.Path(tmp))
-        server.start()
+    with tempfile.TemporaryDirectory() as tmp, running_s3(pathlib.Path(tmp), ("data", "out")) as server:
         try:
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
-            fs.mkdir("data")
-            fs.mkdir("out")
             data = write_dataset(
                 "s3://data/chaos", args.images, seed=0, size=64, storage_options=server.options()
             )
@@ -83,7 +77,6 @@ def main() -> None:
             expected = [i for ids, _ in iter_manifest(data.manifest, server.options()) for i in ids]
         finally:
             ray.shutdown()
-            server.stop()
     ids = table.column("image_id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     targets = [entry.split(" ", 1)[1] for entry in faults["faulted"]]  # "METHOD target" of each fault

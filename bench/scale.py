@@ -38,7 +38,7 @@ from batchseg.format.output import OutputDir
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig, prepare_job, summarize
 from batchseg.train.synth import write_dataset
-from tests.s3server import S3Server
+from tests.s3server import running_s3
 
 GOALS = {"rate": 1000.0, "driver_mib": 150.0, "rerun_s": 10.0}
 
@@ -257,11 +257,8 @@ def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
     """The same job at ``--s3-rows`` on SeaweedFS (as the tests start it): images, manifest, shards,
     completion records and summary all on the object store."""
     (tmp / "s3").mkdir()
-    server = S3Server(tmp / "s3")
-    server.start()
-    try:
+    with running_s3(tmp / "s3", ("bench",)) as server:
         options = server.options()
-        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("bench")
         uris = write_dataset(
             "s3://bench/files", args.files, seed=0, size=args.size, storage_options=options
         ).uris
@@ -270,8 +267,6 @@ def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
         s3fs.S3FileSystem(skip_instance_cache=True, **options).put_file(local, "bench/manifest.parquet")
         config = job_config(args, "s3://bench/manifest.parquet", "s3://bench/out", storage_options=options)
         segment(config, ids, f"S3, {args.s3_rows:,} rows")
-    finally:
-        server.stop()
 
 
 def main() -> None:

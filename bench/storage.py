@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: 
 from batchseg.io.images import EncodedJpeg
 from batchseg.io.loader import ImageLoader
 from tests.latency import LatencyProxy
-from tests.s3server import S3Server
+from tests.s3server import running_s3
 
 
 def photo_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -60,35 +60,29 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=64)
     parser.add_argument("--io-threads", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = S3Server(pathlib.Path(tmp))
-        server.start()
-        try:
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
-            fs.mkdir("images")
-            distinct = photo_like_jpegs(50)
-            objects = {f"images/{i:06d}.jpg": distinct[i % len(distinct)] for i in range(args.images)}
-            fs.pipe(objects)
-            kb = sum(len(v) for v in objects.values()) / len(objects) / 1000
-            print(f"{args.images} JPEGs of 640x480 ({kb:.0f} kB on average) in SeaweedFS", flush=True)
-            uris = [f"s3://{key}" for key in objects]
-            rates = {}
-            for delay in (int(d) for d in args.delays.split(",")):
-                with LatencyProxy(server.ports[3], delay / 1000) as proxy:
-                    options = server.options() | {"endpoint_url": proxy.endpoint}
-                    loader = ImageLoader(
-                        options, prefetch=args.prefetch, threads=args.io_threads, keep_jpegs=True
-                    )
-                    read_rate(loader, uris[: 2 * args.prefetch])  # warm-up: connections, credentials
-                    rates[delay], cpu = read_rate(loader, uris)
-                    print(
-                        f"added {delay:3d} ms per request: {rates[delay]:7.1f} img/s "
-                        f"({rates[delay] / rates[min(rates)]:.2f} of {min(rates)} ms), "
-                        f"{cpu * 1e6:.0f} us of CPU per image in this process",
-                        flush=True,
-                    )
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as tmp, running_s3(pathlib.Path(tmp), ("images",)) as server:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
+        distinct = photo_like_jpegs(50)
+        objects = {f"images/{i:06d}.jpg": distinct[i % len(distinct)] for i in range(args.images)}
+        fs.pipe(objects)
+        kb = sum(len(v) for v in objects.values()) / len(objects) / 1000
+        print(f"{args.images} JPEGs of 640x480 ({kb:.0f} kB on average) in SeaweedFS", flush=True)
+        uris = [f"s3://{key}" for key in objects]
+        rates = {}
+        for delay in (int(d) for d in args.delays.split(",")):
+            with LatencyProxy(server.ports[3], delay / 1000) as proxy:
+                options = server.options() | {"endpoint_url": proxy.endpoint}
+                loader = ImageLoader(
+                    options, prefetch=args.prefetch, threads=args.io_threads, keep_jpegs=True
+                )
+                read_rate(loader, uris[: 2 * args.prefetch])  # warm-up: connections, credentials
+                rates[delay], cpu = read_rate(loader, uris)
+                print(
+                    f"added {delay:3d} ms per request: {rates[delay]:7.1f} img/s "
+                    f"({rates[delay] / rates[min(rates)]:.2f} of {min(rates)} ms), "
+                    f"{cpu * 1e6:.0f} us of CPU per image in this process",
+                    flush=True,
+                )
     if 0 in rates and 50 in rates:
         print(f"goal: at 50 ms, at least 0.90 of the 0 ms rate: {rates[50] / rates[0]:.2f}")
         print(f"goal: at least 500 img/s per actor at 50 ms: {rates[50]:.0f} img/s")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.imagefiles import write_bad_files
-from tests.s3server import S3Server
+from tests.s3server import S3Server, running_s3
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +30,5 @@ def bad_files(tmp_path: pathlib.Path) -> dict[str, str | None]:
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A running S3 server with buckets ``data`` and ``out``, stopped at the end of the session."""
-    import s3fs
-
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
-        for bucket in ("data", "out"):
-            fs.mkdir(bucket)
+    with running_s3(tmp_path_factory.mktemp("s3"), ("data", "out")) as server:
         yield server
-    finally:
-        server.stop()

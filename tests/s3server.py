@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 SECRET = "batchseg-test-SECRET-7f3a9c"
@@ -92,6 +94,22 @@ class S3Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+@contextlib.contextmanager
+def running_s3(root: pathlib.Path, buckets: Iterable[str] = ()) -> Iterator[S3Server]:
+    """A started server with ``buckets`` made, stopped (by its PID) on the way out."""
+    import s3fs
+
+    server = S3Server(root)
+    server.start()
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options())
+        for bucket in buckets:
+            fs.mkdir(bucket)
+        yield server
+    finally:
+        server.stop()
 
 
 def _free_ports(count: int) -> list[int]:
