@@ -229,11 +229,13 @@ def queries(output: str, rows_in_output: int, repeat: int) -> None:
 
 
 def read_side(output: str, tmp: str) -> None:
-    """``export-coco`` and ``report`` over the whole output: time and peak memory."""
+    """``export-coco``, ``report`` and ``verify`` (every shard's ids against the manifest; it must pass) over
+    the whole output: time and peak memory."""
     cli = [sys.executable, "-m", "batchseg.cli"]
     for name, argv in (
         ("export-coco", [*cli, "export-coco", output, "--out", f"{tmp}/results.json"]),
         ("report", [*cli, "report", output, "--out", f"{tmp}/report.html"]),
+        ("verify", [*cli, "verify", output]),
     ):
         seconds, peak, _ = run_command(argv)
         print(f"[read side] batchseg {name}: {seconds:.1f} s, {peak:.0f} MiB peak", flush=True)
