@@ -95,7 +95,7 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
     job = Job(
         config, weights, Plan(config.manifest, len(uris), len(uris), "bench"), {"bench": True}, frozenset()
     )
-    processor = ShardProcessor(job, device=args.device)
+    processor = ShardProcessor.for_job(job, device=args.device)
     ids = [str(i) for i in range(len(uris))]
     goal_paste, goal_torchvision = GOALS.get(name, (None, None))
     for regime in ("random", "compact"):

@@ -157,7 +157,7 @@ def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pat
     tables = []
     for name, threaded in (("sync", False), ("overlap", True)):
         job = prepare_job(SegmentConfig(manifest=manifest, output=str(tmp_path / name), batch_size=2, **FAST))
-        processor = ShardProcessor(job)
+        processor = ShardProcessor.for_job(job)
         if threaded:
             processor.encoder = ThreadPoolExecutor(1)
         record = processor.process(next(iter_shards(job.plan)))

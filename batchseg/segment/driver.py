@@ -36,7 +36,7 @@ class SegmentationActor:
 
         storage.apply_environment(job.environment)
         torch.set_num_threads(threads)
-        self.processor = ShardProcessor(job, device)
+        self.processor = ShardProcessor.for_job(job, device)
 
     def ready(self) -> bool:
         return True

@@ -73,7 +73,7 @@ class Job:
 
 def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts."""
-    _check_options(config)
+    check_options(config)
     plan = plan_shards(config.manifest, config.shard_size, config.io_options)
     weights = resolve_weights(config.weights, config.model, config.io_options)
     provenance = {
@@ -98,7 +98,7 @@ def prepare_job(config: SegmentConfig) -> Job:
     return Job(config, weights, plan, provenance, output.done_shards())
 
 
-def _check_options(config: SegmentConfig) -> None:
+def check_options(config: SegmentConfig) -> None:
     low, high = config.actors
     gpus, cpus = config.gpus_per_actor, config.cpus_per_actor
     checks = [

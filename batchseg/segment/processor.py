@@ -3,9 +3,10 @@ shard and its completion record."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -16,12 +17,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from batchseg.errors import ImageError
 from batchseg.format.output import OutputDir
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
+from batchseg.inference.models import WeightsInfo
 from batchseg.inference.predictor import Predictor
 from batchseg.io import storage
 from batchseg.io.images import EncodedJpeg, decode_image, orient
-from batchseg.io.loader import ImageLoader
+from batchseg.io.loader import ImageLoader, Loaded
 from batchseg.io.manifest import Shard
-from batchseg.segment.job import Job
+from batchseg.segment.job import Job, SegmentConfig
 
 
 class ShardProcessor:
@@ -34,12 +36,20 @@ class ShardProcessor:
     exactly one row, in manifest order.
     """
 
-    def __init__(self, job: Job, device: str = "cpu") -> None:
-        config = job.config
-        self.job = job
+    def __init__(
+        self,
+        config: SegmentConfig,
+        weights: WeightsInfo,
+        device: str = "cpu",
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
+        """``config``'s settings with ``weights`` on ``device``; ``provenance`` goes into each shard's
+        Parquet metadata (:meth:`process`; :meth:`rows` alone needs none, nor an output)."""
+        self.config = config
+        self.provenance = provenance or {}
         self.device = device
         self.predictor = Predictor.from_weights(
-            job.weights,
+            weights,
             score_threshold=config.score_threshold,
             mask_threshold=config.mask_threshold,
             min_size=config.min_size,
@@ -49,7 +59,6 @@ class ShardProcessor:
             precision=config.precision,
             storage_options=config.io_options,
         )
-        self.output = OutputDir(config.output, config.io_options)
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
         self.decode_on_device = config.decode == "torchvision" or (
             config.decode == "auto" and device != "cpu"
@@ -71,6 +80,14 @@ class ShardProcessor:
         )
         self.encoding: list[Future[None]] = []
 
+    @classmethod
+    def for_job(cls, job: Job, device: str = "cpu") -> ShardProcessor:
+        return cls(job.config, job.weights, device, job.provenance)
+
+    @functools.cached_property
+    def output(self) -> OutputDir:
+        return OutputDir(self.config.output, self.config.io_options)
+
     def _decode_on_device(
         self, shard: Shard, batch: list[tuple[int, Any]], rows: list[Any]
     ) -> list[tuple[int, Any]]:
@@ -90,7 +107,7 @@ class ShardProcessor:
                 pixels[i] = orient(image, e.orientation)
                 continue
             try:
-                pixels[i] = decode_image(e.data, self.job.config.max_pixels)
+                pixels[i] = decode_image(e.data, self.config.max_pixels)
             except ImageError as error:
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], error)
         return [(i, pixels.get(i, image)) for i, image in batch if rows[i] is None]
@@ -99,12 +116,25 @@ class ShardProcessor:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
         retries_before = storage.retries()  # one shard at a time here: the process's retries are its
+        rows = self.rows(shard)
+        provenance = self.provenance | {
+            "shard": shard.index,
+            "device": self.device,
+            "precision": self.predictor.precision,
+        }
+        record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
+        self.output.write_shard(shard.index, to_parquet(rows, provenance), record)
+        return record
+
+    def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
+        """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
+        :class:`ImageError` of each), by default read from the shard's URIs."""
         self.images_done = 0
         self.encoding = []
-        config = self.job.config
+        config = self.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
-        for i, image in enumerate(self.loader(shard.uris)):
+        for i, image in enumerate(self.loader(shard.uris) if images is None else images):
             if isinstance(image, ImageError):
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
                 self.images_done += 1
@@ -118,14 +148,7 @@ class ShardProcessor:
             pending.result()
         self.encoding.clear()
         assert all(r is not None for r in rows)
-        provenance = self.job.provenance | {
-            "shard": shard.index,
-            "device": self.device,
-            "precision": self.predictor.precision,
-        }
-        record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
-        self.output.write_shard(shard.index, to_parquet(rows, provenance), record)  # type: ignore[arg-type]
-        return record
+        return rows  # type: ignore[return-value]
 
     def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> None:
         try:

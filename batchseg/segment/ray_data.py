@@ -1,0 +1,84 @@
+"""batchseg inside a Ray Data pipeline: a callable class for ``Dataset.map_batches``.
+
+    import ray
+    from batchseg.segment.ray_data import Segmenter
+
+    ds = ray.data.read_parquet("s3://bucket/manifest.parquet")          # a ``uri`` column (and ``image_id``)
+    rows = ds.map_batches(
+        Segmenter,
+        fn_constructor_kwargs={"weights": "DEFAULT", "score_threshold": 0.5},
+        compute=ray.data.ActorPoolStrategy(size=4),
+        num_gpus=1,
+        batch_size=64,
+    )
+    rows.write_parquet("s3://bucket/rows/")                             # batchseg's row schema
+
+Each actor holds one model; a batch gives one row per input row, in batchseg's schema (``SCHEMA``), made
+by the same code as ``batchseg segment`` (its :class:`~batchseg.segment.processor.ShardProcessor`). Ray
+Data gives no exactly-once output, resume or completion records: for archives that must come out whole,
+``batchseg segment`` is the tool. This module imports no Ray: Ray Data calls it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.records import SCHEMA
+from batchseg.inference.models import resolve_weights
+from batchseg.io.images import decode_image
+from batchseg.io.loader import Loaded
+from batchseg.io.manifest import ID_COLUMN, URI_COLUMN, Shard, default_image_id
+from batchseg.segment.job import SegmentConfig, check_options
+from batchseg.segment.processor import ShardProcessor
+
+BYTES_COLUMN = "bytes"
+
+
+class Segmenter:
+    """``Dataset.map_batches(Segmenter, fn_constructor_kwargs={...})``: batches with a ``uri`` column (read
+    through fsspec, like a manifest's) or a ``bytes`` column of encoded images, and optionally
+    ``image_id`` (default: the hash of the URI, or of the bytes), become batchseg rows.
+
+    Keyword arguments are ``batchseg segment``'s options (see :class:`SegmentConfig`): ``model``,
+    ``weights``, ``score_threshold``, ``mask_threshold``, ``min_size``, ``max_size``, ``max_instances``,
+    ``max_pixels``, ``batch_size`` (images per forward pass), ``precision``, ``decode``, ``io_threads``,
+    ``prefetch``, ``connect_timeout``, ``read_timeout``, ``storage_options``; plus ``device`` (default:
+    ``cuda`` when the actor has a GPU, else ``cpu``). They are checked when the actor starts.
+    """
+
+    def __init__(self, *, device: str | None = None, **options: Any) -> None:
+        import torch
+
+        config = SegmentConfig(manifest="", output="", **options)
+        check_options(config)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        weights = resolve_weights(config.weights, config.model, config.io_options)
+        self.processor = ShardProcessor(config, weights, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if URI_COLUMN not in batch and BYTES_COLUMN not in batch:
+            raise BatchsegError(
+                f"a batch for Segmenter needs a {URI_COLUMN!r} or {BYTES_COLUMN!r} column, not {sorted(batch)}"
+            )
+        data = batch.get(BYTES_COLUMN)
+        if data is None:
+            uris = [str(u) for u in batch[URI_COLUMN]]
+            fallback_ids = [default_image_id(u) for u in uris]
+        else:
+            uris = [str(u) for u in batch[URI_COLUMN]] if URI_COLUMN in batch else [""] * len(data)
+            fallback_ids = [hashlib.sha1(bytes(b)).hexdigest()[:16] for b in data]
+        ids = [str(i) for i in batch[ID_COLUMN]] if ID_COLUMN in batch else fallback_ids
+        images = None if data is None else [self._decoded(bytes(b)) for b in data]
+        rows = self.processor.rows(Shard(0, ids, uris), images)
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    def _decoded(self, data: bytes) -> Loaded:
+        try:
+            return decode_image(data, self.processor.config.max_pixels)
+        except ImageError as e:
+            return e

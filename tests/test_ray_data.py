@@ -1,0 +1,106 @@
+"""The Ray Data entry point on the local Ray: the same rows as ``batchseg segment`` over the same images,
+from URIs or from bytes, and a segment output read back with ``ray.data.read_parquet``."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from batchseg.analysis.results import open_results
+from batchseg.demo import SHAPES_MODEL
+from batchseg.errors import BatchsegError
+from batchseg.format.records import SCHEMA
+from batchseg.segment.driver import run_segment
+from batchseg.segment.job import SegmentConfig
+from batchseg.segment.ray_data import Segmenter
+from batchseg.train.synth import write_dataset
+
+OPTIONS = {"weights": str(SHAPES_MODEL), "score_threshold": 0.3, "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def images(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Six shapes images plus a missing file and a text file, and batchseg segment's rows for them."""
+    root = tmp_path_factory.mktemp("raydata")
+    uris = write_dataset(str(root / "shapes"), 6, seed=4, size=96).uris
+    (root / "notes.jpg").write_text("not an image")
+    uris += [str(root / "missing.jpg"), str(root / "notes.jpg")]
+    (root / "manifest.txt").write_text("".join(f"{u}\n" for u in uris))
+    config = SegmentConfig(
+        manifest=str(root / "manifest.txt"), output=str(root / "out"), shard_size=3, **OPTIONS
+    )
+    run_segment(config)
+    return {"uris": uris, "output": config.output, "rows": open_results(config.output).to_table().to_pylist()}
+
+
+def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Equal rows, but scores and boxes to 1e-4: a model run with another number of torch threads (a
+    Ray Data actor of 1 CPU, the segment actor of 2) sums in another order. Masks must be identical."""
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected, strict=True):
+        assert {k: v for k, v in row.items() if k != "instances"} == {
+            k: v for k, v in want.items() if k != "instances"
+        }
+        for got, wanted in zip(row["instances"] or [], want["instances"] or [], strict=True):
+            assert {k: v for k, v in got.items() if k not in ("score", "bbox")} == {
+                k: v for k, v in wanted.items() if k not in ("score", "bbox")
+            }
+            assert got["score"] == pytest.approx(wanted["score"], abs=1e-4)
+            assert got["bbox"] == pytest.approx(wanted["bbox"], abs=1e-3)
+        assert len(row["instances"] or []) == len(want["instances"] or [])
+
+
+def by_uri(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: r["uri"])
+
+
+def test_map_batches_gives_the_rows_segment_gives(images: dict[str, Any]) -> None:
+    import ray
+
+    ds = ray.data.from_items([{"uri": u} for u in images["uris"]])
+    rows = ds.map_batches(
+        Segmenter,
+        fn_constructor_kwargs=OPTIONS,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=3,
+        num_cpus=1,
+    ).take_all()
+    assert_same_rows(by_uri(rows), by_uri(images["rows"]))
+    statuses = {r["uri"].rsplit("/", 1)[-1]: (r["status"], (r["error"] or "").split(":")[0]) for r in rows}
+    assert statuses["missing.jpg"] == ("error", "not_found")
+    assert statuses["notes.jpg"] == ("error", "not_an_image")
+    assert sum(len(r["instances"] or []) for r in rows) > 0
+
+
+def test_a_bytes_column_with_ids_in_one_actor(images: dict[str, Any]) -> None:
+    """Called directly, as Ray Data calls it: encoded images in, a table of batchseg's schema out."""
+    segmenter = Segmenter(**OPTIONS)
+    data = [pathlib.Path(u).read_bytes() for u in images["uris"][:6]] + [b"", b"\x89PNG broken"]
+    table = segmenter({"bytes": data, "image_id": [f"i{n}" for n in range(8)]})  # type: ignore[dict-item]
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert [r["image_id"] for r in rows] == [f"i{n}" for n in range(8)]
+    expected = {r["uri"]: r for r in images["rows"]}
+    assert_same_rows(
+        rows[:6],
+        [expected[u] | {"uri": "", "image_id": f"i{n}"} for n, u in enumerate(images["uris"][:6])],
+    )
+    assert [r["error"].split(":")[0] for r in rows[6:]] == ["empty_file", "not_an_image"]
+
+
+def test_bad_options_and_batches_are_refused(images: dict[str, Any]) -> None:
+    with pytest.raises(BatchsegError, match="--score-threshold"):
+        Segmenter(weights=str(SHAPES_MODEL), score_threshold=float("nan"))
+    with pytest.raises(BatchsegError, match="needs a 'uri' or 'bytes' column"):
+        Segmenter(**OPTIONS)({"path": ["a.jpg"]})  # type: ignore[dict-item]
+
+
+def test_a_segment_output_reads_back_with_ray_data(images: dict[str, Any]) -> None:
+    import ray
+
+    files = open_results(images["output"]).files
+    table = pa.Table.from_pylist(ray.data.read_parquet(files).take_all(), schema=SCHEMA)
+    assert by_uri(table.to_pylist()) == by_uri(images["rows"])
