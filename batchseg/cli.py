@@ -444,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='e.g. "SELECT category, count(*) FROM instances GROUP BY 1"')
     query.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     query.add_argument(
-        "--out", type=_uri, default=None, help="write all rows here instead of printing the first ones"
+        "--out",
+        type=_uri,
+        default=None,
+        help="write all rows here instead of printing the first ones (in --format, else as its name "
+        "says: .csv, .jsonl, .parquet)",
     )
     _storage_options(query)
 

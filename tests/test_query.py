@@ -91,6 +91,19 @@ def test_query_writes_every_row_in_each_format(output: dict[str, Any], fmt: str)
     assert len(rows) == n and set(rows[0]) == {"image_id", "category", "score"}
 
 
+def test_query_out_without_a_format_takes_it_from_the_name(output: dict[str, Any]) -> None:
+    """It wrote JSON Lines into results.csv and said "(table)"."""
+    sql = "SELECT image_id, score FROM instances"
+    for name, fmt in (("s.csv", "csv"), ("s.jsonl", "json"), ("s.parquet", "parquet")):
+        out = output["root"] / name
+        assert run_query(output["uri"], sql, out=str(out)).endswith(f"rows written to {out} ({fmt})")
+    assert pq.read_table(output["root"] / "s.parquet").num_rows == len(instance_rows(output["table"]))
+    assert (output["root"] / "s.csv").read_text().splitlines()[0] == '"image_id","score"'
+    with pytest.raises(BatchsegError, match=r"--out .*s.txt: give --format csv, json or parquet"):
+        run_query(output["uri"], sql, out=str(output["root"] / "s.txt"))
+    assert not (output["root"] / "s.txt").exists()
+
+
 def test_query_cli_prints_a_table_and_reports_bad_sql(
     output: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -21,6 +21,9 @@ from batchseg.errors import BatchsegError, first_line, job_errors
 from batchseg.io import storage
 
 FORMATS = ("table", "csv", "json", "parquet")
+# --out's format when --format is left at "table", which prints and writes nothing.
+FORMAT_OF_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+                    ".pq": "parquet"}  # fmt: skip
 BATCH_ROWS = 65_536
 SHOWN_ROWS = 50
 
@@ -87,6 +90,12 @@ def run_query(
     as CSV, JSON Lines or Parquet, streaming (the result is never held whole). Returns what to print."""
     if fmt not in FORMATS:
         raise BatchsegError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out is not None and fmt == "table":
+        fmt = FORMAT_OF_SUFFIX.get(os.path.splitext(out.rstrip("/"))[1].lower(), "")
+        if not fmt:
+            raise BatchsegError(
+                f"--out {out}: give --format csv, json or parquet (or a .csv, .jsonl or .parquet name)"
+            )
     con = connect(output, storage_options)
     reader = stream(lambda: con.sql(sql), "query failed", BATCH_ROWS)
     if out is None and fmt == "table":
