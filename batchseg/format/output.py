@@ -100,17 +100,7 @@ class OutputDir:
 
     def _names(self, *folder: str) -> dict[str, int]:
         """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
-        path = self._at(*folder)
-        self.fs.invalidate_cache(path)  # other processes (the actors) write here
-        try:
-            entries = storage.retrying(lambda: self.fs.ls(path, detail=True), f"listing {path}")
-        except FileNotFoundError:
-            return {}
-        return {
-            e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-            for e in entries
-            if e.get("type") != "directory"
-        }
+        return storage.listing(self.fs, self._at(*folder))
 
     def shard_objects(self) -> list[ShardObject]:
         """Every ``part-NNNNNN.parquet`` here, in shard order (one listing, with sizes)."""

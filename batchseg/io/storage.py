@@ -216,11 +216,19 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def listing(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """``fs.ls(path)`` as it is now: object-store listings are cached per filesystem instance, and other
-    processes (the actors) write here."""
+def listing(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, int]:
+    """Name -> size of each file directly in ``path`` as it is now (object-store listings are cached per
+    filesystem instance, and other processes, the actors, write here); {} when ``path`` does not exist."""
     fs.invalidate_cache(path)
-    return retrying(lambda: fs.ls(path, detail=False), f"listing {path}")
+    try:
+        entries = retrying(lambda: fs.ls(path, detail=True), f"listing {path}")
+    except FileNotFoundError:
+        return {}
+    return {
+        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") != "directory"
+    }
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
