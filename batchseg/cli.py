@@ -50,6 +50,17 @@ def _at_least(minimum: int) -> Any:
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number more than 0 and at most 1 (NaN is neither)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {text}")
+    return value
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -343,9 +354,39 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batchseg.analysis.report import build_report
 
-    _not_over_the_output(args.output, out=args.out)
-    build_report(args.output, args.out, args.storage_options, args.gallery)
+    for output in (args.output, args.compare or args.output):
+        _not_over_the_output(output, out=args.out)
+    build_report(args.output, args.out, args.storage_options, args.gallery, compare=args.compare)
     print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from batchseg.analysis.diff import check_options, diff_outputs
+    from batchseg.errors import job_errors
+    from batchseg.io import storage
+    from batchseg.io.manifest import absolute_uri
+
+    check_options(args.iou, args.top, args.out)
+    if args.out and args.json and absolute_uri(args.out) == absolute_uri(args.json):
+        raise BatchsegError(f"--json {args.json} is also --out")
+    for output in (args.old, args.new):
+        _not_over_the_output(output, out=args.out, json=args.json)
+    diff = diff_outputs(
+        args.old,
+        args.new,
+        iou_threshold=args.iou,
+        top=args.top,
+        out=args.out,
+        storage_options=args.storage_options,
+    )
+    print(diff.format())
+    if args.out:
+        print(f"\nper-image table ({diff.images['in_both']:,} images in both) written to {args.out}")
+    if args.json:
+        with job_errors(f"cannot write {args.json}"):
+            fs, path = storage.filesystem(args.json, args.storage_options)
+            storage.write_atomic(fs, path, json.dumps(diff.summary(), indent=2).encode())
     return 0
 
 
@@ -485,7 +526,41 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--gallery", type=_at_least(0), default=12, help="how many rendered images to include"
     )
+    report.add_argument(
+        "--compare",
+        type=_uri,
+        default=None,
+        help="an older output of the same images: adds batchseg diff's figures and its most changed "
+        "images side by side (old | new), as many as --gallery",
+    )
     _storage_options(report)
+
+    diff = _command(
+        sub,
+        "diff",
+        "compare two outputs of the same images (other model, weights or thresholds): instances per "
+        "category, matched by IoU, added and removed, and the images that changed most",
+        cmd_diff,
+    )
+    diff.add_argument("old", type=_uri, help="output folder of batchseg segment: the one compared against")
+    diff.add_argument("new", type=_uri, help="output folder of batchseg segment")
+    diff.add_argument(
+        "--iou",
+        type=_fraction,
+        default=0.5,
+        help="instances of a category match when their mask IoU (box IoU without masks) is at least this",
+    )
+    diff.add_argument(
+        "--top", type=_at_least(1), default=10, help="how many of the most changed images to print"
+    )
+    diff.add_argument(
+        "--out",
+        type=_uri,
+        default=None,
+        help="also write the per-image table here, in the format its name says (.csv, .jsonl, .parquet)",
+    )
+    diff.add_argument("--json", type=_uri, default=None, help="also write the figures as JSON here")
+    _storage_options(diff)
 
     check = _command(
         sub,

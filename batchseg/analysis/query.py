@@ -91,7 +91,7 @@ def run_query(
     if fmt not in FORMATS:
         raise BatchsegError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out is not None and fmt == "table":
-        fmt = FORMAT_OF_SUFFIX.get(os.path.splitext(out.rstrip("/"))[1].lower(), "")
+        fmt = format_of_name(out) or ""
         if not fmt:
             raise BatchsegError(
                 f"--out {out}: give --format csv, json or parquet (or a .csv, .jsonl or .parquet name)"
@@ -103,25 +103,37 @@ def run_query(
     if out is None:
         raise BatchsegError(f"--format {fmt} needs --out FILE")
     fs, path = storage.filesystem(out, storage_options)
-    rows = 0
     with job_errors(f"cannot write {out}"), fs.open(path, "wb") as f:
-        if fmt == "parquet":
-            with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-        elif fmt == "csv":
-            import pyarrow.csv as pcsv  # here: only CSV output needs it
-
-            with pcsv.CSVWriter(f, reader.schema) as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-        else:
-            for batch in reader:
-                f.write("".join(json.dumps(r, default=str) + "\n" for r in batch.to_pylist()).encode())
-                rows += batch.num_rows
+        rows = write_rows(reader, fmt, f)
     return f"{rows} rows written to {out} ({fmt})"
+
+
+def format_of_name(out: str) -> str | None:
+    """The format a file's name says (``.csv``, ``.jsonl``, ``.parquet``...: :data:`FORMAT_OF_SUFFIX`), or None."""
+    return FORMAT_OF_SUFFIX.get(os.path.splitext(out.rstrip("/"))[1].lower())
+
+
+def write_rows(reader: pa.RecordBatchReader, fmt: str, f: Any) -> int:
+    """Write every batch of ``reader`` to the open binary file ``f`` as ``fmt`` (``csv``, ``json``: one
+    object per line, or ``parquet``), streaming; returns the rows written."""
+    rows = 0
+    if fmt == "parquet":
+        with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv  # here: only CSV output needs it
+
+        with pcsv.CSVWriter(f, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    else:
+        for batch in reader:
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in batch.to_pylist()).encode())
+            rows += batch.num_rows
+    return rows
 
 
 def stream(

@@ -1,4 +1,5 @@
-"""One self-contained HTML page about a segmentation output: totals, errors, charts and a gallery of overlays."""
+"""One self-contained HTML page about a segmentation output: totals, errors, charts and a gallery of overlays;
+with ``compare``, also how it differs from an older output of the same images (``batchseg diff``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from batchseg import __version__, log
+from batchseg.analysis.diff import Diff, ImageDiff, diff_outputs
 from batchseg.analysis.render import draw_overlay
 from batchseg.analysis.results import Results
 from batchseg.errors import BatchsegError, job_errors
@@ -38,6 +40,7 @@ SCORE_BINS = np.linspace(0.0, 1.0, 21)
 # Gallery images are drawn at the size they are shown (CSS pixels), so labels keep their 10 px font.
 TILE_WIDTH, TILE_HEIGHT, TILE_MAX_UPSCALE = 320, 480, 4.0
 CHART_WIDTH_INCHES, CHART_DPI = 4.0, 200  # shown 400 CSS px wide
+_Pair = tuple[ImageDiff, bytes, bytes]  # an image, drawn with its old and its new instances (PNG)
 # The page (HTML and CSS) with $placeholders, filled in by _page with values already escaped.
 PAGE = Template((resources.files("batchseg.analysis") / "report.html").read_text(encoding="utf-8"))
 
@@ -102,7 +105,11 @@ class _Stats:
 
 
 def build_report(
-    output: str, out: str, storage_options: dict[str, Any] | None = None, gallery: int = 12
+    output: str,
+    out: str,
+    storage_options: dict[str, Any] | None = None,
+    gallery: int = 12,
+    compare: str | None = None,
 ) -> dict[str, Any]:
     """Write one static HTML page about the segmentation output at ``output`` to ``out`` (fsspec URIs).
 
@@ -112,10 +119,15 @@ def build_report(
     without one, totals are computed from the shards and the page says so. The shards are read once,
     in record batches.
 
+    With ``compare`` (an older output of the same images), a section shows ``diff_outputs(compare, output)``:
+    its image counts, a per-category table (instances old and new, matched, mean IoU, added, removed) and
+    the ``gallery`` most changed images drawn side by side, old | new.
+
     Returns what the page shows: ``totals`` (images, ok, error, instances, as displayed), ``table_totals``
     (counted in the shards), ``summary_found``, ``errors_by_kind``, ``categories`` (name -> instances,
     most first), ``score_histogram`` (counts in 20 bins over [0, 1]), ``instances_per_image``
-    (instances -> ok images), ``gallery`` (images shown) and ``out``.
+    (instances -> ok images), ``gallery`` (images shown), ``out``, and with ``compare`` also ``compare``
+    (``Diff.summary()`` and ``pairs``, the changed images drawn).
     Raises ``BatchsegError`` when ``output`` holds no shards and no summary, or a file cannot be read or written.
     """
     results = Results(output, storage_options, allow_empty=True)
@@ -124,6 +136,11 @@ def build_report(
     if not results.files and summary is None:
         raise BatchsegError(
             f"output {output_uri} holds no {SHARD_NAMES} files and no {SUMMARY_FILE}: not a segment output"
+        )
+    diff = None
+    if compare is not None:
+        diff = diff_outputs(
+            compare, output, top=max(0, gallery), storage_options=storage_options, keep_rows=True
         )
     stats = _Stats(max(0, gallery))
     for batch in results.batches(batch_size=BATCH_ROWS):
@@ -140,10 +157,15 @@ def build_report(
     if failures:
         log.warning(f"report: {sum(failures.values())} gallery images could not be drawn: {dict(failures)}")
     totals = {k: summary.get(k, v) for k, v in stats.totals().items()} if summary else stats.totals()
-    page = _page(output_uri, summary, provenance, stats, totals, tiles, failures)
+    comparison = ""
+    if diff:
+        pairs, left_out = _pairs(diff, storage_options)
+        comparison = _comparison(diff, pairs, left_out)
+    page = _page(output_uri, summary, provenance, stats, totals, tiles, failures, comparison)
     out_fs, out_path = storage.filesystem(out, storage_options)
     with job_errors(f"cannot write report {out}"):
         storage.write_atomic(out_fs, out_path, page.encode("utf-8"))
+    compared = {"compare": {**diff.summary(), "pairs": len(pairs)}} if diff else {}
     return {
         "out": out,
         "summary_found": summary is not None,
@@ -154,18 +176,31 @@ def build_report(
         "score_histogram": stats.scores.tolist(),
         "instances_per_image": dict(sorted(stats.per_image.items())),
         "gallery": len(tiles),
+        **compared,
     }
 
 
 def _tile(row: dict[str, Any], storage_options: dict[str, Any] | None) -> bytes | str:
     """One gallery image as PNG bytes, drawn at the size it is shown; or why it could not be."""
+    pixels = _pixels(row, storage_options)
+    return pixels if isinstance(pixels, str) else _drawn(pixels, row)
+
+
+def _pixels(row: dict[str, Any], storage_options: dict[str, Any] | None) -> np.ndarray | str:
+    """A row's image as displayed (``height x width x 3`` uint8), or why it cannot be drawn."""
     try:
         pixels = decode_image(storage.read_bytes(row["uri"], storage_options))
     except Exception as e:
         return f"unreadable ({type(e).__name__})"
-    height, width = pixels.shape[:2]
-    if (width, height) != (row["width"], row["height"]):
+    if (pixels.shape[1], pixels.shape[0]) != (row["width"], row["height"]):
         return "size differs from its row"
+    return pixels
+
+
+def _drawn(pixels: np.ndarray, row: dict[str, Any]) -> bytes | str:
+    """``row``'s instances drawn over ``pixels`` (``render.draw_overlay``) at the size a tile is shown, as
+    PNG bytes; or why they could not be."""
+    height, width = pixels.shape[:2]
     scale = min(TILE_WIDTH / width, TILE_HEIGHT / height, TILE_MAX_UPSCALE)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     try:
@@ -194,6 +229,99 @@ def _scaled(instance: dict[str, Any], height: int, width: int, size: tuple[int, 
         points = np.asarray(instance["keypoints"], dtype=np.float64).reshape(-1, 3) * [sx, sy, 1.0]
         scaled["keypoints"] = points.ravel().tolist()
     return scaled
+
+
+def _pairs(diff: Diff, storage_options: dict[str, Any] | None) -> tuple[list[_Pair], Counter[str]]:
+    """The most changed images drawn old | new, each image read once; and why the others could not be."""
+    pairs: list[_Pair] = []
+    failures: Counter[str] = Counter()
+    for image in diff.top:
+        assert image.old_row is not None and image.new_row is not None  # diff_outputs(keep_rows=True)
+        pixels = _pixels(image.new_row, storage_options)
+        old = pixels if isinstance(pixels, str) else _drawn(pixels, image.old_row)
+        new = pixels if isinstance(pixels, str) else _drawn(pixels, image.new_row)
+        if isinstance(old, bytes) and isinstance(new, bytes):
+            pairs.append((image, old, new))
+        else:
+            failures[old if isinstance(old, str) else str(new)] += 1
+    return pairs, failures
+
+
+def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
+    """The page's section on ``diff``: image counts, the per-category table, the changed images."""
+    e = html.escape
+    n = diff.images
+    facts = [("old", f"<code>{e(diff.old)}</code>")]
+    facts += [
+        (k, f"<code>{e(repr(o))}</code> &rarr; <code>{e(repr(v))}</code>")
+        for k, (o, v) in diff.settings.items()
+    ]
+    facts_html = "".join(f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in facts)
+    total = diff.total()
+    cards = [
+        ("images in both", f"{n['in_both']:,}"),
+        ("compared", f"{n['compared']:,}"),
+        ("changed", f"{n['changed']:,}"),
+        ("only in old", f"{n['only_in_old']:,}"),
+        ("only in new", f"{n['only_in_new']:,}"),
+        ("matched mean IoU", _iou(total.mean_iou)),
+    ]
+    cards_html = "".join(
+        f'<div class="card"><div class="value">{e(v)}</div><div class="label">{e(k)}</div></div>'
+        for k, v in cards
+    )
+    notes = [
+        f"Instances of the {n['compared']:,} images that both outputs hold as ok rows of the same size, matched "
+        f"within a category at IoU &ge; {diff.iou_threshold:g} (masks; boxes for instances without one). "
+        f"Error rows: old {n['old_error_rows']:,}, new {n['new_error_rows']:,}."
+    ]
+    rows = [(e(name), c) for name, c in diff.ordered_categories()] + [("<b>all</b>", total)]
+    body = "".join(
+        f"<tr><td>{name}</td>"
+        + "".join(
+            f'<td class="num">{v}</td>'
+            for v in (c.old, c.new, f"{c.new - c.old:+,}", c.matched, _iou(c.mean_iou), c.added, c.removed)
+        )
+        + "</tr>"
+        for name, c in rows
+    )
+    heads = "".join(
+        f"<th>{h}</th>"
+        for h in ("category", "old", "new", "change", "matched", "mean IoU", "added", "removed")
+    )
+    table = f'<table class="errors diff"><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table>'
+    figures = []
+    for image, old, new in pairs:
+        tiles = "".join(
+            f'<div><img alt="{side} {e(image.image_id)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+            f'<div class="side">{side}: {count} instance{"s" if count != 1 else ""}</div></div>'
+            for side, png, count in (("old", old, image.old_instances), ("new", new, image.new_instances))
+        )
+        figures.append(
+            f'<figure><div class="pair">{tiles}</div><figcaption><b>{e(image.image_id)}</b> &middot; change '
+            f"{image.change_score:.2f}: {image.added} added, {image.removed} removed, {image.matched} matched"
+            f" (mean IoU {_iou(image.mean_iou)})<br><code>{e(image.uri)}</code></figcaption></figure>"
+        )
+    if failures:
+        skipped = ", ".join(f"{k} {why}" for why, k in failures.most_common())
+        notes.append(f"Left out of the changed images: {e(skipped)}.")
+    shown = (
+        f'<div class="pairs">{"".join(figures)}</div>'
+        if figures
+        else '<p class="note">No changed image to show.</p>'
+    )
+    return (
+        f'<h2>Compared with the old output <span class="sub">batchseg diff OLD NEW, NEW being this output</span></h2>'
+        f'<table class="facts">{facts_html}</table><div class="cards">{cards_html}</div>'
+        + "".join(f'<p class="note">{note}</p>' for note in notes)
+        + table
+        + f'<h3>The {len(figures)} images that changed most <span class="sub">change score: added + removed + '
+        "sum of 1 &minus; IoU over matched pairs; old | new</span></h3>" + shown
+    )
+
+
+def _iou(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:.3f}"
 
 
 def _png(figure: Figure) -> str:
@@ -285,6 +413,7 @@ def _page(
     totals: dict[str, int],
     tiles: list[tuple[dict[str, Any], bytes]],
     failures: Counter[str],
+    comparison: str = "",
 ) -> str:
     e = html.escape
     about = summary or provenance
@@ -384,6 +513,7 @@ def _page(
         shown=len(tiles),
         gallery_note=figures_note,
         gallery=gallery_html,
+        compare=comparison,
         version=e(__version__),
         generated=e(generated),
     )

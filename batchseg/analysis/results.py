@@ -101,6 +101,14 @@ class Results:
                 check_columns(shard.schema_arrow.names, f"shard {path}")
                 yield from shard.iter_batches(batch_size=batch_size, columns=columns)
 
+    def read_file(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One of :attr:`files` whole, ``columns`` of it (all when None): the unit that a join of two
+        outputs (``batchseg diff``) reads at a time, a shard's rows being few."""
+        with job_errors(f"cannot read shard {path}"), self.fs.open(path, "rb") as f:
+            shard = pq.ParquetFile(f)
+            check_columns(shard.schema_arrow.names, f"shard {path}")
+            return shard.read(columns=columns)
+
     @property
     def summary(self) -> dict[str, Any] | None:
         """``summary.json`` of the run that wrote the output (None if the run never finished, or ``uri`` is
