@@ -98,7 +98,8 @@ class CategoryDiff:
 
 @dataclass(frozen=True)
 class ImageDiff:
-    """One compared image. ``old_row``/``new_row`` (output rows as dicts) are kept only for the report."""
+    """One compared image. ``old_row``/``new_row`` (output rows as dicts) and ``pairs`` (``match_instances``)
+    are kept only for the report."""
 
     image_id: str
     uri: str
@@ -108,6 +109,7 @@ class ImageDiff:
     iou_sum: float
     old_row: dict[str, Any] | None = None
     new_row: dict[str, Any] | None = None
+    pairs: tuple[tuple[int, int, float], ...] = ()
 
     @property
     def added(self) -> int:
@@ -496,7 +498,7 @@ class _Join:
         score = image.change_score
         if self.top and score > 0 and (len(self.heap) < self.top or score > self.heap[0][0]):
             if self.keep_rows:
-                image = dataclasses.replace(image, old_row=old_row, new_row=new_row)
+                image = dataclasses.replace(image, old_row=old_row, new_row=new_row, pairs=tuple(pairs))
             entry = (score, -self.diff.images["in_both"], image)
             if len(self.heap) < self.top:
                 heapq.heappush(self.heap, entry)

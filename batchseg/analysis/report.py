@@ -236,15 +236,28 @@ def _pairs(diff: Diff, storage_options: dict[str, Any] | None) -> tuple[list[_Pa
     pairs: list[_Pair] = []
     failures: Counter[str] = Counter()
     for image in diff.top:
-        assert image.old_row is not None and image.new_row is not None  # diff_outputs(keep_rows=True)
-        pixels = _pixels(image.new_row, storage_options)
-        old = pixels if isinstance(pixels, str) else _drawn(pixels, image.old_row)
-        new = pixels if isinstance(pixels, str) else _drawn(pixels, image.new_row)
+        old_row, new_row = _matched_first(image)
+        pixels = _pixels(new_row, storage_options)
+        old = pixels if isinstance(pixels, str) else _drawn(pixels, old_row)
+        new = pixels if isinstance(pixels, str) else _drawn(pixels, new_row)
         if isinstance(old, bytes) and isinstance(new, bytes):
             pairs.append((image, old, new))
         else:
             failures[old if isinstance(old, str) else str(new)] += 1
     return pairs, failures
+
+
+def _matched_first(image: ImageDiff) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The image's two rows with their matched instances first, in pair order: ``draw_overlay`` colours
+    the i-th instance alike on both sides, so a matched instance keeps its colour from old to new."""
+    rows = []
+    for side, row in enumerate((image.old_row, image.new_row)):
+        assert row is not None  # diff_outputs(keep_rows=True)
+        instances = row["instances"] or []
+        matched = [int(pair[side]) for pair in image.pairs]
+        rest = [i for i in range(len(instances)) if i not in set(matched)]
+        rows.append({**row, "instances": [instances[i] for i in matched + rest]})
+    return rows[0], rows[1]
 
 
 def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
@@ -279,7 +292,7 @@ def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
     body = "".join(
         f"<tr><td>{name}</td>"
         + "".join(
-            f'<td class="num">{v}</td>'
+            f"<td>{v}</td>"
             for v in (c.old, c.new, f"{c.new - c.old:+,}", c.matched, _iou(c.mean_iou), c.added, c.removed)
         )
         + "</tr>"
@@ -289,7 +302,7 @@ def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
         f"<th>{h}</th>"
         for h in ("category", "old", "new", "change", "matched", "mean IoU", "added", "removed")
     )
-    table = f'<table class="errors diff"><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table>'
+    table = f'<table class="diff"><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table>'
     figures = []
     for image, old, new in pairs:
         tiles = "".join(
