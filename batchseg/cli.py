@@ -354,7 +354,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batchseg.analysis.report import build_report
 
-    for output in (args.output, args.compare or args.output):
+    for output in filter(None, (args.output, args.compare)):
         _not_over_the_output(output, out=args.out)
     build_report(args.output, args.out, args.storage_options, args.gallery, compare=args.compare)
     print(f"report written to {args.out}")

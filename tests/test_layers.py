@@ -48,8 +48,10 @@ def test_help_imports_neither_torch_nor_ray() -> None:
         ["export-coco", "{output}", "--out", "{tmp}/coco.json", "--images", "{tmp}/images.json"],
         ["report", "{output}", "--out", "{tmp}/report.html", "--gallery", "2"],
         ["render", "{output}", "--out", "{tmp}/png", "--limit", "2"],
+        ["diff", "{output}", "{output}", "--out", "{tmp}/diff.csv"],
+        ["report", "{output}", "--out", "{tmp}/compared.html", "--compare", "{output}", "--gallery", "1"],
     ],
-    ids=lambda c: c[0],
+    ids=lambda c: " ".join(c[:1] + [a for a in c if a == "--compare"]),
 )
 def test_read_side_commands_import_neither_torch_nor_ray(
     output: str, tmp_path: pathlib.Path, command: list[str]

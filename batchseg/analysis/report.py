@@ -255,7 +255,7 @@ def _matched_first(image: ImageDiff) -> tuple[dict[str, Any], dict[str, Any]]:
         assert row is not None  # diff_outputs(keep_rows=True)
         instances = row["instances"] or []
         matched = [int(pair[side]) for pair in image.pairs]
-        rest = [i for i in range(len(instances)) if i not in set(matched)]
+        rest = sorted(set(range(len(instances))) - set(matched))
         rows.append({**row, "instances": [instances[i] for i in matched + rest]})
     return rows[0], rows[1]
 
@@ -293,7 +293,7 @@ def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
         f"<tr><td>{name}</td>"
         + "".join(
             f"<td>{v}</td>"
-            for v in (c.old, c.new, f"{c.new - c.old:+,}", c.matched, _iou(c.mean_iou), c.added, c.removed)
+            for v in (c.old, c.new, _change(c.new - c.old), c.matched, _iou(c.mean_iou), c.added, c.removed)
         )
         + "</tr>"
         for name, c in rows
@@ -331,6 +331,10 @@ def _comparison(diff: Diff, pairs: list[_Pair], failures: Counter[str]) -> str:
         + f'<h3>The {len(figures)} images that changed most <span class="sub">change score: added + removed + '
         "sum of 1 &minus; IoU over matched pairs; old | new</span></h3>" + shown
     )
+
+
+def _change(value: int) -> str:
+    return f"{value:+,}" if value else "0"
 
 
 def _iou(value: float | None) -> str:
