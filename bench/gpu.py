@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from batchseg.analysis.results import open_results
+from batchseg.format.output import Resume
 from batchseg.inference.models import build_model, resolve_weights
 from batchseg.inference.predictor import Predictor
 from batchseg.io.images import decode_image
@@ -93,7 +94,11 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         **options,
     )
     job = Job(
-        config, weights, Plan(config.manifest, len(uris), len(uris), "bench"), {"bench": True}, frozenset()
+        config,
+        weights,
+        Plan(config.manifest, len(uris), len(uris)),
+        {"bench": True},
+        Resume(1, frozenset(), (), ()),
     )
     processor = ShardProcessor.for_job(job, device=args.device)
     ids = [str(i) for i in range(len(uris))]

@@ -121,6 +121,24 @@ def test_fingerprint_follows_the_rows(tmp_path: pathlib.Path) -> None:
     assert plan_shards(write(tmp_path, "txt", URIS[::-1]), 3).fingerprint != a
 
 
+def test_shard_fingerprints_change_only_with_their_shards_rows(tmp_path: pathlib.Path) -> None:
+    """What an incremental rerun relies on: rows appended change only the last shard's fingerprint and add
+    new ones; a row inserted in the middle changes its shard and every one after it."""
+    before = plan_shards(write(tmp_path, "txt", URIS), 3)  # shards of 3, 3, 1
+    grown = plan_shards(write(tmp_path, "txt", [*URIS, "/x/8.jpg", "/x/9.jpg", "/x/10.jpg"]), 3)
+    assert len(before.shard_fingerprints) == 3 and len(grown.shard_fingerprints) == 4
+    assert grown.shard_fingerprints[:2] == before.shard_fingerprints[:2]
+    assert grown.shard_fingerprints[2] != before.shard_fingerprints[2]
+    assert grown.shard_fingerprints == tuple(s.fingerprint for s in iter_shards(grown))
+    inserted = plan_shards(write(tmp_path, "txt", [*URIS[:4], "/x/new.jpg", *URIS[4:]]), 3)
+    assert inserted.shard_fingerprints[0] == before.shard_fingerprints[0]
+    assert all(
+        a != b for a, b in zip(inserted.shard_fingerprints[1:], before.shard_fingerprints[1:], strict=True)
+    )
+    renamed = plan_shards(write(tmp_path, "csv", URIS, ids=[f"id{i}" for i in range(len(URIS))]), 3)
+    assert renamed.shard_fingerprints[0] != before.shard_fingerprints[0]  # same URIs, other ids
+
+
 def test_shards_span_pyarrow_batches(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("batchseg.io.manifest.TEXT_BATCH_ROWS", 4)
     uris = [f"/x/{i}.jpg" for i in range(23)]

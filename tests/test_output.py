@@ -45,20 +45,17 @@ def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
     plan = plan_shards(str(manifest), SHARD_SIZE)
     output = OutputDir(str(root / "out"))
     provenance = {"model": "m", "shard_size": SHARD_SIZE, "manifest": plan.manifest}
-    output.prepare(
-        provenance | {"manifest_rows": plan.num_rows, "manifest_fingerprint": plan.fingerprint}, False
-    )
+    output.prepare(provenance | {"manifest_fingerprint": plan.fingerprint}, False)
     ids = []
     for shard in iter_shards(plan):
         rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
         record = {
-            "shard": shard.index,
             "rows": len(rows),
             "ok": len(rows),
             "errors": {},
             "instances": len(rows),
         }
-        output.write_shard(shard.index, to_parquet(rows, provenance), record)
+        output.write_shard(shard, to_parquet(rows, provenance), record)
         ids += shard.image_ids
     return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}
 
@@ -118,29 +115,85 @@ def test_segment_into_a_folder_with_other_files_warns_and_keeps_them(
 def test_a_rerun_redoes_shards_whose_record_does_not_hold(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = write_output(tmp_path, images=16)["out"]
+    made = write_output(tmp_path, images=16)
+    out = made["out"]
     (out / "part-000001.parquet").unlink()  # deleted by hand, its record kept
     with open(out / "part-000002.parquet", "ab") as f:  # replaced by another object
         f.write(b"more")
+    size = (out / "part-000002.parquet").stat().st_size
     (out / DONE_DIR / "part-000000.json").write_text('{"shard": 0, "rows": ')  # damaged
     capsys.readouterr()
-    assert OutputDir(str(out)).done_shards() == {3}
+    assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {3}
     warnings = capsys.readouterr().err
     assert "part-000001: its completion record is there but part-000001.parquet is missing" in warnings
-    size = (out / "part-000002.parquet").stat().st_size
     assert f"part-000002.parquet is {size:,} bytes, its completion record says {size - 4:,};" in warnings
     assert "part-000000: its completion record is unreadable" in warnings
     assert sorted(p.name for p in (out / DONE_DIR).iterdir()) == ["part-000003.json"]
-    assert OutputDir(str(out)).done_shards() == {3}  # and a second look agrees
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000003.parquet"]  # no stale rows to read
+    assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {3}  # a second look agrees
 
 
 def test_records_without_a_size_are_trusted_when_their_object_is_there(tmp_path: pathlib.Path) -> None:
-    out = write_output(tmp_path)["out"]
+    made = write_output(tmp_path)
+    out = made["out"]
     for path in (out / DONE_DIR).iterdir():  # as batchseg before 0.x wrote them
         record = json.loads(path.read_text())
         path.write_text(json.dumps({k: v for k, v in record.items() if k != "bytes"}))
     (out / "part-000002.parquet").unlink()
-    assert OutputDir(str(out)).done_shards() == {0, 1}
+    assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {0, 1}
+
+
+def grow(root: pathlib.Path, lines: list[str]) -> list[str]:
+    """The manifest of :func:`write_output` rewritten with ``lines``; returns the new shards' fingerprints."""
+    (root / "manifest.txt").write_text("".join(f"{line}\n" for line in lines))
+    return list(plan_shards(str(root / "manifest.txt"), SHARD_SIZE).shard_fingerprints)
+
+
+def test_a_grown_manifest_keeps_the_shards_whose_rows_are_unchanged(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path)  # 10 rows: shards of 4, 4, 2
+    out = made["out"]
+    lines = (tmp_path / "manifest.txt").read_text().splitlines()
+    kept = {n: (out / n).read_bytes() for n in ("part-000000.parquet", "part-000001.parquet")}
+    resume = OutputDir(str(out)).resume(
+        grow(tmp_path, [*lines, *(f"{tmp_path}/new{i}.png" for i in range(5))])
+    )
+    assert (resume.kept, resume.redone, resume.new, resume.removed) == ({0, 1}, (2,), 1, ())
+    assert resume.line() == "2 kept, 1 redone, 1 new"
+    assert {n: (out / n).read_bytes() for n in kept} == kept  # untouched
+    assert not (out / "part-000002.parquet").exists() and not (out / DONE_DIR / "part-000002.json").exists()
+
+
+def test_a_row_inserted_in_the_middle_redoes_its_shard_and_every_later_one(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path)
+    lines = (tmp_path / "manifest.txt").read_text().splitlines()
+    resume = OutputDir(str(made["out"])).resume(grow(tmp_path, [*lines[:5], f"{tmp_path}/b.png", *lines[5:]]))
+    assert (resume.kept, resume.redone, resume.new) == ({0}, (1, 2), 0)
+
+
+def test_a_shrunk_manifest_removes_the_shards_past_its_end(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path, images=12)  # shards of 4, 4, 4
+    out = made["out"]
+    lines = (tmp_path / "manifest.txt").read_text().splitlines()
+    (out / "part-000005.parquet").write_bytes(b"an unfinished shard of a bigger manifest, no record")
+    resume = OutputDir(str(out)).resume(grow(tmp_path, lines[:8]))
+    assert (resume.kept, resume.redone, resume.removed, resume.line()) == (
+        {0, 1},
+        (),
+        (2, 5),
+        "2 kept, 0 redone, 0 new, 2 removed past the manifest's end",
+    )
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000000.parquet", "part-000001.parquet"]
+    assert sorted(p.name for p in (out / DONE_DIR).iterdir()) == ["part-000000.json", "part-000001.json"]
+    assert open_results(str(out)).to_table().column("image_id").to_pylist() == made["ids"][:8]
+
+
+def test_records_without_a_fingerprint_are_redone(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    path = out / DONE_DIR / "part-000001.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "fingerprint"}))
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints)
+    assert (resume.kept, resume.redone) == ({0, 2}, (1,))
 
 
 def run_verify(out: pathlib.Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, list[str]]:
@@ -216,15 +269,18 @@ def test_verify_checks_ids_against_the_manifest(
     assert f"  part-000001: image_id {made['ids'][0]!r} is also in an earlier shard" in lines
 
 
-def test_verify_refuses_a_grown_manifest_and_a_folder_that_is_not_an_output(
+def test_verify_names_the_shards_a_grown_manifest_changed_and_refuses_a_folder_that_is_not_an_output(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    made = write_output(tmp_path)
+    made = write_output(tmp_path)  # 10 rows: shards of 4, 4, 2
     with open(made["manifest"], "a") as f:
-        f.write(f"{tmp_path}/img999.png\n")
+        f.write("".join(f"{tmp_path}/img{i}.png\n" for i in range(900, 903)))
     code, lines = run_verify(made["out"], capsys)
     assert code == 1
-    assert "is not the one the output was made from" in lines[1]
+    assert lines[1:] == [
+        "  part-000002: the manifest's rows for it changed: rerun segment to redo it",
+        "  1 of the manifest's shards are not done (part-000003): rerun segment",
+    ]
     (tmp_path / "empty").mkdir()
     assert main(["verify", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -140,5 +140,5 @@ def test_progress_line_counts_rate_and_eta() -> None:
 
 
 def test_rows_in_done_shards_counts_a_short_last_shard() -> None:
-    plan = Plan("m.csv", num_rows=2500, shard_size=1000, fingerprint="")
+    plan = Plan("m.csv", num_rows=2500, shard_size=1000)
     assert plan.rows_in(frozenset({0, 2})) == 1500 and plan.rows_in(frozenset()) == 0

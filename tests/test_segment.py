@@ -280,6 +280,61 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
     assert_exactly_once(config, uris)
 
 
+def write_manifest(path: pathlib.Path, uris: list[str]) -> str:
+    path.write_text("".join(f"{u}\n" for u in uris))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_grow_sigkill_grow_rerun_keeps_unchanged_shards_and_every_row_exactly_once(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    """An archive that grows: each rerun keeps the finished shards whose rows are unchanged and redoes or
+    adds the others, through a SIGKILL mid-run and a row inserted in the middle."""
+    _, uris, _ = archive(tmp_path, 31, bad=False)
+    output = tmp_path / "out"
+    manifest = tmp_path / "manifest.txt"
+    config = SegmentConfig(manifest=write_manifest(manifest, uris[:13]), output=str(output), shard_size=3,
+                           batch_size=3, **FAST)  # fmt: skip
+    first = run_segment(config)  # shards of 3, 3, 3, 3, 1
+    assert (first["shards_new"], first["shards_kept"], first["images"]) == (5, 0, 13)
+    markers = done_markers(output)
+
+    # Grown at the end to 30 rows (10 shards): 4 kept, the short last one redone, 5 new; killed mid-run.
+    write_manifest(manifest, uris[:30])
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", str(manifest), "--output", str(output),
+            "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for(lambda: len(done_markers(output)) >= 6, 180, "two shards of the grown manifest")
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    assert (
+        "30 images in 10 shards of up to 3: 4 kept, 1 redone, 5 new; 6 to do"
+        in (tmp_path / "driver.log").read_text()
+    )
+    killed = done_markers(output)
+    assert 6 <= len(killed) < 10, "the kill should land mid-job"
+    unchanged = [f"part-{i:06d}.json" for i in range(4)]
+    assert [killed[k] for k in unchanged] == [markers[k] for k in unchanged], "unchanged shards were redone"
+
+    # A row inserted after row 7: shards 0 and 1 stay, 2 to 9 changed (those the killed run finished are
+    # redone), 10 is new.
+    grown = [*uris[:7], uris[30], *uris[7:30]]
+    summary = run_segment(replace(config, manifest=write_manifest(manifest, grown)))
+    assert summary["status"] == "complete"
+    assert (summary["shards_kept"], summary["shards_removed"], summary["shards_total"]) == (2, 0, 11)
+    assert summary["shards_redone"] == len(killed) - 2
+    assert summary["shards_new"] == 11 - len(killed)
+    assert [done_markers(output)[k] for k in unchanged[:2]] == [markers[k] for k in unchanged[:2]]
+    assert_exactly_once(replace(config, manifest=str(manifest)), grown)
+    assert open_results(str(output)).to_table().column("uri").to_pylist() == grown
+    assert main(["verify", str(output)]) == 0
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
     ray_address: str, tmp_path: pathlib.Path

@@ -4,7 +4,9 @@ Under ``--output``::
 
     part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard)
     _done/part-000000.json    the shard's completion record, written after its Parquet object: its rows,
-                              counts and the object's size in bytes, which a rerun checks the object against
+                              counts, the object's size in bytes, which a rerun checks the object against,
+                              and the fingerprint of its manifest rows, which a rerun checks the manifest
+                              against (a grown manifest reruns only the shards whose rows changed)
     _batchseg_job.json        the settings the output was made with; a rerun must match them
     summary.json              totals over all shards, written when a run ends
 
@@ -17,21 +19,23 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import storage
-from batchseg.io.manifest import absolute_uri, shard_name
+from batchseg.io.manifest import Shard, absolute_uri, shard_name
 
 JOB_FILE = "_batchseg_job.json"
 SHARD_NAMES = "part-NNNNNN.parquet"
 DONE_DIR = "_done"
 SUMMARY_FILE = "summary.json"
-# Settings that change what a row holds: a rerun with other values would mix two kinds of result.
+# Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
+# manifest may change (grow): each shard's record says which rows it holds.
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
-                   "max_instances", "max_pixels", "shard_size", "manifest_rows", "manifest_fingerprint")  # fmt: skip
+                   "max_instances", "max_pixels", "shard_size")  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -55,6 +59,27 @@ class Check:
     def unrecorded(self) -> list[int]:
         """Shard objects with no completion record (an unfinished shard, or put there by hand)."""
         return sorted(self.objects.keys() - self.done.keys() - self.broken.keys())
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What a rerun found, against the manifest's shards now: ``kept`` shards are done and hold the rows
+    they should; ``redone`` ones were finished before but must run again (their manifest rows changed, or
+    their record no longer holds); ``removed`` ones lay past the manifest's end. The rest are ``new``."""
+
+    shards: int
+    kept: frozenset[int]
+    redone: tuple[int, ...]
+    removed: tuple[int, ...]
+
+    @property
+    def new(self) -> int:
+        return self.shards - len(self.kept) - len(self.redone)
+
+    def line(self) -> str:
+        """``3 kept, 1 redone, 2 new`` (and ``, 1 removed`` past the manifest's end)."""
+        gone = f", {len(self.removed)} removed past the manifest's end" if self.removed else ""
+        return f"{len(self.kept)} kept, {len(self.redone)} redone, {self.new} new{gone}"
 
 
 class OutputDir:
@@ -164,25 +189,50 @@ class OutputDir:
                 check.broken[index] = problem
         return check
 
-    def done_shards(self) -> frozenset[int]:
-        """The shards whose completion record holds: the object is there, of the size the record says.
-        A record that does not hold (its object deleted or replaced by hand, the record damaged) is
-        removed, with a warning, so the shard is redone."""
+    def resume(self, fingerprints: Sequence[str]) -> Resume:
+        """Which shards a rerun keeps, given the fingerprint of each of the manifest's shards now
+        (:attr:`~batchseg.io.manifest.Plan.shard_fingerprints`): those whose completion record holds (the
+        object is there, of the size the record says) and names the same rows. Every other shard that
+        was there is forgotten, its record removed before its object, so that no reader, now or after a
+        crash, sees rows the manifest no longer puts there beside the ones the run writes: shards whose
+        record does not hold (with a warning), whose rows changed, those past the manifest's end, and
+        objects without a record (an unfinished shard's, redone anyway)."""
         check = self.check()
+        changed = [
+            i
+            for i, r in check.done.items()
+            if i < len(fingerprints) and r.get("fingerprint") != fingerprints[i]
+        ]
         for index, problem in check.broken.items():
             log.warning(f"{shard_name(index)}: {problem}; its record is removed and the shard redone")
-            path = self._at(DONE_DIR, f"{shard_name(index)}.json")
-            storage.retrying(functools.partial(self.fs.rm, path), f"removing {path}")
-        return frozenset(check.done)
+        if changed:
+            log.info(f"{len(changed)} finished shard(s) hold manifest rows that changed; they are redone")
+        known = check.objects.keys() | check.done.keys() | check.broken.keys()
+        past = sorted(i for i in known if i >= len(fingerprints))
+        self._forget(check, {*check.broken, *changed, *past, *check.unrecorded})
+        kept = frozenset(i for i in check.done if i < len(fingerprints)) - set(changed)
+        redone = tuple(sorted({*changed, *(i for i in check.broken if i < len(fingerprints))}))
+        return Resume(len(fingerprints), kept, redone, tuple(past))
 
-    def write_shard(self, index: int, parquet: bytes, record: dict[str, Any]) -> None:
+    def _forget(self, check: Check, indices: set[int]) -> None:
+        """Remove these shards' records, then their objects (a crash between leaves objects without
+        records, which a rerun redoes or, past the manifest's end, removes)."""
+        records = [
+            self._at(DONE_DIR, f"{shard_name(i)}.json")
+            for i in sorted(indices & (check.done.keys() | check.broken.keys()))
+        ]
+        objects = [check.objects[i].path for i in sorted(indices & check.objects.keys())]
+        for paths in (records, objects):
+            if paths:
+                storage.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
+
+    def write_shard(self, shard: Shard, parquet: bytes, record: dict[str, Any]) -> dict[str, Any]:
         """The shard's rows first, then its completion record: a record always means a whole shard, of the
-        size it says."""
-        storage.write_atomic(self.fs, self._at(f"{shard_name(index)}.parquet"), parquet)
-        record = record | {"bytes": len(parquet)}
-        storage.write_atomic(
-            self.fs, self._at(DONE_DIR, f"{shard_name(index)}.json"), json.dumps(record).encode()
-        )
+        size it says, of the manifest rows its fingerprint names. Returns the record as written."""
+        storage.write_atomic(self.fs, self._at(f"{shard.name}.parquet"), parquet)
+        record = record | {"shard": shard.index, "fingerprint": shard.fingerprint, "bytes": len(parquet)}
+        storage.write_atomic(self.fs, self._at(DONE_DIR, f"{shard.name}.json"), json.dumps(record).encode())
+        return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())

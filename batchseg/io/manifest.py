@@ -49,6 +49,11 @@ class Shard:
     def name(self) -> str:
         return shard_name(self.index)
 
+    @property
+    def fingerprint(self) -> str:
+        """What the shard's rows are (see :func:`shard_fingerprint`), kept in its completion record."""
+        return shard_fingerprint(self.image_ids, self.uris)
+
     def __len__(self) -> int:
         return len(self.uris)
 
@@ -57,14 +62,29 @@ def shard_name(index: int) -> str:
     return f"part-{index:06d}"
 
 
+def shard_fingerprint(image_ids: list[str], uris: list[str]) -> str:
+    """A digest of a shard's rows, its image ids and URIs in order: a rerun keeps a finished shard whose
+    rows still have this fingerprint and redoes one whose rows changed."""
+    digest = hashlib.sha256("\n".join(image_ids).encode())
+    digest.update(b"\0")
+    digest.update("\n".join(uris).encode())
+    return digest.hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What a pass over the manifest found: row count and a fingerprint of its (image_id, uri) rows."""
+    """What a pass over the manifest found: its row count and the fingerprint of each shard's rows
+    (:func:`shard_fingerprint`)."""
 
     manifest: str
     num_rows: int
     shard_size: int
-    fingerprint: str
+    shard_fingerprints: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of every (image_id, uri) row, in order."""
+        return hashlib.sha256("".join(self.shard_fingerprints).encode()).hexdigest()
 
     @property
     def num_shards(self) -> int:
@@ -170,20 +190,20 @@ def _validate(batch: pa.RecordBatch, manifest: str, first_row: int) -> tuple[lis
 
 
 def plan_shards(manifest: str, shard_size: int, storage_options: dict[str, Any] | None = None) -> Plan:
-    """One streaming pass: count rows, refuse duplicate image_ids, and fingerprint the manifest.
+    """One streaming pass: count rows, refuse duplicate image_ids, and fingerprint the manifest and each
+    shard.
 
-    Memory: 8 bytes per row (a hash of each image_id) on top of what pyarrow streams.
+    Memory: 8 bytes per row (a hash of each image_id) and 32 per shard, on top of one shard's rows.
     """
     if shard_size < 1:
         raise BatchsegError(f"--shard-size must be at least 1, not {shard_size}")
-    digest = hashlib.sha256()
     hashes = []
+    fingerprints = []
     num_rows = 0
-    for ids, uris in iter_manifest(manifest, storage_options):
-        digest.update("\n".join(ids).encode())
-        digest.update("\n".join(uris).encode())
-        hashes.append(np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids)))
-        num_rows += len(ids)
+    for shard in _split(iter_manifest(manifest, storage_options), shard_size):
+        hashes.append(np.fromiter(map(hash, shard.image_ids), dtype=np.int64, count=len(shard)))
+        fingerprints.append(shard.fingerprint)
+        num_rows += len(shard)
     if num_rows == 0:
         raise BatchsegError(f"manifest {manifest} has no rows")
     ordered = np.concatenate(hashes)
@@ -192,7 +212,7 @@ def plan_shards(manifest: str, shard_size: int, storage_options: dict[str, Any] 
     clashing = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     if clashing.size:
         _refuse_duplicates(manifest, set(clashing.tolist()), storage_options)
-    return Plan(absolute_uri(manifest), num_rows, shard_size, digest.hexdigest())
+    return Plan(absolute_uri(manifest), num_rows, shard_size, tuple(fingerprints))
 
 
 def _refuse_duplicates(manifest: str, clashing: set[int], storage_options: dict[str, Any] | None) -> None:
@@ -217,16 +237,22 @@ def iter_shards(
     plan: Plan, skip: frozenset[int] = frozenset(), storage_options: dict[str, Any] | None = None
 ) -> Iterator[Shard]:
     """The plan's shards in order, streamed from the manifest, leaving out the indices in ``skip``."""
+    for shard in _split(iter_manifest(plan.manifest, storage_options), plan.shard_size):
+        if shard.index not in skip:
+            yield shard
+
+
+def _split(batches: Iterator[tuple[list[str], list[str]]], size: int) -> Iterator[Shard]:
+    """Manifest batches regrouped into shards of ``size`` consecutive rows (the last may be short)."""
     ids: list[str] = []
     uris: list[str] = []
     index = 0
-    for batch_ids, batch_uris in iter_manifest(plan.manifest, storage_options):
+    for batch_ids, batch_uris in batches:
         ids.extend(batch_ids)
         uris.extend(batch_uris)
-        while len(uris) >= plan.shard_size:
-            if index not in skip:
-                yield Shard(index, ids[: plan.shard_size], uris[: plan.shard_size])
-            del ids[: plan.shard_size], uris[: plan.shard_size]
+        while len(uris) >= size:
+            yield Shard(index, ids[:size], uris[:size])
+            del ids[:size], uris[:size]
             index += 1
-    if uris and index not in skip:
+    if uris:
         yield Shard(index, ids, uris)

@@ -57,8 +57,8 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     plan = job.plan
     todo = plan.num_shards - len(job.done)
     log.info(
-        f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}; "
-        f"{len(job.done)} shards already done, {todo} to do"
+        f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}: "
+        f"{job.resume.line()}; {todo} to do"
     )
     if job.weights.source == "none":
         log.warning("--weights none: the model has RANDOM weights; its detections and masks are meaningless")

@@ -10,7 +10,7 @@ from typing import Any
 
 from batchseg import __version__
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir
+from batchseg.format.output import OutputDir, Resume
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.inference.registry import resize_checks
 from batchseg.io import storage
@@ -61,14 +61,19 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """A checked job: what to run, with what, and which shards an earlier run already finished."""
+    """A checked job: what to run, with what, and which shards earlier runs finished that still hold the
+    manifest's rows (``resume.kept``)."""
 
     config: SegmentConfig
     weights: WeightsInfo
     plan: Plan
     provenance: dict[str, Any]
-    done: frozenset[int]
+    resume: Resume
     environment: dict[str, str] = field(default_factory=storage.forwarded_environment, repr=False)
+
+    @property
+    def done(self) -> frozenset[int]:
+        return self.resume.kept
 
 
 def prepare_job(config: SegmentConfig) -> Job:
@@ -95,7 +100,7 @@ def prepare_job(config: SegmentConfig) -> Job:
     }
     output = OutputDir(config.output, config.io_options)
     output.prepare(provenance, config.overwrite)
-    return Job(config, weights, plan, provenance, output.done_shards())
+    return Job(config, weights, plan, provenance, output.resume(plan.shard_fingerprints))
 
 
 def check_options(config: SegmentConfig) -> None:
@@ -157,6 +162,10 @@ def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> d
         "storage_retries": sum(r.get("storage_retries", 0) for r in records),
         "shards_total": job.plan.num_shards,
         "shards_done": len(records),
+        "shards_kept": len(job.resume.kept),
+        "shards_redone": len(job.resume.redone),
+        "shards_new": job.resume.new,
+        "shards_removed": len(job.resume.removed),
         "manifest_rows": job.plan.num_rows,
         "model": job.weights.model,
         "weights": job.weights.identity,

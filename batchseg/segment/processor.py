@@ -123,8 +123,7 @@ class ShardProcessor:
             "precision": self.predictor.precision,
         }
         record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
-        self.output.write_shard(shard.index, to_parquet(rows, provenance), record)
-        return record
+        return self.output.write_shard(shard, to_parquet(rows, provenance), record)
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
         """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
@@ -201,7 +200,6 @@ def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
 def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float, retries: int) -> dict[str, Any]:
     errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
     return {
-        "shard": shard.index,
         "rows": len(rows),
         "ok": len(rows) - sum(errors.values()),
         "errors": dict(errors),
