@@ -191,8 +191,8 @@ class Diff:
             f"only in old: {n['only_in_old']:,}, only in new: {n['only_in_new']:,}"
         )
         lines.append(
-            f"error rows: old {n['old_error_rows']:,}, new {n['new_error_rows']:,} "
-            f"({n['not_compared_error']:,} images in both not compared for an error row)"
+            f"error rows: old {n['old_error_rows']:,}, new {n['new_error_rows']:,}; "
+            f"images in both not compared for one: {n['not_compared_error']:,}"
         )
         if n["not_compared_size"]:
             lines.append(f"not compared, their sizes differ: {n['not_compared_size']:,} images")
