@@ -8,7 +8,7 @@ pairs and their mean IoU, added (in NEW only) and removed (in OLD only). Each im
 ``added + removed + sum(1 - IoU)`` over its matched pairs: one for each instance that appeared or vanished,
 and up to one for a matched instance whose mask moved.
 
-Streaming: OLD's ``image_id`` column is read once into an index (16 bytes per row: a 64-bit hash of each
+Streaming: OLD's ``image_id`` column is read once into an index (17 bytes per row: a 64-bit hash of each
 id, sorted, and where it sits); NEW's shards are then read one at a time, each with the OLD shards its ids
 are in. Outputs made with the same manifest and shard size align shard to shard, so each OLD shard is read
 once more; others are joined just as correctly, reading an OLD shard again for every NEW shard that needs it
@@ -283,9 +283,10 @@ def _boxes(instances: list[dict[str, Any]]) -> np.ndarray:
 
 
 class _OldIndex:
-    """Where each of OLD's rows is, by ``image_id``: the 64-bit hash of every id, sorted, and the row it
-    belongs to (16 bytes a row). Hashes shared by several rows (an id written twice, or two ids that collide)
-    are resolved by id, in a dict of those few rows; the first row of an id is the one compared."""
+    """Where each of OLD's rows is, by ``image_id``: the 64-bit hash of every id, sorted, the row it belongs
+    to, and whether that row was compared yet (17 bytes a row). Hashes shared by several rows (an id written
+    twice, or two ids that collide) are resolved by id, in a dict of those few rows; the first row of an id
+    is the one compared."""
 
     def __init__(self, results: Results) -> None:
         self.results = results
