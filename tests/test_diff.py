@@ -15,6 +15,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pycocotools.mask as coco_mask
 import pytest
+import s3fs
 
 from batchseg.analysis import diff as diff_module
 from batchseg.analysis.diff import COLUMNS, TABLE, diff_outputs, match_instances
@@ -28,6 +29,7 @@ from batchseg.format.rle import encode_rle
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
+from tests.s3server import S3Server
 
 H, W = 30, 40
 
@@ -443,3 +445,32 @@ def test_report_compare_refuses_to_overwrite_the_old_output(
     assert main(["report", pair[1], "--compare", pair[0], "--out", f"{pair[0]}/summary.json"]) == 2
     assert "would overwrite batchseg's own file" in capsys.readouterr().err
     assert not pathlib.Path(pair[0], "summary.json").exists()
+
+
+def test_diff_on_s3_reads_and_writes_through_fsspec(
+    pair: tuple[str, str], s3: S3Server, tmp_path: pathlib.Path
+) -> None:
+    """The same figures and table from an object store, and a diff that fails halfway leaves no table
+    there (nor its temporary object)."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.options())
+    for side, folder in zip(("old", "new"), pair, strict=True):
+        for shard in pathlib.Path(folder).glob("part-*.parquet"):
+            fs.pipe_file(f"out/diff/{side}/{shard.name}", shard.read_bytes())
+    fs.pipe_file(
+        "out/diff/broken/part-000000.parquet", pathlib.Path(pair[1], "part-000000.parquet").read_bytes()
+    )
+    fs.pipe_file("out/diff/broken/part-000001.parquet", b"not parquet")
+    options = json.dumps(s3.options())
+    argv = ["diff", "s3://out/diff/old", "s3://out/diff/new", "--storage-options", options]
+    assert main([*argv, "--out", "s3://out/diff/table.parquet", "--json", "s3://out/diff/figures.json"]) == 0
+    local = diff_outputs(*pair, out=str(tmp_path / "table.parquet"))
+    assert json.loads(fs.cat_file("out/diff/figures.json")) | {
+        "old": local.old,
+        "new": local.new,
+    } == json.loads(json.dumps(local.summary()))
+    with fs.open("out/diff/table.parquet", "rb") as f:
+        assert pq.read_table(f).equals(pq.read_table(tmp_path / "table.parquet"))
+
+    broken = ["diff", "s3://out/diff/old", "s3://out/diff/broken", "--storage-options", options]
+    assert main([*broken, "--out", "s3://out/diff/broken.csv"]) == 2
+    assert not [p for p in fs.find("out/diff") if "broken.csv" in p]
