@@ -548,10 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--iou",
         type=_fraction,
         default=0.5,
-        help="instances of a category match when their mask IoU (box IoU without masks) is at least this",
+        help="instances of a category match when their mask IoU (box IoU without masks) is at least this "
+        "(default 0.5)",
     )
     diff.add_argument(
-        "--top", type=_at_least(1), default=10, help="how many of the most changed images to print"
+        "--top",
+        type=_at_least(1),
+        default=10,
+        help="how many of the most changed images to print (default 10)",
     )
     diff.add_argument(
         "--out",
