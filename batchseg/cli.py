@@ -71,6 +71,17 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _keep_columns(text: str) -> Any:
+    if text.strip() == "all":
+        return "all"
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected 'all' or column names separated by commas, not {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"names a column twice: {text!r}")
+    return names
+
+
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--manifest",
@@ -165,6 +176,14 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds to wait for storage's next bytes before trying again (default 30); an image read "
         "as a whole gets connect + 2 x read timeout",
+    )
+    p.add_argument(
+        "--keep-columns",
+        type=_keep_columns,
+        default=None,
+        metavar="A,B,C|all",
+        help="manifest columns to carry into each output row (typed from Parquet/JSONL, text from CSV); "
+        "'all': every column but uri and image_id",
     )
     p.add_argument("--overwrite", action="store_true", help="discard an existing output and start over")
     p.add_argument(

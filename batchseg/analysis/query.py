@@ -42,9 +42,16 @@ def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckd
         else:  # object stores: through fsspec, as pyarrow scans it (lazily, with projection pushdown)
             con.register("batchseg_rows", results.dataset)
         con.execute("CREATE VIEW images AS SELECT * FROM batchseg_rows")
+        # Each instance beside its image's columns (and the manifest's, kept with --keep-columns).
+        image = ", ".join(
+            [
+                '"' + n.replace('"', '""') + '"'
+                for n in ["image_id", "uri", "width", "height", *results.kept_columns]
+            ]
+        )
         con.execute(
-            "CREATE VIEW instances AS SELECT image_id, uri, width, height, instance.* FROM "
-            "(SELECT image_id, uri, width, height, UNNEST(instances) AS instance FROM batchseg_rows)"
+            f"CREATE VIEW instances AS SELECT {image}, instance.* FROM "
+            f"(SELECT {image}, UNNEST(instances) AS instance FROM batchseg_rows)"
         )
     return con
 

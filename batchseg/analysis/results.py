@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE, OutputDir
-from batchseg.format.records import SCHEMA, read_provenance
+from batchseg.format.records import SCHEMA, output_schema, read_provenance
 from batchseg.format.rle import decode_rle
 from batchseg.io import storage
 
@@ -36,6 +36,7 @@ class ImageResult:
     status: str
     error: str | None
     instances: list[dict[str, Any]]
+    kept: dict[str, Any] = field(default_factory=dict)  # the manifest columns kept with --keep-columns
 
     def mask(self, index: int) -> np.ndarray:
         """Instance ``index``'s mask: ``height x width`` bool (pixels of the image as displayed)."""
@@ -79,7 +80,26 @@ class Results:
         # Imported here: pyarrow.dataset loads pandas (0.2 s), which a SQL query on local files never needs.
         import pyarrow.dataset as ds
 
-        return ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=SCHEMA)
+        return ds.dataset(self.files, format="parquet", filesystem=self.fs, schema=self.schema)
+
+    @functools.cached_property
+    def schema(self) -> pa.Schema:
+        """The rows' columns: batchseg's (:data:`~batchseg.format.records.SCHEMA`), then the manifest
+        columns the run kept (``--keep-columns``), as its first shard has them."""
+        kept = [f for f in self._first_schema if f.name not in SCHEMA.names]
+        return output_schema(pa.schema(kept))
+
+    @property
+    def kept_columns(self) -> list[str]:
+        """The names of the manifest columns the run kept (``--keep-columns``)."""
+        return self.schema.names[len(SCHEMA) :]
+
+    @functools.cached_property
+    def _first_schema(self) -> pa.Schema:
+        if not self.files:
+            return SCHEMA
+        with job_errors(f"cannot read shard {self.files[0]}"), self.fs.open(self.files[0], "rb") as f:
+            return pq.read_schema(f)
 
     def _list(self) -> list[str]:
         """Exactly batchseg's shard objects (another tool's ``part-*.parquet`` beside them is not read)."""
@@ -129,10 +149,7 @@ class Results:
     def provenance(self) -> dict[str, Any]:
         """Model, weights, thresholds and sizes the output was made with (from its first file; ``{}``
         when it has none)."""
-        if not self.files:
-            return {}
-        with job_errors(f"cannot read shard {self.files[0]}"), self.fs.open(self.files[0], "rb") as f:
-            return read_provenance(pq.read_schema(f))
+        return read_provenance(self._first_schema) if self.files else {}
 
     def to_table(self, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
         """The rows as an Arrow table (``filter``: a ``pyarrow.dataset`` expression, e.g.
@@ -156,6 +173,7 @@ class Results:
         import pyarrow.compute as pc  # here, not at the top: a SQL query's start does not need it
 
         wanted = {category} if isinstance(category, str) else set(category) if category else None
+        kept = self.kept_columns
         for batch in self.batches(batch_size=batch_size):
             if status:
                 batch = batch.filter(pc.equal(batch.column("status"), status))
@@ -177,6 +195,7 @@ class Results:
                     row["status"],
                     row["error"],
                     instances,
+                    {name: row.get(name) for name in kept},
                 )
 
 

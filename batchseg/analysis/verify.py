@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
@@ -78,7 +79,8 @@ def verify(uri: str, manifest: str | None = None, storage_options: dict[str, Any
             shard = (
                 None  # its ids are the old rows': they are still checked for duplicates, not against these
             )
-        ids = _check_object(output, check.objects[index], record, shard, problems)
+        kept = (job or {}).get("keep_columns", {})
+        ids = _check_object(output, check.objects[index], record, shard, kept, problems)
         verdict.shards += 1
         verdict.images += len(ids)
         if seen is not None:
@@ -102,7 +104,8 @@ def _plan(
     if job is None or manifest is None:
         return None
     try:
-        plan = plan_shards(manifest, int(job["shard_size"]), storage_options)
+        keep = tuple(job.get("keep_columns", {}))
+        plan = plan_shards(manifest, int(job["shard_size"]), storage_options, keep)
     except (BatchsegError, KeyError, TypeError, ValueError) as e:
         problems.append(f"cannot check the image ids against the manifest: {e}")
         return None
@@ -110,10 +113,15 @@ def _plan(
 
 
 def _check_object(
-    output: OutputDir, found: ShardObject, record: dict[str, Any], shard: Shard | None, problems: list[str]
+    output: OutputDir,
+    found: ShardObject,
+    record: dict[str, Any],
+    shard: Shard | None,
+    kept: dict[str, str],
+    problems: list[str],
 ) -> list[str]:
-    """The shard object's image ids, after checking its footer, schema and ids against its record and
-    ``shard`` (the manifest's rows for it, when known)."""
+    """The shard object's image ids, after checking its footer, schema (with the ``kept`` manifest columns:
+    name -> type) and ids against its record and ``shard`` (the manifest's rows for it, when known)."""
     name = f"{shard_name(found.index)}.parquet"
     try:
         with job_errors(f"cannot read {found.path}"), output.fs.open(found.path, "rb") as f:
@@ -123,7 +131,11 @@ def _check_object(
     except BatchsegError as e:
         problems.append(f"{name}: {e}")
         return []
-    if not schema.remove_metadata().equals(SCHEMA):
+    others = {f.name: str(f.type) for f in schema if f.name not in SCHEMA.names}
+    if (
+        not pa.schema(schema.field(n) for n in SCHEMA.names if n in schema.names).equals(SCHEMA)
+        or others != kept
+    ):
         problems.append(f"{name}: its columns are not batchseg's")
     if len(ids) != record["rows"]:
         problems.append(f"{name} holds {len(ids):,} rows, its completion record says {record['rows']:,}")

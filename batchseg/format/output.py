@@ -35,7 +35,8 @@ SUMMARY_FILE = "summary.json"
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
 # manifest may change (grow): each shard's record says which rows it holds.
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
-                   "max_instances", "max_pixels", "shard_size")  # fmt: skip
+                   "max_instances", "max_pixels", "shard_size", "keep_columns")  # fmt: skip
+ABSENT: dict[str, Any] = {"keep_columns": {}}  # what a key that an older batchseg did not write meant
 
 
 @dataclass(frozen=True, order=True)
@@ -266,9 +267,9 @@ def _object_problem(record: dict[str, Any], found: ShardObject | None) -> str | 
 
 def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[str, Any]) -> None:
     changed = [
-        f"{k}: {previous.get(k)!r} -> {provenance.get(k)!r}"
+        f"{k}: {previous.get(k, ABSENT.get(k))!r} -> {provenance.get(k, ABSENT.get(k))!r}"
         for k in COMPATIBLE_KEYS
-        if previous.get(k) != provenance.get(k)
+        if previous.get(k, ABSENT.get(k)) != provenance.get(k, ABSENT.get(k))
     ]
     if changed:
         raise BatchsegError(

@@ -35,6 +35,19 @@ SCHEMA = pa.schema(
     ]
 )
 METADATA_KEY = b"batchseg"
+# Names a kept manifest column may not have: the row's own columns, and the instance fields the
+# ``instances`` view puts beside it.
+RESERVED_NAMES = frozenset(SCHEMA.names) | frozenset(f.name for f in INSTANCE)
+
+
+def clashing(names: Sequence[str]) -> list[str]:
+    """The ``--keep-columns`` names that would clash with batchseg's own columns."""
+    return [name for name in names if name in RESERVED_NAMES]
+
+
+def output_schema(kept: pa.Schema | None = None) -> pa.Schema:
+    """The rows' schema: :data:`SCHEMA`, then the manifest columns kept with ``--keep-columns``."""
+    return pa.schema([*SCHEMA, *(kept or [])])
 
 
 def ok_row(
@@ -72,9 +85,15 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def to_parquet(rows: Sequence[dict[str, Any]], provenance: dict[str, Any]) -> bytes:
-    """One shard as Parquet bytes, with ``provenance`` as JSON under the file's ``batchseg`` metadata key."""
+def to_parquet(
+    rows: Sequence[dict[str, Any]], provenance: dict[str, Any], kept: pa.Table | None = None
+) -> bytes:
+    """One shard as Parquet bytes, with ``provenance`` as JSON under the file's ``batchseg`` metadata key;
+    ``kept``: the manifest columns kept for these rows (one row each, in order), after batchseg's."""
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    if kept is not None:
+        for field, column in zip(kept.schema, kept.columns, strict=True):
+            table = table.append_column(field, column)
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")

@@ -11,11 +11,12 @@ from typing import Any
 from batchseg import __version__
 from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir, Resume
+from batchseg.format.records import clashing
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.inference.registry import resize_checks
 from batchseg.io import storage
 from batchseg.io.images import DEFAULT_MAX_PIXELS
-from batchseg.io.manifest import Plan, plan_shards
+from batchseg.io.manifest import Keep, Plan, plan_shards
 
 RAY_FRACTION = 1e-4  # the finest fraction of a CPU or GPU Ray takes
 
@@ -44,6 +45,7 @@ class SegmentConfig:
     io_threads: int = 4
     prefetch: int = 64
     max_attempts: int = 3
+    keep_columns: Keep = ()
     overwrite: bool = False
     address: str | None = None
     connect_timeout: float = storage.CONNECT_TIMEOUT
@@ -79,7 +81,13 @@ class Job:
 def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts."""
     check_options(config)
-    plan = plan_shards(config.manifest, config.shard_size, config.io_options)
+    plan = plan_shards(config.manifest, config.shard_size, config.io_options, config.keep_columns)
+    clashes = clashing(plan.keep)
+    if clashes:  # only --keep-columns all gets here: named columns were checked before the manifest was read
+        raise BatchsegError(
+            f"--keep-columns all: the manifest's column(s) {', '.join(clashes)} clash with batchseg's own "
+            "columns; rename them in the manifest, or name the columns to keep"
+        )
     weights = resolve_weights(config.weights, config.model, config.io_options)
     provenance = {
         "batchseg_version": __version__,
@@ -97,6 +105,7 @@ def prepare_job(config: SegmentConfig) -> Job:
         "manifest": plan.manifest,
         "manifest_rows": plan.num_rows,
         "manifest_fingerprint": plan.fingerprint,
+        "keep_columns": {f.name: str(f.type) for f in plan.columns},
     }
     output = OutputDir(config.output, config.io_options)
     output.prepare(provenance, config.overwrite)
@@ -106,7 +115,17 @@ def prepare_job(config: SegmentConfig) -> Job:
 def check_options(config: SegmentConfig) -> None:
     low, high = config.actors
     gpus, cpus = config.gpus_per_actor, config.cpus_per_actor
+    keep = config.keep_columns
     checks = [
+        (
+            keep == "all" or (isinstance(keep, tuple) and all(isinstance(k, str) and k for k in keep)),
+            f"--keep-columns must be 'all' or column names, not {keep!r}",
+        ),
+        (
+            keep == "all" or not clashing(keep),
+            f"--keep-columns: {', '.join(clashing(keep) if keep != 'all' else [])} clash with batchseg's own "
+            "columns (the row's and the instances'); rename them in the manifest",
+        ),
         (
             0 <= config.score_threshold <= 1,
             f"--score-threshold must be in [0, 1], not {config.score_threshold}",

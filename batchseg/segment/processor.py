@@ -123,7 +123,7 @@ class ShardProcessor:
             "precision": self.predictor.precision,
         }
         record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
-        return self.output.write_shard(shard, to_parquet(rows, provenance), record)
+        return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
         """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
