@@ -29,6 +29,7 @@ from batchseg.format.rle import encode_rle
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
+from tests.refusals import refusal
 from tests.s3server import S3Server
 
 H, W = 30, 40
@@ -428,13 +429,7 @@ def test_diff_refuses_bad_input_with_one_line_and_writes_nothing(
     damaged: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     before = sorted(pathlib.Path(damaged["DIR"]).rglob("*"))
-    try:
-        code = main(["diff", *(arg.format(**damaged) for arg in argv)])
-    except SystemExit as e:  # argparse's own refusals
-        code = int(e.code or 0)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and " error: " in err, err
+    err = refusal(["diff", *(arg.format(**damaged) for arg in argv)], capsys)
     assert re.search(message, err), err
     assert sorted(pathlib.Path(damaged["DIR"]).rglob("*")) == before, "nothing written, not even in part"
 

@@ -24,6 +24,7 @@ from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig, prepare_job
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
+from tests.refusals import refusal
 
 SMALL = {"model": "maskrcnn_small", "weights": str(SHAPES_MODEL), "batch_size": 2}
 DAY = datetime.datetime(2026, 11, 29, 8, 30)
@@ -140,12 +141,8 @@ def test_bad_keep_columns_are_one_line_before_anything_is_written(
     if "--manifest-with" in args:
         pq.write_table(table.append_column(args[-1], pa.array([1])), manifest)
         args = args[:-2]
-    try:
-        code = main(["segment", "--manifest", manifest, "--output", str(tmp_path / "out"), *args])
-    except SystemExit as e:  # argparse's own refusals
-        code = int(e.code or 0)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (code, len(err)) == (2, 1) and message in err[0], err
+    err = refusal(["segment", "--manifest", manifest, "--output", str(tmp_path / "out"), *args], capsys)
+    assert message in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from batchseg.cli import main
 from batchseg.errors import BatchsegError
 from batchseg.segment import driver
 from batchseg.segment.job import SegmentConfig
 from batchseg.train import trainer
 from batchseg.train.synth import SynthDataset, write_dataset
+from tests.refusals import refusal
 
 
 def closed_port() -> int:
@@ -137,13 +137,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> SynthDataset:
 
 
 def refused(argv: list[str], option: str, out: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = int(e.code or 0)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and " error: " in err and option in err, err
+    err = refusal(argv, capsys)
+    assert option in err, err
     assert not out.exists(), sorted(p.name for p in out.iterdir())
 
 

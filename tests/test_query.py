@@ -26,6 +26,7 @@ from batchseg.format.records import ok_row, to_parquet
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
+from tests.refusals import refusal
 from tests.test_render import write_segment_output
 
 
@@ -329,13 +330,7 @@ def test_read_side_commands_refuse_bad_input_with_one_line(
 ) -> None:
     """Bad SQL, empty or impossible values, damaged outputs, files that cannot be written: exit 2 and one
     line naming the problem (no traceback), whether DuckDB finds it before the rows stream or while."""
-    try:
-        code = main([arg.format(**inputs) for arg in argv])
-    except SystemExit as e:  # argparse's own refusals
-        code = int(e.code or 0)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and " error: " in err, err
+    err = refusal([arg.format(**inputs) for arg in argv], capsys)
     assert re.search(message, err), err
 
 
