@@ -275,12 +275,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "used for validation (default: the model's, e.g. 640..800, or 112,144,128 for maskrcnn_small)",
     )
     p.add_argument("--max-size", type=int, default=None, help="longer side cap (default: the model's)")
+    p.add_argument(
+        "--rois-per-image",
+        type=int,
+        default=None,
+        help="proposals per image the box and mask heads learn from, a quarter at most positive (default: "
+        "the model's, 512, or 64 for maskrcnn_small); fewer make a step cheaper",
+    )
     p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0: off)")
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="mixed precision on GPU (auto: bf16 where supported)",
+        help="mixed precision (auto: on GPU bf16 where supported, else fp16; on CPU fp32). bf16 on CPU: "
+        "faster where the CPU has bf16 units (AMX, AVX512-BF16), slower elsewhere",
     )
     p.add_argument(
         "--checkpoint-every",

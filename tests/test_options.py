@@ -107,6 +107,7 @@ TRAIN = [
     (["--max-size", "0"], "--max-size"),  # silently meant the model's
     (["--max-size", "1"], "--max-size"),
     (["--min-sizes", "128,512", "--max-size", "256"], "--max-size"),
+    (["--rois-per-image", "0"], "--rois-per-image"),
     (["--grad-clip", "-1"], "--grad-clip"),
     (["--grad-clip", "nan"], "--grad-clip"),
     (["--grad-clip", "inf"], "--grad-clip"),
@@ -117,6 +118,7 @@ TRAIN = [
     (["--seed", str(2**70)], "--seed"),
     (["--weights", ""], "--weights"),
     (["--precision", "fp8"], "--precision"),
+    (["--precision", "fp16"], "--precision fp16 needs --gpus-per-worker"),  # was fp32 on CPU, silently
 ]
 
 

@@ -145,6 +145,74 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
     assert final["model"][key].shape == old[key].shape  # the trunk came from the checkpoint
 
 
+def rois_sampled(model: torch.nn.Module, images: Any, targets: Any) -> dict[str, list[int]]:
+    """The proposals per image that one training step of ``model`` pools for its box and mask heads
+    (``box_roi_pool``, ``mask_roi_pool``: each takes features, boxes per image, image sizes)."""
+    sampled: dict[str, list[int]] = {}
+    heads: Any = model.roi_heads
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        getattr(heads, name).register_forward_hook(
+            lambda module, inputs, output, name=name: sampled.update({name: [len(b) for b in inputs[1]]})
+        )
+    losses = model(images, targets)
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    return sampled
+
+
+def test_rois_per_image_is_how_many_proposals_of_an_image_the_heads_learn_from(
+    shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    from batchseg.inference.models import resolve_weights
+    from batchseg.train.data import CocoInstances, collate
+    from batchseg.train.trainer import train_model
+
+    data = CocoInstances(shapes.images, shapes.annotations)
+    images, targets = collate([data[0], data[1]])
+    weights = resolve_weights("none", "maskrcnn_small")
+    for rois, expected in ((None, 64), (8, 8)):  # None: the model's own
+        model = train_model(
+            weights, data.categories, short_run(shapes, tmp_path, rois_per_image=rois)
+        ).train()
+        sampled = rois_sampled(model, images, targets)
+        assert sampled["box_roi_pool"] == [expected, expected]  # random weights: proposals to spare
+        assert all(1 <= n <= expected // 4 for n in sampled["mask_roi_pool"])  # the positives
+
+
+def test_bf16_on_a_cpu_runs_the_forward_pass_in_bfloat16_and_keeps_fp32_weights(
+    shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    from batchseg.inference.models import resolve_weights
+    from batchseg.train.data import CocoInstances, collate
+    from batchseg.train.engine import make_optimizer, make_scheduler, train_one_epoch
+    from batchseg.train.trainer import _amp_dtype, train_model
+
+    cpu = torch.device("cpu")
+    assert [_amp_dtype(p, cpu) for p in ("bf16", "auto", "fp32")] == [torch.bfloat16, None, None]
+    data = CocoInstances(shapes.images, shapes.annotations)
+    config = short_run(shapes, tmp_path, precision="bf16")
+    model = train_model(resolve_weights("none", "maskrcnn_small"), data.categories, config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes: list[torch.dtype] = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: dtypes.append(output["0"].dtype))
+    optimizer = make_optimizer(model, "adamw", 1e-3, 1e-4)
+    losses: list[float] = []
+    step = train_one_epoch(
+        model,
+        optimizer,
+        make_scheduler(optimizer, 1, 0, "cosine"),
+        [collate([data[0], data[1]])],
+        cpu,
+        step=0,
+        max_steps=1,
+        amp_dtype=_amp_dtype("bf16", cpu),
+        on_step=lambda step, metrics: losses.append(metrics["loss"]),
+    )
+    assert step == 1 and np.isfinite(losses).all() and dtypes == [torch.bfloat16]
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype for k, v in before.items())  # the weights stay fp32
+    assert not torch.equal(after["backbone.body.conv1.weight"], before["backbone.body.conv1.weight"])
+
+
 def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images(
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:
