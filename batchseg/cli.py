@@ -28,6 +28,13 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 640,672,704, not {text!r}") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.9,0.99, not {text!r}") from None
+
+
 def _uri(text: str) -> str:
     """A path or fsspec URI: an empty one would silently mean the working directory."""
     if not text.strip():
@@ -263,6 +270,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=None, help="default: 1e-3 (AdamW), 0.02 x total batch / 16 (SGD)"
     )
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument(
+        "--betas",
+        type=_floats,
+        default=(0.9, 0.999),
+        help="AdamW's decay rates of the gradient's moving averages, B1,B2 (default 0.9,0.999; a B2 of "
+        "0.99 suits runs of a few thousand steps)",
+    )
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
     p.add_argument(
         "--warmup-iterations", type=int, default=None, help="default: min(100, a tenth of the run)"

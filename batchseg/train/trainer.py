@@ -50,6 +50,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float | None = None
     weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "cosine"
     warmup_iterations: int | None = None
     min_sizes: tuple[int, ...] | None = None
@@ -126,7 +127,9 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     steps_per_epoch = max(1, -(-len(dataset) // (config.batch_size * world)))
     total = config.iterations or (config.epochs or 1) * steps_per_epoch
     every = config.checkpoint_every or steps_per_epoch
-    optimizer = make_optimizer(model, config.optimizer, config.learning_rate, config.weight_decay)
+    optimizer = make_optimizer(
+        model, config.optimizer, config.learning_rate, config.weight_decay, config.betas
+    )
     warmup = config.warmup_iterations if config.warmup_iterations is not None else min(100, total // 10)
     scheduler = make_scheduler(optimizer, total, warmup, config.schedule)
     amp_dtype = _amp_dtype(config.precision, device)
@@ -355,6 +358,14 @@ def _check(config: TrainConfig) -> None:
         (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
         (lr is None or 0 < lr < math.inf, f"--lr must be a positive number, not {lr}"),
         (0 <= decay < math.inf, f"--weight-decay must be 0 or a positive number, not {decay}"),
+        (
+            len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
+            f"--betas must be two numbers from 0 to under 1, not {','.join(map(str, config.betas))}",
+        ),
+        (
+            config.optimizer == "adamw" or tuple(config.betas) == (0.9, 0.999),
+            "--betas are AdamW's: --optimizer sgd has a momentum of 0.9 instead",
+        ),
         (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
         (warmup is None or warmup >= 0, f"--warmup-iterations must be at least 0, not {warmup}"),
         *resize_checks(config.min_sizes or (), config.max_size, "--min-sizes"),
