@@ -44,16 +44,21 @@ def test_two_workers_write_checkpoints_and_a_rerun_resumes_from_the_last(
     ray_address: str, shapes: Any, tmp_path: pathlib.Path
 ) -> None:
     run = tmp_path / "run"
-    metrics = run_training(short_run(shapes, run))
+    recipe = {"betas": (0.9, 0.99), "rois_per_image": 16, "precision": "bf16", "warmup_iterations": 2}
+    metrics = run_training(short_run(shapes, run, **recipe))
     assert (metrics["step"], metrics["resumed_from"]) == (4, 0)
     assert len(checkpoints(run)) == 2
+    last = torch.load(checkpoints(run)[-1] / "model.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)  # the options reached the workers
+    assert last["scheduler"]["last_epoch"] == 4  # a resume goes on with the schedule where it stopped
+    assert {k: last["config"][k] for k in recipe} == recipe
     final = torch.load(run / "model.pt", weights_only=True)
     assert (final["step"], final["model_name"]) == (4, "maskrcnn_small")
     assert final["categories"] == ["__background__", "circle", "square", "triangle"]
     assert "optimizer" not in final and final["config"]["workers"] == 2
     assert json.loads((run / "metrics.json").read_text())["step"] == 4
 
-    metrics = run_training(short_run(shapes, run, iterations=6))  # the same run, longer: resumes at step 4
+    metrics = run_training(short_run(shapes, run, iterations=6, **recipe))  # longer: resumes at step 4
     assert (metrics["step"], metrics["resumed_from"]) == (6, 4)
     assert torch.load(run / "model.pt", weights_only=True)["step"] == 6
 
@@ -244,7 +249,8 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
     from batchseg.train.engine import evaluate as validate
 
     info = resolve_weights(str(SHAPES_MODEL))
-    model = build_model(info, load_state_dict(info))  # the model's own score threshold: 0.05
+    # the model's own score threshold (0.05); the resize it was validated at in training, as segment uses it
+    model = build_model(info, load_state_dict(info), min_size=info.min_size, max_size=info.max_size)
     validation = validate(model, CocoInstances(data.images, data.annotations))
 
     output = str(tmp_path / "segmented")
