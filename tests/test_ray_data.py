@@ -6,13 +6,14 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
-from batchseg.format.records import SCHEMA
+from batchseg.format.records import SCHEMA, output_schema
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
@@ -60,14 +61,17 @@ def by_uri(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_map_batches_gives_the_rows_segment_gives(images: dict[str, Any]) -> None:
     import ray
 
-    ds = ray.data.from_items([{"uri": u} for u in images["uris"]])
+    items = [{"uri": u, "camera": f"cam{n % 3}", "box": [n, n + 1]} for n, u in enumerate(images["uris"])]
+    ds = ray.data.from_items(items)
     rows = ds.map_batches(
         Segmenter,
-        fn_constructor_kwargs=OPTIONS,
+        fn_constructor_kwargs=OPTIONS | {"keep_columns": ["camera", "box"]},  # a list, as Python users write
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=3,
         num_cpus=1,
     ).take_all()
+    kept = {r["uri"]: (r.pop("camera"), list(r.pop("box"))) for r in rows}
+    assert kept == {item["uri"]: (item["camera"], item["box"]) for item in items}
     assert_same_rows(by_uri(rows), by_uri(images["rows"]))
     statuses = {r["uri"].rsplit("/", 1)[-1]: (r["status"], (r["error"] or "").split(":")[0]) for r in rows}
     assert statuses["missing.jpg"] == ("error", "not_found")
@@ -104,3 +108,44 @@ def test_a_segment_output_reads_back_with_ray_data(images: dict[str, Any]) -> No
     files = open_results(images["output"]).files
     table = pa.Table.from_pylist(ray.data.read_parquet(files).take_all(), schema=SCHEMA)
     assert by_uri(table.to_pylist()) == by_uri(images["rows"])
+
+
+def test_keep_columns_carry_the_batchs_columns_into_the_rows(images: dict[str, Any]) -> None:
+    """``keep_columns`` is segment's ``--keep-columns`` for a batch: named columns (or ``"all"`` but
+    ``uri``, ``image_id`` and ``bytes``) follow batchseg's, with their types, on error rows too."""
+    uris = images["uris"][5:]  # an image, the missing file, the text file
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "camera": np.array(["north", "south", "east"], dtype=object),
+        "exposure": np.array([0.5, 1.25, 2.0]),
+        "frame": np.array([7, 8, 9], dtype=np.int16),
+        "box": np.array([[1, 2], [3, 4], [5, 6]]),  # how Ray Data hands a column of equal-length lists
+    }
+    table = Segmenter(**OPTIONS, keep_columns=("frame", "camera"))(batch)  # type: ignore[arg-type]
+    assert table.schema == output_schema(pa.schema([("frame", pa.int16()), ("camera", pa.string())]))
+    rows = table.to_pylist()
+    assert [(r["status"], r["frame"], r["camera"]) for r in rows] == [
+        ("ok", 7, "north"),
+        ("error", 8, "south"),
+        ("error", 9, "east"),
+    ]
+    everything = Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
+    assert everything.schema.names == [*SCHEMA.names, "camera", "exposure", "frame", "box"]
+    assert everything.column("exposure").to_pylist() == [0.5, 1.25, 2.0]
+    assert everything.column("box").to_pylist() == [[1, 2], [3, 4], [5, 6]]
+    assert (
+        everything.drop_columns(["camera", "exposure", "frame", "box"]).to_pylist()
+        == table.drop_columns(["frame", "camera"]).to_pylist()
+    )
+
+
+def test_keep_columns_the_batch_lacks_or_that_clash_are_refused(images: dict[str, Any]) -> None:
+    batch = {"uri": np.array(images["uris"][:1], dtype=object), "status": np.array(["raw"], dtype=object)}
+    with pytest.raises(
+        BatchsegError, match=r"keep_columns: the batch has no column 'camera' \(it has: uri, status\)"
+    ):
+        Segmenter(**OPTIONS, keep_columns=("camera",))(batch)  # type: ignore[arg-type]
+    with pytest.raises(BatchsegError, match="status clash with batchseg's own"):
+        Segmenter(**OPTIONS, keep_columns=("status",))
+    with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) status clash"):
+        Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]

@@ -85,16 +85,24 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-def to_parquet(
-    rows: Sequence[dict[str, Any]], provenance: dict[str, Any], kept: pa.Table | None = None
-) -> bytes:
-    """One shard as Parquet bytes, with ``provenance`` as JSON under the file's ``batchseg`` metadata key;
-    ``kept``: the manifest columns kept for these rows (one row each, in order), after batchseg's."""
+def to_table(rows: Sequence[dict[str, Any]], kept: pa.Table | None = None) -> pa.Table:
+    """Rows as a table of :func:`output_schema`: ``kept`` holds the manifest columns kept for them (one
+    row each, in order), which follow batchseg's own."""
     table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
     if kept is not None:
         for field, column in zip(kept.schema, kept.columns, strict=True):
             table = table.append_column(field, column)
-    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()})
+    return table
+
+
+def to_parquet(
+    rows: Sequence[dict[str, Any]], provenance: dict[str, Any], kept: pa.Table | None = None
+) -> bytes:
+    """One shard as Parquet bytes (:func:`to_table`), with ``provenance`` as JSON under the file's
+    ``batchseg`` metadata key."""
+    table = to_table(rows, kept).replace_schema_metadata(
+        {METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()

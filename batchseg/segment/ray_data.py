@@ -13,9 +13,9 @@
     )
     rows.write_parquet("s3://bucket/rows/")                             # batchseg's row schema
 
-Each actor holds one model; a batch gives one row per input row, in batchseg's schema (``SCHEMA``), made
-by the same code as ``batchseg segment`` (its :class:`~batchseg.segment.processor.ShardProcessor`). Ray
-Data gives no exactly-once output, resume or completion records: for archives that must come out whole,
+Each actor holds one model; a batch gives one row per input row, in batchseg's schema (``SCHEMA``, then
+the batch's columns named by ``keep_columns``), made by the same code as ``batchseg segment`` (its
+:class:`~batchseg.segment.processor.ShardProcessor`). Ray Data gives no exactly-once output, resume or completion records: for archives that must come out whole,
 ``batchseg segment`` is the tool. This module imports no Ray: Ray Data calls it.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.format.records import SCHEMA
+from batchseg.format.records import clashing, to_table
 from batchseg.inference.models import resolve_weights
 from batchseg.io.images import decode_image
 from batchseg.io.loader import Loaded
@@ -47,13 +47,17 @@ class Segmenter:
     Keyword arguments are ``batchseg segment``'s options (see :class:`SegmentConfig`): ``model``,
     ``weights``, ``score_threshold``, ``mask_threshold``, ``min_size``, ``max_size``, ``max_instances``,
     ``max_pixels``, ``batch_size`` (images per forward pass), ``precision``, ``decode``, ``io_threads``,
-    ``prefetch``, ``connect_timeout``, ``read_timeout``, ``storage_options``; plus ``device`` (default:
-    ``cuda`` when the actor has a GPU, else ``cpu``). They are checked when the actor starts.
+    ``prefetch``, ``connect_timeout``, ``read_timeout``, ``storage_options``, ``keep_columns`` (the
+    batch's columns to carry into the rows after batchseg's, with their types, as ``--keep-columns`` does;
+    ``"all"``: every column but ``uri``, ``image_id`` and ``bytes``); plus ``device`` (default: ``cuda``
+    when the actor has a GPU, else ``cpu``). They are checked when the actor starts.
     """
 
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
         import torch
 
+        if isinstance(options.get("keep_columns"), list):
+            options["keep_columns"] = tuple(options["keep_columns"])
         config = SegmentConfig(manifest="", output="", **options)
         check_options(config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,11 +78,39 @@ class Segmenter:
             fallback_ids = [hashlib.sha1(bytes(b)).hexdigest()[:16] for b in data]
         ids = [str(i) for i in batch[ID_COLUMN]] if ID_COLUMN in batch else fallback_ids
         images = None if data is None else [self._decoded(bytes(b)) for b in data]
-        rows = self.processor.rows(Shard(0, ids, uris), images)
-        return pa.Table.from_pylist(rows, schema=SCHEMA)
+        kept = self._kept(batch)  # before the images are read: a batch without the columns is refused
+        return to_table(self.processor.rows(Shard(0, ids, uris), images), kept)
+
+    def _kept(self, batch: dict[str, np.ndarray]) -> pa.Table | None:
+        """The batch's columns named by ``keep_columns``, as a table (None when none are kept)."""
+        keep = self.processor.config.keep_columns
+        names = list(batch)
+        if keep == "all":
+            keep = tuple(n for n in names if n not in (URI_COLUMN, ID_COLUMN, BYTES_COLUMN))
+            if clashing(keep):
+                raise BatchsegError(
+                    f"keep_columns='all': the batch's column(s) {', '.join(clashing(keep))} clash with "
+                    "batchseg's own columns; rename them, or name the columns to keep"
+                )
+        missing = [repr(name) for name in keep if name not in batch]
+        if missing:
+            raise BatchsegError(
+                f"keep_columns: the batch has no column {', '.join(missing)} (it has: {', '.join(names)})"
+            )
+        return pa.table({name: _arrow(name, batch[name]) for name in keep}) if keep else None
 
     def _decoded(self, data: bytes) -> Loaded:
         try:
             return decode_image(data, self.processor.config.max_pixels)
         except ImageError as e:
             return e
+
+
+def _arrow(name: str, values: Any) -> pa.Array:
+    """A batch's column as Arrow: Ray Data hands a column of equal-length lists as one n-d array."""
+    try:
+        if isinstance(values, np.ndarray) and values.ndim > 1:
+            return pa.array(list(values))
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise BatchsegError(f"keep_columns: column {name!r} has no Arrow type ({e})") from None
