@@ -423,7 +423,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     )
     print(diff.format())
     if args.out:
-        print(f"\nper-image table ({diff.images['in_both']:,} images in both) written to {args.out}")
+        print(
+            f"\nper-image table ({diff.images['in_both']:,} images in both) written to {args.out}"
+            f"{diff.kept_note()}"
+        )
     if args.json:
         with job_errors(f"cannot write {args.json}"):
             fs, path = storage.filesystem(args.json, args.storage_options)

@@ -103,7 +103,13 @@ def test_box_only_instances_match_by_box_iou() -> None:
     assert match_instances(old, new, H, W, 0.5) == [(1, 1, 0.8)]
 
 
-def write_output(folder: pathlib.Path, shards: list[list[dict[str, Any]]], threshold: float) -> str:
+def write_output(
+    folder: pathlib.Path,
+    shards: list[list[dict[str, Any]]],
+    threshold: float,
+    kept: list[pa.Table] | None = None,
+) -> str:
+    """Hand-made shards (with ``kept``, one table of manifest columns per shard) as segment writes them."""
     folder.mkdir(parents=True)
     for index, rows in enumerate(shards):
         provenance = {
@@ -112,7 +118,8 @@ def write_output(folder: pathlib.Path, shards: list[list[dict[str, Any]]], thres
             "score_threshold": threshold,
             "shard": index,
         }
-        (folder / f"part-{index:06d}.parquet").write_bytes(to_parquet(rows, provenance))
+        columns = None if kept is None else kept[index]
+        (folder / f"part-{index:06d}.parquet").write_bytes(to_parquet(rows, provenance, columns))
     return str(folder)
 
 
@@ -200,6 +207,36 @@ def test_diff_counts_categories_images_and_changes(pair: tuple[str, str], tmp_pa
     assert rows["h"] == {"image_id": "h", "uri": "/images/h.png", "old_status": "ok", "new_status": "ok",
                          "old_instances": 1, "new_instances": 1, **not_compared}  # fmt: skip
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_the_per_image_table_carries_news_kept_columns(tmp_path: pathlib.Path) -> None:
+    """NEW's ``--keep-columns`` follow the table's own columns in ``--out`` (to group changes by camera,
+    say); one named like a table column is left out, and said so. OLD's are not carried."""
+    new_kept = pa.table(
+        {"camera": ["north", "south"], "frame": pa.array([7, 8], pa.int16()), "added": ["x", "y"]}
+    )
+    old = write_output(
+        tmp_path / "old", [[row("a", []), row("b", [])]], 0.5, [pa.table({"site": ["s1", "s2"]})]
+    )
+    new = write_output(
+        tmp_path / "new", [[row("b", [instance("circle", 0.9, A)]), row("a", [])]], 0.3, [new_kept]
+    )
+    for name in ("table.parquet", "table.jsonl", "table.csv"):
+        diff = diff_outputs(old, new, out=str(tmp_path / name))
+        assert diff.kept_columns == ["camera", "frame"] and diff.left_out_columns == ["added"]
+    table = pq.read_table(tmp_path / "table.parquet")
+    assert table.schema == pa.schema([*TABLE, pa.field("camera", pa.string()), pa.field("frame", pa.int16())])
+    assert [(r["image_id"], r["camera"], r["frame"], r["added"]) for r in table.to_pylist()] == [
+        ("b", "north", 7, 1),
+        ("a", "south", 8, 0),
+    ]
+    lines = [json.loads(line) for line in (tmp_path / "table.jsonl").read_text().splitlines()]
+    assert [(r["camera"], r["frame"]) for r in lines] == [("north", 7), ("south", 8)]
+    assert pcsv.read_csv(tmp_path / "table.csv").column("camera").to_pylist() == ["north", "south"]
+    assert (
+        diff.kept_note()
+        == " with NEW's kept columns camera, frame (left out: added, named like the table's own columns)"
+    )
 
 
 def test_diff_reads_old_one_shard_at_a_time(pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

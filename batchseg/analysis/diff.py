@@ -154,6 +154,8 @@ class Diff:
     images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IMAGE_COUNTS, 0))
     categories: dict[str, CategoryDiff] = field(default_factory=dict)
     top: list[ImageDiff] = field(default_factory=list)  # the most changed images, most first
+    kept_columns: list[str] = field(default_factory=list)  # NEW's --keep-columns, after TABLE's in --out
+    left_out_columns: list[str] = field(default_factory=list)  # NEW's kept columns named like TABLE's
 
     def total(self) -> CategoryDiff:
         total = CategoryDiff()
@@ -178,6 +180,13 @@ class Diff:
             "total": self.total().as_dict(),
             "top": [image.as_dict() for image in self.top],
         }
+
+    def kept_note(self) -> str:
+        """Which of NEW's kept manifest columns the per-image table carries ("" when NEW kept none)."""
+        note = f" with NEW's kept columns {', '.join(self.kept_columns)}" if self.kept_columns else ""
+        if self.left_out_columns:
+            note += f" (left out: {', '.join(self.left_out_columns)}, named like the table's own columns)"
+        return note
 
     def format(self) -> str:
         """The summary as text: the images, a per-category table and the most changed images."""
@@ -375,7 +384,7 @@ def diff_outputs(
 
     Returns a :class:`Diff` with the ``top`` most changed images (highest change score first; ties in
     NEW's order; images with a score of 0 are never listed), their rows too when ``keep_rows``. With
-    ``out``, also writes :data:`TABLE` there as CSV, JSON Lines or Parquet (from its suffix), whole or
+    ``out``, also writes :data:`TABLE` (then NEW's kept manifest columns) there as CSV, JSON Lines or Parquet (from its suffix), whole or
     not at all. Raises :class:`BatchsegError` for impossible options, an output that is missing or not a
     segment output, or one that cannot be read, before ``out`` is written.
     """
@@ -385,13 +394,17 @@ def diff_outputs(
     before, after = old_results.provenance, new_results.provenance
     settings = {k: (before.get(k), after.get(k)) for k in SETTINGS if before.get(k) != after.get(k)}
     index = _OldIndex(old_results)
+    kept = [f for f in new_results.schema if f.name in new_results.kept_columns]
+    schema = pa.schema([*TABLE, *(f for f in kept if f.name not in TABLE.names)])
     diff = Diff(old_results.uri, new_results.uri, iou_threshold, settings)
-    join = _Join(diff, index, new_results, top, keep_rows)
+    diff.kept_columns = schema.names[len(TABLE) :]
+    diff.left_out_columns = [f.name for f in kept if f.name in TABLE.names]
+    join = _Join(diff, index, new_results, top, keep_rows, schema)
     if out is None or fmt is None:
         for _ in join.batches():
             pass
     else:
-        _write_whole(out, fmt, pa.RecordBatchReader.from_batches(TABLE, join.batches()), storage_options)
+        _write_whole(out, fmt, pa.RecordBatchReader.from_batches(schema, join.batches()), storage_options)
     diff.images["old_rows"] = index.rows
     diff.images["old_error_rows"] = index.error_rows
     diff.images["duplicate_rows"] += index.duplicates
@@ -409,13 +422,14 @@ class _Join:
     new: Results
     top: int
     keep_rows: bool
+    schema: pa.Schema  # TABLE, then the NEW kept columns it carries
     heap: list[tuple[float, int, ImageDiff]] = field(default_factory=list)  # (score, -order, image)
     cache: dict[int, pa.Table] = field(default_factory=dict)  # OLD shards read last
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for path in self.new.files:
-            table = self.new.read_file(path, COLUMNS)
-            yield pa.RecordBatch.from_pylist(self._compare(table), schema=TABLE)
+            table = self.new.read_file(path, COLUMNS + self.diff.kept_columns)
+            yield pa.RecordBatch.from_pylist(self._compare(table), schema=self.schema)
 
     def _old_shard(self, shard: int) -> pa.Table:
         if shard not in self.cache:
@@ -461,6 +475,7 @@ class _Join:
                 "new_status": new_row["status"],
                 "old_instances": _count(old_row),
                 "new_instances": _count(new_row),
+                **{name: new_row[name] for name in self.diff.kept_columns},
             }
             out.append(row)
             if old_row["status"] != "ok" or new_row["status"] != "ok":
