@@ -92,6 +92,34 @@ def test_query_writes_every_row_in_each_format(output: dict[str, Any], fmt: str)
     assert len(rows) == n and set(rows[0]) == {"image_id", "category", "score"}
 
 
+def test_csv_out_writes_nested_columns_as_json_text(output: dict[str, Any]) -> None:
+    """``SELECT * FROM images`` to CSV: the instances (a list of structs) were refused by Arrow's CSV
+    writer; each nested cell is now its JSON text, which parses back to the row's value."""
+    import pyarrow.csv as pcsv
+
+    out = output["root"] / "images.csv"
+    assert run_query(output["uri"], "SELECT * FROM images ORDER BY uri", out=str(out)).startswith("12 rows")
+    types = {"image_id": pa.string(), "instances": pa.string()}
+    options = pcsv.ConvertOptions(column_types=types, strings_can_be_null=True)  # an error row: no instances
+    rows = pcsv.read_csv(out, convert_options=options).to_pylist()
+    expected = sorted(output["table"].to_pylist(), key=lambda r: r["uri"])
+    assert [r["uri"] for r in rows] == [r["uri"] for r in expected]
+    assert [None if r["instances"] is None else json.loads(r["instances"]) for r in rows] == [
+        r["instances"] for r in expected
+    ]
+    assert sum(len(json.loads(r["instances"] or "[]")) for r in rows) == len(instance_rows(output["table"]))
+
+
+def test_a_query_that_fails_while_writing_leaves_no_file(output: dict[str, Any]) -> None:
+    """A 0-byte (or half) file was left at --out when DuckDB failed on a row."""
+    sql = "SELECT CASE WHEN status = 'error' THEN error('a bad row') ELSE uri END AS uri FROM images"
+    for name in ("bad.csv", "bad.parquet", "bad.jsonl"):
+        with pytest.raises(BatchsegError, match="a bad row"):
+            run_query(output["uri"], sql, out=str(output["root"] / name))
+        assert not (output["root"] / name).exists()
+    assert not [p.name for p in output["root"].iterdir() if p.name.startswith("bad.")]
+
+
 def test_query_out_without_a_format_takes_it_from_the_name(output: dict[str, Any]) -> None:
     """It wrote JSON Lines into results.csv and said "(table)"."""
     sql = "SELECT image_id, score FROM instances"
@@ -217,17 +245,18 @@ def test_read_side_commands_answer_bad_input_with_one_line_and_exit_2(
     output: dict[str, Any], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Bad SQL in --where, an --out that cannot be written: one 'batchseg: error:' line, nothing written."""
+    (tmp_path / "a-file").write_text("in the way of a folder")
     cases = [
         (["render", output["uri"], "--out", str(tmp_path / "png"), "--where", "nope("], "--where cannot be evaluated"),
         (["export-coco", output["uri"], "--out", str(tmp_path)], f"cannot write {tmp_path}: IsADirectoryError"),
-        (["query", output["uri"], "SELECT 1", "--format", "csv", "--out", str(tmp_path / "no" / "x.csv")],
-         f"cannot write {tmp_path / 'no' / 'x.csv'}"),
+        (["query", output["uri"], "SELECT 1", "--format", "csv", "--out", str(tmp_path / "a-file" / "x.csv")],
+         f"cannot write {tmp_path / 'a-file' / 'x.csv'}"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"batchseg: error: {message}"), err
-    assert not (tmp_path / "png").exists()
+    assert not (tmp_path / "png").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 @pytest.mark.parametrize(

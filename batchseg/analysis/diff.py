@@ -17,11 +17,9 @@ once more; others are joined just as correctly, reading an OLD shard again for e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import math
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pycocotools.mask as coco_mask
 
-from batchseg.analysis.query import format_of_name, format_table, write_rows
+from batchseg.analysis.query import format_of_name, format_table, write_whole
 from batchseg.analysis.results import Results
-from batchseg.errors import BatchsegError, job_errors
-from batchseg.io import storage
+from batchseg.errors import BatchsegError
 
 COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
 # Settings of the two runs shown side by side when they differ (the shards' provenance).
@@ -404,7 +401,7 @@ def diff_outputs(
         for _ in join.batches():
             pass
     else:
-        _write_whole(out, fmt, pa.RecordBatchReader.from_batches(schema, join.batches()), storage_options)
+        write_whole(out, fmt, pa.RecordBatchReader.from_batches(schema, join.batches()), storage_options)
     diff.images["old_rows"] = index.rows
     diff.images["old_error_rows"] = index.error_rows
     diff.images["duplicate_rows"] += index.duplicates
@@ -525,28 +522,6 @@ class _Join:
 
 def _count(row: dict[str, Any]) -> int | None:
     return None if row["status"] != "ok" else len(row["instances"] or [])
-
-
-def _write_whole(
-    out: str, fmt: str, reader: pa.RecordBatchReader, storage_options: dict[str, Any] | None
-) -> None:
-    """Stream ``reader`` into a file beside ``out``, renamed to ``out`` once complete: a diff that fails
-    halfway leaves no half table (and no file) behind."""
-    fs, path = storage.filesystem(out, storage_options)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with job_errors(f"cannot write {out}"):
-        if storage.is_local(fs):
-            fs.makedirs(storage.parent(path), exist_ok=True)
-        f = fs.open(temporary, "wb")
-    try:
-        with job_errors(f"cannot write {out}"):  # the rows' own errors pass through as they are
-            with f:
-                write_rows(reader, fmt, f)
-            fs.mv(temporary, path)
-    except BaseException:
-        with contextlib.suppress(Exception):  # never written (an object store writes on close), or gone
-            fs.rm(temporary)
-        raise
 
 
 def _category_cells(name: str, c: CategoryDiff) -> dict[str, str]:

@@ -5,10 +5,12 @@ fsspec (so s3:// and S3-compatible endpoints work offline, without DuckDB's http
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,10 +111,14 @@ def run_query(
         return format_table(reader)
     if out is None:
         raise BatchsegError(f"--format {fmt} needs --out FILE")
-    fs, path = storage.filesystem(out, storage_options)
-    with job_errors(f"cannot write {out}"), fs.open(path, "wb") as f:
-        rows = write_rows(reader, fmt, f)
+    rows = write_whole(out, fmt, reader, storage_options)
     return f"{rows} rows written to {out} ({fmt})"
+
+
+def _json_text(column: pa.Array) -> pa.Array:
+    return pa.array(
+        [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string()
+    )
 
 
 def format_of_name(out: str) -> str | None:
@@ -120,9 +126,33 @@ def format_of_name(out: str) -> str | None:
     return FORMAT_OF_SUFFIX.get(os.path.splitext(out.rstrip("/"))[1].lower())
 
 
+def write_whole(
+    out: str, fmt: str, reader: pa.RecordBatchReader, storage_options: dict[str, Any] | None = None
+) -> int:
+    """:func:`write_rows` into a file beside ``out``, renamed to ``out`` once complete: rows that fail
+    halfway (a query's, a diff's) leave no half table, and no file, behind. Returns the rows written."""
+    fs, path = storage.filesystem(out, storage_options)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with job_errors(f"cannot write {out}"):
+        if storage.is_local(fs):
+            fs.makedirs(storage.parent(path), exist_ok=True)
+        f = fs.open(temporary, "wb")
+    try:
+        with job_errors(f"cannot write {out}"):  # the rows' own errors pass through as they are
+            with f:
+                rows = write_rows(reader, fmt, f)
+            fs.mv(temporary, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # never written (an object store writes on close), or gone
+            fs.rm(temporary)
+        raise
+    return rows
+
+
 def write_rows(reader: pa.RecordBatchReader, fmt: str, f: Any) -> int:
     """Write every batch of ``reader`` to the open binary file ``f`` as ``fmt`` (``csv``, ``json``: one
-    object per line, or ``parquet``), streaming; returns the rows written."""
+    object per line, or ``parquet``), streaming; returns the rows written. A CSV cell of a nested column
+    (lists, structs: the instances) holds its value's JSON text."""
     rows = 0
     if fmt == "parquet":
         with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
@@ -132,8 +162,14 @@ def write_rows(reader: pa.RecordBatchReader, fmt: str, f: Any) -> int:
     elif fmt == "csv":
         import pyarrow.csv as pcsv  # here: only CSV output needs it
 
-        with pcsv.CSVWriter(f, reader.schema) as writer:
+        nested = [i for i, t in enumerate(reader.schema.types) if pa.types.is_nested(t)]
+        schema = reader.schema
+        for i in nested:
+            schema = schema.set(i, pa.field(schema.field(i).name, pa.string()))
+        with pcsv.CSVWriter(f, schema) as writer:
             for batch in reader:
+                for i in nested:
+                    batch = batch.set_column(i, schema.field(i), _json_text(batch.column(i)))
                 writer.write_batch(batch)
                 rows += batch.num_rows
     else:
