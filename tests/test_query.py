@@ -194,6 +194,29 @@ def test_export_coco_round_trips_through_pycocotools(output: dict[str, Any]) -> 
     assert truth.loadRes(str(out)).getAnnIds()
 
 
+def test_an_export_that_fails_halfway_leaves_neither_file(
+    output: dict[str, Any], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both files were streamed in place, so a failure on the third instance left half a JSON list."""
+    from batchseg.analysis import export
+
+    converted: list[int] = []
+
+    def failing(*args: Any) -> dict[str, Any]:
+        converted.append(1)
+        if len(converted) == 3:
+            raise OSError("the store went away")
+        return export.coco_result(*args)
+
+    monkeypatch.setattr(export, "coco_result", failing)
+    out, images = tmp_path / "results.json", tmp_path / "images.json"
+    with pytest.raises(
+        BatchsegError, match=r"cannot write the COCO export .*results\.json: .*the store went away"
+    ):
+        export_coco(output["uri"], str(out), str(images))
+    assert len(converted) == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_render_cli_draws_each_selected_image_over_its_masks(output: dict[str, Any]) -> None:
     out = output["root"] / "overlays"
     assert (

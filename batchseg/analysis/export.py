@@ -34,13 +34,13 @@ def export_coco(
     counts = {"images": 0, "instances": 0, "skipped_rows": 0}
     with job_errors(f"cannot write the COCO export {out}"), contextlib.ExitStack() as stack:
         fs, path = storage.filesystem(out, storage_options)
-        with job_errors(f"cannot write {out}"):
-            detections = stack.enter_context(fs.open(path, "wb"))
+        with job_errors(f"cannot write {out}"):  # each file appears whole, or not at all
+            detections = stack.enter_context(storage.open_whole(fs, path))
         listing = None
         if images_out:
             fs_images, images_path = storage.filesystem(images_out, storage_options)
             with job_errors(f"cannot write {images_out}"):
-                listing = stack.enter_context(fs_images.open(images_path, "wb"))
+                listing = stack.enter_context(storage.open_whole(fs_images, images_path))
             listing.write(b'{"images": [')
         detections.write(b"[")
         for image in results.images():

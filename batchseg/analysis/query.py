@@ -5,12 +5,10 @@ fsspec (so s3:// and S3-compatible endpoints work offline, without DuckDB's http
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,20 +130,9 @@ def write_whole(
     """:func:`write_rows` into a file beside ``out``, renamed to ``out`` once complete: rows that fail
     halfway (a query's, a diff's) leave no half table, and no file, behind. Returns the rows written."""
     fs, path = storage.filesystem(out, storage_options)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with job_errors(f"cannot write {out}"):
-        if storage.is_local(fs):
-            fs.makedirs(storage.parent(path), exist_ok=True)
-        f = fs.open(temporary, "wb")
-    try:
-        with job_errors(f"cannot write {out}"):  # the rows' own errors pass through as they are
-            with f:
-                rows = write_rows(reader, fmt, f)
-            fs.mv(temporary, path)
-    except BaseException:
-        with contextlib.suppress(Exception):  # never written (an object store writes on close), or gone
-            fs.rm(temporary)
-        raise
+    # the rows' own errors (BatchsegError) pass through as they are
+    with job_errors(f"cannot write {out}"), storage.open_whole(fs, path) as f:
+        rows = write_rows(reader, fmt, f)
     return rows
 
 

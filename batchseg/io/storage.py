@@ -9,6 +9,7 @@ are transient errors too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import posixpath
@@ -17,7 +18,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
@@ -244,6 +245,25 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         retrying(lambda: fs.pipe_file(path, data), f"writing {path}")
+
+
+@contextlib.contextmanager
+def open_whole(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
+    """A binary file to stream into, that appears at ``path`` whole or not at all: it is written aside
+    and moved to ``path`` when the block ends; an error inside removes it (an object store's upload
+    would otherwise commit the half written so far when the file closes)."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    f = fs.open(temporary, "wb")
+    try:
+        with f:
+            yield f
+        fs.mv(temporary, path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # never written (an object store writes on close), or gone
+            fs.rm(temporary)
+        raise
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
