@@ -269,17 +269,24 @@ def test_read_side_commands_answer_bad_input_with_one_line_and_exit_2(
 ) -> None:
     """Bad SQL in --where, an --out that cannot be written: one 'batchseg: error:' line, nothing written."""
     (tmp_path / "a-file").write_text("in the way of a folder")
+    (tmp_path / "a-folder.csv").mkdir()  # the move of a whole file would have put it inside
     cases = [
         (["render", output["uri"], "--out", str(tmp_path / "png"), "--where", "nope("], "--where cannot be evaluated"),
         (["export-coco", output["uri"], "--out", str(tmp_path)], f"cannot write {tmp_path}: IsADirectoryError"),
         (["query", output["uri"], "SELECT 1", "--format", "csv", "--out", str(tmp_path / "a-file" / "x.csv")],
          f"cannot write {tmp_path / 'a-file' / 'x.csv'}"),
+        (["query", output["uri"], "SELECT 1", "--out", str(tmp_path / "a-folder.csv")],
+         f"cannot write {tmp_path / 'a-folder.csv'}: IsADirectoryError"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"batchseg: error: {message}"), err
-    assert not (tmp_path / "png").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert not (tmp_path / "png").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file",
+        "a-folder.csv",
+    ]
+    assert list((tmp_path / "a-folder.csv").iterdir()) == []
 
 
 @pytest.mark.parametrize(

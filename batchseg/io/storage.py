@@ -252,6 +252,8 @@ def open_whole(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
     """A binary file to stream into, that appears at ``path`` whole or not at all: it is written aside
     and moved to ``path`` when the block ends; an error inside removes it (an object store's upload
     would otherwise commit the half written so far when the file closes)."""
+    if fs.isdir(path):  # else the move would put the file inside it
+        raise IsADirectoryError(errno.EISDIR, "it is a folder", path)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
