@@ -381,8 +381,8 @@ def diff_outputs(
 
     Returns a :class:`Diff` with the ``top`` most changed images (highest change score first; ties in
     NEW's order; images with a score of 0 are never listed), their rows too when ``keep_rows``. With
-    ``out``, also writes :data:`TABLE` (then NEW's kept manifest columns) there as CSV, JSON Lines or Parquet (from its suffix), whole or
-    not at all. Raises :class:`BatchsegError` for impossible options, an output that is missing or not a
+    ``out``, also writes :data:`TABLE` (then NEW's kept manifest columns) there as CSV, JSON Lines or
+    Parquet (from its suffix), whole or not at all. Raises :class:`BatchsegError` for impossible options, an output that is missing or not a
     segment output, or one that cannot be read, before ``out`` is written.
     """
     fmt = check_options(iou_threshold, top, out)

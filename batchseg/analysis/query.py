@@ -113,12 +113,6 @@ def run_query(
     return f"{rows} rows written to {out} ({fmt})"
 
 
-def _json_text(column: pa.Array) -> pa.Array:
-    return pa.array(
-        [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string()
-    )
-
-
 def format_of_name(out: str) -> str | None:
     """The format a file's name says (``.csv``, ``.jsonl``, ``.parquet``...: :data:`FORMAT_OF_SUFFIX`), or None."""
     return FORMAT_OF_SUFFIX.get(os.path.splitext(out.rstrip("/"))[1].lower())
@@ -164,6 +158,12 @@ def write_rows(reader: pa.RecordBatchReader, fmt: str, f: Any) -> int:
             f.write("".join(json.dumps(r, default=str) + "\n" for r in batch.to_pylist()).encode())
             rows += batch.num_rows
     return rows
+
+
+def _json_text(column: pa.Array) -> pa.Array:
+    return pa.array(
+        [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string()
+    )
 
 
 def stream(

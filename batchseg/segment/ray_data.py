@@ -15,8 +15,8 @@
 
 Each actor holds one model; a batch gives one row per input row, in batchseg's schema (``SCHEMA``, then
 the batch's columns named by ``keep_columns``), made by the same code as ``batchseg segment`` (its
-:class:`~batchseg.segment.processor.ShardProcessor`). Ray Data gives no exactly-once output, resume or completion records: for archives that must come out whole,
-``batchseg segment`` is the tool. This module imports no Ray: Ray Data calls it.
+:class:`~batchseg.segment.processor.ShardProcessor`). Ray Data gives no exactly-once output, resume or
+completion records: for archives that must come out whole, ``batchseg segment`` is the tool. This module imports no Ray: Ray Data calls it.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class Segmenter:
             uris = [str(u) for u in batch[URI_COLUMN]] if URI_COLUMN in batch else [""] * len(data)
             fallback_ids = [hashlib.sha1(bytes(b)).hexdigest()[:16] for b in data]
         ids = [str(i) for i in batch[ID_COLUMN]] if ID_COLUMN in batch else fallback_ids
+        kept = self._kept(batch)  # before any image is decoded or read: a batch without them is refused
         images = None if data is None else [self._decoded(bytes(b)) for b in data]
-        kept = self._kept(batch)  # before the images are read: a batch without the columns is refused
         return to_table(self.processor.rows(Shard(0, ids, uris), images), kept)
 
     def _kept(self, batch: dict[str, np.ndarray]) -> pa.Table | None:
