@@ -27,8 +27,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: 
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.io.manifest import iter_manifest
+from batchseg.segment.config import SegmentConfig
 from batchseg.segment.driver import run_segment
-from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from tests.faults import KINDS, FaultProxy
 from tests.s3server import running_s3

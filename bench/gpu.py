@@ -28,7 +28,8 @@ from batchseg.inference.models import build_model, resolve_weights
 from batchseg.inference.predictor import Predictor
 from batchseg.io.images import decode_image
 from batchseg.io.manifest import Plan, Shard
-from batchseg.segment.job import Job, SegmentConfig
+from batchseg.segment.config import SegmentConfig
+from batchseg.segment.job import Job
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
 

@@ -20,8 +20,8 @@ import torch
 from batchseg.format.output import OutputDir
 from batchseg.inference.models import build_model, resolve_weights
 from batchseg.io.images import decode_image
+from batchseg.segment.config import SegmentConfig
 from batchseg.segment.driver import run_segment
-from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 
 

@@ -35,8 +35,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: 
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.format.output import OutputDir
+from batchseg.segment.config import SegmentConfig
 from batchseg.segment.driver import run_segment
-from batchseg.segment.job import SegmentConfig, prepare_job, summarize
+from batchseg.segment.job import prepare_job, summarize
 from batchseg.train.synth import write_dataset
 from tests.s3server import running_s3
 

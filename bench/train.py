@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 
+from batchseg.train.config import TrainConfig
 from batchseg.train.synth import write_dataset
-from batchseg.train.trainer import TrainConfig, run_training
+from batchseg.train.trainer import run_training
 
 
 def main() -> None:

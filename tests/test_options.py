@@ -4,11 +4,13 @@ is one ``error:`` line on stderr naming the option, exit 2, and no output folder
 from __future__ import annotations
 
 import pathlib
+import re
 import socket
 from typing import Any
 
 import pytest
 
+from batchseg import options
 from batchseg.errors import BatchsegError
 from batchseg.segment import driver
 from batchseg.segment.job import SegmentConfig
@@ -198,3 +200,79 @@ def test_the_python_api_gets_the_same_checks(
     with pytest.raises(BatchsegError, match=r"give --iterations or --epochs \(exactly one\)"):
         trainer.run_training(run)
     assert not (tmp_path / "run").exists()
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("command", ["segment", "train"])
+def test_readme_tables_every_option_with_its_real_default(command: str) -> None:
+    """README's option tables are the declarations themselves: every option, its default, its help."""
+    config = {"segment": SegmentConfig, "train": trainer.TrainConfig}[command]
+    text = README.read_text()
+    start = text.index(f"<!-- options: {command} ")
+    block = text[text.index("\n", start) + 1 : text.index("\n<!-- end options -->", start)]
+    table = options.markdown_table(config)
+    assert block == table, f"README's {command} options are out of date; the table should read:\n{table}"
+    for f, _ in options.declared(config):  # each with its real default, as a reader sees it
+        row = next(line for line in block.splitlines() if line.startswith(f"| `{options.flag(f.name)}` |"))
+        default = options.default_of(f)
+        if isinstance(default, (int, float, str)) and not isinstance(default, bool):
+            assert f"| `{default}` |" in row, row
+
+
+@pytest.mark.parametrize(
+    ("command", "required"),
+    [
+        ("segment", ["--manifest", "m.csv", "--output", "out"]),
+        ("train", ["--images", "i", "--annotations", "a.json", "--output", "run", "--epochs", "1"]),
+    ],
+)
+def test_the_command_lines_defaults_are_the_python_apis(command: str, required: list[str]) -> None:
+    from batchseg.cli import build_parser
+
+    config = {"segment": SegmentConfig, "train": trainer.TrainConfig}[command]
+    parsed = options.from_args(config, build_parser().parse_args([command, *required]))
+    values = {
+        k.removeprefix("--").replace("-", "_"): v for k, v in zip(required[::2], required[1::2], strict=True)
+    }
+    assert parsed == config(**{k: int(v) if k == "epochs" else v for k, v in values.items()})
+
+
+def test_help_shows_each_default_from_its_declaration(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchseg.cli import main
+
+    for command, config in (("segment", SegmentConfig), ("train", trainer.TrainConfig)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for f, opt in options.declared(config):
+            assert options.flag(f.name) in shown
+            default = options.shown_default(f, opt)
+            if default is not None:
+                assert f"(default: {' '.join(default.split())})" in shown, f.name
+
+
+def test_the_old_name_of_decode_device_is_still_taken(shapes: SynthDataset, tmp_path: pathlib.Path) -> None:
+    for name in ("device", "torchvision"):
+        options.check(SegmentConfig(shapes.manifest, str(tmp_path), decode=name))
+    with pytest.raises(
+        BatchsegError, match="--decode must be one of auto, pil, device, torchvision, not 'gpu'"
+    ):
+        options.check(SegmentConfig(shapes.manifest, str(tmp_path), decode="gpu"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"score_threshold": "0.5"}, "--score-threshold has the wrong type: '0.5'"),
+        ({"weights": None}, "--weights must be given, not None"),
+        ({"actors": (2, 1)}, "--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not 2,1"),
+        ({"keep_columns": ("status",)}, "--keep-columns: status clash with batchseg's own columns"),
+    ],
+)
+def test_the_python_api_refuses_wrong_types_and_values_in_one_line(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BatchsegError, match=re.escape(message)):
+        options.check(SegmentConfig("m.csv", "out", **changes))

@@ -17,22 +17,22 @@ COCO_SCALES = (640, 672, 704, 736, 768, 800)  # torchvision's references: multi-
 RESIZE_MIN, RESIZE_MAX = 32, 10_000
 
 
-def resize_checks(
-    min_sizes: tuple[int, ...], max_size: int | None, min_option: str
-) -> list[tuple[bool, str]]:
-    """The checks of a resize option pair (``min_option``, ``--max-size``) as ``(ok, message)`` rows:
-    every size in [RESIZE_MIN, RESIZE_MAX], and no shorter side above the longer side's cap."""
-    allowed = f"must be from {RESIZE_MIN} to {RESIZE_MAX} pixels"
-    shown = ",".join(map(str, min_sizes))
-    return [
-        (all(RESIZE_MIN <= s <= RESIZE_MAX for s in min_sizes), f"{min_option} {allowed}, not {shown}"),
-        (max_size is None or RESIZE_MIN <= max_size <= RESIZE_MAX, f"--max-size {allowed}, not {max_size}"),
-        (
-            max_size is None or max(min_sizes, default=0) <= max_size,
-            f"--max-size {max_size} is under {min_option} {shown}: the longer side's cap must be at least "
-            "the shorter side",
-        ),
-    ]
+def resize_problem(sizes: int | tuple[int, ...]) -> str | None:
+    """What is wrong with a resize option's sizes (a shorter side, or the longer side's cap), or None."""
+    sizes = sizes if isinstance(sizes, tuple) else (sizes,)
+    if all(RESIZE_MIN <= s <= RESIZE_MAX for s in sizes):
+        return None
+    return f"must be from {RESIZE_MIN} to {RESIZE_MAX} pixels, not {','.join(map(str, sizes))}"
+
+
+def resize_order(min_sizes: tuple[int, ...], max_size: int | None, min_option: str) -> tuple[bool, str]:
+    """A resize option pair (``min_option``, ``--max-size``) as an ``(ok, message)`` row: no shorter side
+    above the longer side's cap."""
+    return (
+        max_size is None or max(min_sizes, default=0) <= max_size,
+        f"--max-size {max_size} is under {min_option} {','.join(map(str, min_sizes))}: the longer side's cap "
+        "must be at least the shorter side",
+    )
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class ShardProcessor:
             storage_options=config.io_options,
         )
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
-        self.decode_on_device = config.decode == "torchvision" or (
+        self.decode_on_device = config.decode in ("device", "torchvision") or (
             config.decode == "auto" and device != "cpu"
         )
         self.loader = ImageLoader(

@@ -33,7 +33,8 @@ from batchseg.inference.models import resolve_weights
 from batchseg.io.images import decode_image
 from batchseg.io.loader import Loaded
 from batchseg.io.manifest import ID_COLUMN, URI_COLUMN, Shard, default_image_id
-from batchseg.segment.job import SegmentConfig, check_options
+from batchseg.options import check
+from batchseg.segment.config import SegmentConfig
 from batchseg.segment.processor import ShardProcessor
 
 BYTES_COLUMN = "bytes"
@@ -59,7 +60,7 @@ class Segmenter:
         if isinstance(options.get("keep_columns"), list):
             options["keep_columns"] = tuple(options["keep_columns"])
         config = SegmentConfig(manifest="", output="", **options)
-        check_options(config)
+        check(config)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         weights = resolve_weights(config.weights, config.model, config.io_options)
         self.processor = ShardProcessor(config, weights, device)

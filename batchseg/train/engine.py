@@ -12,6 +12,7 @@ import torch
 from batchseg.analysis.evaluate import coco_metrics
 from batchseg.format.coco import coco_result
 from batchseg.inference.predictor import Predictor
+from batchseg.train.config import ADAMW_BETAS
 from batchseg.train.data import CocoInstances, Target
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -22,7 +23,7 @@ def make_optimizer(
     name: str,
     lr: float,
     weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = ADAMW_BETAS,
 ) -> torch.optim.Optimizer:
     """SGD (momentum 0.9) or AdamW with ``betas``, the decay rates of its gradient moving averages: a
     second of 0.99 averages over about 100 steps instead of 1000, which suits runs of a few thousand."""

@@ -8,11 +8,10 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,63 +19,17 @@ import torch
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
-from batchseg.inference.registry import TRAINABLE, model_spec, resize_checks
+from batchseg.inference.registry import model_spec
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
+from batchseg.options import check
 from batchseg.segment.driver import check_ray_address, init_ray
-from batchseg.segment.job import RAY_FRACTION
+from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``batchseg train`` is told. See ``batchseg train --help`` for each option."""
-
-    images: str
-    annotations: str
-    output: str
-    model: str = "maskrcnn_small"
-    weights: str = "none"
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None
-    iterations: int | None = None
-    epochs: int | None = None
-    batch_size: int = 8
-    optimizer: str = "adamw"
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"
-    warmup_iterations: int | None = None
-    min_sizes: tuple[int, ...] | None = None
-    max_size: int | None = None
-    rois_per_image: int | None = None
-    grad_clip: float = 10.0
-    precision: str = "auto"
-    checkpoint_every: int | None = None
-    validation_images: str | None = None
-    validation_annotations: str | None = None
-    max_failures: int = 2
-    loader_workers: int = 0
-    seed: int = 0
-    address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 0.02 * self.batch_size * self.workers / 16 if self.optimizer == "sgd" else 1e-3
-
-
-def public_config(config: TrainConfig) -> dict[str, Any]:
-    """The config as saved in checkpoints and logs: storage options (credentials) left out."""
-    return {k: v for k, v in asdict(config).items() if k not in ("storage_options", "address")}
 
 
 def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
@@ -270,7 +223,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # Ray Train workers do not share the driver's working directory: local paths must be absolute.
     paths: dict[str, Any] = {k: absolute_uri(v) for k in PATH_FIELDS if (v := getattr(config, k))}
     config = replace(config, **paths)
-    _check(config)
+    check_inputs(config)
     check_ray_address(config.address)
     weights = resolve_weights(config.weights, config.model, config.storage_options)
     output = config.output.rstrip("/")
@@ -336,73 +289,9 @@ def _root_cause(error: BaseException) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
-def _check(config: TrainConfig) -> None:
-    """Every option first (one table), then that the inputs exist: all before anything is written."""
-    iterations, epochs = config.iterations, config.epochs
-    gpus, cpus = config.gpus_per_worker, config.cpus_per_worker
-    lr, decay, clip, warmup = config.lr, config.weight_decay, config.grad_clip, config.warmup_iterations
-    checks = [
-        ((iterations is None) != (epochs is None), "give --iterations or --epochs (exactly one)"),
-        (iterations is None or iterations >= 1, f"--iterations must be at least 1, not {iterations}"),
-        (epochs is None or epochs >= 1, f"--epochs must be at least 1, not {epochs}"),
-        (config.workers >= 1, f"--workers must be at least 1, not {config.workers}"),
-        (
-            gpus == 0 or RAY_FRACTION <= gpus < math.inf,
-            f"--gpus-per-worker must be 0 (CPU) or from {RAY_FRACTION} GPUs up, not {gpus}",
-        ),
-        (
-            cpus is None or RAY_FRACTION <= cpus < math.inf,
-            f"--cpus-per-worker must be from {RAY_FRACTION} CPUs up, not {cpus}",
-        ),
-        (config.batch_size >= 1, f"--batch-size must be at least 1, not {config.batch_size}"),
-        (config.optimizer in ("sgd", "adamw"), f"unknown --optimizer {config.optimizer!r} (sgd or adamw)"),
-        (lr is None or 0 < lr < math.inf, f"--lr must be a positive number, not {lr}"),
-        (0 <= decay < math.inf, f"--weight-decay must be 0 or a positive number, not {decay}"),
-        (
-            len(config.betas) == 2 and all(0 <= b < 1 for b in config.betas),
-            f"--betas must be two numbers from 0 to under 1, not {','.join(map(str, config.betas))}",
-        ),
-        (
-            config.optimizer == "adamw" or tuple(config.betas) == (0.9, 0.999),
-            "--betas are AdamW's: --optimizer sgd has a momentum of 0.9 instead",
-        ),
-        (config.schedule in ("cosine", "step"), f"unknown --schedule {config.schedule!r} (cosine or step)"),
-        (warmup is None or warmup >= 0, f"--warmup-iterations must be at least 0, not {warmup}"),
-        *resize_checks(config.min_sizes or (), config.max_size, "--min-sizes"),
-        (config.min_sizes is None or len(config.min_sizes) >= 1, "--min-sizes must name at least one size"),
-        (
-            config.rois_per_image is None or config.rois_per_image >= 1,
-            f"--rois-per-image must be at least 1, not {config.rois_per_image}",
-        ),
-        (0 <= clip < math.inf, f"--grad-clip must be 0 (off) or a positive number, not {clip}"),
-        (config.precision in ("auto", "fp32", "bf16", "fp16"), f"unknown --precision {config.precision!r}"),
-        (
-            config.precision != "fp16" or gpus > 0,
-            "--precision fp16 needs --gpus-per-worker: on CPUs, mixed precision is bf16",
-        ),
-        (
-            config.checkpoint_every is None or config.checkpoint_every >= 1,
-            f"--checkpoint-every must be at least 1, not {config.checkpoint_every}",
-        ),
-        (
-            config.max_failures >= -1,
-            f"--max-failures must be -1 (no limit) or at least 0, not {config.max_failures}",
-        ),
-        (config.loader_workers >= 0, f"--loader-workers must be at least 0, not {config.loader_workers}"),
-        (0 <= config.seed < 2**32, f"--seed must be from 0 to {2**32 - 1}, not {config.seed}"),
-        (bool(config.weights.strip()), "--weights must not be empty: none, DEFAULT or a checkpoint"),
-        (
-            config.model in TRAINABLE,
-            f"{config.model} cannot be trained here (choose one of {', '.join(TRAINABLE)})",
-        ),
-        (
-            bool(config.validation_images) == bool(config.validation_annotations),
-            "give both --validation-images and --validation-annotations, or neither",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise BatchsegError(message)
+def check_inputs(config: TrainConfig) -> None:
+    """Every option (see ``config.py``), then that the inputs exist: all before anything is written."""
+    check(config)
     for name in ("images", "annotations", "validation_images", "validation_annotations"):
         uri = getattr(config, name)
         if uri:

@@ -1,0 +1,172 @@
+"""``batchseg train``'s options, each declared once: :class:`TrainConfig` is the Python API, and the command
+line, ``--help``, the checks and README's table are made from it. No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from batchseg.inference.registry import MODELS, TRAINABLE, ModelSpec, resize_order, resize_problem
+from batchseg.options import (
+    STORAGE_OPTIONS_HELP,
+    at_least,
+    between,
+    json_object,
+    not_empty,
+    numbers,
+    option,
+    positive,
+    ray_share,
+    uri,
+    zero_or_positive,
+)
+
+ADAMW_BETAS: tuple[float, float] = (0.9, 0.999)  # torch's own; SGD has a momentum of 0.9 instead
+ADAMW_LR = 1e-3
+
+
+def check_betas(betas: tuple[float, ...]) -> str | None:
+    if len(betas) == 2 and all(0 <= b < 1 for b in betas):
+        return None
+    return f"must be two numbers from 0 to under 1, not {','.join(map(str, betas))}"
+
+
+def check_min_sizes(sizes: tuple[int, ...]) -> str | None:
+    return resize_problem(sizes) if sizes else "must name at least one size"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``batchseg train`` is told; see ``batchseg train --help`` for each option."""
+
+    images: str = option(help="folder/prefix the annotations' file names are relative to", parse=uri)
+    annotations: str = option(help="COCO instances JSON (any fsspec URI)", parse=uri)
+    output: str = option(
+        help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes", parse=uri
+    )
+    model: str = option("maskrcnn_small", "the model to train", choices=TRAINABLE)
+    weights: str = option(
+        "none",
+        "none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint",
+        check=not_empty("none, DEFAULT or a checkpoint"),
+    )
+    workers: int = option(1, "data-parallel (DDP) workers", check=at_least(1))
+    gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU)", check=ray_share("GPUs", zero=True))
+    cpus_per_worker: float | None = option(
+        None,
+        "CPUs per worker (also its torch threads)",
+        parse=float,
+        check=ray_share("CPUs", zero=False),
+        default_text="1",
+    )
+    iterations: int | None = option(
+        None, "optimizer steps in all", parse=int, check=at_least(1), group="length"
+    )
+    epochs: int | None = option(
+        None, "passes over the data set", parse=int, check=at_least(1), group="length"
+    )
+    batch_size: int = option(8, "images per step per worker", check=at_least(1))
+    optimizer: str = option("adamw", "adamw or sgd", choices=("adamw", "sgd"))
+    lr: float | None = option(
+        None,
+        "learning rate",
+        parse=float,
+        check=positive(),
+        default_text=f"{ADAMW_LR} (AdamW), 0.02 x total batch / 16 (SGD)",
+    )
+    weight_decay: float = option(1e-4, "AdamW's or SGD's weight decay", check=zero_or_positive())
+    betas: tuple[float, float] = option(
+        ADAMW_BETAS,
+        "AdamW's decay rates of the gradient's moving averages, B1,B2 (a B2 of 0.99 suits runs of a few "
+        "thousand steps)",
+        parse=numbers(float, "0.9,0.99"),
+        check=check_betas,
+        metavar="B1,B2",
+    )
+    schedule: str = option("cosine", "the learning rate after warmup", choices=("cosine", "step"))
+    warmup_iterations: int | None = option(
+        None, "linear warmup steps", parse=int, check=at_least(0), default_text="min(100, a tenth of the run)"
+    )
+    min_sizes: tuple[int, ...] | None = option(
+        None,
+        "multi-scale training: shorter sides, comma-separated, one drawn per batch; the last is used for "
+        "validation",
+        parse=numbers(int, "640,672,704"),
+        check=check_min_sizes,
+        default_text=f"the model's: {','.join(map(str, ModelSpec.train_sizes))}, or "
+        f"{','.join(map(str, MODELS['maskrcnn_small'].train_sizes))} for maskrcnn_small",
+    )
+    max_size: int | None = option(
+        None,
+        "longer side's cap",
+        parse=int,
+        check=resize_problem,
+        default_text=f"the model's: {ModelSpec.max_size}, or {MODELS['maskrcnn_small'].max_size} for maskrcnn_small",
+    )
+    rois_per_image: int | None = option(
+        None,
+        "proposals per image the box and mask heads learn from, a quarter at most positive; fewer make a "
+        "step cheaper",
+        parse=int,
+        check=at_least(1),
+        default_text="the model's, 512, or 64 for maskrcnn_small",
+    )
+    grad_clip: float = option(10.0, "max gradient norm", check=zero_or_positive("0 (off)"))
+    precision: str = option(
+        "auto",
+        "mixed precision (auto: on GPU bf16 where supported, else fp16; on CPU fp32). bf16 on CPU: faster "
+        "where the CPU has bf16 units (AMX, AVX512-BF16), slower elsewhere",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    checkpoint_every: int | None = option(
+        None, "iterations between checkpoints", parse=int, check=at_least(1), default_text="an epoch"
+    )
+    validation_images: str | None = option(None, "validation images", parse=uri)
+    validation_annotations: str | None = option(
+        None, "validation COCO JSON: COCO AP is computed at each checkpoint", parse=uri
+    )
+    max_failures: int = option(
+        2,
+        "worker failures survived (resume from checkpoint); -1: no limit",
+        check=at_least(-1),
+    )
+    loader_workers: int = option(0, "DataLoader processes per worker", check=at_least(0))
+    seed: int = option(
+        0, "seeds the weights, the data order and the augmentation", check=between(0, 2**32 - 1)
+    )
+    address: str | None = option(
+        None, "Ray cluster address", parse=str, default_text="RAY_ADDRESS, else local Ray"
+    )
+    storage_options: dict[str, Any] = option(help=STORAGE_OPTIONS_HELP, parse=json_object, factory=dict)
+
+    def relations(self) -> list[tuple[bool, str]]:
+        return [
+            (
+                (self.iterations is None) != (self.epochs is None),
+                "give --iterations or --epochs (exactly one)",
+            ),
+            (
+                self.optimizer == "adamw" or tuple(self.betas) == ADAMW_BETAS,
+                "--betas are AdamW's: --optimizer sgd has a momentum of 0.9 instead",
+            ),
+            resize_order(self.min_sizes or (), self.max_size, "--min-sizes"),
+            (
+                self.precision != "fp16" or self.gpus_per_worker > 0,
+                "--precision fp16 needs --gpus-per-worker: on CPUs, mixed precision is bf16",
+            ),
+            (
+                bool(self.validation_images) == bool(self.validation_annotations),
+                "give both --validation-images and --validation-annotations, or neither",
+            ),
+        ]
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.02 * self.batch_size * self.workers / 16 if self.optimizer == "sgd" else ADAMW_LR
+
+
+def public_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as saved in checkpoints and logs: storage options (credentials) left out."""
+    return {k: v for k, v in asdict(config).items() if k not in ("storage_options", "address")}
