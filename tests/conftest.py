@@ -10,6 +10,27 @@ import pytest
 from tests.imagefiles import write_bad_files
 from tests.s3server import S3Server, running_s3
 
+# The suite's time budget guards itself: a test gets TIMEOUT seconds (pyproject.toml), one marked slow
+# SLOW_TIMEOUT, and no test may ask for more than its budget with its own timeout marker.
+TIMEOUT, SLOW_TIMEOUT = 120, 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        budget = SLOW_TIMEOUT if slow else TIMEOUT
+        own = item.get_closest_marker("timeout")
+        if own is None:
+            if slow:
+                item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+            continue
+        seconds = own.args[0] if own.args else own.kwargs.get("timeout", 0)
+        if not 0 < seconds <= budget:
+            raise pytest.UsageError(
+                f"{item.nodeid} asks for a {seconds} s timeout: over its budget of {budget} s"
+                f"{'' if slow else ' (300 s if marked slow)'}"
+            )
+
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:

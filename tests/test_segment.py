@@ -524,7 +524,7 @@ def test_verbose_shows_the_cause_behind_the_one_line_error(tmp_path: pathlib.Pat
     assert "batchseg.errors.BatchsegError" in proc.stderr
 
 
-@pytest.mark.timeout(240)  # before they were refused, a FIFO's read waited for a writer forever
+# Before they were refused, a FIFO's read waited for a writer forever: the suite's timeout ends that.
 def test_fifos_and_sockets_in_a_folder_manifest_are_read_error_rows(
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:

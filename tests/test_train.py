@@ -95,7 +95,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
 @pytest.mark.slow
 # Its 240 fixed steps took 3 minutes in some quiet runs of the suite and 10 in others on the same 2-core
 # machine (nothing else running, no steal time): the suite's 600 s would fail it on a slow day.
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(300)
 def test_small_model_learns_shapes_then_segments_a_held_out_set_with_ap_over_half(
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:
