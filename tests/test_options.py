@@ -221,6 +221,17 @@ def test_readme_tables_every_option_with_its_real_default(command: str) -> None:
             assert f"| `{default}` |" in row, row
 
 
+def test_what_readmes_prose_calls_a_default_is_one() -> None:
+    defaults: dict[str, set[str | None]] = {}
+    for config in (SegmentConfig, trainer.TrainConfig):
+        for f, opt in options.declared(config):
+            defaults.setdefault(options.flag(f.name), set()).add(options.shown_default(f, opt))
+    said = re.findall(r"`(--[a-z-]+) ([^`]+)` \((?:the )?default\)", README.read_text())
+    assert said, "README's prose names no default any more: this test can go"
+    for name, value in said:
+        assert value in defaults[name], f"README calls {name} {value} the default"
+
+
 @pytest.mark.parametrize(
     ("command", "required"),
     [
