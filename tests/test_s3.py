@@ -15,7 +15,7 @@ import pytest
 import s3fs
 import torch
 
-from batchseg.analysis.evaluate import evaluate
+from batchseg.analysis.evaluate import evaluate_output
 from batchseg.analysis.query import run_query
 from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
@@ -75,7 +75,7 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert (
         verify(config.output, storage_options=s3.options()).line().startswith("OK: s3://out/seg: 12 images")
     )
-    metrics = evaluate(config.output, data.annotations, s3.options())
+    metrics = evaluate_output(config.output, data.annotations, s3.options())
     assert metrics["images"]["matched"] == 12 and metrics["segm"]["AP"] > 0.3
     table = run_query(config.output, "SELECT count(*) AS n FROM instances", storage_options=s3.options())
     assert table.splitlines()[2].strip() == str(summary["instances"])
