@@ -16,7 +16,7 @@ from batchseg.analysis.query import connect
 from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
-from batchseg.format.output import DONE_DIR, OutputDir
+from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord
 from batchseg.format.records import ok_row, to_parquet
 from batchseg.io.manifest import iter_shards, plan_shards
 
@@ -49,12 +49,7 @@ def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
     ids = []
     for shard in iter_shards(plan):
         rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
-        record = {
-            "rows": len(rows),
-            "ok": len(rows),
-            "errors": {},
-            "instances": len(rows),
-        }
+        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0)
         output.write_shard(shard, to_parquet(rows, provenance), record)
         ids += shard.image_ids
     return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Plan, Shard
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
@@ -129,7 +130,9 @@ def test_progress_line_counts_rate_and_eta() -> None:
     now = [100.0]
     progress = Progress(5000, clock=lambda: now[0], every=5.0)
     assert not progress.due()
-    progress.shard_done({"rows": 100, "errors": {"not_found": 2}})
+    progress.shard_done(
+        ShardRecord(rows=100, ok=98, errors={"not_found": 2}, instances=0, seconds=9.0, attempt=1, shard=0)
+    )
     now[0] += 40.0
     assert progress.due()
     assert progress.line(partial=20) == "120/5000 images (2.4%) | 3.00 img/s | 2 errors | ETA 27m06s"

@@ -19,7 +19,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchseg import log
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir
+from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
@@ -41,7 +41,7 @@ class SegmentationActor:
     def ready(self) -> bool:
         return True
 
-    def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
+    def process(self, shard: Shard, attempt: int) -> ShardRecord:
         return self.processor.process(shard, attempt)
 
     @ray.method(concurrency_group="report")

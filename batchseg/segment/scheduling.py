@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from batchseg import log
 from batchseg.errors import BatchsegError
+from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Shard
 
 QUEUE_PER_ACTOR = 2  # shards queued on each actor, so none waits for the driver between two shards
@@ -175,9 +176,9 @@ class Progress:
         self.start = self.last = clock()
         self.images = self.errors = self.shards = 0
 
-    def shard_done(self, record: dict[str, Any]) -> None:
-        self.images += record["rows"]
-        self.errors += sum(record["errors"].values())
+    def shard_done(self, record: ShardRecord) -> None:
+        self.images += record.rows
+        self.errors += sum(record.errors.values())
         self.shards += 1
 
     def due(self) -> bool:
