@@ -1,4 +1,4 @@
-"""The driver's bookkeeping without a cluster: work queue and retries, actor pool, scaling, progress."""
+"""The driver's bookkeeping without a cluster: work queue and retries, worker pool, scaling, progress."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Plan, Shard
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
-    ActorPool,
     Progress,
     ScalingPolicy,
     Scheduler,
+    WorkerPool,
     WorkQueue,
     duration,
 )
@@ -51,8 +51,8 @@ def test_work_queue_reads_the_manifest_one_shard_ahead_only() -> None:
     assert taken == [0, 1]
 
 
-def test_actor_pool_tracks_what_each_actor_holds() -> None:
-    pool = ActorPool()
+def test_worker_pool_tracks_what_each_actor_holds() -> None:
+    pool = WorkerPool()
     first = pool.add("actor-1", "ready-1")
     second = pool.add("actor-2", "ready-2")
     assert pool.starting() == 2 and pool.pending() == {"ready-1": first, "ready-2": second}

@@ -70,7 +70,9 @@ class ShardProcessor:
             keep_jpegs=self.decode_on_device,
             max_pixels=config.max_pixels,
         )
-        self.images_done = 0  # within the current shard, read by progress reports
+        # Images of the current shard handed to the model or made error rows, for the progress line
+        # (those handed to the model may still be in it).
+        self.images_started = 0
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
             ThreadPoolExecutor(config.io_threads, thread_name_prefix="batchseg-encode")
@@ -141,11 +143,11 @@ class ShardProcessor:
         for i, image in enumerate(self.loader(shard.uris) if images is None else images):
             if isinstance(image, ImageError):
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
-                self.images_done += 1
+                self.images_started += 1
             else:
                 batch.append((i, image))
             if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
-                self.images_done += len(batch)
+                self.images_started += len(batch)
                 self._predict(shard, self._decode_on_device(shard, batch, rows), rows)
                 batch = []
         for pending in self.encoding:
