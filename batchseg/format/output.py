@@ -11,7 +11,9 @@ Under ``--output``::
     summary.json              totals over all shards, written when a run ends
 
 batchseg owns exactly these names (and the ``<name>.tmp-<hex>`` files a local write renames into them):
-it reads, counts and removes nothing else, so an output folder may also hold other files.
+it reads, counts and removes nothing else, so an output folder may also hold other files. They are made
+and recognised only here (:func:`shard_object`, :func:`shard_record`, :func:`shard_index`,
+:func:`is_ours`), and a completion record is written and read only as a :class:`ShardRecord`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from batchseg.format.records import error_kind
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, absolute_uri
 
-# The names batchseg writes, and the one rule that tells them from other files: every name in an output
-# is made and recognised by the functions below.
+# The names batchseg writes, and the one rule that tells them from other files.
 JOB_FILE = "_batchseg_job.json"
 SUMMARY_FILE = "summary.json"
 DONE_DIR = "_done"
