@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate_output, format_table
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.coco import load_annotations
+from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.train.synth import write_dataset
@@ -86,7 +87,7 @@ def write_output(folder: pathlib.Path, *parts: list[dict[str, Any]]) -> str:
     """A segmentation output as the job writes it: one ``part-NNNNNN.parquet`` per list of rows."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, rows in enumerate(parts):
-        (folder / f"part-{index:06d}.parquet").write_bytes(to_parquet(rows, provenance={}))
+        (folder / shard_object(index)).write_bytes(to_parquet(rows, provenance={}))
     return str(folder)
 
 

@@ -18,7 +18,7 @@ from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
 from batchseg.errors import ImageError
-from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord
+from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord, shard_object, shard_record
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.io.manifest import Shard, iter_shards, plan_shards
 
@@ -184,7 +184,7 @@ def test_hand_edited_records_are_removed_and_their_shards_redone(
         lambda r: r | {"errors": {"not_found": 1.5}},
     ]
     for index, edit in enumerate(edits):
-        path = out / DONE_DIR / f"part-{index:06d}.json"
+        path = out / shard_record(index)
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     capsys.readouterr()
     assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {6}
@@ -272,9 +272,9 @@ def test_verify_passes_a_whole_output(tmp_path: pathlib.Path, capsys: pytest.Cap
 def rewrite_shard(out: pathlib.Path, index: int, keep: slice, *, fix_size: bool = True) -> None:
     """Rewrite a shard object with only some of its rows, and its record's size to match (a hand edit
     that a listing cannot see)."""
-    path = out / f"part-{index:06d}.parquet"
+    path = out / shard_object(index)
     pq.write_table(pq.read_table(path).slice(keep.start, keep.stop - keep.start), path)
-    record_path = out / DONE_DIR / f"part-{index:06d}.json"
+    record_path = out / shard_record(index)
     record = json.loads(record_path.read_text())
     if fix_size:
         record_path.write_text(json.dumps(record | {"bytes": path.stat().st_size}))
