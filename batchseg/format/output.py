@@ -94,7 +94,8 @@ class ShardRecord:
     the manifest rows of this ``fingerprint`` (a rerun redoes it when they change).
 
     Records of older batchseg lack ``storage_retries`` (0), ``fingerprint`` (so the shard is redone) and
-    ``bytes`` (the object is trusted at any size). The fields are in the order the JSON holds them."""
+    ``bytes`` (the object is trusted at any size). The fields are in the order the JSON holds them:
+    :meth:`to_json` writes what batchseg always wrote, byte for byte."""
 
     rows: int
     ok: int
@@ -129,8 +130,8 @@ class ShardRecord:
     def of(
         cls, shard: Shard, rows: list[dict[str, Any]], *, attempt: int, seconds: float, storage_retries: int
     ) -> ShardRecord:
-        """The record of ``shard``, made into ``rows`` (:mod:`batchseg.format.records`), but for the size
-        of its object, which :meth:`OutputDir.write_shard` fills in."""
+        """The record of ``shard``, whose rows (:mod:`batchseg.format.records`) are ``rows``, but for the
+        size of its object, which :meth:`OutputDir.write_shard` fills in."""
         errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
         return cls(
             rows=len(rows),
