@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batchseg.analysis.evaluate import evaluate, format_table
+    from batchseg.analysis.evaluate import evaluate_output, format_table
     from batchseg.errors import job_errors
     from batchseg.io import storage
     from batchseg.io.manifest import absolute_uri
@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json and absolute_uri(args.json) == absolute_uri(args.annotations):
         raise BatchsegError(f"--json {args.json} is also --annotations: it would overwrite them")
     _not_over_the_output(args.predictions, json=args.json)
-    results = evaluate(args.predictions, args.annotations, args.storage_options)
+    results = evaluate_output(args.predictions, args.annotations, args.storage_options)
     print(format_table(results))
     if args.json:
         with job_errors(f"cannot write {args.json}"):
@@ -138,12 +138,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from batchseg.analysis.diff import check_options, diff_outputs
+    from batchseg.analysis.diff import check_diff_options, diff_outputs
     from batchseg.errors import job_errors
     from batchseg.io import storage
     from batchseg.io.manifest import absolute_uri
 
-    check_options(args.iou, args.top, args.out)
+    check_diff_options(args.iou, args.top, args.out)
     if args.out and args.json and absolute_uri(args.out) == absolute_uri(args.json):
         raise BatchsegError(f"--json {args.json} is also --out")
     for output in (args.old, args.new):

@@ -8,7 +8,7 @@ import sys
 from importlib import resources
 
 from batchseg import log
-from batchseg.analysis.evaluate import evaluate, format_table
+from batchseg.analysis.evaluate import evaluate_output, format_table
 from batchseg.analysis.query import ok_images
 from batchseg.analysis.render import render_rows
 from batchseg.analysis.report import build_report
@@ -49,7 +49,7 @@ def run_demo(output: str, images: int) -> int:
     )
     overlays = render_rows(ok_images(results, limit=OVERLAYS), storage.join(output, "overlays"))
     report = build_report(results, storage.join(output, "report.html"))["out"]
-    metrics = evaluate(results, dataset.annotations)
+    metrics = evaluate_output(results, dataset.annotations)
     print(format_table(metrics))
     print(f"\npictures of the results (batchseg render, batchseg report):\n  {report}")
     for path in overlays:

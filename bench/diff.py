@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 
+from batchseg.format.output import shard_object
 from batchseg.format.records import ok_row, to_parquet
 from batchseg.format.rle import encode_rle
 
@@ -61,9 +62,7 @@ def write(folder: pathlib.Path, rows: int, shard_size: int, instances: int, new:
             if new and i % 7 == 0:
                 kept.append(same[instances])
             batch.append(ok_row(f"img-{i:08d}", f"/images/{i}.jpg", SIDE, SIDE, kept))
-        (folder / f"part-{shard:06d}.parquet").write_bytes(
-            to_parquet(batch, {"model": "bench", "shard": shard})
-        )
+        (folder / shard_object(shard)).write_bytes(to_parquet(batch, {"model": "bench", "shard": shard}))
     return str(folder)
 
 

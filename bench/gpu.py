@@ -138,7 +138,7 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         print(
             f"{label} end to end ({processor.predictor.precision}, decode on "
             f"{'device' if processor.decode_on_device else 'CPU'}, JPEG files -> Parquet): {e2e:7.2f} img/s; "
-            f"{record['instances'] / len(uris):.1f} instances/image, {runs_per_instance(config.output):.0f} "
+            f"{record.instances / len(uris):.1f} instances/image, {runs_per_instance(config.output):.0f} "
             "runs/instance",
             flush=True,
         )

@@ -8,7 +8,7 @@ Each stage is the real code, one torch thread:
   0. read: ``ImageLoader`` as a GPU actor runs it on JPEG files of 640x480 on local disk (fetch, format
      and size check, EXIF orientation, left encoded for the device): CPU time of this process per image
      (an S3 GET adds botocore's own, which ``bench/storage.py`` reports);
-  1. device stage, here on the CPU: ``Predictor.fetch`` (crop, threshold, run lengths, the copies);
+  1. device stage, here on the CPU: ``Predictor.to_host`` (crop, threshold, run lengths, the copies);
   2. host stage after the copy: ``Predictor.instances`` (COCO strings, then the instance dicts);
   3. Parquet: ``records.ok_row`` and ``records.to_parquet`` of a shard of ``--images`` images.
 Usage: python bench/host.py [--images 100] [--instances 20] [--size 800] [--batch-size 4] [--repeat 5]
@@ -93,15 +93,15 @@ def bench_regime(predictor: Predictor, regime: str, args: argparse.Namespace) ->
     rng = np.random.default_rng(0)
     n, b = args.images, args.batch_size
     batches = [detections(rng, regime, min(b, n - i), args.instances, args.size) for i in range(0, n, b)]
-    fetched = [predictor.fetch(batch) for batch in batches]
+    on_host = [predictor.to_host(batch) for batch in batches]
     rows = [
         ok_row(str(i), f"s3://bucket/{i}.jpg", args.size, args.size, instances)
-        for i, instances in enumerate(x for f in fetched for x in predictor.instances(f))
+        for i, instances in enumerate(x for f in on_host for x in predictor.instances(f))
     ]
     per_image = 1e6 / n
-    device = median_seconds(lambda: [predictor.fetch(batch) for batch in batches], args.repeat)
-    host = median_seconds(lambda: [predictor.instances(f) for f in fetched], args.repeat)
-    strings = median_seconds(lambda: [rle_strings(f.runs) for f in fetched if f.runs], args.repeat)
+    device = median_seconds(lambda: [predictor.to_host(batch) for batch in batches], args.repeat)
+    host = median_seconds(lambda: [predictor.instances(f) for f in on_host], args.repeat)
+    strings = median_seconds(lambda: [rle_strings(f.runs) for f in on_host if f.runs], args.repeat)
     parquet = median_seconds(
         lambda: to_parquet(
             [ok_row(r["image_id"], r["uri"], r["width"], r["height"], r["instances"]) for r in rows],
@@ -109,11 +109,11 @@ def bench_regime(predictor: Predictor, regime: str, args: argparse.Namespace) ->
         ),
         args.repeat,
     )
-    runs = np.concatenate([f.runs.lengths for f in fetched if f.runs])
+    runs = np.concatenate([f.runs.lengths for f in on_host if f.runs])
     total = (host + parquet) * per_image
     goal = f"goal: at most {HOST_GOAL_US} us per image for compact masks on one core"
     print(f"{regime} masks: {runs.mean():.0f} runs per instance (median {np.median(runs):.0f})")
-    print(f"  1. device stage, on the CPU here (Predictor.fetch)   {device * per_image:7.0f} us/image")
+    print(f"  1. device stage, on the CPU here (Predictor.to_host) {device * per_image:7.0f} us/image")
     print(f"  2. host: COCO strings + dicts (Predictor.instances)  {host * per_image:7.0f} us/image")
     print(f"     of which the COCO strings (rle_strings)          {strings * per_image:7.0f} us/image")
     print(f"  3. Parquet: ok_row + to_parquet, a shard of {n:<4}    {parquet * per_image:7.0f} us/image")

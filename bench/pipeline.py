@@ -68,7 +68,7 @@ def main() -> None:
         start = time.perf_counter()
         summary = run_segment(config)
         wall = time.perf_counter() - start
-        busy = sum(r["seconds"] for r in OutputDir(config.output).records())
+        busy = sum(r.seconds for r in OutputDir(config.output).records())
     steady = summary["images"] / busy
     print(f"segment job, steady state: {steady:.3f} img/s (shard processing {busy:.1f} s)")
     print(

@@ -1,7 +1,7 @@
 """The driver's scheduling at a thousand actors: CPU time per shard of the real ``Scheduler`` loop.
 
 A simulated cluster (``tests/simcluster.py``: actors on a virtual clock, no Ray, no sleeping) stands in for
-Ray; everything the driver decides per shard is the real code: the work queue, the actor pool, the
+Ray; everything the driver decides per shard is the real code: the work queue, the worker pool, the
 scaling policy, the progress line. Prints the driver's CPU per shard beside the goal (under 1 ms), with
 the simulation's own share measured apart.
 Usage: python bench/scheduler.py [--actors 1000] [--shards 100000] [--fail-every 0] [--die-every 0]

@@ -9,6 +9,7 @@ import itertools
 import random
 from typing import Any
 
+from batchseg.format.output import ShardRecord
 from batchseg.segment.scheduling import ActorLost, ShardFailed, Work
 
 
@@ -60,7 +61,7 @@ class SimulatedCluster:
         return actor, self._schedule(actor, self.free_at[actor], ("ok", True))
 
     def submit(self, actor: Any, work: Work) -> Any:
-        shard, _ = work
+        shard, attempt = work
         self.attempts += 1
         finish = max(self.free_at[actor], self.now) + self.shard_seconds * self.jitter.uniform(0.8, 1.2)
         self.free_at[actor] = finish
@@ -69,7 +70,16 @@ class SimulatedCluster:
         elif self.fail_every and self.attempts % self.fail_every == 0:
             outcome = ("failed", "ValueError: simulated")
         else:
-            outcome = ("ok", {"shard": shard.index, "rows": len(shard), "errors": {}})
+            record = ShardRecord(
+                rows=len(shard),
+                ok=len(shard),
+                errors={},
+                instances=0,
+                seconds=0.0,
+                attempt=attempt,
+                shard=shard.index,
+            )
+            outcome = ("ok", record)
         return self._schedule(actor, finish, outcome)
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
@@ -91,8 +101,8 @@ class SimulatedCluster:
             self.died += 1
             self.alive.discard(value)
             raise ActorLost("the actor died (simulated)")
-        if isinstance(value, dict):
-            self.done.append(value["shard"])
+        if isinstance(value, ShardRecord):
+            self.done.append(value.shard)
         return value
 
     def kill(self, actor: Any) -> None:

@@ -24,6 +24,7 @@ from batchseg.analysis.results import Results
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import ImageError
+from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import encode_rle
 from batchseg.segment.driver import run_segment
@@ -119,7 +120,7 @@ def write_output(
             "shard": index,
         }
         columns = None if kept is None else kept[index]
-        (folder / f"part-{index:06d}.parquet").write_bytes(to_parquet(rows, provenance, columns))
+        (folder / shard_object(index)).write_bytes(to_parquet(rows, provenance, columns))
     return str(folder)
 
 

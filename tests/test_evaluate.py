@@ -14,9 +14,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate, format_table
+from batchseg.analysis.evaluate import METRICS, coco_metrics, evaluate_output, format_table
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.coco import load_annotations
+from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.train.synth import write_dataset
@@ -86,7 +87,7 @@ def write_output(folder: pathlib.Path, *parts: list[dict[str, Any]]) -> str:
     """A segmentation output as the job writes it: one ``part-NNNNNN.parquet`` per list of rows."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, rows in enumerate(parts):
-        (folder / f"part-{index:06d}.parquet").write_bytes(to_parquet(rows, provenance={}))
+        (folder / shard_object(index)).write_bytes(to_parquet(rows, provenance={}))
     return str(folder)
 
 
@@ -122,7 +123,7 @@ def coco_results(rows: list[tuple[int, dict[str, Any]]], iou_type: str) -> list[
 def test_perfect_predictions_score_one(tmp_path: pathlib.Path) -> None:
     gt = write_gt(tmp_path / "gt.json")
     out = write_output(tmp_path / "out", [row(1, found("A"), found("B")), row(2, found("C"), found("D"))])
-    results = evaluate(out, gt)
+    results = evaluate_output(out, gt)
     assert set(results) == {"bbox", "segm", "images", "detections"}
     for iou_type in ("bbox", "segm"):
         metrics = results[iou_type]
@@ -150,7 +151,7 @@ def test_half_found_with_a_false_positive(tmp_path: pathlib.Path) -> None:
     gt = write_gt(tmp_path / "gt.json")
     fp = instance(1, [40, 30, 6, 6], square_mask(40, 30, 6), score=0.5)
     out = write_output(tmp_path / "out", [row(1, found("A"))], [row(2, found("D"), fp)])
-    results = evaluate(out, gt)
+    results = evaluate_output(out, gt)
     pairs = [(1, found("A")), (2, found("D")), (2, fp)]
     for iou_type in ("bbox", "segm"):
         assert results[iou_type] == reference(gt, coco_results(pairs, iou_type), iou_type)
@@ -166,7 +167,7 @@ def test_wrong_category_scores_zero(tmp_path: pathlib.Path) -> None:
         row(1, found("A", category=2), found("B", category=1)),
         row(2, found("C", category=2), found("D", category=1)),
     ]
-    results = evaluate(write_output(tmp_path / "out", swapped), gt)
+    results = evaluate_output(write_output(tmp_path / "out", swapped), gt)
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "AR100"):
             assert results[iou_type][name] == 0.0
@@ -178,15 +179,15 @@ def test_box_only_predictions_give_bbox_only_and_iou_thresholds_apply(tmp_path: 
     # (IoU 0.62): a hit at the IoU thresholds 0.50, 0.55 and 0.60, a miss at 0.65 .. 0.95.
     gt = write_gt(tmp_path / "gt.json", image_ids=(1,), squares={"A": SQUARES["A"]})
     out = write_output(tmp_path / "out", [row(1, instance(1, [2, 2, 10, 6.2], None))])
-    results = evaluate(out, gt)
+    results = evaluate_output(out, gt)
     assert set(results) == {"bbox", "images", "detections"}
     assert results["bbox"]["AP50"] == pytest.approx(1.0)  # pycocotools' precision is tp / (tp + fp + eps)
     assert results["bbox"]["AP75"] == 0.0
     assert results["bbox"]["AP"] == pytest.approx(0.3)
     with pytest.raises(BatchsegError, match="cannot evaluate masks"):
-        evaluate(out, gt, iou_types=["segm"])
+        evaluate_output(out, gt, iou_types=["segm"])
     with pytest.raises(BatchsegError, match="unknown IoU type"):
-        evaluate(out, gt, iou_types=["keypoints"])
+        evaluate_output(out, gt, iou_types=["keypoints"])
 
 
 def test_rows_match_by_image_id_then_file_name(tmp_path: pathlib.Path) -> None:
@@ -201,7 +202,7 @@ def test_rows_match_by_image_id_then_file_name(tmp_path: pathlib.Path) -> None:
     out = write_output(
         tmp_path / "out", [row(1, found("A"), found("B")), unknown], [failed, by_name, duplicate]
     )
-    results = evaluate(out, gt)
+    results = evaluate_output(out, gt)
     assert results["images"] == {
         "evaluated": 3,
         "matched": 2,
@@ -219,7 +220,7 @@ def test_rows_match_by_image_id_then_file_name(tmp_path: pathlib.Path) -> None:
 
 def test_no_detections_scores_zero(tmp_path: pathlib.Path) -> None:
     gt = write_gt(tmp_path / "gt.json")
-    results = evaluate(write_output(tmp_path / "out", [row(1), row(2)]), gt)
+    results = evaluate_output(write_output(tmp_path / "out", [row(1), row(2)]), gt)
     assert results["bbox"] == dict.fromkeys(METRICS, 0.0)
     assert results["segm"] == dict.fromkeys(METRICS, 0.0)
     assert results["detections"] == 0
@@ -255,7 +256,7 @@ def test_mask_of_another_size_than_the_annotated_image_is_refused(tmp_path: path
     with pytest.raises(
         BatchsegError, match=f"hold a {HEIGHT}x{HEIGHT} mask for image 1, .* is {WIDTH}x{HEIGHT}"
     ):
-        evaluate(write_output(tmp_path / "out", [wrong]), gt)
+        evaluate_output(write_output(tmp_path / "out", [wrong]), gt)
 
 
 def test_job_level_problems_are_one_line_errors(tmp_path: pathlib.Path) -> None:
@@ -273,22 +274,24 @@ def test_job_level_problems_are_one_line_errors(tmp_path: pathlib.Path) -> None:
     ]
     for args, message in cases:
         with pytest.raises(BatchsegError, match=message) as raised:
-            evaluate(*args)
+            evaluate_output(*args)
         assert "\n" not in str(raised.value)
     strangers = write_output(tmp_path / "strangers", [row("x1", uri="/a/b.jpg"), row("x2", uri="/a/c.jpg")])
     with pytest.raises(
         BatchsegError, match="none of the 2 prediction rows match an image of the annotations"
     ):
-        evaluate(strangers, gt)
+        evaluate_output(strangers, gt)
     failed = write_output(tmp_path / "failed", [error_row("1", "/a/img.jpg", ImageError("not_found", "x"))])
     with pytest.raises(BatchsegError, match=r"all 1 prediction rows .* are error rows"):
-        evaluate(failed, gt)
+        evaluate_output(failed, gt)
 
 
 def test_format_table(tmp_path: pathlib.Path) -> None:
     gt = write_gt(tmp_path / "gt.json")
     fp = instance(1, [40, 30, 6, 6], square_mask(40, 30, 6), score=0.5)
-    results = evaluate(write_output(tmp_path / "out", [row(1, found("A"))], [row(2, found("D"), fp)]), gt)
+    results = evaluate_output(
+        write_output(tmp_path / "out", [row(1, found("A"))], [row(2, found("D"), fp)]), gt
+    )
     table = format_table(results)
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "bbox", "segm"]
@@ -323,7 +326,7 @@ def test_synth_dataset_ground_truth_as_predictions_scores_one(tmp_path: pathlib.
         # even images as the job names the rows of a manifest without image_id: matched by file name
         image_id = str(image["id"]) if image["id"] % 2 else f"{image['id']:016x}"
         rows.append(ok_row(image_id, uri, image["width"], image["height"], instances))
-    results = evaluate(write_output(tmp_path / "out", rows[:2], rows[2:]), dataset.annotations)
+    results = evaluate_output(write_output(tmp_path / "out", rows[:2], rows[2:]), dataset.annotations)
     assert results["images"]["matched"] == 4
     assert results["detections"] == len(coco["annotations"])
     for iou_type in ("bbox", "segm"):

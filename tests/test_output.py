@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -16,9 +17,10 @@ from batchseg.analysis.query import connect
 from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
-from batchseg.format.output import DONE_DIR, OutputDir
-from batchseg.format.records import ok_row, to_parquet
-from batchseg.io.manifest import iter_shards, plan_shards
+from batchseg.errors import ImageError
+from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord, shard_object, shard_record
+from batchseg.format.records import error_row, ok_row, to_parquet
+from batchseg.io.manifest import Shard, iter_shards, plan_shards
 
 SHARD_SIZE = 4
 BOX = {"category_id": 1, "category": "circle", "score": 0.9, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4}
@@ -49,12 +51,7 @@ def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
     ids = []
     for shard in iter_shards(plan):
         rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
-        record = {
-            "rows": len(rows),
-            "ok": len(rows),
-            "errors": {},
-            "instances": len(rows),
-        }
+        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0)
         output.write_shard(shard, to_parquet(rows, provenance), record)
         ids += shard.image_ids
     return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}
@@ -138,9 +135,72 @@ def test_records_without_a_size_are_trusted_when_their_object_is_there(tmp_path:
     out = made["out"]
     for path in (out / DONE_DIR).iterdir():  # as batchseg before 0.x wrote them
         record = json.loads(path.read_text())
-        path.write_text(json.dumps({k: v for k, v in record.items() if k != "bytes"}))
+        path.write_text(
+            json.dumps({k: v for k, v in record.items() if k not in ("bytes", "storage_retries")})
+        )
     (out / "part-000002.parquet").unlink()
     assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {0, 1}
+    assert [(r.shard, r.bytes, r.storage_retries) for r in OutputDir(str(out)).records()] == [
+        (0, None, 0),
+        (1, None, 0),
+    ]
+
+
+def test_a_completion_record_is_written_as_batchseg_wrote_it_before(tmp_path: pathlib.Path) -> None:
+    """Byte for byte: outputs written before and after read alike, by batchseg and by anyone's script."""
+    shard = Shard(7, ["a", "b", "c", "d", "e"], ["u/a", "u/b", "u/c", "u/d", "u/e"])
+    rows = [
+        ok_row("a", "u/a", 2, 2, [INSTANCE, INSTANCE]),
+        error_row("b", "u/b", ImageError("not_found", "gone")),
+        ok_row("c", "u/c", 2, 2, []),
+        error_row("d", "u/d", ImageError("decode_error", "not an image")),
+        error_row("e", "u/e", ImageError("not_found", "gone")),
+    ]
+    record = ShardRecord.of(shard, rows, attempt=2, seconds=1.23456, storage_retries=3)
+    written = OutputDir(str(tmp_path)).write_shard(shard, b"0123456789", record)
+    text = (tmp_path / DONE_DIR / "part-000007.json").read_text()
+    assert text == (
+        '{"rows": 5, "ok": 2, "errors": {"not_found": 2, "decode_error": 1}, "instances": 2, '
+        '"seconds": 1.235, "attempt": 2, "storage_retries": 3, "shard": 7, '
+        f'"fingerprint": "{shard.fingerprint}", "bytes": 10}}'
+    )
+    assert ShardRecord.from_json(text) == written
+    assert (tmp_path / "part-000007.parquet").read_bytes() == b"0123456789"
+    with pytest.raises(ValueError, match="shard 7 given for shard 8"):
+        OutputDir(str(tmp_path)).write_shard(Shard(8, shard.image_ids, shard.uris), b"", record)
+
+
+def test_hand_edited_records_are_removed_and_their_shards_redone(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path, images=28)  # 7 shards
+    out = made["out"]
+    edits: list[Callable[[dict[str, Any]], Any]] = [
+        lambda r: [r],  # not an object
+        lambda r: r | {"rows": "4"},  # a count as a string
+        lambda r: {k: v for k, v in r.items() if k != "errors"},
+        lambda r: r | {"shard": 1},  # another shard's
+        lambda r: r | {"rows": -4},
+        lambda r: r | {"errors": {"not_found": 1.5}},
+    ]
+    for index, edit in enumerate(edits):
+        path = out / shard_record(index)
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    capsys.readouterr()
+    assert OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept == {6}
+    warnings = capsys.readouterr().err
+    redone = "its record is removed and the shard redone"
+    assert warnings.count(redone) == len(edits)
+    for shard, problem in [
+        (0, "unreadable (TypeError)"),
+        (1, "unreadable (TypeError)"),
+        (2, "unreadable (KeyError)"),
+        (3, "another shard's"),
+        (4, "another shard's"),
+        (5, "unreadable (TypeError)"),
+    ]:
+        assert f"part-{shard:06d}: its completion record is {problem}; {redone}" in warnings
+    assert sorted(p.name for p in (out / DONE_DIR).iterdir()) == ["part-000006.json"]
 
 
 def grow(root: pathlib.Path, lines: list[str]) -> list[str]:
@@ -212,9 +272,9 @@ def test_verify_passes_a_whole_output(tmp_path: pathlib.Path, capsys: pytest.Cap
 def rewrite_shard(out: pathlib.Path, index: int, keep: slice, *, fix_size: bool = True) -> None:
     """Rewrite a shard object with only some of its rows, and its record's size to match (a hand edit
     that a listing cannot see)."""
-    path = out / f"part-{index:06d}.parquet"
+    path = out / shard_object(index)
     pq.write_table(pq.read_table(path).slice(keep.start, keep.stop - keep.start), path)
-    record_path = out / DONE_DIR / f"part-{index:06d}.json"
+    record_path = out / shard_record(index)
     record = json.loads(record_path.read_text())
     if fix_size:
         record_path.write_text(json.dumps(record | {"bytes": path.stat().st_size}))

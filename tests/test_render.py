@@ -22,6 +22,7 @@ from batchseg.analysis.render import (
     safe_name,
 )
 from batchseg.errors import ImageError
+from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.io import storage
@@ -101,7 +102,7 @@ def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> O
     half = len(rows) // 2
     for shard, part in enumerate((rows[:half], rows[half:])):
         provenance = {"model": "maskrcnn_small", "weights": "ground-truth", "shard": shard}
-        (out / f"part-{shard:06d}.parquet").write_bytes(to_parquet(part, provenance))
+        (out / shard_object(shard)).write_bytes(to_parquet(part, provenance))
     ok = [r for r in rows if r["status"] == "ok"]
     summary = {
         "images": len(rows),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -15,13 +14,13 @@ import pytest
 import s3fs
 import torch
 
-from batchseg.analysis.evaluate import evaluate
+from batchseg.analysis.evaluate import evaluate_output
 from batchseg.analysis.query import run_query
 from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
-from batchseg.format.output import OutputDir
+from batchseg.format.output import OutputDir, ShardRecord, shard_record
 from batchseg.format.records import read_provenance
 from batchseg.io import storage
 from batchseg.io.manifest import default_image_id
@@ -75,7 +74,7 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert (
         verify(config.output, storage_options=s3.options()).line().startswith("OK: s3://out/seg: 12 images")
     )
-    metrics = evaluate(config.output, data.annotations, s3.options())
+    metrics = evaluate_output(config.output, data.annotations, s3.options())
     assert metrics["images"]["matched"] == 12 and metrics["segm"]["AP"] > 0.3
     table = run_query(config.output, "SELECT count(*) AS n FROM instances", storage_options=s3.options())
     assert table.splitlines()[2].strip() == str(summary["instances"])
@@ -266,7 +265,12 @@ def test_many_shard_records_are_read_through_a_flaky_store(
     """A bulk read tries again only the objects that failed: tried all or nothing, 40 records behind a store
     that breaks one request in eight (for five tries each) would almost never all come back."""
     monkeypatch.setattr(storage, "RETRY_SECONDS", 20.0)
-    records = {f"out/records/_done/part-{i:06d}.json": json.dumps({"shard": i, "rows": 1}) for i in range(40)}
+    records = {
+        f"out/records/{shard_record(i)}": ShardRecord(
+            rows=1, ok=1, errors={}, instances=0, seconds=0.1, attempt=1, shard=i
+        ).to_json()
+        for i in range(40)
+    }
     bucket_fs(s3).pipe({path: text.encode() for path, text in records.items()})
     with FaultProxy(s3.ports[3], every=8, repeat=5, only=r"/_done/part-") as proxy:
         flaky = s3.options() | {
@@ -275,4 +279,4 @@ def test_many_shard_records_are_read_through_a_flaky_store(
         }
         read = OutputDir("s3://out/records", flaky | {"connect_timeout": 1, "read_timeout": 1}).records()
         assert all(proxy.counts()[kind] >= 5 for kind in KINDS)
-    assert [r["shard"] for r in read] == list(range(40))
+    assert [r.shard for r in read] == list(range(40))

@@ -1,16 +1,17 @@
-"""The driver's bookkeeping without a cluster: work queue and retries, actor pool, scaling, progress."""
+"""The driver's bookkeeping without a cluster: work queue and retries, worker pool, scaling, progress."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Plan, Shard
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
-    ActorPool,
     Progress,
     ScalingPolicy,
     Scheduler,
+    WorkerPool,
     WorkQueue,
     duration,
 )
@@ -50,8 +51,8 @@ def test_work_queue_reads_the_manifest_one_shard_ahead_only() -> None:
     assert taken == [0, 1]
 
 
-def test_actor_pool_tracks_what_each_actor_holds() -> None:
-    pool = ActorPool()
+def test_worker_pool_tracks_what_each_actor_holds() -> None:
+    pool = WorkerPool()
     first = pool.add("actor-1", "ready-1")
     second = pool.add("actor-2", "ready-2")
     assert pool.starting() == 2 and pool.pending() == {"ready-1": first, "ready-2": second}
@@ -129,7 +130,9 @@ def test_progress_line_counts_rate_and_eta() -> None:
     now = [100.0]
     progress = Progress(5000, clock=lambda: now[0], every=5.0)
     assert not progress.due()
-    progress.shard_done({"rows": 100, "errors": {"not_found": 2}})
+    progress.shard_done(
+        ShardRecord(rows=100, ok=98, errors={"not_found": 2}, instances=0, seconds=9.0, attempt=1, shard=0)
+    )
     now[0] += 40.0
     assert progress.due()
     assert progress.line(partial=20) == "120/5000 images (2.4%) | 3.00 img/s | 2 errors | ETA 27m06s"

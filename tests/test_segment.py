@@ -161,7 +161,7 @@ def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pat
         if threaded:
             processor.encoder = ThreadPoolExecutor(1)
         record = processor.process(next(iter_shards(job.plan)))
-        assert record["rows"] == 6
+        assert record.rows == 6
         tables.append(open_results(str(tmp_path / name)).to_table().drop_columns([]).to_pylist())
     assert tables[0] == tables[1]
 

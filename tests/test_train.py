@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchseg.analysis.evaluate import evaluate
+from batchseg.analysis.evaluate import evaluate_output
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
@@ -115,7 +115,7 @@ def test_small_model_learns_shapes_then_segments_a_held_out_set_with_ap_over_hal
         SegmentConfig(manifest=held_out.manifest, output=output, weights=config.output, score_threshold=0.3)
     )
     assert (summary["status"], summary["ok"]) == ("complete", 50)
-    results = evaluate(output, held_out.annotations)
+    results = evaluate_output(output, held_out.annotations)
     assert results["images"]["matched"] == 50
     assert results["segm"]["AP"] >= 0.5, results["segm"]
     assert results["bbox"]["AP"] >= 0.5, results["bbox"]
@@ -249,18 +249,18 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
     )
 
     from batchseg.train.data import CocoInstances
-    from batchseg.train.engine import evaluate as validate
+    from batchseg.train.engine import evaluate_model
 
     info = resolve_weights(str(SHAPES_MODEL))
     # the model's own score threshold (0.05); the resize it was validated at in training, as segment uses it
     model = build_model(info, load_state_dict(info), min_size=info.min_size, max_size=info.max_size)
-    validation = validate(model, CocoInstances(data.images, data.annotations))
+    validation = evaluate_model(model, CocoInstances(data.images, data.annotations))
 
     output = str(tmp_path / "segmented")
     run_segment(
         SegmentConfig(manifest=str(manifest), output=output, weights=str(SHAPES_MODEL), score_threshold=0.05)
     )
-    segmented = evaluate(output, data.annotations)
+    segmented = evaluate_output(output, data.annotations)
     assert segmented["images"] == {
         "evaluated": 12,
         "matched": 11,

@@ -353,7 +353,7 @@ def _hashes(ids: list[str]) -> np.ndarray:
     return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
 
 
-def check_options(iou_threshold: float, top: int, out: str | None) -> str | None:
+def check_diff_options(iou_threshold: float, top: int, out: str | None) -> str | None:
     """Refuse impossible values before anything is read or written; returns ``out``'s format."""
     if not 0 < iou_threshold <= 1:  # NaN fails this too
         raise BatchsegError(f"--iou must be more than 0 and at most 1, not {iou_threshold}")
@@ -385,7 +385,7 @@ def diff_outputs(
     Parquet (from its suffix), whole or not at all. Raises :class:`BatchsegError` for impossible options, an output that is missing or not a
     segment output, or one that cannot be read, before ``out`` is written.
     """
-    fmt = check_options(iou_threshold, top, out)
+    fmt = check_diff_options(iou_threshold, top, out)
     old_results = Results(old, storage_options)
     new_results = Results(new, storage_options)
     before, after = old_results.provenance, new_results.provenance

@@ -23,7 +23,7 @@ COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
 BATCH_ROWS = 4096
 
 
-def evaluate(
+def evaluate_output(
     predictions: str,
     annotations: str,
     storage_options: dict[str, Any] | None = None,
@@ -103,7 +103,7 @@ def evaluate(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """``results`` of :func:`evaluate` as a plain-text table: one line per metric, one column per IoU
+    """``results`` of :func:`evaluate_output` as a plain-text table: one line per metric, one column per IoU
     type (4 decimals), then a line of image and detection counts."""
     types = [t for t in IOU_TYPES if t in results]
     width = max(len(m) for m in METRICS) + 2

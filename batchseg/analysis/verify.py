@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.format.output import JOB_FILE, OutputDir, ShardObject
+from batchseg.format.output import JOB_FILE, OutputDir, ShardObject, ShardRecord, shard_name, shard_object
 from batchseg.format.records import SCHEMA
-from batchseg.io.manifest import Plan, Shard, iter_shards, plan_shards, shard_name
+from batchseg.io.manifest import Plan, Shard, iter_shards, plan_shards
 
 
 @dataclass
@@ -55,7 +55,7 @@ def verify(uri: str, manifest: str | None = None, storage_options: dict[str, Any
         problems.append(f"{JOB_FILE} is missing: the settings the output was made with are unknown")
     problems.extend(f"{shard_name(i)}: {problem}" for i, problem in sorted(check.broken.items()))
     problems.extend(
-        f"{shard_name(i)}.parquet has no completion record (an unfinished shard, or put there by hand)"
+        f"{shard_object(i)} has no completion record (an unfinished shard, or put there by hand)"
         for i in check.unrecorded
     )
     plan = _plan(job, manifest, storage_options, problems)
@@ -72,7 +72,7 @@ def verify(uri: str, manifest: str | None = None, storage_options: dict[str, Any
             missing.append(index)
             continue
         record = check.done[index]
-        if plan is not None and record.get("fingerprint") != plan.shard_fingerprints[index]:
+        if plan is not None and record.fingerprint != plan.shard_fingerprints[index]:
             problems.append(
                 f"{shard_name(index)}: the manifest's rows for it changed: rerun segment to redo it"
             )
@@ -115,14 +115,14 @@ def _plan(
 def _check_object(
     output: OutputDir,
     found: ShardObject,
-    record: dict[str, Any],
+    record: ShardRecord,
     shard: Shard | None,
     kept: dict[str, str],
     problems: list[str],
 ) -> list[str]:
     """The shard object's image ids, after checking its footer, schema (with the ``kept`` manifest columns:
     name -> type) and ids against its record and ``shard`` (the manifest's rows for it, when known)."""
-    name = f"{shard_name(found.index)}.parquet"
+    name = shard_object(found.index)
     try:
         with job_errors(f"cannot read {found.path}"), output.fs.open(found.path, "rb") as f:
             parquet = pq.ParquetFile(f)
@@ -137,8 +137,8 @@ def _check_object(
         or others != kept
     ):
         problems.append(f"{name}: its columns are not batchseg's")
-    if len(ids) != record["rows"]:
-        problems.append(f"{name} holds {len(ids):,} rows, its completion record says {record['rows']:,}")
+    if len(ids) != record.rows:
+        problems.append(f"{name} holds {len(ids):,} rows, its completion record says {record.rows:,}")
     if len(set(ids)) != len(ids):
         problems.append(f"{name} holds {len(ids) - len(set(ids)):,} duplicate image_id value(s)")
     if shard is not None and ids != shard.image_ids:

@@ -11,32 +11,158 @@ Under ``--output``::
     summary.json              totals over all shards, written when a run ends
 
 batchseg owns exactly these names (and the ``<name>.tmp-<hex>`` files a local write renames into them):
-it reads, counts and removes nothing else, so an output folder may also hold other files.
+it reads, counts and removes nothing else, so an output folder may also hold other files. They are made
+and recognised only here (:func:`shard_object`, :func:`shard_record`, :func:`shard_index`,
+:func:`is_ours`), and a completion record is written and read only as a :class:`ShardRecord`.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import functools
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
+from batchseg.format.records import error_kind
 from batchseg.io import storage
-from batchseg.io.manifest import Shard, absolute_uri, shard_name
+from batchseg.io.manifest import Shard, absolute_uri
 
+# The names batchseg writes, and the one rule that tells them from other files.
 JOB_FILE = "_batchseg_job.json"
-SHARD_NAMES = "part-NNNNNN.parquet"
-DONE_DIR = "_done"
 SUMMARY_FILE = "summary.json"
+DONE_DIR = "_done"
+SHARD_NAMES = "part-NNNNNN.parquet"  # how messages show the shard objects' names
+_SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
+_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # storage.write_atomic's file, before its rename
+
+
+def shard_name(index: int) -> str:
+    """``part-000042``: shard ``index`` as messages name it; its object and record are named after it."""
+    return f"part-{index:06d}"
+
+
+def shard_object(index: int) -> str:
+    """``part-000042.parquet``: shard ``index``'s rows, at the top of the output."""
+    return f"{shard_name(index)}.parquet"
+
+
+def shard_record(index: int) -> str:
+    """``_done/part-000042.json``: shard ``index``'s completion record, relative to the output."""
+    return f"{DONE_DIR}/{shard_name(index)}.json"
+
+
+def shard_index(path: str) -> int | None:
+    """The shard whose object or record ``path`` (relative to the output) is, named exactly as
+    :func:`shard_object` and :func:`shard_record` name them (not ``part-1.parquet``), else None."""
+    match = _SHARD.fullmatch(path)
+    if match is None:
+        return None
+    index = int(match[1])
+    return index if path in (shard_object(index), shard_record(index)) else None
+
+
+def is_ours(path: str) -> bool:
+    """Whether batchseg writes the file at ``path`` (relative to the output): a shard's object or record,
+    the job or summary file, or one of these being written (:func:`storage.write_atomic`'s temporary)."""
+    temp = _TEMP.fullmatch(path)
+    path = temp[1] if temp else path
+    return path in (JOB_FILE, SUMMARY_FILE) or shard_index(path) is not None
+
+
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
 # manifest may change (grow): each shard's record says which rows it holds.
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
                    "max_instances", "max_pixels", "shard_size", "keep_columns")  # fmt: skip
 ABSENT: dict[str, Any] = {"keep_columns": {}}  # what a key that an older batchseg did not write meant
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord:
+    """A shard's completion record (``_done/part-NNNNNN.json``), written after its object: the shard is
+    done, holds these rows, is ``bytes`` long (a rerun checks the object against that) and was made from
+    the manifest rows of this ``fingerprint`` (a rerun redoes it when they change).
+
+    Records of older batchseg lack ``storage_retries`` (0), ``fingerprint`` (so the shard is redone) and
+    ``bytes`` (the object is trusted at any size). The fields are in the order the JSON holds them:
+    :meth:`to_json` writes what batchseg always wrote, byte for byte."""
+
+    rows: int
+    ok: int
+    errors: dict[str, int]  # error rows by kind (``read_error``...), in the order first met
+    instances: int
+    seconds: float  # processing the shard, its writes excluded
+    attempt: int  # 1 for the first
+    storage_retries: int = 0  # storage calls tried again (not those of the writes that follow)
+    shard: int
+    fingerprint: str | None = None
+    bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        valid = {
+            "rows": _count(self.rows),
+            "ok": _count(self.ok),
+            "errors": isinstance(self.errors, dict)
+            and all(isinstance(k, str) and _count(n) for k, n in self.errors.items()),
+            "instances": _count(self.instances),
+            "seconds": isinstance(self.seconds, int | float) and not isinstance(self.seconds, bool),
+            "attempt": _count(self.attempt),
+            "storage_retries": _count(self.storage_retries),
+            "shard": _count(self.shard),
+            "fingerprint": self.fingerprint is None or isinstance(self.fingerprint, str),
+            "bytes": self.bytes is None or _count(self.bytes),
+        }
+        wrong = [name for name, ok in valid.items() if not ok]
+        if wrong:
+            raise TypeError(f"a shard record's {', '.join(wrong)} of the wrong type")
+
+    @classmethod
+    def of(
+        cls, shard: Shard, rows: list[dict[str, Any]], *, attempt: int, seconds: float, storage_retries: int
+    ) -> ShardRecord:
+        """The record of ``shard``, whose rows (:mod:`batchseg.format.records`) are ``rows``, but for the
+        size of its object, which :meth:`OutputDir.write_shard` fills in."""
+        errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
+        return cls(
+            rows=len(rows),
+            ok=len(rows) - sum(errors.values()),
+            errors=dict(errors),
+            instances=sum(len(r["instances"]) for r in rows if r["instances"]),
+            seconds=round(seconds, 3),
+            attempt=attempt,
+            storage_retries=storage_retries,
+            shard=shard.index,
+            fingerprint=shard.fingerprint,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | builtins.bytes) -> ShardRecord:  # (``bytes`` is a field here)
+        """The record that ``text`` holds; raises ValueError (not JSON), KeyError (a field missing, but for
+        those older records lack) or TypeError (not an object, or a field of another type). Fields it does
+        not know are left out."""
+        record = json.loads(text)
+        if not isinstance(record, dict):
+            raise TypeError(f"a shard record is a JSON object, not {type(record).__name__}")
+        return cls(
+            **{
+                f.name: record[f.name]
+                for f in dataclasses.fields(cls)
+                if f.name in record or f.default is dataclasses.MISSING
+            }
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -53,7 +179,7 @@ class Check:
     """An output's shard objects and completion records, checked against each other."""
 
     objects: dict[int, ShardObject]
-    done: dict[int, dict[str, Any]] = field(default_factory=dict)  # records that hold
+    done: dict[int, ShardRecord] = field(default_factory=dict)  # records that hold
     broken: dict[int, str] = field(default_factory=dict)  # shard -> what is wrong with its record
 
     @property
@@ -130,23 +256,20 @@ class OutputDir:
 
     def shard_objects(self) -> list[ShardObject]:
         """Every ``part-NNNNNN.parquet`` here, in shard order (one listing, with sizes)."""
-        found = [(shard_index(name, ".parquet"), name, size) for name, size in self._names().items()]
+        found = [(shard_index(name), name, size) for name, size in self._names().items()]
         return sorted(ShardObject(i, self._at(name), size) for i, name, size in found if i is not None)
 
-    def _record_paths(self) -> list[str]:
-        names = self._names(DONE_DIR)
-        return sorted(self._at(DONE_DIR, n) for n in names if shard_index(n, ".json") is not None)
+    def _files(self) -> list[str]:
+        """Every file directly in the output or in its ``_done/``, relative to the output."""
+        return [*self._names(), *(f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR))]
 
     def foreign(self) -> list[str]:
         """The files here that batchseg did not write (it never reads, counts or removes them)."""
-        top = [n for n in self._names() if not _is_ours(n)]
-        done = [f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR) if not _is_ours(n, ".json")]
-        return sorted(top + done)
+        return sorted(n for n in self._files() if not is_ours(n))
 
     def clear(self) -> None:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
-        ours = [self._at(n) for n in self._names() if _is_ours(n)]
-        ours += [self._at(DONE_DIR, n) for n in self._names(DONE_DIR) if _is_ours(n, ".json")]
+        ours = [self._at(n) for n in self._files() if is_ours(n)]
         if ours:
             storage.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
         if (
@@ -156,25 +279,28 @@ class OutputDir:
         ):
             self.fs.rmdir(self._at(DONE_DIR))
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[ShardRecord]:
         """Every shard's completion record that reads as one (one bulk read; object stores fetch them
         concurrently)."""
-        return [r for r in self._read_records().values() if isinstance(r, dict)]
+        return [r for r in self._read_records().values() if isinstance(r, ShardRecord)]
 
-    def _read_records(self) -> dict[int, dict[str, Any] | str]:
+    def _read_records(self) -> dict[int, ShardRecord | str]:
         """Shard index -> its completion record, or why it is not one (unreadable, another shard's)."""
-        paths = self._record_paths()
+        names = [f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR)]
+        indices = {self._at(n): shard_index(n) for n in names}
+        paths = [path for path, index in indices.items() if index is not None]
         contents = storage.read_many(self.fs, paths, "reading shard records")
-        records: dict[int, dict[str, Any] | str] = {}
+        records: dict[int, ShardRecord | str] = {}
         for path in sorted(contents):
-            index = shard_index(path.rsplit("/", 1)[-1], ".json")
+            index = indices[path]
             assert index is not None
             try:
-                record = json.loads(contents[path])
-                ok = record["shard"] == index and record["rows"] >= 0
-                records[index] = record if ok else "its completion record is another shard's"
+                record = ShardRecord.from_json(contents[path])
             except (ValueError, TypeError, KeyError) as e:
                 records[index] = f"its completion record is unreadable ({type(e).__name__})"
+                continue
+            ok = record.shard == index and record.rows >= 0
+            records[index] = record if ok else "its completion record is another shard's"
         return records
 
     def check(self) -> Check:
@@ -184,10 +310,10 @@ class OutputDir:
         check = Check(objects)
         for index, record in records.items():
             problem = record if isinstance(record, str) else _object_problem(record, objects.get(index))
-            if problem is None:
-                check.done[index] = record  # type: ignore[assignment]
-            else:
+            if problem is not None:
                 check.broken[index] = problem
+            elif isinstance(record, ShardRecord):
+                check.done[index] = record
         return check
 
     def resume(self, fingerprints: Sequence[str]) -> Resume:
@@ -200,9 +326,7 @@ class OutputDir:
         objects without a record (an unfinished shard's, redone anyway)."""
         check = self.check()
         changed = [
-            i
-            for i, r in check.done.items()
-            if i < len(fingerprints) and r.get("fingerprint") != fingerprints[i]
+            i for i, r in check.done.items() if i < len(fingerprints) and r.fingerprint != fingerprints[i]
         ]
         for index, problem in check.broken.items():
             log.warning(f"{shard_name(index)}: {problem}; its record is removed and the shard redone")
@@ -219,20 +343,22 @@ class OutputDir:
         """Remove these shards' records, then their objects (a crash between leaves objects without
         records, which a rerun redoes or, past the manifest's end, removes)."""
         records = [
-            self._at(DONE_DIR, f"{shard_name(i)}.json")
-            for i in sorted(indices & (check.done.keys() | check.broken.keys()))
+            self._at(shard_record(i)) for i in sorted(indices & (check.done.keys() | check.broken.keys()))
         ]
         objects = [check.objects[i].path for i in sorted(indices & check.objects.keys())]
         for paths in (records, objects):
             if paths:
                 storage.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
 
-    def write_shard(self, shard: Shard, parquet: bytes, record: dict[str, Any]) -> dict[str, Any]:
-        """The shard's rows first, then its completion record: a record always means a whole shard, of the
-        size it says, of the manifest rows its fingerprint names. Returns the record as written."""
-        storage.write_atomic(self.fs, self._at(f"{shard.name}.parquet"), parquet)
-        record = record | {"shard": shard.index, "fingerprint": shard.fingerprint, "bytes": len(parquet)}
-        storage.write_atomic(self.fs, self._at(DONE_DIR, f"{shard.name}.json"), json.dumps(record).encode())
+    def write_shard(self, shard: Shard, parquet: bytes, record: ShardRecord) -> ShardRecord:
+        """The shard's rows first, then its completion record (:meth:`ShardRecord.of` the same shard): a
+        record always means a whole shard, of the size it says, of the manifest rows its fingerprint names.
+        Returns the record as written."""
+        if (record.shard, record.fingerprint) != (shard.index, shard.fingerprint):
+            raise ValueError(f"the record of shard {record.shard} given for shard {shard.index}")
+        storage.write_atomic(self.fs, self._at(shard_object(shard.index)), parquet)
+        record = dataclasses.replace(record, bytes=len(parquet))
+        storage.write_atomic(self.fs, self._at(shard_record(shard.index)), record.to_json().encode())
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -242,26 +368,17 @@ class OutputDir:
 def owned_by(output: str, target: str) -> bool:
     """Whether writing ``target`` would replace one of batchseg's own files in the output at ``output``
     (a report or a COCO file written over a shard or ``summary.json``)."""
-    folder, _, name = absolute_uri(target).rstrip("/").rpartition("/")
-    out = absolute_uri(output).rstrip("/")
-    return (folder == out and _is_ours(name)) or (folder == f"{out}/{DONE_DIR}" and _is_ours(name, ".json"))
+    out = absolute_uri(output).rstrip("/") + "/"
+    target = absolute_uri(target).rstrip("/")
+    return target.startswith(out) and is_ours(target.removeprefix(out))
 
 
-def shard_index(name: str, suffix: str) -> int | None:
-    """The shard index of a file named exactly as batchseg names shard ``suffix`` files
-    (``part-000042.parquet``, ``part-000042.json``), else None."""
-    match = _SHARD_FILE.fullmatch(name)
-    if match is None or match[2] != suffix or shard_name(int(match[1])) != f"part-{match[1]}":
-        return None
-    return int(match[1])
-
-
-def _object_problem(record: dict[str, Any], found: ShardObject | None) -> str | None:
-    name = f"{shard_name(record['shard'])}.parquet"
+def _object_problem(record: ShardRecord, found: ShardObject | None) -> str | None:
+    name = shard_object(record.shard)
     if found is None:
         return f"its completion record is there but {name} is missing"
-    if "bytes" in record and record["bytes"] != found.size:
-        return f"{name} is {found.size:,} bytes, its completion record says {record['bytes']:,}"
+    if record.bytes is not None and record.bytes != found.size:
+        return f"{name} is {found.size:,} bytes, its completion record says {record.bytes:,}"
     return None
 
 
@@ -276,15 +393,3 @@ def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[
             f"output {uri} was made with other settings ({'; '.join(changed)}); "
             "rerun with --overwrite to start it over, or choose another --output"
         )
-
-
-_SHARD_FILE = re.compile(r"part-(\d+)(\.parquet|\.json)")
-_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # storage.write_atomic's file, before its rename
-
-
-def _is_ours(name: str, shard_suffix: str = ".parquet") -> bool:
-    """Whether batchseg writes files of this name (at the top of an output; in ``_done/`` with ``.json``)."""
-    temp = _TEMP.fullmatch(name)
-    name = temp[1] if temp else name
-    top = shard_suffix == ".parquet" and name in (JOB_FILE, SUMMARY_FILE)
-    return top or shard_index(name, shard_suffix) is not None

@@ -18,8 +18,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class Fetched:
-    """A batch's detections on the host (:meth:`Predictor.fetch`). ``table`` has one float32 row per
+class HostDetections:
+    """A batch's detections on the host (:meth:`Predictor.to_host`). ``table`` has one float32 row per
     instance, images in order: ``x1 y1 x2 y2`` in the image's pixels, score, label, then for a keypoint
     model the keypoints' ``x y v`` triplets; ``per_image`` counts each image's rows; ``runs`` holds the
     masks' run lengths for a mask model, else None."""
@@ -119,18 +119,18 @@ class Predictor:
 
     @torch.inference_mode()
     def describe(self, detections: list[Detections]) -> list[list[dict[str, Any]]]:
-        """Raw detections as instance dicts, masks encoded: :meth:`fetch` (device work and the copies)
+        """Raw detections as instance dicts, masks encoded: :meth:`to_host` (device work and the copies)
         then :meth:`instances` (host work only)."""
-        return self.instances(self.fetch(detections))
+        return self.instances(self.to_host(detections))
 
     @torch.inference_mode()
-    def fetch(self, detections: list[Detections]) -> Fetched:
+    def to_host(self, detections: list[Detections]) -> HostDetections:
         """A batch's detections on the host, in two device-to-host copies whatever the number of images:
         one of boxes, scores, labels (and keypoints), then one of the masks' run lengths, computed on the
         device from those boxes (:mod:`batchseg.inference.paste`). Each copy waits for the work queued
         before it on the current CUDA stream."""
         if not detections:
-            return Fetched(np.zeros((0, 6), dtype=np.float32), [], None, keypoints=False)
+            return HostDetections(np.zeros((0, 6), dtype=np.float32), [], None, keypoints=False)
         outputs = [out for out, _, _ in detections]
         per_image = [len(out["boxes"]) for out in outputs]
         keypoints = "keypoints" in outputs[0]
@@ -147,16 +147,16 @@ class Predictor:
             sizes = [(height, width) for _, height, width in detections]
             masks = [out["masks"].float() for out in outputs]
             runs = run_lengths(crop_columns(masks, boxes, sizes, self.mask_threshold))
-        return Fetched(table, per_image, runs, keypoints)
+        return HostDetections(table, per_image, runs, keypoints)
 
-    def instances(self, fetched: Fetched) -> list[list[dict[str, Any]]]:
+    def instances(self, detections: HostDetections) -> list[list[dict[str, Any]]]:
         """Each image's instances, dicts with the fields of :data:`batchseg.format.records.INSTANCE`, boxes
         in that image's pixels: host work only (the masks' COCO strings, then the dicts)."""
-        masks = rle_strings(fetched.runs) if fetched.runs is not None else None
+        masks = rle_strings(detections.runs) if detections.runs is not None else None
         categories = self.categories
-        rows = iter(fetched.table.tolist())
+        rows = iter(detections.table.tolist())
         result: list[list[dict[str, Any]]] = []
-        for image, count in enumerate(fetched.per_image):
+        for image, count in enumerate(detections.per_image):
             instances = []
             for i in range(count):
                 x1, y1, x2, y2, score, label, *keypoints = next(rows)
@@ -170,7 +170,7 @@ class Predictor:
                         "bbox": [x1, y1, x2 - x1, y2 - y1],
                         "area": area,
                         "rle": rle,
-                        "keypoints": keypoints if fetched.keypoints else None,
+                        "keypoints": keypoints if detections.keypoints else None,
                     }
                 )
             result.append(instances)

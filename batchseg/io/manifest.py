@@ -50,20 +50,12 @@ class Shard:
     columns: pa.Table | None = None  # the manifest columns kept for the output rows, a row per image
 
     @property
-    def name(self) -> str:
-        return shard_name(self.index)
-
-    @property
     def fingerprint(self) -> str:
         """What the shard's rows are (see :func:`shard_fingerprint`), kept in its completion record."""
         return shard_fingerprint(self.image_ids, self.uris, self.columns)
 
     def __len__(self) -> int:
         return len(self.uris)
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:06d}"
 
 
 def shard_fingerprint(image_ids: list[str], uris: list[str], columns: pa.Table | None = None) -> str:

@@ -19,7 +19,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchseg import log
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir
+from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
@@ -41,12 +41,12 @@ class SegmentationActor:
     def ready(self) -> bool:
         return True
 
-    def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
+    def process(self, shard: Shard, attempt: int) -> ShardRecord:
         return self.processor.process(shard, attempt)
 
     @ray.method(concurrency_group="report")
-    def images_done(self) -> int:
-        return self.processor.images_done
+    def images_started(self) -> int:
+        return self.processor.images_started
 
 
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class Driver:
         ray.kill(actor, no_restart=True)
 
     def in_progress(self, actors: list[Any]) -> int:
-        calls = [actor.images_done.remote() for actor in actors]
+        calls = [actor.images_started.remote() for actor in actors]
         with contextlib.suppress(GetTimeoutError, RayActorError):
             return int(sum(ray.get(calls, timeout=2.0)))
         return 0

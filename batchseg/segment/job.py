@@ -9,7 +9,7 @@ from typing import Any
 
 from batchseg import __version__
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir, Resume
+from batchseg.format.output import OutputDir, Resume, ShardRecord
 from batchseg.format.records import clashing
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.io import storage
@@ -69,18 +69,18 @@ def prepare_job(config: SegmentConfig) -> Job:
     return Job(config, weights, plan, provenance, output.resume(plan.shard_fingerprints))
 
 
-def summarize(records: list[dict[str, Any]], job: Job, run: dict[str, Any]) -> dict[str, Any]:
+def summarize(records: list[ShardRecord], job: Job, run: dict[str, Any]) -> dict[str, Any]:
     """Totals over every completed shard (this run's and earlier ones'), plus this run's timing."""
     errors: Counter[str] = Counter()
     for r in records:
-        errors.update(r["errors"])
+        errors.update(r.errors)
     return {
-        "images": sum(r["rows"] for r in records),
-        "ok": sum(r["ok"] for r in records),
+        "images": sum(r.rows for r in records),
+        "ok": sum(r.ok for r in records),
         "error": sum(errors.values()),
         "errors_by_kind": dict(sorted(errors.items())),
-        "instances": sum(r["instances"] for r in records),
-        "storage_retries": sum(r.get("storage_retries", 0) for r in records),
+        "instances": sum(r.instances for r in records),
+        "storage_retries": sum(r.storage_retries for r in records),
         "shards_total": job.plan.num_shards,
         "shards_done": len(records),
         "shards_kept": len(job.resume.kept),

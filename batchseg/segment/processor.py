@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -15,8 +14,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from batchseg.errors import ImageError
-from batchseg.format.output import OutputDir
-from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
+from batchseg.format.output import OutputDir, ShardRecord
+from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo
 from batchseg.inference.predictor import Predictor
 from batchseg.io import storage
@@ -71,7 +70,9 @@ class ShardProcessor:
             keep_jpegs=self.decode_on_device,
             max_pixels=config.max_pixels,
         )
-        self.images_done = 0  # within the current shard, read by progress reports
+        # Images of the current shard handed to the model or made error rows, for the progress line
+        # (those handed to the model may still be in it).
+        self.images_started = 0
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
             ThreadPoolExecutor(config.io_threads, thread_name_prefix="batchseg-encode")
@@ -112,7 +113,7 @@ class ShardProcessor:
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], error)
         return [(i, pixels.get(i, image)) for i, image in batch if rows[i] is None]
 
-    def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
+    def process(self, shard: Shard, attempt: int = 1) -> ShardRecord:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
         retries_before = storage.retries()  # one shard at a time here: the process's retries are its
@@ -122,13 +123,19 @@ class ShardProcessor:
             "device": self.device,
             "precision": self.predictor.precision,
         }
-        record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
+        record = ShardRecord.of(
+            shard,
+            rows,
+            attempt=attempt,
+            seconds=time.time() - start,
+            storage_retries=storage.retries() - retries_before,
+        )
         return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
         """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
         :class:`ImageError` of each), by default read from the shard's URIs."""
-        self.images_done = 0
+        self.images_started = 0
         self.encoding = []
         config = self.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
@@ -136,11 +143,11 @@ class ShardProcessor:
         for i, image in enumerate(self.loader(shard.uris) if images is None else images):
             if isinstance(image, ImageError):
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
-                self.images_done += 1
+                self.images_started += 1
             else:
                 batch.append((i, image))
             if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
-                self.images_done += len(batch)
+                self.images_started += len(batch)
                 self._predict(shard, self._decode_on_device(shard, batch, rows), rows)
                 batch = []
         for pending in self.encoding:
@@ -195,16 +202,3 @@ def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
     if isinstance(image, torch.Tensor):
         return int(image.shape[-1]), int(image.shape[-2])
     return int(image.shape[1]), int(image.shape[0])
-
-
-def _record(shard: Shard, rows: list[Any], attempt: int, seconds: float, retries: int) -> dict[str, Any]:
-    errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
-    return {
-        "rows": len(rows),
-        "ok": len(rows) - sum(errors.values()),
-        "errors": dict(errors),
-        "instances": sum(len(r["instances"]) for r in rows if r["instances"]),
-        "seconds": round(seconds, 3),
-        "attempt": attempt,
-        "storage_retries": retries,  # storage calls tried again (not those of the writes that follow)
-    }

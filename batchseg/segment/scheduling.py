@@ -3,7 +3,7 @@ many actors to run, the progress line, and the loop that uses them. The Ray driv
 answers the loop's calls (start an actor, queue a shard, wait, kill), through a :class:`Backend`.
 
 As in Ray Data's own actor pool, each concern is its own small class, testable without a cluster:
-``WorkQueue`` (shards to hand out, attempts, retries, give-ups), ``ActorPool`` (actors, what each has
+``WorkQueue`` (shards to hand out, attempts, retries, give-ups), ``WorkerPool`` (actors, what each has
 queued), ``ScalingPolicy`` (how many actors), ``Progress`` (counts, rate, ETA), and ``Scheduler`` (the
 loop). ``bench/scheduler.py`` runs it with a thousand simulated actors.
 """
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from batchseg import log
 from batchseg.errors import BatchsegError
+from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Shard
 
 QUEUE_PER_ACTOR = 2  # shards queued on each actor, so none waits for the driver between two shards
@@ -80,7 +81,7 @@ class Worker:
     queue: list[tuple[Any, Work]] = field(default_factory=list)  # (ref, work), oldest first
 
 
-class ActorPool:
+class WorkerPool:
     """The actors, which are up, and what each has queued; the refs the driver waits on.
 
     Every change is O(1) (O(queue) at most), so the driver's cost per shard does not grow with the number
@@ -175,9 +176,9 @@ class Progress:
         self.start = self.last = clock()
         self.images = self.errors = self.shards = 0
 
-    def shard_done(self, record: dict[str, Any]) -> None:
-        self.images += record["rows"]
-        self.errors += sum(record["errors"].values())
+    def shard_done(self, record: ShardRecord) -> None:
+        self.images += record.rows
+        self.errors += sum(record.errors.values())
         self.shards += 1
 
     def due(self) -> bool:
@@ -212,8 +213,8 @@ class ActorLost(Exception):
 
 
 class Backend(Protocol):
-    """What the scheduler asks of a cluster; ``driver.RayBackend`` answers with Ray, a simulation with
-    anything. Handles and refs are opaque to the scheduler."""
+    """What the scheduler asks of a cluster; :class:`~batchseg.segment.driver.Driver` answers with Ray, a
+    simulation with anything. Handles and refs are opaque to the scheduler."""
 
     def start_actor(self) -> tuple[Any, Any]:
         """Start an actor; returns its handle and a ref that resolves once it is up."""
@@ -230,7 +231,8 @@ class Backend(Protocol):
     def kill(self, actor: Any) -> None: ...
 
     def in_progress(self, actors: list[Any]) -> int:
-        """Images done so far in the shards ``actors`` are working on, for the progress line (0 if unknown)."""
+        """Images started so far in the shards ``actors`` are working on, for the progress line (0 if
+        unknown)."""
 
     def idle_message(self) -> str:
         """What to say while no actor has started (e.g. the resources a cluster lacks)."""
@@ -257,7 +259,7 @@ class Scheduler:
     ) -> None:
         self.backend = backend
         self.work = WorkQueue(shards, max_attempts)
-        self.pool = ActorPool()
+        self.pool = WorkerPool()
         self.scaling = scaling
         self.progress = Progress(total_images, clock)
         self.clock = clock

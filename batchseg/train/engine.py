@@ -137,7 +137,7 @@ def predict_coco(
     return results
 
 
-def evaluate(
+def evaluate_model(
     model: torch.nn.Module, dataset: CocoInstances, batch_size: int = 4
 ) -> dict[str, dict[str, float]]:
     """COCO box (and mask) AP of ``model`` on every image of ``dataset``'s annotations (pycocotools)."""

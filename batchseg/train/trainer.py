@@ -26,7 +26,7 @@ from batchseg.options import check
 from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances, collate
-from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
+from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
@@ -206,7 +206,7 @@ def _validation(config: TrainConfig) -> CocoInstances | None:
 
 
 def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float]:
-    metrics = evaluate(model, dataset)
+    metrics = evaluate_model(model, dataset)
     model.train()
     return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
 
