@@ -405,7 +405,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from batchseg.analysis.diff import check_options, diff_outputs
     from batchseg.errors import job_errors
-    from batchseg.io import storage
+    from batchseg.io import atomic, storage
     from batchseg.io.manifest import absolute_uri
 
     check_options(args.iou, args.top, args.out)
@@ -430,7 +430,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         with job_errors(f"cannot write {args.json}"):
             fs, path = storage.filesystem(args.json, args.storage_options)
-            storage.write_atomic(fs, path, json.dumps(diff.summary(), indent=2).encode())
+            atomic.write(fs, path, json.dumps(diff.summary(), indent=2).encode())
     return 0
 
 

@@ -23,7 +23,7 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.format.output import OutputDir
 from batchseg.format.records import read_provenance
-from batchseg.io import storage
+from batchseg.io import retries
 from batchseg.io.manifest import default_image_id
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
@@ -265,7 +265,7 @@ def test_many_shard_records_are_read_through_a_flaky_store(
 ) -> None:
     """A bulk read tries again only the objects that failed: tried all or nothing, 40 records behind a store
     that breaks one request in eight (for five tries each) would almost never all come back."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 20.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 20.0)
     records = {f"out/records/_done/part-{i:06d}.json": json.dumps({"shard": i, "rows": 1}) for i in range(40)}
     bucket_fs(s3).pipe({path: text.encode() for path, text in records.items()})
     with FaultProxy(s3.ports[3], every=8, repeat=5, only=r"/_done/part-") as proxy:

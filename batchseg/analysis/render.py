@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from batchseg import log
 from batchseg.errors import job_errors
 from batchseg.format.rle import decode_rle
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 from batchseg.io.images import decode_image
 
 STYLES = ("overlay", "splash")
@@ -258,7 +258,7 @@ def render_rows(
         image.save(buffer, "PNG")
         name = f"{safe_name(str(row['image_id']))}.png"
         with job_errors(f"cannot write {storage.join(out_dir, name)}"):
-            storage.write_atomic(fs, storage.join(root, name), buffer.getvalue())
+            atomic.write(fs, storage.join(root, name), buffer.getvalue())
         written.append(storage.join(out_dir, name))
     if skipped:
         reasons = "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common())

@@ -30,7 +30,7 @@ from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE
 from batchseg.format.records import error_kind
 from batchseg.format.rle import decode_rle, encode_rle
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 from batchseg.io.images import decode_image
 
 BATCH_ROWS = 4096
@@ -164,7 +164,7 @@ def build_report(
     page = _page(output_uri, summary, provenance, stats, totals, tiles, failures, comparison)
     out_fs, out_path = storage.filesystem(out, storage_options)
     with job_errors(f"cannot write report {out}"):
-        storage.write_atomic(out_fs, out_path, page.encode("utf-8"))
+        atomic.write(out_fs, out_path, page.encode("utf-8"))
     compared = {"compare": {**diff.summary(), "pairs": len(pairs)}} if diff else {}
     return {
         "out": out,

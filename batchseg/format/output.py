@@ -25,7 +25,7 @@ from typing import Any
 
 from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.io import storage
+from batchseg.io import atomic, retries, storage
 from batchseg.io.manifest import Shard, absolute_uri, shard_name
 
 JOB_FILE = "_batchseg_job.json"
@@ -96,7 +96,7 @@ class OutputDir:
     def read_job(self) -> dict[str, Any] | None:
         try:
             return json.loads(
-                storage.retrying(lambda: self.fs.cat_file(self._at(JOB_FILE)), "reading the job file")
+                retries.retrying(lambda: self.fs.cat_file(self._at(JOB_FILE)), "reading the job file")
             )
         except FileNotFoundError:
             return None
@@ -106,7 +106,7 @@ class OutputDir:
         Files batchseg did not write are left alone, with a warning that names them."""
         with job_errors(f"cannot use output {self.uri}"):
             bucket = self.path.split("/", 1)[0]
-            if not storage.is_local(self.fs) and not storage.retrying(
+            if not storage.is_local(self.fs) and not retries.retrying(
                 lambda: self.fs.exists(bucket), "checking"
             ):
                 raise FileNotFoundError(bucket)  # some stores create a missing bucket on write: refuse first
@@ -122,7 +122,7 @@ class OutputDir:
                 )
             if overwrite:
                 self.clear()
-            storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+            atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
     def _names(self, *folder: str) -> dict[str, int]:
         """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
@@ -148,7 +148,7 @@ class OutputDir:
         ours = [self._at(n) for n in self._names() if _is_ours(n)]
         ours += [self._at(DONE_DIR, n) for n in self._names(DONE_DIR) if _is_ours(n, ".json")]
         if ours:
-            storage.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
+            retries.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
         if (
             storage.is_local(self.fs)
             and self.fs.isdir(self._at(DONE_DIR))
@@ -225,18 +225,18 @@ class OutputDir:
         objects = [check.objects[i].path for i in sorted(indices & check.objects.keys())]
         for paths in (records, objects):
             if paths:
-                storage.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
+                retries.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
 
     def write_shard(self, shard: Shard, parquet: bytes, record: dict[str, Any]) -> dict[str, Any]:
         """The shard's rows first, then its completion record: a record always means a whole shard, of the
         size it says, of the manifest rows its fingerprint names. Returns the record as written."""
-        storage.write_atomic(self.fs, self._at(f"{shard.name}.parquet"), parquet)
+        atomic.write(self.fs, self._at(f"{shard.name}.parquet"), parquet)
         record = record | {"shard": shard.index, "fingerprint": shard.fingerprint, "bytes": len(parquet)}
-        storage.write_atomic(self.fs, self._at(DONE_DIR, f"{shard.name}.json"), json.dumps(record).encode())
+        atomic.write(self.fs, self._at(DONE_DIR, f"{shard.name}.json"), json.dumps(record).encode())
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+        atomic.write(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
 
 
 def owned_by(output: str, target: str) -> bool:
@@ -279,7 +279,7 @@ def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[
 
 
 _SHARD_FILE = re.compile(r"part-(\d+)(\.parquet|\.json)")
-_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # storage.write_atomic's file, before its rename
+_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # atomic.write's file, before its rename
 
 
 def _is_ours(name: str, shard_suffix: str = ".parquet") -> bool:

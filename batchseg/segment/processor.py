@@ -19,7 +19,7 @@ from batchseg.format.output import OutputDir
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo
 from batchseg.inference.predictor import Predictor
-from batchseg.io import storage
+from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader, Loaded
 from batchseg.io.manifest import Shard
@@ -115,14 +115,14 @@ class ShardProcessor:
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
-        retries_before = storage.retries()  # one shard at a time here: the process's retries are its
+        retries_before = retries.count()  # one shard at a time here: the process's retries are its
         rows = self.rows(shard)
         provenance = self.provenance | {
             "shard": shard.index,
             "device": self.device,
             "precision": self.predictor.precision,
         }
-        record = _record(shard, rows, attempt, time.time() - start, storage.retries() - retries_before)
+        record = _record(shard, rows, attempt, time.time() - start, retries.count() - retries_before)
         return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pycocotools import mask as coco_mask
 from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.coco import category_names, load_annotations
-from batchseg.io import storage
+from batchseg.io import reader, storage
 from batchseg.io.images import decode_image
 
 Target = dict[str, torch.Tensor]
@@ -105,7 +105,7 @@ class CocoInstances(torch.utils.data.Dataset):
         RGB as displayed; None when it cannot be read or decoded (counted in :attr:`corrupt`, logged)."""
         uri = storage.join(self.images, self.coco.imgs[image_id]["file_name"])
         try:
-            return decode_image(storage.read_image_bytes(uri, self.storage_options))
+            return decode_image(reader.read_image_bytes(uri, self.storage_options))
         except ImageError as e:
             self.corrupt += 1
             log.warning(f"skipping {uri}: {e}")
