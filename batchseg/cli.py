@@ -639,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    log.to_stderr()
     args = build_parser().parse_args(argv)
     if args.verbose:
         log.set_verbose()
@@ -648,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(e)
         return 2
     except KeyboardInterrupt:
-        log.info(f"interrupted; {args.interrupted}")
+        log.logger.info(f"interrupted; {args.interrupted}")
         return 130
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from batchseg import __version__, log
+from batchseg import __version__
 from batchseg.analysis.diff import Diff, ImageDiff, diff_outputs
 from batchseg.analysis.render import draw_overlay
 from batchseg.analysis.results import Results
@@ -32,6 +33,8 @@ from batchseg.format.records import error_kind
 from batchseg.format.rle import decode_rle, encode_rle
 from batchseg.io import atomic, storage
 from batchseg.io.images import decode_image
+
+log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 EXAMPLES_PER_KIND = 3

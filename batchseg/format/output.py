@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import atomic, retries, storage
 from batchseg.io.manifest import Shard, absolute_uri, shard_name
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "_batchseg_job.json"
 SHARD_NAMES = "part-NNNNNN.parquet"

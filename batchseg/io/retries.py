@@ -10,6 +10,7 @@ a call against 1 µs, on every image read of a job that spends about 500 µs of 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import threading
@@ -17,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from batchseg import log
 from batchseg.errors import StorageUnavailable
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_SECONDS = float(os.environ.get("BATCHSEG_RETRY_SECONDS", "120"))
 _TRANSIENT_TYPES = frozenset({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,11 +10,12 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 
-from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.coco import category_names, load_annotations
 from batchseg.io import reader, storage
 from batchseg.io.images import decode_image
+
+log = logging.getLogger(__name__)
 
 Target = dict[str, torch.Tensor]
 

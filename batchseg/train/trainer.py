@@ -8,6 +8,7 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,16 +18,18 @@ from typing import Any
 
 import torch
 
-from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
 from batchseg.inference.registry import TRAINABLE, model_spec, resize_checks
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
+from batchseg.log import to_stderr
 from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.segment.job import RAY_FRACTION
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
@@ -110,6 +113,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    to_stderr()  # progress and warnings reach the driver's terminal, which Ray copies this stderr to
     config: TrainConfig = setup["config"]
     weights: WeightsInfo = setup["weights"]
     storage.apply_environment(setup["environment"])
