@@ -140,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from batchseg.analysis.diff import check_diff_options, diff_outputs
     from batchseg.errors import job_errors
-    from batchseg.io import storage
+    from batchseg.io import atomic, storage
     from batchseg.io.manifest import absolute_uri
 
     check_diff_options(args.iou, args.top, args.out)
@@ -165,7 +165,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         with job_errors(f"cannot write {args.json}"):
             fs, path = storage.filesystem(args.json, args.storage_options)
-            storage.write_atomic(fs, path, json.dumps(diff.summary(), indent=2).encode())
+            atomic.write(fs, path, json.dumps(diff.summary(), indent=2).encode())
     return 0
 
 
@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    log.to_stderr()
     args = build_parser().parse_args(argv)
     if args.verbose:
         log.set_verbose()
@@ -391,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(e)
         return 2
     except KeyboardInterrupt:
-        log.info(f"interrupted; {args.interrupted}")
+        log.logger.info(f"interrupted; {args.interrupted}")
         return 130
 
 

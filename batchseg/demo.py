@@ -4,10 +4,10 @@ an HTML report, drawn by ``render`` and ``report``), and their COCO AP."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib import resources
 
-from batchseg import log
 from batchseg.analysis.evaluate import evaluate_output, format_table
 from batchseg.analysis.query import ok_images
 from batchseg.analysis.render import render_rows
@@ -17,6 +17,8 @@ from batchseg.io import storage
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
+
+log = logging.getLogger(__name__)
 
 # Made by the command in BENCHMARKS.md ("Training the small model") from images of seed 1; the demo's
 # images come from another seed, so the model has never seen them.

@@ -1,25 +1,66 @@
-"""batchseg's messages to people: one line each on stderr, starting ``batchseg:``.
+"""batchseg's messages to people, through the standard ``logging`` module under the ``batchseg`` logger.
 
-Progress, warnings and the one-line job-level error all go through here. ``--verbose`` (or
-``BATCHSEG_DEBUG=1`` in the environment) also prints what lies behind a job-level error: its chain
-of causes and their tracebacks.
+Each module logs to its own child (``logging.getLogger(__name__)``): progress at INFO, warnings, and the
+job-level error. A library user (``Segmenter``, ``open_results``) configures them as any other logger;
+left unconfigured, Python prints warnings and errors alone. The processes batchseg runs itself (the
+CLI, its Ray actors and Ray Train workers), and a job run from Python in a program that has not
+configured logging (:func:`unless_configured`), print them on stderr as one line each, starting
+``batchseg:`` (:func:`to_stderr`). ``--verbose`` (or ``BATCHSEG_DEBUG=1`` in the environment) also
+prints what lies behind a job-level error: its chain of causes and their tracebacks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import traceback
 
 DEBUG_ENV = "BATCHSEG_DEBUG"
+logger = logging.getLogger("batchseg")
+_LEVELS = {"WARNING": "warning: ", "ERROR": "error: ", "CRITICAL": "error: "}  # progress has no word
 
 
-def info(message: str) -> None:
-    print(f"batchseg: {message}", file=sys.stderr, flush=True)
+class _Lines(logging.Formatter):
+    """``batchseg: <progress>``, ``batchseg: warning: <...>``, ``batchseg: error: <...>``; a traceback
+    attached to the record comes before its line, so the line is what a terminal shows last."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"batchseg: {_LEVELS.get(record.levelname, '')}{record.getMessage()}"
+        if record.exc_info:
+            return f"{self.formatException(record.exc_info)}\n{line}"
+        return line
 
 
-def warning(message: str) -> None:
-    info(f"warning: {message}")
+class _Stderr(logging.Handler):
+    """Writes to ``sys.stderr`` as it is when a line is written (pytest's capture, a redirection), as
+    ``print(file=sys.stderr)`` does, not to the one there was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{self.format(record)}\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def to_stderr() -> None:
+    """Print batchseg's messages, progress and up, on stderr as the CLI does; once per process, however
+    often it is called. They no longer go on to the root logger: Ray's ``LoggingConfig`` puts a handler
+    there in the driver and every worker, which would print each one a second time."""
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Lines())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def unless_configured() -> None:
+    """:func:`to_stderr`, unless the program has configured logging (a handler on the root logger or on
+    ``batchseg``'s, or a level on ``batchseg``'s): a notebook that runs a job sees its progress as the CLI
+    shows it, and a program with its own logging keeps it."""
+    if not (logger.handlers or logger.level != logging.NOTSET or logging.getLogger().handlers):
+        to_stderr()
 
 
 def verbose() -> bool:
@@ -32,6 +73,4 @@ def set_verbose() -> None:
 
 def error(error: BaseException) -> None:
     """A job-level error as one line; when verbose, its traceback and causes before it."""
-    if verbose():
-        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-    info(f"error: {error}")
+    logger.error(str(error), exc_info=error if verbose() else None)

@@ -24,6 +24,7 @@ import ray
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the S3 server and proxy
 
+from batchseg import log
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.io.manifest import iter_manifest
@@ -35,6 +36,7 @@ from tests.s3server import running_s3
 
 
 def main() -> None:
+    log.to_stderr()  # batchseg's progress, as the CLI prints it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--every", type=int, default=8, help="break every N-th request (0: none)")

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from batchseg import log
 from batchseg.format.output import OutputDir
 from batchseg.inference.models import build_model, resolve_weights
 from batchseg.io.images import decode_image
@@ -44,6 +45,7 @@ def bare_loop(config: SegmentConfig, uris: list[str]) -> float:
 
 
 def main() -> None:
+    log.to_stderr()  # batchseg's progress, as the CLI prints it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--size", type=int, default=640, help="generated image side")

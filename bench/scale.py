@@ -32,6 +32,7 @@ import s3fs
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the S3 server
 
+from batchseg import log
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.format.output import OutputDir
@@ -273,6 +274,7 @@ def on_s3(args: argparse.Namespace, tmp: pathlib.Path) -> None:
 
 
 def main() -> None:
+    log.to_stderr()  # batchseg's progress, as the CLI prints it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=300, help="distinct image files behind the rows")

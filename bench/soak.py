@@ -19,6 +19,7 @@ import threading
 import time
 from importlib import resources
 
+from batchseg import log
 from batchseg.analysis.results import open_results
 from batchseg.io.manifest import iter_manifest
 from batchseg.segment.driver import run_segment
@@ -33,6 +34,7 @@ def actor_pids() -> list[int]:
 
 
 def main() -> None:
+    log.to_stderr()  # batchseg's progress, as the CLI prints it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--every", default="5,15", help="seconds between kills: MIN,MAX")

@@ -12,12 +12,14 @@ import json
 import os
 import tempfile
 
+from batchseg import log
 from batchseg.train.config import TrainConfig
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import run_training
 
 
 def main() -> None:
+    log.to_stderr()  # batchseg's progress, as the CLI prints it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="maskrcnn_small")
     parser.add_argument("--iterations", type=int, default=240)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from batchseg import log
 from tests.imagefiles import write_bad_files
 from tests.s3server import S3Server, running_s3
 
@@ -30,6 +31,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 f"{item.nodeid} asks for a {seconds} s timeout: over its budget of {budget} s"
                 f"{'' if slow else ' (300 s if marked slow)'}"
             )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def messages_on_stderr() -> None:
+    """batchseg's messages printed as the CLI prints them (``batchseg: ...`` on stderr), also for the tests
+    that call the library and read them; tests/test_log.py checks what an unconfigured library prints."""
+    log.to_stderr()
 
 
 @pytest.fixture(scope="session")

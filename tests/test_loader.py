@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from batchseg.errors import ImageError, StorageUnavailable
-from batchseg.io import storage
+from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image
 from batchseg.io.loader import ImageLoader, read_ahead
+from batchseg.io.reader import ImageReader
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, write_bad_files
 
 
@@ -96,15 +97,13 @@ def test_an_object_store_that_does_not_answer_is_storage_unavailable_not_an_imag
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The asynchronous reads retry transient failures as the blocking ones do, then give up on the shard."""
-    from batchseg.io import storage
-
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 1.0)
     options = {"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{port}"}
     options["config_kwargs"] = {"connect_timeout": 1, "retries": {"max_attempts": 1}}
-    reader = storage.ImageReader(options, in_flight=4)
+    reader = ImageReader(options, in_flight=4)
     future = reader.fetch("s3://bucket/image.jpg")  # a coroutine on fsspec's loop: s3fs is asynchronous
     with pytest.raises(StorageUnavailable, match=r"reading s3://bucket/image\.jpg: storage kept failing"):
         future.result(timeout=120)
@@ -141,7 +140,7 @@ class HungFileSystem(fsspec.AbstractFileSystem):
 def test_a_blocking_read_that_never_ends_is_storage_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads on a thread cannot be interrupted; the loader stops waiting for one after the reader's
     patience (retry budget plus twice a try's deadline)."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 0.5)
     fsspec.register_implementation("hung", HungFileSystem, clobber=True)
     loader = ImageLoader({"connect_timeout": 0.5, "read_timeout": 0.5}, prefetch=2, threads=1)
     assert loader.reader.patience == 3.5

@@ -18,7 +18,7 @@ from batchseg.errors import ImageError
 from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import paste_to_rle
 from batchseg.inference.predictor import Predictor, resolve_precision
-from batchseg.io.storage import read_image_bytes
+from batchseg.io.reader import read_image_bytes
 from batchseg.train.synth import draw_shapes
 
 SMALL = {"min_size": 96, "max_size": 128, "score_threshold": 0.0, "max_instances": 5}

@@ -22,7 +22,7 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.format.output import OutputDir, ShardRecord, shard_record
 from batchseg.format.records import read_provenance
-from batchseg.io import storage
+from batchseg.io import retries
 from batchseg.io.manifest import default_image_id
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
@@ -264,7 +264,7 @@ def test_many_shard_records_are_read_through_a_flaky_store(
 ) -> None:
     """A bulk read tries again only the objects that failed: tried all or nothing, 40 records behind a store
     that breaks one request in eight (for five tries each) would almost never all come back."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 20.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 20.0)
     records = {
         f"out/records/{shard_record(i)}": ShardRecord(
             rows=1, ok=1, errors={}, instances=0, seconds=0.1, attempt=1, shard=i

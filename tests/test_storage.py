@@ -13,7 +13,7 @@ import pytest
 import s3fs
 
 from batchseg.errors import ImageError, StorageUnavailable
-from batchseg.io import storage
+from batchseg.io import reader, retries, storage
 from tests.faults import FaultProxy
 from tests.s3server import S3Server
 
@@ -42,7 +42,7 @@ def test_timeouts_reach_each_filesystem_and_its_own_settings_win(tmp_path: pathl
 def unavailable_within(uri: str, options: dict[str, object], seconds: float) -> StorageUnavailable:
     """The StorageUnavailable an ImageReader gives for ``uri``, which must come within ``seconds``."""
     start = time.monotonic()
-    future = storage.ImageReader(options, in_flight=2).fetch(uri)
+    future = reader.ImageReader(options, in_flight=2).fetch(uri)
     with pytest.raises(StorageUnavailable) as raised:
         future.result(timeout=seconds)  # a read that hangs fails here, it does not hang the suite
     assert time.monotonic() - start < seconds
@@ -53,7 +53,7 @@ def test_a_server_that_accepts_and_never_answers_is_storage_unavailable_soon(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """aiohttp's own default gives a silent server 5 minutes per try."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 2.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 2.0)
     with socket.socket() as server:  # the kernel accepts the connections; nobody ever answers them
         server.bind(("127.0.0.1", 0))
         server.listen(16)
@@ -66,7 +66,7 @@ def test_an_s3_endpoint_that_stalls_is_storage_unavailable_soon(
     s3: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """s3fs alone waits 15 s a try, five tries of botocore's five: six minutes before batchseg hears."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 2.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 2.0)
     put(s3, "data/stall/image.jpg")
     with FaultProxy(s3.ports[3], every=1, kinds=("stall",)) as proxy:
         unavailable_within(
@@ -80,7 +80,7 @@ def test_a_store_that_keeps_throttling_is_storage_unavailable_not_an_image_error
 ) -> None:
     """s3fs turns a 503 SlowDown into OSError(EBUSY, "Please reduce your request rate."), and a HEAD's
     into "Service Unavailable": transient all the same, by their cause."""
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(retries, "RETRY_SECONDS", 1.0)
     put(s3, "data/throttled/image.jpg")
     with FaultProxy(s3.ports[3], every=1, kinds=("slowdown",)) as proxy:
         options = s3.options() | {
@@ -92,7 +92,7 @@ def test_a_store_that_keeps_throttling_is_storage_unavailable_not_an_image_error
         fs, path = storage.filesystem("s3://data/throttled/image.jpg", options)
         with pytest.raises(OSError) as head:
             fs.info(path)
-        assert storage.is_transient(head.value), head.value
+        assert retries.is_transient(head.value), head.value
         assert proxy.counts()["slowdown"] >= 2
 
 
@@ -103,7 +103,7 @@ def test_fifos_sockets_and_devices_are_read_errors_found_without_opening_them(tm
     listener.bind(str(sock))
     kinds = {str(fifo): "a FIFO", str(sock): "a socket", "/dev/null": "a character device"}
     pool = ThreadPoolExecutor(len(kinds))
-    reads = {uri: pool.submit(storage.read_image_bytes, uri) for uri in kinds}
+    reads = {uri: pool.submit(reader.read_image_bytes, uri) for uri in kinds}
     try:
         for uri, kind in kinds.items():
             with pytest.raises(ImageError) as raised:

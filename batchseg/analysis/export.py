@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from batchseg.analysis.results import open_results
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.coco import coco_result
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 from batchseg.io.manifest import absolute_uri
 
 SKIPPED_NAMES = ("__background__", "N/A")
@@ -35,12 +35,12 @@ def export_coco(
     with job_errors(f"cannot write the COCO export {out}"), contextlib.ExitStack() as stack:
         fs, path = storage.filesystem(out, storage_options)
         with job_errors(f"cannot write {out}"):  # each file appears whole, or not at all
-            detections = stack.enter_context(storage.open_whole(fs, path))
+            detections = stack.enter_context(atomic.open_whole(fs, path))
         listing = None
         if images_out:
             fs_images, images_path = storage.filesystem(images_out, storage_options)
             with job_errors(f"cannot write {images_out}"):
-                listing = stack.enter_context(storage.open_whole(fs_images, images_path))
+                listing = stack.enter_context(atomic.open_whole(fs_images, images_path))
             listing.write(b'{"images": [')
         detections.write(b"[")
         for image in results.images():

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from batchseg.analysis.results import check_columns, open_results
 from batchseg.errors import BatchsegError, first_line, job_errors
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 
 FORMATS = ("table", "csv", "json", "parquet")
 # --out's format when --format is left at "table", which prints and writes nothing.
@@ -125,7 +125,7 @@ def write_whole(
     halfway (a query's, a diff's) leave no half table, and no file, behind. Returns the rows written."""
     fs, path = storage.filesystem(out, storage_options)
     # the rows' own errors (BatchsegError) pass through as they are
-    with job_errors(f"cannot write {out}"), storage.open_whole(fs, path) as f:
+    with job_errors(f"cannot write {out}"), atomic.open_whole(fs, path) as f:
         rows = write_rows(reader, fmt, f)
     return rows
 

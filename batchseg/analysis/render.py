@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -13,11 +14,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from batchseg import log
 from batchseg.errors import job_errors
 from batchseg.format.rle import decode_rle
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 from batchseg.io.images import decode_image
+
+log = logging.getLogger(__name__)
 
 STYLES = ("overlay", "splash")
 MASK_ALPHA = 0.45
@@ -258,7 +260,7 @@ def render_rows(
         image.save(buffer, "PNG")
         name = f"{safe_name(str(row['image_id']))}.png"
         with job_errors(f"cannot write {storage.join(out_dir, name)}"):
-            storage.write_atomic(fs, storage.join(root, name), buffer.getvalue())
+            atomic.write(fs, storage.join(root, name), buffer.getvalue())
         written.append(storage.join(out_dir, name))
     if skipped:
         reasons = "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common())

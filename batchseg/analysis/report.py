@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from batchseg import __version__, log
+from batchseg import __version__
 from batchseg.analysis.diff import Diff, ImageDiff, diff_outputs
 from batchseg.analysis.render import draw_overlay
 from batchseg.analysis.results import Results
@@ -30,8 +31,10 @@ from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE
 from batchseg.format.records import error_kind
 from batchseg.format.rle import decode_rle, encode_rle
-from batchseg.io import storage
+from batchseg.io import atomic, storage
 from batchseg.io.images import decode_image
+
+log = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
 EXAMPLES_PER_KIND = 3
@@ -164,7 +167,7 @@ def build_report(
     page = _page(output_uri, summary, provenance, stats, totals, tiles, failures, comparison)
     out_fs, out_path = storage.filesystem(out, storage_options)
     with job_errors(f"cannot write report {out}"):
-        storage.write_atomic(out_fs, out_path, page.encode("utf-8"))
+        atomic.write(out_fs, out_path, page.encode("utf-8"))
     compared = {"compare": {**diff.summary(), "pairs": len(pairs)}} if diff else {}
     return {
         "out": out,

@@ -22,7 +22,7 @@ from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE, OutputDir
 from batchseg.format.records import SCHEMA, output_schema, read_provenance
 from batchseg.format.rle import decode_rle
-from batchseg.io import storage
+from batchseg.io import retries, storage
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Results:
     def _list(self) -> list[str]:
         """Exactly batchseg's shard objects (another tool's ``part-*.parquet`` beside them is not read)."""
         path = self.output.path
-        if path.endswith(".parquet") and storage.retrying(lambda: self.fs.isfile(path), "listing"):
+        if path.endswith(".parquet") and retries.retrying(lambda: self.fs.isfile(path), "listing"):
             return [path]
         return [o.path for o in self.output.shard_objects()]
 
@@ -138,7 +138,7 @@ class Results:
         path = storage.join(self.output.path, SUMMARY_FILE)
         with job_errors(f"cannot read {path}"):
             try:
-                summary = json.loads(storage.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
+                summary = json.loads(retries.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
             except (FileNotFoundError, NotADirectoryError):  # the latter: ``uri`` is a file, not an output
                 return None
         if not isinstance(summary, dict):

@@ -22,17 +22,19 @@ import builtins
 import dataclasses
 import functools
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.records import error_kind
-from batchseg.io import storage
+from batchseg.io import atomic, retries, storage
 from batchseg.io.manifest import Shard, absolute_uri
+
+log = logging.getLogger(__name__)
 
 # The names batchseg writes, and the one rule that tells them from other files.
 JOB_FILE = "_batchseg_job.json"
@@ -40,7 +42,6 @@ SUMMARY_FILE = "summary.json"
 DONE_DIR = "_done"
 SHARD_NAMES = "part-NNNNNN.parquet"  # how messages show the shard objects' names
 _SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
-_TEMP = re.compile(r"(.+)\.tmp-[0-9a-f]{32}")  # storage.write_atomic's file, before its rename
 
 
 def shard_name(index: int) -> str:
@@ -70,9 +71,8 @@ def shard_index(path: str) -> int | None:
 
 def is_ours(path: str) -> bool:
     """Whether batchseg writes the file at ``path`` (relative to the output): a shard's object or record,
-    the job or summary file, or one of these being written (:func:`storage.write_atomic`'s temporary)."""
-    temp = _TEMP.fullmatch(path)
-    path = temp[1] if temp else path
+    the job or summary file, or one of these being written (lying aside: :func:`atomic.aside`)."""
+    path = atomic.destination(path) or path
     return path in (JOB_FILE, SUMMARY_FILE) or shard_index(path) is not None
 
 
@@ -222,7 +222,7 @@ class OutputDir:
     def read_job(self) -> dict[str, Any] | None:
         try:
             return json.loads(
-                storage.retrying(lambda: self.fs.cat_file(self._at(JOB_FILE)), "reading the job file")
+                retries.retrying(lambda: self.fs.cat_file(self._at(JOB_FILE)), "reading the job file")
             )
         except FileNotFoundError:
             return None
@@ -232,7 +232,7 @@ class OutputDir:
         Files batchseg did not write are left alone, with a warning that names them."""
         with job_errors(f"cannot use output {self.uri}"):
             bucket = self.path.split("/", 1)[0]
-            if not storage.is_local(self.fs) and not storage.retrying(
+            if not storage.is_local(self.fs) and not retries.retrying(
                 lambda: self.fs.exists(bucket), "checking"
             ):
                 raise FileNotFoundError(bucket)  # some stores create a missing bucket on write: refuse first
@@ -248,7 +248,7 @@ class OutputDir:
                 )
             if overwrite:
                 self.clear()
-            storage.write_atomic(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+            atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
     def _names(self, *folder: str) -> dict[str, int]:
         """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
@@ -271,7 +271,7 @@ class OutputDir:
         """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
         ours = [self._at(n) for n in self._files() if is_ours(n)]
         if ours:
-            storage.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
+            retries.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
         if (
             storage.is_local(self.fs)
             and self.fs.isdir(self._at(DONE_DIR))
@@ -348,7 +348,7 @@ class OutputDir:
         objects = [check.objects[i].path for i in sorted(indices & check.objects.keys())]
         for paths in (records, objects):
             if paths:
-                storage.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
+                retries.retrying(functools.partial(self.fs.rm, paths), f"removing {len(paths)} shard file(s)")
 
     def write_shard(self, shard: Shard, parquet: bytes, record: ShardRecord) -> ShardRecord:
         """The shard's rows first, then its completion record (:meth:`ShardRecord.of` the same shard): a
@@ -356,13 +356,13 @@ class OutputDir:
         Returns the record as written."""
         if (record.shard, record.fingerprint) != (shard.index, shard.fingerprint):
             raise ValueError(f"the record of shard {record.shard} given for shard {shard.index}")
-        storage.write_atomic(self.fs, self._at(shard_object(shard.index)), parquet)
+        atomic.write(self.fs, self._at(shard_object(shard.index)), parquet)
         record = dataclasses.replace(record, bytes=len(parquet))
-        storage.write_atomic(self.fs, self._at(shard_record(shard.index)), record.to_json().encode())
+        atomic.write(self.fs, self._at(shard_record(shard.index)), record.to_json().encode())
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        storage.write_atomic(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+        atomic.write(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
 
 
 def owned_by(output: str, target: str) -> bool:

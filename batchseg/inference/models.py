@@ -35,7 +35,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.registry import DEFAULT_MODEL, TORCHVISION, ModelSpec, model_spec
-from batchseg.io import storage
+from batchseg.io import retries, storage
 
 RANDOM_SEED = 0
 # "DEFAULT", "COCO_V1" or "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"; anything else is a checkpoint URI
@@ -225,10 +225,10 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     A folder (a training run, or one of its checkpoints) means the ``model.pt`` inside it."""
     with job_errors(f"cannot read weights {uri}"):
         fs, path = storage.filesystem(uri, storage_options)
-        if storage.retrying(lambda: fs.isdir(path), f"reading {uri}"):
+        if retries.retrying(lambda: fs.isdir(path), f"reading {uri}"):
             path = storage.join(path, "model.pt")
         try:
-            data = storage.retrying(lambda: fs.cat_file(path), f"reading {uri}")
+            data = retries.retrying(lambda: fs.cat_file(path), f"reading {uri}")
         except FileNotFoundError as e:
             raise BatchsegError(f"weights {uri} do not exist") from e
     if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle

@@ -11,7 +11,7 @@ import numpy as np
 
 from batchseg.errors import ImageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, EncodedJpeg, decode_image, jpeg_orientation
-from batchseg.io.storage import ImageReader
+from batchseg.io.reader import ImageReader
 
 T = TypeVar("T")
 B = TypeVar("B")

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.io import storage
+from batchseg.io import retries, storage
 from batchseg.io.images import IMAGE_EXTENSIONS
 
 URI_COLUMN = "uri"
@@ -115,8 +115,8 @@ def iter_rows(
     manifest = absolute_uri(manifest)
     fs, path = storage.filesystem(manifest, storage_options)
     with job_errors(f"cannot open manifest {manifest}"):
-        is_dir = manifest.endswith("/") or storage.retrying(lambda: fs.isdir(path), f"opening {manifest}")
-        if not is_dir and not storage.retrying(lambda: fs.exists(path), f"opening {manifest}"):
+        is_dir = manifest.endswith("/") or retries.retrying(lambda: fs.isdir(path), f"opening {manifest}")
+        if not is_dir and not retries.retrying(lambda: fs.exists(path), f"opening {manifest}"):
             raise BatchsegError(f"manifest {manifest} does not exist")
     if is_dir:
         if keep and keep != "all":

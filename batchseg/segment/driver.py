@@ -9,6 +9,7 @@ their shards: a shard is redone whole and rewritten under the same name, so rows
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -17,14 +18,16 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchseg import log
 from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
+from batchseg.log import to_stderr, unless_configured
 from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
 from batchseg.segment.processor import ShardProcessor
 from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(concurrency_groups={"report": 1})  # type: ignore[call-overload]
@@ -34,6 +37,7 @@ class SegmentationActor:
     def __init__(self, job: Job, device: str, threads: int) -> None:
         import torch
 
+        to_stderr()  # a retry's warning reaches the driver's terminal, which Ray copies this stderr to
         storage.apply_environment(job.environment)
         torch.set_num_threads(threads)
         self.processor = ShardProcessor.for_job(job, device)
@@ -52,6 +56,7 @@ class SegmentationActor:
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
     """Run (or resume) a segmentation job; returns its summary, which is also written to summary.json."""
     started = time.time()
+    unless_configured()  # long work shows its progress, in a notebook too
     check_ray_address(config.address)
     job = prepare_job(config)
     plan = job.plan

@@ -18,7 +18,7 @@ from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo
 from batchseg.inference.predictor import Predictor
-from batchseg.io import storage
+from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader, Loaded
 from batchseg.io.manifest import Shard
@@ -116,7 +116,7 @@ class ShardProcessor:
     def process(self, shard: Shard, attempt: int = 1) -> ShardRecord:
         """Segment every image of ``shard``, write its rows and record; return the record."""
         start = time.time()
-        retries_before = storage.retries()  # one shard at a time here: the process's retries are its
+        retries_before = retries.count()  # one shard at a time here: the process's retries are its
         rows = self.rows(shard)
         provenance = self.provenance | {
             "shard": shard.index,
@@ -128,7 +128,7 @@ class ShardProcessor:
             rows,
             attempt=attempt,
             seconds=time.time() - start,
-            storage_retries=storage.retries() - retries_before,
+            storage_retries=retries.count() - retries_before,
         )
         return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
 

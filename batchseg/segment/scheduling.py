@@ -10,16 +10,18 @@ loop). ``bench/scheduler.py`` runs it with a thousand simulated actors.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from batchseg import log
 from batchseg.errors import BatchsegError
 from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Shard
+
+log = logging.getLogger(__name__)
 
 QUEUE_PER_ACTOR = 2  # shards queued on each actor, so none waits for the driver between two shards
 PROGRESS_EVERY_S = 5.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,11 +10,12 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 
-from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.coco import category_names, load_annotations
-from batchseg.io import storage
+from batchseg.io import reader, storage
 from batchseg.io.images import decode_image
+
+log = logging.getLogger(__name__)
 
 Target = dict[str, torch.Tensor]
 
@@ -105,7 +107,7 @@ class CocoInstances(torch.utils.data.Dataset):
         RGB as displayed; None when it cannot be read or decoded (counted in :attr:`corrupt`, logged)."""
         uri = storage.join(self.images, self.coco.imgs[image_id]["file_name"])
         try:
-            return decode_image(storage.read_image_bytes(uri, self.storage_options))
+            return decode_image(reader.read_image_bytes(uri, self.storage_options))
         except ImageError as e:
             self.corrupt += 1
             log.warning(f"skipping {uri}: {e}")

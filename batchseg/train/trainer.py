@@ -8,6 +8,7 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -16,17 +17,19 @@ from typing import Any
 
 import torch
 
-from batchseg import log
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
 from batchseg.inference.registry import model_spec
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
+from batchseg.log import to_stderr, unless_configured
 from batchseg.options import check
 from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances, collate
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
 PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
@@ -63,6 +66,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    to_stderr()  # progress and warnings reach the driver's terminal, which Ray copies this stderr to
     config: TrainConfig = setup["config"]
     weights: WeightsInfo = setup["weights"]
     storage.apply_environment(setup["environment"])
@@ -214,6 +218,7 @@ def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) with Ray Train; write ``<output>/model.pt`` (weights, model name, categories,
     config: what ``batchseg segment --weights`` takes) and return the final metrics."""
+    unless_configured()  # long work shows its progress, in a notebook too
     import pyarrow.fs
     import ray.train
     from ray.train.torch import TorchTrainer
