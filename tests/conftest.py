@@ -46,7 +46,8 @@ def ray_address() -> Iterator[str]:
     subprocesses (``batchseg segment --address``) join it instead of starting their own."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    # address="local": always a Ray of the tests' own, never one already running on this machine
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
