@@ -99,7 +99,12 @@ def encode_rle(mask: np.ndarray) -> str:
 
 
 def decode_rle(counts: str, height: int, width: int) -> np.ndarray:
-    """Binary H x W ``bool`` mask from COCO compressed RLE ``counts``."""
+    """Binary H x W ``bool`` mask from COCO compressed RLE ``counts``; a ValueError when the runs do not
+    cover H x W exactly.
+
+    Not ``pycocotools.mask.decode``: given runs that cover fewer pixels (a truncated or hand-edited row),
+    it returns a mask whose remaining pixels are uninitialised memory, with no error; and it is no faster
+    on the smooth masks a model makes (``bench/rle_decode.py``)."""
     runs = decompress_counts(counts)
     if int(runs.sum()) != height * width:
         raise ValueError(f"RLE covers {int(runs.sum())} pixels, expected {height}x{width}")
