@@ -14,17 +14,17 @@ from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.records import SCHEMA, output_schema
-from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
 from batchseg.train.synth import write_dataset
+from tests.segmenting import segment_in_process
 
 OPTIONS = {"weights": str(SHAPES_MODEL), "score_threshold": 0.3, "batch_size": 1}
 
 
 @pytest.fixture(scope="module")
 def images(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Six shapes images plus a missing file and a text file, and batchseg segment's rows for them."""
+    """Six shapes images plus a missing file and a text file, and batchseg segment's output for them."""
     root = tmp_path_factory.mktemp("raydata")
     uris = write_dataset(str(root / "shapes"), 6, seed=4, size=96).uris
     (root / "notes.jpg").write_text("not an image")
@@ -33,7 +33,7 @@ def images(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     config = SegmentConfig(
         manifest=str(root / "manifest.txt"), output=str(root / "out"), shard_size=3, **OPTIONS
     )
-    run_segment(config)
+    segment_in_process(config)
     return {"uris": uris, "output": config.output, "rows": open_results(config.output).to_table().to_pylist()}
 
 
