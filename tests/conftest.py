@@ -43,10 +43,11 @@ def messages_on_stderr() -> None:
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     """Start one real local Ray instance (2 CPUs) for every test that needs it; its GCS address lets
-    subprocesses (``batchseg segment --address``) join it instead of starting their own."""
+    subprocesses (``batchseg segment --address``) join it instead of starting their own. Always a new one
+    (``local``): without an address, ``ray.init`` joins the latest cluster ``ray start`` (or a multi-node
+    test) started on this machine, and refuses ``num_cpus`` for it."""
     import ray
 
-    # address="local": always a Ray of the tests' own, never one already running on this machine
     context = ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()

@@ -17,15 +17,43 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> None:
 
 
 def ray_worker_pids(title: str) -> list[int]:
-    """PIDs of this machine's Ray worker processes whose title starts with ``ray::<title>`` (only this
-    test session runs Ray here, so they are the test's own)."""
+    """PIDs of the Ray worker processes of the Ray instance this process started (``ray.init`` in the test
+    session) whose title starts with ``ray::<title>``.
+
+    Only the descendants of that instance's raylet count: other Ray instances on the machine (another test
+    session, a benchmark) have workers of the same titles, and killing theirs would break their runs.
+    """
+    raylets = own_raylet_pids()
     prefix = f"ray::{title}".encode()
     pids = []
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "cmdline").read_bytes().startswith(prefix):
-                    pids.append(int(entry.name))
-            except OSError:
+                    pid = int(entry.name)
+                    if raylets & set(ancestors(pid)):
+                        pids.append(pid)
+            except OSError:  # the process ended while we looked
                 continue
     return pids
+
+
+def own_raylet_pids() -> set[int]:
+    """The raylets (one per node) that this process's ``ray.init`` started."""
+    from ray._private import ray_constants, worker
+
+    node = worker._global_node
+    raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if node is not None else []
+    assert raylets, "this process started no Ray instance: whose workers would be its own is unknown"
+    return {info.process.pid for info in raylets}
+
+
+def ancestors(pid: int) -> list[int]:
+    """``pid``'s parent, its parent's parent, and so on up to (not including) PID 1."""
+    chain = []
+    while True:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rpartition(")")[2].split()[1])  # the fields after the command name: state, ppid
+        if pid <= 1:
+            return chain
+        chain.append(pid)

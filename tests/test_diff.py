@@ -27,11 +27,11 @@ from batchseg.errors import ImageError
 from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.format.rle import encode_rle
-from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from tests.refusals import refusal
 from tests.s3server import S3Server
+from tests.segmenting import segment_in_process
 
 H, W = 30, 40
 
@@ -294,7 +294,7 @@ def test_repeated_image_ids_are_compared_once(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The shipped model over 8 shapes images and a missing file, at score thresholds 0.7 (OLD) and 0.3
     (NEW), shards of 3: the outputs line up shard to shard."""
     root = tmp_path_factory.mktemp("diff")
@@ -310,7 +310,7 @@ def runs(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             score_threshold=threshold,
             shard_size=3,
         )
-        run_segment(config)
+        segment_in_process(config)
         outputs[name] = config.output
     return {"root": root, **outputs}
 

@@ -25,6 +25,7 @@ from batchseg.segment.job import SegmentConfig, prepare_job
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
 from tests.refusals import refusal
+from tests.segmenting import segment_in_process
 
 SMALL = {"model": "maskrcnn_small", "weights": str(SHAPES_MODEL), "batch_size": 2}
 DAY = datetime.datetime(2026, 11, 29, 8, 30)
@@ -147,15 +148,15 @@ def test_bad_keep_columns_are_one_line_before_anything_is_written(
 
 
 @pytest.fixture(scope="module")
-def kept_output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A real run on local Ray: six shapes images and a missing one, every metadata column kept."""
+def kept_output(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A real output (without Ray: the job is not under test here): six shapes images and a missing one, every metadata column kept."""
     root = tmp_path_factory.mktemp("keep")
     uris = [*write_dataset(str(root / "shapes"), 6, seed=3, size=96).uris, str(root / "missing.jpg")]
     manifest, table = parquet_manifest(root, uris)
     config = SegmentConfig(
         manifest=manifest, output=str(root / "out"), shard_size=3, keep_columns="all", **SMALL
     )
-    summary = run_segment(config)
+    summary = segment_in_process(config)
     return {"config": config, "summary": summary, "manifest": table, "root": root}
 
 

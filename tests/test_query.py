@@ -23,15 +23,15 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.records import ok_row, to_parquet
-from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.train.synth import write_dataset
 from tests.refusals import refusal
+from tests.segmenting import segment_in_process
 from tests.test_render import write_segment_output
 
 
 @pytest.fixture(scope="module")
-def output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def output(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A real segmentation output: 10 shapes, a blank image (no instances) and a missing file (an error)."""
     root = tmp_path_factory.mktemp("query")
     data = write_dataset(str(root / "shapes"), 10, seed=11)
@@ -45,7 +45,7 @@ def output(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         score_threshold=0.5,
         shard_size=4,
     )
-    run_segment(config)
+    segment_in_process(config)
     table = pq.read_table(sorted((root / "out").glob("part-*.parquet")))
     return {"root": root, "uri": config.output, "table": table, "data": data}
 

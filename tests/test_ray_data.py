@@ -14,17 +14,17 @@ from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.records import SCHEMA, output_schema
-from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
 from batchseg.train.synth import write_dataset
+from tests.segmenting import assert_same_rows, segment_in_process
 
 OPTIONS = {"weights": str(SHAPES_MODEL), "score_threshold": 0.3, "batch_size": 1}
 
 
 @pytest.fixture(scope="module")
 def images(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Six shapes images plus a missing file and a text file, and batchseg segment's rows for them."""
+    """Six shapes images plus a missing file and a text file, and batchseg segment's output for them."""
     root = tmp_path_factory.mktemp("raydata")
     uris = write_dataset(str(root / "shapes"), 6, seed=4, size=96).uris
     (root / "notes.jpg").write_text("not an image")
@@ -33,25 +33,8 @@ def images(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     config = SegmentConfig(
         manifest=str(root / "manifest.txt"), output=str(root / "out"), shard_size=3, **OPTIONS
     )
-    run_segment(config)
+    segment_in_process(config)
     return {"uris": uris, "output": config.output, "rows": open_results(config.output).to_table().to_pylist()}
-
-
-def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """Equal rows, but scores and boxes to 1e-4: a model run with another number of torch threads (a
-    Ray Data actor of 1 CPU, the segment actor of 2) sums in another order. Masks must be identical."""
-    assert len(rows) == len(expected)
-    for row, want in zip(rows, expected, strict=True):
-        assert {k: v for k, v in row.items() if k != "instances"} == {
-            k: v for k, v in want.items() if k != "instances"
-        }
-        for got, wanted in zip(row["instances"] or [], want["instances"] or [], strict=True):
-            assert {k: v for k, v in got.items() if k not in ("score", "bbox")} == {
-                k: v for k, v in wanted.items() if k not in ("score", "bbox")
-            }
-            assert got["score"] == pytest.approx(wanted["score"], abs=1e-4)
-            assert got["bbox"] == pytest.approx(wanted["bbox"], abs=1e-3)
-        assert len(row["instances"] or []) == len(want["instances"] or [])
 
 
 def by_uri(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

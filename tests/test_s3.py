@@ -30,6 +30,7 @@ from tests.faults import KINDS, FaultProxy
 from tests.latency import LatencyProxy
 from tests.processes import wait_for
 from tests.s3server import SECRET, S3Server
+from tests.segmenting import segment_in_process
 
 
 def bucket_fs(s3: S3Server) -> s3fs.S3FileSystem:
@@ -82,9 +83,10 @@ def test_synth_segment_rerun_and_eval_on_s3(ray_address: str, s3: S3Server) -> N
     assert fs.exists("out/seg/part-00000-c0ffee.snappy.parquet") and fs.exists("out/seg/_done/x.txt")
 
 
-def test_reads_behind_50_ms_of_latency_give_the_same_rows(ray_address: str, s3: S3Server) -> None:
+def test_reads_behind_50_ms_of_latency_give_the_same_rows(s3: S3Server) -> None:
     """Many reads in flight on one event loop (and a prefetch of 1, one at a time) change nothing in the
-    rows, bad objects included; the proxy really holds every request back."""
+    rows, bad objects included; the proxy really holds every request back. The shard processor's reads,
+    without Ray: the job on S3 is test_synth_segment_rerun_and_eval_on_s3's."""
     data = write_dataset("s3://data/latency", 10, seed=5, storage_options=s3.options())
     fs = bucket_fs(s3)
     fs.pipe({"data/latency/not-an-image.jpg": b"plain text", "data/latency/empty.jpg": b""})
@@ -93,7 +95,7 @@ def test_reads_behind_50_ms_of_latency_give_the_same_rows(ray_address: str, s3: 
     fs.pipe_file("data/latency/manifest.csv", ("uri\n" + "".join(f"{u}\n" for u in uris)).encode())
     manifest = "s3://data/latency/manifest.csv"
     direct = small_model_job(s3, manifest, "s3://out/latency-direct", shard_size=6)
-    run_segment(direct)
+    segment_in_process(direct)
     expected = open_results(direct.output, s3.options()).to_table().to_pylist()
     assert [r["status"] for r in expected].count("error") == 3
     with LatencyProxy(s3.ports[3], 0.05) as proxy:
@@ -105,7 +107,7 @@ def test_reads_behind_50_ms_of_latency_give_the_same_rows(ray_address: str, s3: 
             config = replace(
                 direct, output=f"s3://out/latency-{prefetch}", prefetch=prefetch, storage_options=slow
             )
-            assert run_segment(config)["status"] == "complete"
+            assert segment_in_process(config)["status"] == "complete"
             assert open_results(config.output, s3.options()).to_table().to_pylist() == expected
 
 

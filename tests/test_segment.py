@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -25,23 +26,32 @@ from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.output import DONE_DIR
-from batchseg.format.records import read_provenance
-from batchseg.inference.models import build_model, resolve_weights
+from batchseg.format.records import read_provenance, to_table
+from batchseg.inference.models import build_model, load_state_dict, resolve_weights
 from batchseg.io.images import decode_image
-from batchseg.io.manifest import default_image_id
+from batchseg.io.manifest import default_image_id, iter_shards
 from batchseg.segment.driver import run_segment
-from batchseg.segment.job import SegmentConfig
+from batchseg.segment.job import SegmentConfig, prepare_job
+from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
 from tests.processes import ray_worker_pids, wait_for
+from tests.segmenting import assert_same_rows
 
-# A real torchvision Mask R-CNN (random weights, seeded) at a small input size keeps each image fast.
-FAST = {
-    "model": "maskrcnn_resnet50_fpn",
-    "weights": "none",
+# The shipped small model (a real torchvision Mask R-CNN, trained on the shapes these tests segment): it
+# finds instances, at a twelfth of ResNet-50's time an image. ResNet-50 itself is checked once, without Ray
+# (test_resnet50_masks_equal_torchvisions_own_postprocess).
+SMALL_MODEL = {
+    "weights": str(SHAPES_MODEL),
     "min_size": 128,
     "max_size": 192,
-    "score_threshold": 0.5,
+    "max_pixels": BOMB_TEST_MAX_PIXELS,
+}
+RESNET50 = {
+    "model": "maskrcnn_resnet50_fpn",
+    "weights": "none",  # random, seeded: still a real ResNet-50 whose masks torchvision must agree with
+    "min_size": 128,
+    "max_size": 192,
     "max_instances": 6,
     "max_pixels": BOMB_TEST_MAX_PIXELS,
 }
@@ -60,30 +70,43 @@ def archive(root: pathlib.Path, images: int, bad: bool) -> tuple[str, list[str],
     return str(manifest), list(expected), expected
 
 
+def processed(config: SegmentConfig) -> list[dict[str, Any]]:
+    """The rows of the whole manifest as one shard, by the processor each actor holds, without Ray."""
+    job = prepare_job(config)
+    return ShardProcessor.for_job(job).rows(next(iter_shards(job.plan)))
+
+
 @pytest.fixture(scope="module")
-def segmented(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("e2e")
-    manifest, uris, expected = archive(root, 20, bad=True)
-    config = SegmentConfig(manifest=manifest, output=str(root / "out"), shard_size=8, batch_size=1, **FAST)
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """12 shape images (35 instances), every kind of bad file, a missing one; the small model's rows."""
+    root = tmp_path_factory.mktemp("files")
+    manifest, uris, expected = archive(root, 12, bad=True)
+    config = SegmentConfig(manifest=manifest, output=str(root / "rows"), batch_size=1, **SMALL_MODEL)
+    return {"config": config, "uris": uris, "expected": expected, "rows": processed(config)}
+
+
+@pytest.fixture(scope="module")
+def segmented(
+    ray_address: str, files: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The same manifest segmented by the job on Ray, in shards of 8."""
+    output = tmp_path_factory.mktemp("e2e") / "out"
+    config = replace(files["config"], output=str(output), shard_size=8)
     summary = run_segment(config)
-    return {
-        "config": config,
-        "summary": summary,
-        "uris": uris,
-        "expected": expected,
-        "table": open_results(config.output).to_table(),
-    }
+    return files | {"config": config, "summary": summary, "table": open_results(config.output).to_table()}
 
 
 def test_one_row_per_manifest_row_in_order(segmented: dict[str, Any]) -> None:
     table = segmented["table"]
     assert table.column("uri").to_pylist() == segmented["uris"]
     assert table.column("image_id").to_pylist() == [default_image_id(u) for u in segmented["uris"]]
+    # Across its shards and actors, the job's rows are those of the processor alone.
+    assert_same_rows(table.to_pylist(), to_table(segmented["rows"]).to_pylist())
 
 
-def test_every_row_has_the_right_status_and_error(segmented: dict[str, Any]) -> None:
-    for row in segmented["table"].to_pylist():
-        kind = segmented["expected"][row["uri"]]
+def test_every_row_has_the_right_status_and_error(files: dict[str, Any]) -> None:
+    for row in files["rows"]:
+        kind = files["expected"][row["uri"]]
         if kind is None:
             assert (row["status"], row["error"]) == ("ok", None)
             assert isinstance(row["instances"], list)
@@ -96,19 +119,19 @@ def test_every_row_has_the_right_status_and_error(segmented: dict[str, Any]) -> 
             assert row["instances"] is None
 
 
-def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> None:
+def assert_masks_equal_torchvisions(rows: list[dict[str, Any]], config: SegmentConfig) -> None:
     """Each instance's RLE decodes (with pycocotools) to exactly the mask torchvision pastes and thresholds."""
-    config = segmented["config"]
     weights = resolve_weights(config.weights, config.model)
     model = build_model(
         weights,
+        load_state_dict(weights),  # the checkpoint's, or random (seeded) for weights "none"
         min_size=config.min_size,
         max_size=config.max_size,
         box_score_thresh=config.score_threshold,
         box_detections_per_img=config.max_instances,
     )
     checked = 0
-    for row in segmented["table"].to_pylist():
+    for row in rows:
         if row["status"] != "ok":
             continue
         pixels = decode_image(pathlib.Path(row["uri"]).read_bytes())
@@ -135,28 +158,33 @@ def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> 
     assert checked > 20  # the test means something only if the model found instances
 
 
-def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(
-    segmented: dict[str, Any], tmp_path: pathlib.Path
-) -> None:
+def test_masks_equal_torchvisions_own_postprocess(segmented: dict[str, Any]) -> None:
+    """The job's rows (the small model's, on Ray)."""
+    assert_masks_equal_torchvisions(segmented["table"].to_pylist(), segmented["config"])
+
+
+def test_resnet50_masks_equal_torchvisions_own_postprocess(tmp_path: pathlib.Path) -> None:
+    """torchvision's ResNet-50 Mask R-CNN through the processor (what each actor runs), without Ray."""
+    manifest, _, _ = archive(tmp_path, 6, bad=False)  # 25 instances with these random weights
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), batch_size=1, **RESNET50)
+    assert_masks_equal_torchvisions(processed(config), config)
+
+
+def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(files: dict[str, Any]) -> None:
     """The GPU path's decoder (``decode_jpeg`` on the model's device; here the CPU) with EXIF applied on
     tensors, and PIL for what it cannot take (CMYK, PNG, GIF, broken files), changes nothing in the rows."""
-    config = replace(segmented["config"], output=str(tmp_path / "out"), decode="torchvision")
-    run_segment(config)
-    assert open_results(config.output).to_table().to_pylist() == segmented["table"].to_pylist()
+    config = files["config"]
+    assert config.decode == "auto"  # on the CPU: PIL
+    assert processed(replace(config, decode="torchvision")) == files["rows"]
 
 
 def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pathlib.Path) -> None:
     """The GPU path overlaps a batch's mask encoding with the next batch; here on the CPU, no Ray."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from batchseg.io.manifest import iter_shards
-    from batchseg.segment.job import prepare_job
-    from batchseg.segment.processor import ShardProcessor
-
     manifest, _, _ = archive(tmp_path, 6, bad=False)
     tables = []
     for name, threaded in (("sync", False), ("overlap", True)):
-        job = prepare_job(SegmentConfig(manifest=manifest, output=str(tmp_path / name), batch_size=2, **FAST))
+        config = SegmentConfig(manifest=manifest, output=str(tmp_path / name), batch_size=2, **SMALL_MODEL)
+        job = prepare_job(config)
         processor = ShardProcessor.for_job(job)
         if threaded:
             processor.encoder = ThreadPoolExecutor(1)
@@ -177,14 +205,15 @@ def test_summary_and_provenance(segmented: dict[str, Any]) -> None:
     assert summary["instances"] == sum(
         len(r or []) for r in segmented["table"].column("instances").to_pylist()
     )
-    assert summary["shards_done"] == summary["shards_total"] == 5
+    assert summary["shards_done"] == summary["shards_total"] == 4  # 28 rows in shards of 8
     on_disk = json.loads((pathlib.Path(config.output) / "summary.json").read_text())
     assert on_disk["images"] == summary["images"]
     files = sorted(pathlib.Path(config.output).glob("part-*.parquet"))
-    assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(5)]
+    assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(4)]
     provenance = read_provenance(pq.read_schema(files[0]))
-    assert provenance["model"] == "maskrcnn_resnet50_fpn"
-    assert provenance["weights"] == "none(seed=0)"
+    assert provenance["model"] == "maskrcnn_small"  # the model the checkpoint names
+    assert provenance["weights"] == resolve_weights(config.weights).identity
+    assert provenance["weights"].startswith("sha256:")
     assert (provenance["score_threshold"], provenance["min_size"], provenance["shard"]) == (0.5, 128, 0)
     assert provenance["batchseg_version"]
 
@@ -193,7 +222,7 @@ def test_rerun_skips_everything_and_other_settings_are_refused(segmented: dict[s
     config = segmented["config"]
     before = {p: p.stat().st_mtime_ns for p in pathlib.Path(config.output).glob("part-*.parquet")}
     summary = run_segment(config)
-    assert (summary["images_this_run"], summary["shards_skipped"], summary["status"]) == (0, 5, "complete")
+    assert (summary["images_this_run"], summary["shards_skipped"], summary["status"]) == (0, 4, "complete")
     assert {p: p.stat().st_mtime_ns for p in before} == before
     with pytest.raises(BatchsegError, match=r"other settings \(score_threshold: 0.5 -> 0.7\).*--overwrite"):
         run_segment(replace(config, score_threshold=0.7))
@@ -205,7 +234,7 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
     output.mkdir()
     (output / "part-000009.parquet").write_bytes(b"stale")
     (output / "keep-me.txt").write_text("not ours")
-    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, **FAST)
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, **SMALL_MODEL)
     run_segment(config)
     changed = replace(config, score_threshold=0.6, overwrite=True)
     summary = run_segment(changed)
@@ -225,7 +254,7 @@ def test_a_shard_deleted_by_hand_is_redone_and_verify_proves_the_output(
     ray_address: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest, uris, _ = archive(tmp_path, 5, bad=False)
-    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **FAST)
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **SMALL_MODEL)
     run_segment(config)
     (tmp_path / "out" / "part-000001.parquet").unlink()  # its completion record stays
     assert main(["verify", config.output]) == 1
@@ -257,12 +286,13 @@ def assert_exactly_once(config: SegmentConfig, uris: list[str]) -> None:
 def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:
-    manifest, uris, _ = archive(tmp_path, 24, bad=False)
+    # 20 shards: the small model does one in a tenth of a second, and the kill must land mid-job.
+    manifest, uris, _ = archive(tmp_path, 60, bad=False)
     output = tmp_path / "out"
-    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **FAST)
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **SMALL_MODEL)
     args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", manifest, "--output", str(output),
             "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items()]
     driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(done_markers(output)) >= 2, 180, "two finished shards")
@@ -270,11 +300,11 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     first = done_markers(output)
-    assert 2 <= len(first) < 8, "the kill should land mid-job"
+    assert 2 <= len(first) < 20, "the kill should land mid-job"
     summary = run_segment(config)
     assert summary["status"] == "complete"
     assert summary["shards_skipped"] >= len(first)
-    assert summary["shards_this_run"] == 8 - summary["shards_skipped"]
+    assert summary["shards_this_run"] == 20 - summary["shards_skipped"]
     after = done_markers(output)
     assert {k: after[k] for k in first} == first, "finished shards were not redone"
     assert_exactly_once(config, uris)
@@ -291,20 +321,20 @@ def test_grow_sigkill_grow_rerun_keeps_unchanged_shards_and_every_row_exactly_on
 ) -> None:
     """An archive that grows: each rerun keeps the finished shards whose rows are unchanged and redoes or
     adds the others, through a SIGKILL mid-run and a row inserted in the middle."""
-    _, uris, _ = archive(tmp_path, 31, bad=False)
+    _, uris, _ = archive(tmp_path, 61, bad=False)
     output = tmp_path / "out"
     manifest = tmp_path / "manifest.txt"
     config = SegmentConfig(manifest=write_manifest(manifest, uris[:13]), output=str(output), shard_size=3,
-                           batch_size=3, **FAST)  # fmt: skip
+                           batch_size=3, **SMALL_MODEL)  # fmt: skip
     first = run_segment(config)  # shards of 3, 3, 3, 3, 1
     assert (first["shards_new"], first["shards_kept"], first["images"]) == (5, 0, 13)
     markers = done_markers(output)
 
-    # Grown at the end to 30 rows (10 shards): 4 kept, the short last one redone, 5 new; killed mid-run.
-    write_manifest(manifest, uris[:30])
+    # Grown at the end to 60 rows (20 shards): 4 kept, the short last one redone, 15 new; killed mid-run.
+    write_manifest(manifest, uris[:60])
     args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", str(manifest), "--output", str(output),
             "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items()]
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         try:
@@ -313,22 +343,22 @@ def test_grow_sigkill_grow_rerun_keeps_unchanged_shards_and_every_row_exactly_on
             driver.send_signal(signal.SIGKILL)
             driver.wait()
     assert (
-        "30 images in 10 shards of up to 3: 4 kept, 1 redone, 5 new; 6 to do"
+        "60 images in 20 shards of up to 3: 4 kept, 1 redone, 15 new; 16 to do"
         in (tmp_path / "driver.log").read_text()
     )
     killed = done_markers(output)
-    assert 6 <= len(killed) < 10, "the kill should land mid-job"
+    assert 6 <= len(killed) < 20, "the kill should land mid-job"
     unchanged = [f"part-{i:06d}.json" for i in range(4)]
     assert [killed[k] for k in unchanged] == [markers[k] for k in unchanged], "unchanged shards were redone"
 
-    # A row inserted after row 7: shards 0 and 1 stay, 2 to 9 changed (those the killed run finished are
-    # redone), 10 is new.
-    grown = [*uris[:7], uris[30], *uris[7:30]]
+    # A row inserted after row 7: shards 0 and 1 stay, 2 to 19 changed (those the killed run finished are
+    # redone), 20 is new.
+    grown = [*uris[:7], uris[60], *uris[7:60]]
     summary = run_segment(replace(config, manifest=write_manifest(manifest, grown)))
     assert summary["status"] == "complete"
-    assert (summary["shards_kept"], summary["shards_removed"], summary["shards_total"]) == (2, 0, 11)
+    assert (summary["shards_kept"], summary["shards_removed"], summary["shards_total"]) == (2, 0, 21)
     assert summary["shards_redone"] == len(killed) - 2
-    assert summary["shards_new"] == 11 - len(killed)
+    assert summary["shards_new"] == 21 - len(killed)
     assert [done_markers(output)[k] for k in unchanged[:2]] == [markers[k] for k in unchanged[:2]]
     assert_exactly_once(replace(config, manifest=str(manifest)), grown)
     assert open_results(str(output)).to_table().column("uri").to_pylist() == grown
@@ -339,7 +369,7 @@ def test_grow_sigkill_grow_rerun_keeps_unchanged_shards_and_every_row_exactly_on
 def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:
-    manifest, uris, _ = archive(tmp_path, 18, bad=False)
+    manifest, uris, _ = archive(tmp_path, 45, bad=False)  # 15 shards: the kill must land mid-job
     output = tmp_path / "out"
     config = SegmentConfig(
         manifest=manifest,
@@ -348,7 +378,7 @@ def test_a_worker_killed_mid_shard_is_replaced_and_its_shard_redone(
         batch_size=1,
         actors=(1, 2),
         cpus_per_actor=1,
-        **FAST,
+        **SMALL_MODEL,
     )
     result: dict[str, Any] = {}
     job = threading.Thread(target=lambda: result.update(run_segment(config)))
@@ -374,7 +404,7 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
     manifest, uris, _ = archive(tmp_path, 4, bad=False)
     output = tmp_path / "out"
     (output / "part-000001.parquet").mkdir(parents=True)  # a folder in the way: every write of shard 1 fails
-    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, max_attempts=2, **FAST)
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=2, max_attempts=2, **SMALL_MODEL)
     summary = run_segment(config)
     assert summary["status"] == "incomplete"
     assert [f["shard"] for f in summary["shards_failed"]] == [1]
@@ -477,7 +507,7 @@ def test_an_interrupted_run_leaves_no_actor_alive(
     import ray
 
     manifest, _, _ = archive(tmp_path, 6, bad=False)
-    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **FAST)
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=2, **SMALL_MODEL)
     cpus = ray.cluster_resources()["CPU"]
     wait = ray.wait
 

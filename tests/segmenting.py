@@ -1,0 +1,60 @@
+"""Segment outputs made without Ray, for tests that need an output (or rows) but do not test the job."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from batchseg.format.output import OutputDir
+from batchseg.io.manifest import iter_shards
+from batchseg.segment.job import SegmentConfig, prepare_job, summarize
+from batchseg.segment.processor import ShardProcessor
+
+
+def segment_in_process(config: SegmentConfig) -> dict[str, Any]:
+    """What ``run_segment(config)`` writes (its shards, their records, ``summary.json``), and its summary,
+    made in this process by the processor each of the job's actors holds: the same files and rows (a job's
+    rows are the processor's, as ``tests/test_segment.py`` checks) without starting an actor, whose torch
+    import and model load cost seconds."""
+    started = time.time()
+    job = prepare_job(config)
+    processor = ShardProcessor.for_job(job)
+    shards = list(iter_shards(job.plan, job.done, config.io_options))
+    for shard in shards:
+        processor.process(shard)
+    wall = time.time() - started
+    images = sum(len(shard) for shard in shards)
+    run = {
+        "shards_failed": [],
+        "images_this_run": images,
+        "shards_this_run": len(shards),
+        "retries": 0,
+        "shards_skipped": len(job.done),
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(images / wall, 3),
+    }
+    output = OutputDir(config.output, config.io_options)
+    summary = summarize(output.records(), job, run)
+    summary["status"] = "complete" if summary["shards_done"] == job.plan.num_shards else "incomplete"
+    output.write_summary(summary)
+    return summary
+
+
+def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    """Equal rows, but scores and boxes to 1e-4: a model run with another number of torch threads (a
+    Ray Data actor of 1 CPU, the segment actor of 2, the test's process of one per core) sums in another
+    order. Masks must be identical."""
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected, strict=True):
+        assert {k: v for k, v in row.items() if k != "instances"} == {
+            k: v for k, v in want.items() if k != "instances"
+        }
+        for got, wanted in zip(row["instances"] or [], want["instances"] or [], strict=True):
+            assert {k: v for k, v in got.items() if k not in ("score", "bbox")} == {
+                k: v for k, v in wanted.items() if k not in ("score", "bbox")
+            }
+            assert got["score"] == pytest.approx(wanted["score"], abs=1e-4)
+            assert got["bbox"] == pytest.approx(wanted["bbox"], abs=1e-3)
+        assert len(row["instances"] or []) == len(want["instances"] or [])
