@@ -111,26 +111,6 @@ def load(fs: s3fs.S3FileSystem, path: str) -> Any:
         return torch.load(f, weights_only=True)
 
 
-def own_train_workers() -> list[int]:
-    """This test session's Ray Train workers: its raylet (and so each worker) descends from this process;
-    another session's on the same machine does not, and must not be killed."""
-
-    def parent(pid: int) -> int:
-        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-    def ours(pid: int) -> bool:
-        try:
-            while pid > 1:
-                pid = parent(pid)
-                if pid == os.getpid():
-                    return True
-        except (OSError, ValueError, IndexError):
-            pass
-        return False
-
-    return [pid for pid in ray_worker_pids("RayTrainWorker") if ours(pid)]
-
-
 @pytest.fixture(scope="module")
 def first_run(ray_address: str, s3: S3Server) -> FirstRun:
     data = write_dataset("s3://data/train-killed", 16, seed=1, size=96, storage_options=s3.options())
@@ -159,12 +139,12 @@ def first_run(ray_address: str, s3: S3Server) -> FirstRun:
     trainer.start()
     try:
         wait_for(
-            lambda: registered_checkpoints(fs) and own_train_workers(),
+            lambda: registered_checkpoints(fs) and ray_worker_pids("RayTrainWorker"),
             180,
             "a checkpoint that Ray Train has registered",
         )
         before_kill = registered_checkpoints(fs)
-        os.kill(own_train_workers()[0], signal.SIGKILL)
+        os.kill(ray_worker_pids("RayTrainWorker")[0], signal.SIGKILL)
     finally:
         trainer.join(timeout=400)
     assert not trainer.is_alive(), "training did not end in 400 s"
