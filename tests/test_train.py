@@ -64,8 +64,8 @@ RECIPE: dict[str, Any] = {
     "max_size": 128,
 }
 # Steps are cheap here (~0.15 s for 2 x 2 images of 96 pixels on a quiet machine), a start is not: the kill
-# lands after the first checkpoint (step 4) with 28 steps and 7 checkpoints to go, so it always lands mid-run.
-ITERATIONS, EVERY = 32, 4
+# lands after the first checkpoint (step 4) with 12 steps and 3 checkpoints to go, so it lands mid-run.
+ITERATIONS, EVERY = 16, 4
 RUN = "out/runs/killed"  # bucket/prefix of the run folder
 
 
