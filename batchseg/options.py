@@ -109,7 +109,7 @@ def check(config: Any) -> None:
         for one in opt.checks:
             try:
                 problem = one(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError):
                 problem = f"has the wrong type: {value!r}"
             if problem:  # a problem may start with ": " to read "--option: ..."
                 raise BatchsegError(f"{flag(f.name)}{'' if problem.startswith(':') else ' '}{problem}")

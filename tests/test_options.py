@@ -278,6 +278,7 @@ def test_the_old_name_of_decode_device_is_still_taken(shapes: SynthDataset, tmp_
     [
         ({"score_threshold": "0.5"}, "--score-threshold has the wrong type: '0.5'"),
         ({"weights": None}, "--weights must be given, not None"),
+        ({"weights": 5}, "--weights has the wrong type: 5"),
         ({"actors": (2, 1)}, "--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not 2,1"),
         ({"keep_columns": ("status",)}, "--keep-columns: status clash with batchseg's own columns"),
     ],
