@@ -8,7 +8,14 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batchseg.inference.registry import DEFAULT_MODEL, MODELS, ModelSpec, resize_order, resize_problem
+from batchseg.inference.registry import (
+    DEFAULT_MODEL,
+    MODELS,
+    PRECISIONS,
+    ModelSpec,
+    resize_order,
+    resize_problem,
+)
 from batchseg.io import storage
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.options import (
@@ -27,7 +34,6 @@ if TYPE_CHECKING:
     from batchseg.io.manifest import Keep
 
 SMALL = MODELS["maskrcnn_small"]  # the defaults' exception, named in the help
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # "device" decodes JPEG batches with torchvision on the model's device; "torchvision" is its older name.
 DECODERS = ("auto", "pil", "device", "torchvision")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchseg.inference.registry import MODELS, TRAINABLE, ModelSpec, resize_order, resize_problem
+from batchseg.inference.registry import MODELS, PRECISIONS, TRAINABLE, ModelSpec, resize_order, resize_problem
 from batchseg.options import (
     STORAGE_OPTIONS_HELP,
     at_least,
@@ -116,7 +116,7 @@ class TrainConfig:
         "auto",
         "mixed precision (auto: on GPU bf16 where supported, else fp16; on CPU fp32). bf16 on CPU: faster "
         "where the CPU has bf16 units (AMX, AVX512-BF16), slower elsewhere",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
     )
     checkpoint_every: int | None = option(
         None, "iterations between checkpoints", parse=int, check=at_least(1), default_text="an epoch"
