@@ -63,6 +63,14 @@ def unless_configured() -> None:
         to_stderr()
 
 
+def in_ray_worker() -> None:
+    """:func:`to_stderr` in a Ray worker that batchseg's code runs in (Ray Data's ``Segmenter``), unless the
+    ``batchseg`` logger itself was configured there (a ``worker_process_setup_hook``): Ray's own root
+    handler in a worker lets only errors through, so a retry's warning would be lost."""
+    if not (logger.handlers or logger.level != logging.NOTSET):
+        to_stderr()
+
+
 def verbose() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 

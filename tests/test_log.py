@@ -60,3 +60,16 @@ def test_a_job_run_from_python_shows_its_progress_unless_logging_is_configured()
     assert stderr_of(configured + job).splitlines() == [
         "batchseg.io.retries reading x.jpg: TimeoutError: no answer; retrying in 0.5 s"
     ]
+
+
+def test_segmenter_in_a_ray_worker_shows_warnings_beside_rays_root_handler() -> None:
+    """Ray's root handler in a worker lets only errors through: ``Segmenter`` calls ``log.in_ray_worker()``,
+    so a retry's warning still reaches the driver, unless ``batchseg``'s own logger was configured there."""
+    ray_like = "import logging; logging.basicConfig(level=logging.ERROR)\n"
+    worker = "from batchseg import log; log.in_ray_worker()"
+    assert stderr_of(ray_like + worker).splitlines() == [
+        "batchseg: warning: reading x.jpg: TimeoutError: no answer; retrying in 0.5 s",
+        "batchseg: 10/20 images",
+    ]
+    own = ray_like + "logging.getLogger('batchseg').setLevel(logging.ERROR)\n"
+    assert stderr_of(own + worker) == ""

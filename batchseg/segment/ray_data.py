@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.records import clashing, to_table
 from batchseg.inference.models import resolve_weights
@@ -57,6 +58,7 @@ class Segmenter:
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
         import torch
 
+        log.in_ray_worker()  # its warnings reach the driver's terminal, as segment's actors' do
         if isinstance(options.get("keep_columns"), list):
             options["keep_columns"] = tuple(options["keep_columns"])
         config = SegmentConfig(manifest="", output="", **options)
