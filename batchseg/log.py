@@ -59,7 +59,7 @@ def unless_configured() -> None:
     """:func:`to_stderr`, unless the program has configured logging (a handler on the root logger or on
     ``batchseg``'s, or a level on ``batchseg``'s): a notebook that runs a job sees its progress as the CLI
     shows it, and a program with its own logging keeps it."""
-    if not (logger.handlers or logger.level != logging.NOTSET or logging.getLogger().handlers):
+    if not (_configured() or logging.getLogger().handlers):
         to_stderr()
 
 
@@ -67,8 +67,13 @@ def in_ray_worker() -> None:
     """:func:`to_stderr` in a Ray worker that batchseg's code runs in (Ray Data's ``Segmenter``), unless the
     ``batchseg`` logger itself was configured there (a ``worker_process_setup_hook``): Ray's own root
     handler in a worker lets only errors through, so a retry's warning would be lost."""
-    if not (logger.handlers or logger.level != logging.NOTSET):
+    if not _configured():
         to_stderr()
+
+
+def _configured() -> bool:
+    """Whether the ``batchseg`` logger was given a handler or a level."""
+    return bool(logger.handlers) or logger.level != logging.NOTSET
 
 
 def verbose() -> bool:

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from batchseg.format.output import OutputDir
 from batchseg.io.manifest import iter_shards
-from batchseg.segment.job import SegmentConfig, prepare_job, summarize
+from batchseg.segment.job import SegmentConfig, finish, prepare_job
 from batchseg.segment.processor import ShardProcessor
 
 
@@ -24,22 +23,9 @@ def segment_in_process(config: SegmentConfig) -> dict[str, Any]:
     shards = list(iter_shards(job.plan, job.done, config.io_options))
     for shard in shards:
         processor.process(shard)
-    wall = time.time() - started
     images = sum(len(shard) for shard in shards)
-    run = {
-        "shards_failed": [],
-        "images_this_run": images,
-        "shards_this_run": len(shards),
-        "retries": 0,
-        "shards_skipped": len(job.done),
-        "wall_seconds": round(wall, 2),
-        "images_per_second": round(images / wall, 3),
-    }
-    output = OutputDir(config.output, config.io_options)
-    summary = summarize(output.records(), job, run)
-    summary["status"] = "complete" if summary["shards_done"] == job.plan.num_shards else "incomplete"
-    output.write_summary(summary)
-    return summary
+    run = {"shards_failed": [], "images_this_run": images, "shards_this_run": len(shards), "retries": 0}
+    return finish(job, run, started)
 
 
 def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:

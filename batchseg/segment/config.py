@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 SMALL = MODELS["maskrcnn_small"]  # the defaults' exception, named in the help
 # "device" decodes JPEG batches with torchvision on the model's device; "torchvision" is its older name.
-DECODERS = ("auto", "pil", "device", "torchvision")
+ON_DEVICE = ("device", "torchvision")
+DECODERS = ("auto", "pil", *ON_DEVICE)
 
 
 def parse_actors(text: str) -> tuple[int, int]:

@@ -19,11 +19,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir, ShardRecord
+from batchseg.format.output import ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.log import to_stderr, unless_configured
-from batchseg.segment.job import Job, SegmentConfig, prepare_job, summarize
+from batchseg.segment.job import Job, SegmentConfig, finish, prepare_job
 from batchseg.segment.processor import ShardProcessor
 from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work
 
@@ -71,17 +71,7 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     if todo:
         init_ray(config.address)
         run = Driver(job).run()
-    output = OutputDir(config.output, config.io_options)
-    wall = time.time() - started
-    run |= {
-        "shards_skipped": len(job.done),
-        "wall_seconds": round(wall, 2),
-        "images_per_second": round(run["images_this_run"] / wall, 3),
-    }
-    summary = summarize(output.records(), job, run)
-    summary["status"] = "complete" if summary["shards_done"] == plan.num_shards else "incomplete"
-    output.write_summary(summary)
-    return summary
+    return finish(job, run, started)
 
 
 def check_ray_address(address: str | None, timeout: float = 10.0) -> None:

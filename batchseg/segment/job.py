@@ -3,6 +3,7 @@ declared with them in ``config.py``), and the totals of a run."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,3 +93,19 @@ def summarize(records: list[ShardRecord], job: Job, run: dict[str, Any]) -> dict
         "weights": job.weights.identity,
         **run,
     }
+
+
+def finish(job: Job, run: dict[str, Any], started: float) -> dict[str, Any]:
+    """The summary of a run that started at ``started`` (``time.time()``) and did ``run`` (shards failed,
+    images, shards and retries of this run): totals over every completed shard, written to summary.json."""
+    output = OutputDir(job.config.output, job.config.io_options)
+    wall = time.time() - started
+    run = run | {
+        "shards_skipped": len(job.done),
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(run["images_this_run"] / wall, 3),
+    }
+    summary = summarize(output.records(), job, run)
+    summary["status"] = "complete" if summary["shards_done"] == job.plan.num_shards else "incomplete"
+    output.write_summary(summary)
+    return summary

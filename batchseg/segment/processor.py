@@ -22,7 +22,8 @@ from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader, Loaded
 from batchseg.io.manifest import Shard
-from batchseg.segment.job import Job, SegmentConfig
+from batchseg.segment.config import ON_DEVICE, SegmentConfig
+from batchseg.segment.job import Job
 
 
 class ShardProcessor:
@@ -59,9 +60,7 @@ class ShardProcessor:
             storage_options=config.io_options,
         )
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
-        self.decode_on_device = config.decode in ("device", "torchvision") or (
-            config.decode == "auto" and device != "cpu"
-        )
+        self.decode_on_device = config.decode in ON_DEVICE or (config.decode == "auto" and device != "cpu")
         self.loader = ImageLoader(
             config.io_options,
             prefetch=config.prefetch,
