@@ -16,7 +16,8 @@ from tests.s3server import S3Server, running_s3
 TIMEOUT, SLOW_TIMEOUT = 120, 300
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _leave_out_gpu_tests(config, items)
     for item in items:
         slow = item.get_closest_marker("slow") is not None
         budget = SLOW_TIMEOUT if slow else TIMEOUT
@@ -31,6 +32,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 f"{item.nodeid} asks for a {seconds} s timeout: over its budget of {budget} s"
                 f"{'' if slow else ' (300 s if marked slow)'}"
             )
+
+
+def _leave_out_gpu_tests(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run where CUDA is (``pytest -m gpu`` on a lent GPU machine); elsewhere they are
+    deselected and counted as such, never reported as skipped or passed."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
 
 
 @pytest.fixture(scope="session", autouse=True)
