@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from batchseg.errors import BatchsegError
 from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Plan, Shard
 from batchseg.segment.scheduling import (
@@ -14,6 +17,7 @@ from batchseg.segment.scheduling import (
     WorkerPool,
     WorkQueue,
     duration,
+    empty_run,
 )
 from tests.simcluster import SimulatedCluster
 
@@ -71,13 +75,20 @@ def test_worker_pool_tracks_what_each_actor_holds() -> None:
     assert pool.remove(second) == [] and pool.pending() == {} and pool.starting() == 0
 
 
-def run_simulated(cluster: SimulatedCluster, count: int, actors: tuple[int, int], attempts: int = 3) -> Any:
+def run_simulated(
+    cluster: SimulatedCluster,
+    count: int,
+    actors: tuple[int, int],
+    attempts: int = 3,
+    start_timeout: float = 600,
+) -> Any:
     scheduler = Scheduler(
         cluster,
         iter(shards(count)),
         max_attempts=attempts,
         scaling=ScalingPolicy(*actors),
         total_images=count,
+        start_timeout=start_timeout,
         clock=cluster.clock,
     )
     return scheduler, scheduler.run()
@@ -87,7 +98,16 @@ def test_scheduler_runs_every_shard_once_and_kills_its_actors() -> None:
     cluster = SimulatedCluster()
     scheduler, run = run_simulated(cluster, 500, (4, 4))
     assert sorted(cluster.done) == list(range(500))
-    assert run == {"shards_failed": [], "images_this_run": 500, "shards_this_run": 500, "retries": 0}
+    assert run == empty_run() | {"images_this_run": 500, "shards_this_run": 500}
+    assert empty_run() == {
+        "shards_failed": [],
+        "images_this_run": 0,
+        "shards_this_run": 0,
+        "retries": 0,
+        "shard_failures": 0,
+        "actors_lost": 0,
+        "actors_replaced": 0,
+    }
     assert cluster.started == 4 and cluster.killed == 4 and not cluster.alive and len(scheduler.pool) == 0
 
 
@@ -98,7 +118,7 @@ def test_scheduler_scales_up_to_max_while_work_waits() -> None:
 
 
 def test_scheduler_retries_failed_shards_and_replaces_dead_actors_exactly_once() -> None:
-    """Every 7th attempt raises, every 11th kills its actor: each shard is done once, its queued neighbours
+    """One attempt in 7 raises, one in 11 kills its actor: each shard is done once, its queued neighbours
     move to other actors without losing an attempt, and the counts add up."""
     cluster = SimulatedCluster(fail_every=7, die_every=11)
     _, run = run_simulated(cluster, 300, (3, 3), attempts=5)
@@ -106,6 +126,7 @@ def test_scheduler_retries_failed_shards_and_replaces_dead_actors_exactly_once()
     assert run["shards_failed"] == [] and run["shards_this_run"] == 300
     assert cluster.failed > 20 and cluster.died > 20
     assert run["retries"] == cluster.failed + cluster.died, "only the attempts that ran count"
+    assert (run["shard_failures"], run["actors_lost"]) == (cluster.failed, cluster.died)
     assert cluster.started == 3 + cluster.died and not cluster.alive
 
 
@@ -113,7 +134,85 @@ def test_scheduler_gives_up_a_shard_after_max_attempts() -> None:
     cluster = SimulatedCluster(fail_every=1)
     _, run = run_simulated(cluster, 3, (1, 1), attempts=2)
     assert sorted(f["shard"] for f in run["shards_failed"]) == [0, 1, 2] and cluster.done == []
-    assert run["retries"] == 6 and cluster.attempts == 6
+    assert run["retries"] == 6 and cluster.failed == 6, "every attempt that ran failed"
+
+
+def test_work_queue_hands_a_failed_shard_to_another_actor_unless_every_actor_up_failed_it() -> None:
+    a, b, c, d = shards(4)
+    queue = WorkQueue(iter([a, b, c, d]), max_attempts=3)
+    up = {"x": None, "y": None}
+    assert queue.next("x", up) == (a, 1)
+    queue.failed((a, 1), "CUDA error", "x")
+    assert queue.next("x", up) == (b, 1), "x failed shard 0: it takes the manifest's next shard"
+    assert queue.next("y", up) == (a, 2), "another actor takes the retry first"
+    queue.failed((a, 2), "CUDA error", "y")
+    assert queue.next("x", up) == (a, 3), "every actor up failed it: one of them tries again"
+    queue.failed((b, 1), "CUDA error", "x")
+    assert queue.next("x", {"x": None}) == (b, 2), "no other actor is up: the one that failed it retries"
+    queue.done((b, 2))
+    assert queue.failed_by == {0: ["x", "y"]}, "who failed a shard is forgotten once it is done"
+    assert queue.failed((a, 3), "CUDA error", "x") is False and queue.failed_by == {}, "or given up"
+
+
+def test_an_actor_that_fails_every_shard_costs_no_shard() -> None:
+    """The issue's cluster: 8 actors, one on a GPU that raises at once on every shard, as does each fresh
+    actor that takes its place there. Failing fast, it takes work first: it cost 191 of 400 shards when a
+    failed shard went straight back to it. Now each shard it fails goes to another actor, and it is
+    replaced after failing 2 in a row."""
+    cluster = SimulatedCluster(bad_places=1)
+    _, run = run_simulated(cluster, 400, (8, 8))
+    assert run["shards_failed"] == [] and sorted(cluster.done) == list(range(400)), "every shard exactly once"
+    assert run["shard_failures"] == run["retries"] == cluster.failed > 0 and run["actors_lost"] == 0
+    assert run["actors_replaced"] > 10, "the bad place's actors are replaced again and again"
+    assert run["shard_failures"] - 2 * run["actors_replaced"] in (0, 1), (
+        "replaced on its 2nd failure in a row"
+    )
+    assert cluster.started - 8 in (run["actors_replaced"], run["actors_replaced"] - 1), (
+        "a fresh one each time"
+    )
+    for (shard, attempt), actor in cluster.ran_on.items():
+        if attempt > 1:
+            assert actor != cluster.ran_on[shard, attempt - 1], "a failed shard goes to another actor"
+
+
+def test_a_success_resets_an_actors_failures_in_a_row() -> None:
+    cluster = SimulatedCluster(fail_every=2)  # odd shards fail their first attempt; each second one is fine
+    _, run = run_simulated(cluster, 20, (1, 1))
+    assert sorted(cluster.done) == list(range(20)) and run["shard_failures"] == 10
+    assert run["actors_replaced"] == 0 and cluster.started == 1, "it never failed twice in a row"
+
+
+def test_the_job_ends_with_one_line_when_no_actor_can_be_placed() -> None:
+    cluster = SimulatedCluster(capacity=0)
+    with pytest.raises(BatchsegError) as ended:
+        run_simulated(cluster, 10, (2, 2), start_timeout=60)
+    assert (
+        str(ended.value)
+        == "no actor could start in 60 s: each needs 1 place; the cluster has 0 in all, 0 free"
+    )
+    assert 60 <= cluster.now <= 62, "at the time limit, not later"
+    assert cluster.killed == 2 and not cluster.alive
+
+
+def test_with_fewer_actors_placed_than_asked_the_job_goes_on_and_says_so_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cluster = SimulatedCluster(capacity=3)
+    _, run = run_simulated(cluster, 200, (8, 8), start_timeout=60)
+    assert sorted(cluster.done) == list(range(200)) and run["shards_failed"] == []
+    said = [line for line in capsys.readouterr().err.splitlines() if "could not start" in line]
+    assert said == [
+        "batchseg: warning: 5 of 8 actors could not start in 60 s: going on with 3; the others join when the "
+        "cluster has room (each needs 1 place; the cluster has 3 in all, 0 free)"
+    ]
+    assert cluster.started == cluster.killed == 8 and not cluster.alive
+
+
+def test_every_ready_result_is_handled_per_wait() -> None:
+    cluster = SimulatedCluster(jitter=0)  # the 4 actors finish their shards at the same moments
+    _, run = run_simulated(cluster, 80, (4, 4))
+    assert sorted(cluster.done) == list(range(80)) and run["shards_this_run"] == 80
+    assert cluster.waits <= 80 / 4 + 2, "one wait for each moment results are ready, not one per result"
 
 
 def test_scaling_doubles_while_work_waits_up_to_max() -> None:
@@ -139,6 +238,13 @@ def test_progress_line_counts_rate_and_eta() -> None:
     assert not progress.due(), "a line resets the interval"
     assert (progress.images, progress.shards, progress.errors) == (100, 1, 2)
     assert Progress(10, clock=lambda: 0.0).line() == "0/10 images (0.0%) | 0.00 img/s | 0 errors | ETA ?"
+    progress.shard_failures, progress.actors_replaced = 3, 1
+    assert (
+        progress.line()
+        == "100/5000 images (2.0%) | 2.50 img/s | 2 errors | 3 shard failures, 1 actor replaced | ETA 32m40s"
+    )
+    progress.shard_failures, progress.actors_lost = 1, 2
+    assert "| 2 errors | 1 shard failure, 2 actors lost, 1 actor replaced | ETA" in progress.line()
     assert duration(3 * 3600 + 61) == "3h01m01s"
 
 

@@ -169,6 +169,13 @@ class SegmentConfig:
         check=at_least(1),
     )
     max_attempts: int = option(3, "tries per shard before it is reported failed", check=at_least(1))
+    actor_start_timeout: float = option(
+        600.0,
+        "seconds an actor may take to start (be placed on a node with its CPUs and GPUs, and load its "
+        "model); if none has started by then, the job ends saying what the cluster lacks; if some have, "
+        "it goes on with them",
+        check=positive("positive seconds"),
+    )
     keep_columns: Keep = option(
         (),
         "manifest columns to carry into each output row (typed from Parquet/JSONL, text from CSV); 'all': "

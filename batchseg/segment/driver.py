@@ -25,7 +25,7 @@ from batchseg.io.manifest import Shard, iter_shards
 from batchseg.log import to_stderr, unless_configured
 from batchseg.segment.job import Job, SegmentConfig, finish, prepare_job
 from batchseg.segment.processor import ShardProcessor
-from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work
+from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work, empty_run
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     )
     if job.weights.source == "none":
         log.warning("--weights none: the model has RANDOM weights; its detections and masks are meaningless")
-    run: dict[str, Any] = {"shards_failed": [], "images_this_run": 0, "shards_this_run": 0, "retries": 0}
+    run = empty_run()
     if todo:
         init_ray(config.address)
         run = Driver(job).run()
@@ -89,6 +89,13 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
             f"cannot reach the Ray cluster at {address} (expected HOST:PORT of its head node; "
             f"{type(e).__name__}: {e}); is it up? (ray status)"
         ) from e
+
+
+def joined_cluster(address: str | None) -> bool:
+    """Whether the job runs on a Ray cluster it was pointed at (``address``, else ``RAY_ADDRESS``), which
+    may have an autoscaler, rather than on a Ray of this machine's own."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
 
 
 def init_ray(address: str | None) -> None:
@@ -118,6 +125,11 @@ class Driver:
         gpus = config.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+            if not gpus and joined_cluster(config.address):
+                log.info(
+                    "no GPU in the cluster now: actors run on the CPU; pass --gpus-per-actor 1 to wait for "
+                    "GPU nodes an autoscaler adds"
+                )
         cpus = config.cpus_per_actor or (
             2.0 if gpus else max(1.0, float(resources.get("CPU", 1) // config.actors[1]))
         )
@@ -130,6 +142,7 @@ class Driver:
             max_attempts=config.max_attempts,
             scaling=ScalingPolicy(*config.actors),
             total_images=job.plan.num_rows - job.plan.rows_in(job.done),
+            start_timeout=config.actor_start_timeout,
         )
 
     def run(self) -> dict[str, Any]:
@@ -150,8 +163,14 @@ class Driver:
     def submit(self, actor: Any, work: Work) -> Any:
         return actor.process.remote(*work)
 
-    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    @staticmethod
+    def wait(refs: list[Any], timeout: float) -> list[Any]:
+        """Every ref of ``refs`` that is ready once one is (or ``timeout`` passes): with a thousand actors,
+        one ref per wait would leave the driver behind."""
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
         return ready
 
     def result(self, ref: Any) -> Any:
@@ -172,10 +191,16 @@ class Driver:
         return 0
 
     def idle_message(self) -> str:
-        return (
-            f"{self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU each; the cluster has "
-            f"{ray.available_resources()} available"
-        )
+        """What an actor needs and what the cluster has: ``each needs 1 GPU and 2 CPU; the cluster has 2 CPU
+        and 0 GPU in all, 2 CPU and 0 GPU free``."""
+        needs = {"GPU": self.options["num_gpus"], "CPU": self.options["num_cpus"]}
+        needs = {name: amount for name, amount in needs.items() if amount}
+        total, free = ray.cluster_resources(), ray.available_resources()
+
+        def amounts(resources: dict[str, float]) -> str:
+            return " and ".join(f"{resources.get(name, 0):g} {name}" for name in needs)
+
+        return f"each needs {amounts(needs)}; the cluster has {amounts(total)} in all, {amounts(free)} free"
 
 
 def _reason(e: BaseException) -> str:
