@@ -1,7 +1,11 @@
-"""The driver's bookkeeping without a cluster: work queue and retries, worker pool, scaling, progress."""
+"""The driver's bookkeeping without a cluster (work queue and retries, worker pool, scaling, progress, the
+scheduler on a simulated cluster), then the Ray driver's own answers on the tests' local Ray: every ready
+ref per wait, the one line when no actor can be placed, the one line when the cluster has no GPU."""
 
 from __future__ import annotations
 
+import pathlib
+import time
 from typing import Any
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from batchseg.errors import BatchsegError
 from batchseg.format.output import ShardRecord
 from batchseg.io.manifest import Plan, Shard
+from batchseg.segment.config import SegmentConfig
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
     Progress,
@@ -19,6 +24,7 @@ from batchseg.segment.scheduling import (
     duration,
     empty_run,
 )
+from tests.processes import wait_for
 from tests.simcluster import SimulatedCluster
 
 
@@ -251,3 +257,78 @@ def test_progress_line_counts_rate_and_eta() -> None:
 def test_rows_in_done_shards_counts_a_short_last_shard() -> None:
     plan = Plan("m.csv", num_rows=2500, shard_size=1000)
     assert plan.rows_in(frozenset({0, 2})) == 1500 and plan.rows_in(frozenset()) == 0
+
+
+def test_the_drivers_wait_returns_every_ready_ref(ray_address: str) -> None:
+    import ray
+
+    from batchseg.segment.driver import Driver
+
+    refs = [ray.put(i) for i in range(5)]
+    started = time.time()
+    assert sorted(ray.get(Driver.wait(refs, timeout=10))) == [0, 1, 2, 3, 4]
+    assert time.time() - started < 5, "returns once refs are ready, not at the timeout"
+
+
+def one_image_manifest(tmp_path: pathlib.Path) -> str:
+    (tmp_path / "manifest.csv").write_text("uri\n/images/a.jpg\n")  # never read: no actor starts
+    return str(tmp_path / "manifest.csv")
+
+
+def test_an_actor_that_cannot_be_placed_ends_the_job_with_one_line(
+    ray_address: str, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An actor asking for a GPU on this GPU-less Ray waited forever (a 'waiting for an actor' line every 5 s)."""
+    import ray
+
+    from batchseg.cli import main
+
+    started = time.time()
+    code = main(
+        ["segment", "--manifest", one_image_manifest(tmp_path), "--output", str(tmp_path / "out"),
+         "--weights", "none", "--gpus-per-actor", "1", "--actor-start-timeout", "2", "--address", ray_address]
+    )  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and time.time() - started < 30
+    assert err[-1] == (
+        "batchseg: error: no actor could start in 2 s: each needs 1 GPU and 2 CPU; the cluster has 0 GPU and "
+        "2 CPU in all, 0 GPU and 2 CPU free"
+    )
+    assert sum(line.startswith("batchseg: error") for line in err) == 1
+    cpus = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU") == cpus, 30, "the unplaced actor to be gone")
+
+
+@pytest.mark.parametrize(
+    ("joined", "gpus", "said"), [(True, None, True), (False, None, False), (True, 1.0, False)]
+)
+def test_no_gpu_in_a_cluster_the_job_joined_is_said_in_one_line(
+    ray_address: str,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    joined: bool,
+    gpus: float | None,
+    said: bool,
+) -> None:
+    """A cluster that scales GPU nodes from zero has none when the job starts: its actors would run on the
+    CPU. Said where the job joined a cluster by address (which may have an autoscaler), not on a laptop's
+    own Ray, nor when --gpus-per-actor is given."""
+    from batchseg.segment.driver import Driver
+    from batchseg.segment.job import prepare_job
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = SegmentConfig(
+        manifest=one_image_manifest(tmp_path),
+        output=str(tmp_path / "out"),
+        weights="none",
+        address=ray_address if joined else None,
+        gpus_per_actor=gpus,
+    )
+    driver = Driver(prepare_job(config))
+    line = (
+        "batchseg: no GPU in the cluster now: actors run on the CPU; pass --gpus-per-actor 1 to wait for GPU "
+        "nodes an autoscaler adds"
+    )
+    assert capsys.readouterr().err.splitlines().count(line) == int(said)
+    assert driver.device == ("cuda" if gpus else "cpu")
