@@ -3,8 +3,11 @@
 A simulated cluster (``tests/simcluster.py``: actors on a virtual clock, no Ray, no sleeping) stands in for
 Ray; everything the driver decides per shard is the real code: the work queue, the worker pool, the
 scaling policy, the progress line. Prints the driver's CPU per shard beside the goal (under 1 ms), with
-the simulation's own share measured apart.
+the simulation's own share measured apart, and what failed on the way. Every ready result is handled per
+wait, as the Ray driver's wait returns them all: with ``--fail-every``/``--die-every``/``--bad-places`` the
+retries go to other actors and the failing ones are replaced.
 Usage: python bench/scheduler.py [--actors 1000] [--shards 100000] [--fail-every 0] [--die-every 0]
+       [--bad-places 0]
 """
 
 from __future__ import annotations
@@ -62,11 +65,23 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=1000)
     parser.add_argument("--shards", type=int, default=100_000)
     parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--fail-every", type=int, default=0, help="every Nth attempt raises (0: never)")
-    parser.add_argument("--die-every", type=int, default=0, help="every Nth attempt kills its actor")
+    parser.add_argument("--fail-every", type=int, default=0, help="one attempt in N raises (0: never)")
+    parser.add_argument(
+        "--die-every", type=int, default=0, help="one attempt in N kills its actor (0: never)"
+    )
+    parser.add_argument(
+        "--bad-places",
+        type=int,
+        default=0,
+        help="places with a bad GPU: their actors fail every shard at once",
+    )
     args = parser.parse_args()
     cluster = SimulatedCluster(
-        start_seconds=30, shard_seconds=60, fail_every=args.fail_every, die_every=args.die_every
+        start_seconds=30,
+        shard_seconds=60,
+        fail_every=args.fail_every,
+        die_every=args.die_every,
+        bad_places=args.bad_places,
     )
     timed = Timed(cluster)
     shards = (
@@ -79,6 +94,7 @@ def main() -> None:
         max_attempts=5,
         scaling=ScalingPolicy(args.actors, args.actors),
         total_images=args.shards * 3,
+        start_timeout=600,
         clock=cluster.clock,
     )
     progress = logging.getLogger("batchseg.segment.scheduling")
@@ -96,8 +112,13 @@ def main() -> None:
     assert sorted(cluster.done) == list(range(args.shards)), "every shard exactly once"
     driver = (cpu - timed.seconds) / args.shards * 1000
     print(
-        f"{args.shards:,} shards on {args.actors:,} simulated actors ({run['retries']} retries, "
-        f"{cluster.died} actors died, {cluster.started} started): {cluster.now / 3600:.1f} h of virtual time"
+        f"{args.shards:,} shards on {args.actors:,} simulated actors: {cluster.now / 3600:.1f} h of virtual "
+        f"time, {cluster.waits:,} waits"
+    )
+    print(
+        f"{run['retries']} retries: {run['shard_failures']} shard failures, {run['actors_lost']} actors lost; "
+        f"{run['actors_replaced']} actors replaced, {cluster.started} started; "
+        f"{len(run['shards_failed'])} shards given up"
     )
     print(f"scheduler CPU per shard: {driver:.3f} ms (goal: under {GOAL_MS} ms)")
     print(f"simulation's own CPU per shard (not the driver's): {timed.seconds / args.shards * 1000:.3f} ms")

@@ -10,6 +10,7 @@ import pytest
 from batchseg.io.manifest import iter_shards
 from batchseg.segment.job import SegmentConfig, finish, prepare_job
 from batchseg.segment.processor import ShardProcessor
+from batchseg.segment.scheduling import empty_run
 
 
 def segment_in_process(config: SegmentConfig) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def segment_in_process(config: SegmentConfig) -> dict[str, Any]:
     for shard in shards:
         processor.process(shard)
     images = sum(len(shard) for shard in shards)
-    run = {"shards_failed": [], "images_this_run": images, "shards_this_run": len(shards), "retries": 0}
+    run = empty_run() | {"images_this_run": images, "shards_this_run": len(shards)}
     return finish(job, run, started)
 
 

@@ -377,10 +377,12 @@ class Scheduler:
     def _feed_hungry(self) -> None:
         """Work that came back (a failed shard another actor must take, the queue of a replaced actor) goes
         to the actors that were left with room."""
+        if not (self.work and self.pool.hungry):
+            return
         for worker in list(self.pool.hungry):
+            self._feed(worker)
             if not self.work:
                 return
-            self._feed(worker)
 
     def _handle(self, ref: Any, worker: Worker) -> None:
         if not worker.up:
