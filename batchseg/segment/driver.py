@@ -2,8 +2,9 @@
 each holding a model, fed shard by shard by the driver.
 
 The driver streams shard descriptors (image ids and URIs, never image bytes) to the actors, keeps
-two shards queued per actor so none waits between shards, replaces actors that die, and retries
-their shards: a shard is redone whole and rewritten under the same name, so rows stay exactly once.
+two shards queued per actor so none waits between shards, replaces actors that die or keep failing, and
+retries their shards on other actors: a shard is redone whole and rewritten under the same name, so rows
+stay exactly once.
 """
 
 from __future__ import annotations
@@ -191,8 +192,8 @@ class Driver:
         return 0
 
     def idle_message(self) -> str:
-        """What an actor needs and what the cluster has: ``each needs 1 GPU and 2 CPU; the cluster has 2 CPU
-        and 0 GPU in all, 2 CPU and 0 GPU free``."""
+        """What an actor needs and what the cluster has: ``each needs 1 GPU and 2 CPU; the cluster has 0 GPU
+        and 2 CPU in all, 0 GPU and 2 CPU free``."""
         needs = {"GPU": self.options["num_gpus"], "CPU": self.options["num_cpus"]}
         needs = {name: amount for name, amount in needs.items() if amount}
         total, free = ray.cluster_resources(), ray.available_resources()

@@ -28,9 +28,8 @@ from batchseg.io.manifest import Shard
 log = logging.getLogger(__name__)
 
 QUEUE_PER_ACTOR = 2  # shards queued on each actor, so none waits for the driver between two shards
-REPLACE_AFTER_FAILURES = (
-    2  # shards an actor fails in a row (a success resets the count) before it is replaced
-)
+# Shards an actor fails in a row (a success resets the count) before it is replaced by a fresh one.
+REPLACE_AFTER_FAILURES = 2
 PROGRESS_EVERY_S = 5.0
 
 Work = tuple[Shard, int]  # a shard and which attempt at it this is (1 = the first)
