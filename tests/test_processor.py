@@ -24,7 +24,7 @@ from batchseg.errors import DeviceError, ModelFailed
 from batchseg.inference.models import resolve_weights
 from batchseg.io.manifest import Shard
 from batchseg.segment.config import SegmentConfig
-from batchseg.segment.processor import ENCODING_AHEAD, ShardProcessor
+from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import draw_shapes
 
 SMALL: dict[str, Any] = {"weights": str(SHAPES_MODEL), "min_size": 96, "max_size": 128}
@@ -200,7 +200,7 @@ def test_a_device_error_while_encoding_masks_fails_the_shard(tmp_path: pathlib.P
 
 
 def test_at_most_two_batches_wait_for_mask_encoding(tmp_path: pathlib.Path) -> None:
-    """However long the shard and however slow the encoding, the model runs at most ``ENCODING_AHEAD``
+    """However long the shard and however slow the encoding, the model runs at most two
     batches ahead of it, so a shard's detections do not pile up in memory."""
     shards = processor(tmp_path, batch_size=1)
     shards.encoder = ThreadPoolExecutor(2)
@@ -218,7 +218,7 @@ def test_at_most_two_batches_wait_for_mask_encoding(tmp_path: pathlib.Path) -> N
     shards.predictor.detect = counting_detect  # type: ignore[method-assign]
     shards.predictor.describe = slow_describe  # type: ignore[method-assign]
     rows = shards.rows(shard_of(6), pixels(6))
-    assert ENCODING_AHEAD == 2 and max(waiting) == 2
+    assert max(waiting) == 2
     assert rows == expected(1)
 
 

@@ -269,7 +269,7 @@ def test_credentials_the_store_refuses_fail_the_shard_and_write_nothing(
     image. The shard processor, without Ray: the job retries a shard that raises (test_segment.py)."""
     data = write_dataset("s3://data/refused", 3, seed=2, storage_options=s3.options())
     options = {"wrong_secret": s3.options(secret="not-the-secret"), "unknown_key": s3.options("AKIDNOBODY")}
-    config = small_model_job(s3, "", str(tmp_path / "out"), storage_options=options[case])
+    config = replace(small_model_job(s3, "", str(tmp_path / "out")), storage_options=options[case])
     shards = ShardProcessor(config, resolve_weights(config.weights, config.model))
     with pytest.raises(CredentialsRejected, match=f"the storage refused the credentials \\({code}: "):
         shards.process(Shard(0, ["a", "b", "c"], data.uris))

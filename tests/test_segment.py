@@ -576,3 +576,50 @@ def test_fifos_and_sockets_in_a_folder_manifest_are_read_error_rows(
     )
     assert sorted(rows) == uris and all(r["status"] == "ok" for r in rows.values())
     assert (summary["status"], summary["ok"], summary["errors_by_kind"]) == ("complete", 4, {"read_error": 2})
+
+
+def test_one_actor_whose_gpu_fails_every_forward_pass_costs_no_row(
+    ray_address: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of two actors fails every forward pass as a GPU with a sticky fault does: its shard fails, is
+    never recorded, and its process ends, so a fresh one replaces it; the job ends with every row ok,
+    exactly once, and no record counts an inference error."""
+    import ray
+
+    from batchseg.segment import driver
+
+    claim = tmp_path / "bad-gpu-claimed"
+
+    class OneBadGPU(driver.SegmentationActor.__ray_actor_class__):  # type: ignore[name-defined,misc]
+        """The first actor to claim ``claim`` (a file made with O_EXCL) has the bad GPU."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+
+            def broken(images: Any) -> Any:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            self.processor.predictor.detect = broken
+
+    monkeypatch.setattr(driver, "SegmentationActor", ray.remote(concurrency_groups={"report": 1})(OneBadGPU))
+    manifest, uris, _ = archive(tmp_path, 12, bad=False)
+    config = SegmentConfig(
+        manifest=manifest,
+        output=str(tmp_path / "out"),
+        shard_size=2,
+        batch_size=2,
+        actors=(2, 2),
+        cpus_per_actor=1,
+        **SMALL_MODEL,
+    )
+    summary = run_segment(config)
+    assert claim.exists()
+    assert (summary["status"], summary["shards_failed"], summary["shards_done"]) == ("complete", [], 6)
+    assert summary["retries"] >= 1  # the bad actor's shard, done again elsewhere
+    assert_exactly_once(config, uris)
+    records = [json.loads(marker) for marker in done_markers(tmp_path / "out").values()]
+    assert len(records) == 6 and all(r["errors"] == {} and r["ok"] == r["rows"] for r in records)
