@@ -3,7 +3,6 @@ shard and its completion record."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import re
 import threading
@@ -11,7 +10,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -55,8 +54,10 @@ class ShardProcessor:
     Images are fetched ``--prefetch`` ahead of the model (many reads in flight on one event loop for
     object stores), so the model does not wait on storage latency, and checked and (but for JPEGs bound
     for the GPU's decoder) decoded in ``--io-threads`` threads ``2 * batch_size`` ahead; on a GPU, each
-    batch's masks are encoded in other threads while the device runs the next batch. Every image yields
-    exactly one row, in manifest order.
+    batch's masks are encoded in other threads while the device runs the next batch (at most
+    ``ENCODING_AHEAD`` batches wait). Every image yields exactly one row, in manifest order; a failure that
+    is no image's fault (the device, the model failing on most images, storage) raises instead, so that
+    the shard is retried rather than recorded.
     """
 
     def __init__(
@@ -211,7 +212,7 @@ class ShardProcessor:
         finally:  # on an error, no encoder thread may go on filling these rows or holding device memory
             for pending in self.encoding:
                 pending.cancel()
-            concurrent.futures.wait(self.encoding)
+            wait(self.encoding)
             self.encoding.clear()
         assert all(r is not None for r in rows)
         done: list[dict[str, Any]] = rows  # type: ignore[assignment]
