@@ -6,8 +6,6 @@ logic with injected failures runs on the CPU in tests/test_processor.py and test
 from __future__ import annotations
 
 import io
-import json
-import os
 import pathlib
 from typing import Any
 
@@ -16,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from batchseg.format.output import DONE_DIR
 from batchseg.inference.models import resolve_weights
 from batchseg.io.images import EncodedJpeg, decode_image
 from batchseg.io.manifest import Shard
 from batchseg.segment.config import SegmentConfig
+from batchseg.segment.driver import run_segment
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import draw_shapes
-from tests.test_segment import SMALL_MODEL, archive, assert_exactly_once
+from tests.test_segment import SMALL_MODEL, archive, assert_one_bad_actor_cost_no_row, first_actor_fails
 
 pytestmark = pytest.mark.gpu
 
@@ -66,31 +64,13 @@ def test_a_sticky_cuda_error_ends_its_actor_and_a_fresh_one_does_the_shard(
 ) -> None:
     """The first actor's model triggers a real device-side assert (its CUDA context is broken for good):
     its shard is never recorded, the actor ends, and a fresh process on the same GPU does the work."""
-    import ray
 
-    from batchseg.segment import driver
+    def broken(images: Any) -> Any:
+        index = torch.tensor([1_000_000], device="cuda")
+        return torch.zeros(1, device="cuda")[index].sum().item()  # a device-side assert
 
     claim = tmp_path / "bad-gpu-claimed"
-
-    class StickyFault(driver.SegmentationActor.__ray_actor_class__):  # type: ignore[name-defined,misc]
-        """The first actor to claim ``claim`` (a file made with O_EXCL) breaks its CUDA context."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            try:
-                os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                return
-
-            def broken(images: Any) -> Any:
-                index = torch.tensor([1_000_000], device="cuda")
-                return torch.zeros(1, device="cuda")[index].sum().item()  # a device-side assert
-
-            self.processor.predictor.detect = broken
-
-    monkeypatch.setattr(
-        driver, "SegmentationActor", ray.remote(concurrency_groups={"report": 1})(StickyFault)
-    )
+    first_actor_fails(monkeypatch, claim, broken)
     manifest, uris, _ = archive(tmp_path, 8, bad=False)
     config = SegmentConfig(
         manifest=manifest,
@@ -101,13 +81,9 @@ def test_a_sticky_cuda_error_ends_its_actor_and_a_fresh_one_does_the_shard(
         gpus_per_actor=1.0,
         **SMALL_MODEL,
     )
-    summary = driver.run_segment(config)
+    summary = run_segment(config)
     assert claim.exists()
-    assert (summary["status"], summary["shards_failed"], summary["shards_done"]) == ("complete", [], 4)
-    assert summary["retries"] >= 1
-    assert_exactly_once(config, uris)
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / DONE_DIR).glob("*.json")]
-    assert len(records) == 4 and all(r["errors"] == {} for r in records)
+    assert_one_bad_actor_cost_no_row(config, uris, summary, shards=4)
 
 
 def jpeg(seed: int, width: int = 1920, height: int = 1080) -> bytes:

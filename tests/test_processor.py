@@ -7,6 +7,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Sequence
@@ -200,25 +201,53 @@ def test_a_device_error_while_encoding_masks_fails_the_shard(tmp_path: pathlib.P
 
 
 def test_at_most_two_batches_wait_for_mask_encoding(tmp_path: pathlib.Path) -> None:
-    """However long the shard and however slow the encoding, the model runs at most two
-    batches ahead of it, so a shard's detections do not pile up in memory."""
+    """However long the shard and however slow the encoding, the model runs at most two batches ahead of
+    it, so a shard's detections do not pile up in memory. Here encoding does not begin until the model
+    has run every batch or has waited 0.5 s for the encoders (then one batch is encoded)."""
     shards = processor(tmp_path, batch_size=1)
     shards.encoder = ThreadPoolExecutor(2)
-    waiting: list[int] = []
     detect, describe = shards.predictor.detect, shards.predictor.describe
+    gate = threading.Condition()
+    state = {"detected": 0, "detecting": False, "idle_since": time.monotonic(), "released": 0, "encoded": 0}
+    ahead: list[int] = []  # batches run by the model and not yet encoded, as each batch begins
 
     def counting_detect(images: Any) -> Any:
-        waiting.append(len(shards.encoding))
-        return detect(images)
+        with gate:
+            ahead.append(state["detected"] - state["encoded"])
+            state["detecting"] = True
+        try:
+            return detect(images)
+        finally:
+            with gate:
+                state["detected"] += 1
+                state["detecting"], state["idle_since"] = False, time.monotonic()
+                gate.notify_all()
 
-    def slow_describe(detections: Any) -> Any:
-        time.sleep(0.2)
-        return describe(detections)
+    def gated_describe(detections: Any) -> Any:
+        with gate:
+            assert gate.wait_for(lambda: state["released"] > 0 or state["detected"] == 6, timeout=60)
+            state["released"] = max(state["released"] - 1, 0)
+        result = describe(detections)
+        with gate:
+            state["encoded"] += 1
+        return result
+
+    def release_when_the_model_waits() -> None:
+        while state["encoded"] < 6:
+            time.sleep(0.05)
+            with gate:
+                if not state["detecting"] and time.monotonic() - state["idle_since"] > 0.5:
+                    state["released"] += 1
+                    state["idle_since"] = time.monotonic()
+                    gate.notify_all()
 
     shards.predictor.detect = counting_detect  # type: ignore[method-assign]
-    shards.predictor.describe = slow_describe  # type: ignore[method-assign]
+    shards.predictor.describe = gated_describe  # type: ignore[method-assign]
+    releaser = threading.Thread(target=release_when_the_model_waits, daemon=True)
+    releaser.start()
     rows = shards.rows(shard_of(6), pixels(6))
-    assert max(waiting) == 2
+    releaser.join(timeout=10)
+    assert len(ahead) == 6 and max(ahead) <= 2
     assert rows == expected(1)
 
 
