@@ -61,7 +61,9 @@ _REJECTED_CREDENTIALS = frozenset({
 def rejected_credentials(error: BaseException | None) -> str | None:
     """The store's error code when ``error`` (or an error behind it) is a refusal of the credentials
     themselves (see ``_REJECTED_CREDENTIALS``), else None."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
         if code in _REJECTED_CREDENTIALS:
             return str(code)
