@@ -1,6 +1,7 @@
 """The kinds of failure: job-level problems (stop before work), per-image problems (become rows), and
-storage that stays unavailable (the work is retried later); how they read, and the one wrapper that
-turns any other error into a job-level one."""
+failures that are no image's fault (storage that stays unavailable or refuses the credentials, a failing
+device, a model failing on most images: the shard is retried later); how they read, and the one wrapper
+that turns any other error into a job-level one."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class ImageError(Exception):
     """A per-image problem. It never stops the job: the image becomes an ``error`` row.
 
     ``kind`` is a short stable code (``not_found``, ``permission_denied``, ``read_error``,
-    ``empty_file``, ``not_an_image``, ``corrupt_image``, ``too_large``, ``inference_error``);
-    the row's ``error`` column reads ``"<kind>: <message>"``.
+    ``empty_file``, ``not_an_image``, ``corrupt_image``, ``too_large``, ``inference_error``,
+    ``out_of_memory``); the row's ``error`` column reads ``"<kind>: <message>"``.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -33,6 +34,25 @@ class ImageError(Exception):
 class StorageUnavailable(RuntimeError):
     """Storage kept failing with transient errors for the whole retry budget: the work is retried later
     (a shard is redone), never recorded as a bad image."""
+
+
+class CredentialsRejected(StorageUnavailable):
+    """The storage refused the credentials themselves (an expired or revoked session token, an unknown key,
+    a wrong secret), not one object to them: no image's fault, so the shard fails and is retried later
+    (refreshed credentials may pass), like an outage, rather than every image becoming a
+    ``permission_denied`` row."""
+
+
+class DeviceError(RuntimeError):
+    """The accelerator failed (a CUDA error, cuDNN, a device-side assert): no image's fault. The shard
+    fails and is never recorded, and the process ends, since a CUDA context that met such an error cannot
+    be trusted again; a fresh process takes its place."""
+
+
+class ModelFailed(RuntimeError):
+    """The model failed on most of a shard's images (or of a batch's, retried one by one): the failure is
+    the model's or the process's, not the images', so the shard fails and is retried later rather than
+    recorded with those rows."""
 
 
 def describe(error: BaseException) -> str:

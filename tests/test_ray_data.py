@@ -12,7 +12,7 @@ import pytest
 
 from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, DeviceError
 from batchseg.format.records import SCHEMA, output_schema
 from batchseg.segment.job import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
@@ -132,3 +132,17 @@ def test_keep_columns_the_batch_lacks_or_that_clash_are_refused(images: dict[str
         Segmenter(**OPTIONS, keep_columns=("status",))
     with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) status clash"):
         Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
+
+
+def test_a_device_error_is_raised_never_made_rows(tmp_path: pathlib.Path) -> None:
+    """A CUDA error in the model is no image's fault: the batch fails (Ray Data's task raises) rather than
+    becoming inference_error rows."""
+    segmenter = Segmenter(**OPTIONS)
+    data = write_dataset(str(tmp_path / "shapes"), 2, seed=4, size=96).uris
+
+    def broken(images: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    segmenter.processor.predictor.detect = broken  # type: ignore[method-assign]
+    with pytest.raises(DeviceError, match="CUDA error: an illegal memory access"):
+        segmenter({"uri": np.array(data)})

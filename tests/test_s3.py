@@ -19,12 +19,15 @@ from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
 from batchseg.cli import main
 from batchseg.demo import SHAPES_MODEL
+from batchseg.errors import CredentialsRejected
 from batchseg.format.output import OutputDir, ShardRecord, shard_record
 from batchseg.format.records import read_provenance
+from batchseg.inference.models import resolve_weights
 from batchseg.io import retries
-from batchseg.io.manifest import default_image_id
+from batchseg.io.manifest import Shard, default_image_id
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import SegmentConfig
+from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
 from tests.faults import KINDS, FaultProxy
 from tests.latency import LatencyProxy
@@ -253,3 +256,21 @@ def test_many_shard_records_are_read_through_a_flaky_store(
         read = OutputDir("s3://out/records", flaky | {"connect_timeout": 1, "read_timeout": 1}).records()
         assert all(proxy.counts()[kind] >= 5 for kind in KINDS)
     assert [r.shard for r in read] == list(range(40))
+
+
+@pytest.mark.parametrize(
+    ("case", "code"), [("wrong_secret", "SignatureDoesNotMatch"), ("unknown_key", "InvalidAccessKeyId")]
+)
+def test_credentials_the_store_refuses_fail_the_shard_and_write_nothing(
+    s3: S3Server, tmp_path: pathlib.Path, case: str, code: str
+) -> None:
+    """Credentials the store refuses (as an expired or revoked session token is refused) are no image's
+    fault: the shard fails, to be retried, said once, never recorded with a ``permission_denied`` row per
+    image. The shard processor, without Ray: the job retries a shard that raises (test_segment.py)."""
+    data = write_dataset("s3://data/refused", 3, seed=2, storage_options=s3.options())
+    options = {"wrong_secret": s3.options(secret="not-the-secret"), "unknown_key": s3.options("AKIDNOBODY")}
+    config = replace(small_model_job(s3, "", str(tmp_path / "out")), storage_options=options[case])
+    shards = ShardProcessor(config, resolve_weights(config.weights, config.model))
+    with pytest.raises(CredentialsRejected, match=f"the storage refused the credentials \\({code}: "):
+        shards.process(Shard(0, ["a", "b", "c"], data.uris))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -578,3 +579,60 @@ def test_fifos_and_sockets_in_a_folder_manifest_are_read_error_rows(
     )
     assert sorted(rows) == uris and all(r["status"] == "ok" for r in rows.values())
     assert (summary["status"], summary["ok"], summary["errors_by_kind"]) == ("complete", 4, {"read_error": 2})
+
+
+def first_actor_fails(monkeypatch: pytest.MonkeyPatch, claim: pathlib.Path, detect: Any) -> None:
+    """The job's actors as the driver starts them, but the first to claim ``claim`` (a file made with
+    O_EXCL) runs ``detect`` for its predictor's, in its own process only: a GPU with a fault."""
+    import ray
+
+    from batchseg.segment import driver
+
+    actor = driver.SegmentationActor
+
+    class FirstActorFails(actor.__ray_actor_class__):  # type: ignore[name-defined,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+                self.processor.predictor.detect = detect
+
+    groups = actor.__ray_metadata__.concurrency_groups
+    monkeypatch.setattr(driver, "SegmentationActor", ray.remote(concurrency_groups=groups)(FirstActorFails))
+
+
+def test_one_actor_whose_gpu_fails_every_forward_pass_costs_no_row(
+    ray_address: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of two actors fails every forward pass as a GPU with a sticky fault does: its shard fails, is
+    never recorded, and its process ends, so a fresh one replaces it; the job ends with every row ok,
+    exactly once, and no record counts an inference error."""
+
+    def broken(images: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    claim = tmp_path / "bad-gpu-claimed"
+    first_actor_fails(monkeypatch, claim, broken)
+    manifest, uris, _ = archive(tmp_path, 12, bad=False)
+    config = SegmentConfig(
+        manifest=manifest,
+        output=str(tmp_path / "out"),
+        shard_size=2,
+        batch_size=2,
+        actors=(2, 2),
+        cpus_per_actor=1,
+        **SMALL_MODEL,
+    )
+    summary = run_segment(config)
+    assert claim.exists()
+    assert_one_bad_actor_cost_no_row(config, uris, summary, shards=6)
+
+
+def assert_one_bad_actor_cost_no_row(
+    config: SegmentConfig, uris: list[str], summary: dict[str, Any], shards: int
+) -> None:
+    assert (summary["status"], summary["shards_failed"], summary["shards_done"]) == ("complete", [], shards)
+    assert summary["retries"] >= 1  # the bad actor's shard, done again elsewhere
+    assert_exactly_once(config, uris)
+    records = [json.loads(marker) for marker in done_markers(pathlib.Path(config.output)).values()]
+    assert len(records) == shards and all(r["errors"] == {} and r["ok"] == r["rows"] for r in records)

@@ -9,10 +9,14 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import fsspec
 import pytest
 import s3fs
+from botocore.exceptions import ClientError
+from fsspec.implementations.memory import MemoryFileSystem
+from s3fs.errors import translate_boto_error
 
-from batchseg.errors import ImageError, StorageUnavailable
+from batchseg.errors import CredentialsRejected, ImageError, StorageUnavailable
 from batchseg.io import reader, retries, storage
 from tests.faults import FaultProxy
 from tests.s3server import S3Server
@@ -117,3 +121,42 @@ def test_fifos_sockets_and_devices_are_read_errors_found_without_opening_them(tm
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         pool.shutdown()
         listener.close()
+
+
+class RefusingFileSystem(MemoryFileSystem):
+    """Answers every read with what s3fs makes of the store's error ``code`` (the class its table gives it,
+    botocore's ClientError kept as the cause)."""
+
+    protocol = "refusing"
+    code = "AccessDenied"
+
+    def cat_file(self, path, start=None, end=None, **kwargs):  # type: ignore[no-untyped-def]
+        error = ClientError(
+            {"Error": {"Code": self.code, "Message": f"{self.code} says the store"}}, "GetObject"
+        )
+        raise translate_boto_error(error)
+
+
+@pytest.mark.parametrize(
+    "code", ["ExpiredToken", "InvalidToken", "TokenRefreshRequired", "InvalidAccessKeyId", "AccessDenied"]
+)
+def test_credentials_the_store_refuses_are_no_images_fault(
+    monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    """An expired or revoked token fails the read as storage does (the shard is retried), whatever class s3fs
+    gives it (PermissionError for ExpiredToken, OSError for InvalidToken); a plain AccessDenied is the
+    image's own ``permission_denied``. The real store's refusals: tests/test_s3.py."""
+    fsspec.register_implementation("refusing", RefusingFileSystem, clobber=True)
+    monkeypatch.setattr(RefusingFileSystem, "code", code)
+    for read in (reader.read_image_bytes, lambda uri: reader.ImageReader().fetch(uri).result()):
+        if code == "AccessDenied":
+            with pytest.raises(ImageError) as denied:
+                read("refusing://bucket/a.jpg")
+            assert denied.value.kind == "permission_denied"
+            continue
+        with pytest.raises(CredentialsRejected) as rejected:
+            read("refusing://bucket/a.jpg")
+        assert isinstance(rejected.value, StorageUnavailable)
+        message = str(rejected.value)
+        assert message.startswith("reading refusing://bucket/a.jpg: the storage refused the credentials ")
+        assert f"({code}: " in message and "expired or been revoked" in message

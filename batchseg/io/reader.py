@@ -14,7 +14,7 @@ from typing import Any
 
 import fsspec
 
-from batchseg.errors import ImageError, StorageUnavailable
+from batchseg.errors import CredentialsRejected, ImageError, StorageUnavailable
 from batchseg.io import retries, storage
 
 
@@ -33,7 +33,7 @@ def _read_image(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     except (StorageUnavailable, ImageError):
         raise
     except Exception as e:
-        raise image_error(e, uri) from None
+        raise read_failure(e, uri) from None
 
 
 _SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
@@ -46,6 +46,42 @@ def _refuse_special_file(path: str, uri: str) -> None:
     kind = _SPECIAL_FILES.get(stat.S_IFMT(os.stat(path).st_mode))
     if kind:
         raise ImageError("read_error", f"{uri} is {kind}, not an image file")
+
+
+# What an object store answers when it refuses the credentials themselves rather than access to one object:
+# a session token that expired or was revoked, a key it does not know, a signature made with the wrong
+# secret. botocore's codes (S3's, STS's and the other AWS services'); s3fs turns each into a PermissionError
+# or an OSError, keeping botocore's error as the cause.
+_REJECTED_CREDENTIALS = frozenset({
+    "ExpiredToken", "ExpiredTokenException", "InvalidToken", "TokenRefreshRequired", "RequestExpired",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "UnrecognizedClientException",
+})  # fmt: skip
+
+
+def rejected_credentials(error: BaseException | None) -> str | None:
+    """The store's error code when ``error`` (or an error behind it) is a refusal of the credentials
+    themselves (see ``_REJECTED_CREDENTIALS``), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
+        if code in _REJECTED_CREDENTIALS:
+            return str(code)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def read_failure(error: Exception, uri: str) -> CredentialsRejected | ImageError:
+    """What a read that failed for good (not transiently) means: credentials the store refuses fail the
+    shard (:class:`CredentialsRejected`: every image would fail alike, and refreshed ones may pass),
+    anything else is this image's problem (:func:`image_error`)."""
+    code = rejected_credentials(error)
+    if code:
+        return CredentialsRejected(
+            f"reading {uri}: the storage refused the credentials ({code}: "
+            f"{type(error).__name__}: {error}); they may have expired or been revoked"
+        )
+    return image_error(error, uri)
 
 
 def image_error(error: Exception, uri: str) -> ImageError:
@@ -146,7 +182,7 @@ class ImageReader:
                 except StorageUnavailable:
                     raise
                 except Exception as final:
-                    raise image_error(final, uri) from None
+                    raise read_failure(final, uri) from None
                 await asyncio.sleep(delay)
 
     async def _read_once(self, fs: Any, path: str) -> bytes:

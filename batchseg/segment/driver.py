@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, DeviceError
 from batchseg.format.output import ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
@@ -47,7 +47,14 @@ class SegmentationActor:
         return True
 
     def process(self, shard: Shard, attempt: int) -> ShardRecord:
-        return self.processor.process(shard, attempt)
+        try:
+            return self.processor.process(shard, attempt)
+        except DeviceError as e:
+            # A CUDA context that met such an error cannot be trusted again: this process ends (the shard's
+            # call fails as the actor's death), and the driver starts a fresh one and retries the shard.
+            log.error(f"shard {shard.index}: {e}; ending this actor so that a fresh process replaces it")
+            ray.actor.exit_actor()
+            raise  # not reached: exit_actor raises
 
     @ray.method(concurrency_group="report")
     def images_started(self) -> int:

@@ -4,16 +4,20 @@ shard and its completion record."""
 from __future__ import annotations
 
 import functools
+import re
+import threading
 import time
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from batchseg.errors import ImageError
+from batchseg.errors import DeviceError, ImageError, ModelFailed, first_line
 from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo
@@ -25,6 +29,24 @@ from batchseg.io.manifest import Shard
 from batchseg.segment.config import ON_DEVICE, SegmentConfig
 from batchseg.segment.job import Job
 
+# torchvision 0.29 deprecates its image codecs for TorchCodec's and says so on every call; TorchCodec needs
+# FFmpeg's shared libraries, which pip does not bring, so batchseg keeps decode_jpeg and silences this one
+# warning, by its exact message, once for the process.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)  # fmt: skip
+
+# Batches whose masks wait for an encoder thread (or are being encoded) while the model runs the next one:
+# the one bound on what a shard holds between forward and encoding, whatever its size.
+ENCODING_AHEAD = 2
+
+# The kinds of error row an image gets when the model fails on it alone, and how many such rows a shard
+# (or a batch) must have before they are taken for the model's fault rather than the images' (see
+# too_many_failures).
+MODEL_FAILURES = ("inference_error", "out_of_memory")
+MIN_MODEL_FAILURES = 3
+
 
 class ShardProcessor:
     """Holds a model; turns one shard into one Parquet object and a completion record.
@@ -32,8 +54,10 @@ class ShardProcessor:
     Images are fetched ``--prefetch`` ahead of the model (many reads in flight on one event loop for
     object stores), so the model does not wait on storage latency, and checked and (but for JPEGs bound
     for the GPU's decoder) decoded in ``--io-threads`` threads ``2 * batch_size`` ahead; on a GPU, each
-    batch's masks are encoded in other threads while the device runs the next batch. Every image yields
-    exactly one row, in manifest order.
+    batch's masks are encoded in other threads while the device runs the next batch (at most
+    ``ENCODING_AHEAD`` batches wait). Every image yields exactly one row, in manifest order; a failure that
+    is no image's fault (the device, the model failing on most images, storage) raises instead, so that
+    the shard is retried rather than recorded.
     """
 
     def __init__(
@@ -78,7 +102,7 @@ class ShardProcessor:
             if device != "cpu"
             else None
         )
-        self.encoding: list[Future[None]] = []
+        self.encoding: deque[Future[None]] = deque()
 
     @classmethod
     def for_job(cls, job: Job, device: str = "cpu") -> ShardProcessor:
@@ -97,9 +121,12 @@ class ShardProcessor:
         if not encoded:
             return batch
         tensors = [torch.frombuffer(bytearray(e.data), dtype=torch.uint8) for _, e in encoded]
+        decoded: list[torch.Tensor | None]
         try:
-            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
-        except Exception:
+            decoded = list(self._decode_jpegs(tensors))
+        except Exception as failure:
+            if is_device_error(failure):
+                raise device_error(failure) from failure
             decoded = [None] * len(encoded)
         pixels: dict[int, Any] = {}
         for (i, e), image in zip(encoded, decoded, strict=True):
@@ -111,6 +138,32 @@ class ShardProcessor:
             except ImageError as error:
                 rows[i] = error_row(shard.image_ids[i], shard.uris[i], error)
         return [(i, pixels.get(i, image)) for i, image in batch if rows[i] is None]
+
+    def _decode_jpegs(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``decode_jpeg`` of the encoded ``tensors`` onto the model's device, ready for the model's stream.
+
+        On a GPU, torchvision allocates the outputs on the current stream, and nvJPEG writes them without
+        waiting for the work queued on it (pytorch/vision#9606, meta-pytorch/torchcodec#1634): on the
+        model's stream, it could be handed memory the previous batch's kernels are still to read. So the
+        decode runs on a stream of its own that holds nothing else, drained first (only the last decode is
+        on it), whose memory holds decoded images only, each given back (``record_stream``) only once the
+        model's stream is done with it; the model's stream waits for the decode before using its outputs.
+        """
+        if not self.device.startswith("cuda"):
+            decoded: list[torch.Tensor] = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+            return decoded
+        model_stream = torch.cuda.current_stream(self.device)
+        self._decode_stream.synchronize()
+        with torch.cuda.stream(self._decode_stream):
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
+        model_stream.wait_stream(self._decode_stream)
+        for image in decoded:
+            image.record_stream(model_stream)
+        return decoded
+
+    @functools.cached_property
+    def _decode_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
 
     def process(self, shard: Shard, attempt: int = 1) -> ShardRecord:
         """Segment every image of ``shard``, write its rows and record; return the record."""
@@ -133,65 +186,205 @@ class ShardProcessor:
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
         """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
-        :class:`ImageError` of each), by default read from the shard's URIs."""
+        :class:`ImageError` of each), by default read from the shard's URIs.
+
+        Raises :class:`DeviceError` when the device fails, and :class:`ModelFailed` when the model fails
+        on most of the images (:func:`too_many_failures`): the shard is then retried, not recorded."""
         self.images_started = 0
-        self.encoding = []
         config = self.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
-        for i, image in enumerate(self.loader(shard.uris) if images is None else images):
-            if isinstance(image, ImageError):
-                rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
-                self.images_started += 1
-            else:
-                batch.append((i, image))
-            if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
-                self.images_started += len(batch)
-                self._predict(shard, self._decode_on_device(shard, batch, rows), rows)
-                batch = []
-        for pending in self.encoding:
-            pending.result()
-        self.encoding.clear()
+        given = 0  # images handed to the model
+        try:
+            for i, image in enumerate(self.loader(shard.uris) if images is None else images):
+                if isinstance(image, ImageError):
+                    rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
+                    self.images_started += 1
+                else:
+                    batch.append((i, image))
+                if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
+                    self.images_started += len(batch)
+                    decoded = self._decode_on_device(shard, batch, rows)
+                    given += len(decoded)
+                    self._predict(shard, decoded, rows)
+                    batch = []
+            self._encoded(keep=0)
+        finally:  # on an error, no encoder thread may go on filling these rows or holding device memory
+            for pending in self.encoding:
+                pending.cancel()
+            wait(self.encoding)
+            self.encoding.clear()
         assert all(r is not None for r in rows)
-        return rows  # type: ignore[return-value]
+        done: list[dict[str, Any]] = rows  # type: ignore[assignment]
+        failed = [
+            r["error"] for r in done if r["status"] == "error" and r["error"].split(":")[0] in MODEL_FAILURES
+        ]
+        if too_many_failures(len(failed), given):
+            raise ModelFailed(
+                f"the model failed on {len(failed)} of the {given} images it was given (the first: {failed[0]})"
+            )
+        return done
 
-    def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> None:
+    def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> int:
+        """The model on ``batch``; its rows are filled now, or on a GPU by an encoder thread while the device
+        runs the next batch. Returns on how many of its images the model failed (each an error row).
+
+        A failing batch is retried one by one, so that one image's failure (an input the model cannot
+        take, one too large for the memory left) is that image's row alone; a device error fails the
+        shard at once (:class:`DeviceError`), and so does a batch whose images mostly fail alone too."""
+        kind, message = None, ""
         try:
             detections = self.predictor.detect([image for _, image in batch])
         except Exception as e:
-            if len(batch) > 1:  # one bad image must not fail its neighbours: retry them one by one
-                for item in batch:
-                    self._predict(shard, [item], rows)
-                return
-            i, image = batch[0]
-            error = ImageError("inference_error", f"the model failed on this image: {type(e).__name__}: {e}")
-            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
-            return
-
-        def fill() -> None:
-            for (i, image), instances in zip(batch, self.predictor.describe(detections), strict=True):
-                rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+            if is_device_error(e):
+                raise device_error(e) from e
+            kind, message = model_failure(e)
+        # Out of the except block, the traceback (and the batch's tensors its frames hold) is gone: only now
+        # can the device's cache give their memory back for the retry.
+        if kind is not None:
+            free_device_cache(self.device)
+            if len(batch) == 1:
+                i, image = batch[0]
+                rows[i] = error_row(
+                    shard.image_ids[i], shard.uris[i], ImageError(kind, message), image_size(image)
+                )
+                return 1
+            failed = sum(self._predict(shard, [item], rows) for item in batch)
+            if too_many_failures(failed, len(batch)):
+                raise ModelFailed(
+                    f"the model failed on a batch of {len(batch)} images, and on {failed} of them one by "
+                    f"one: {kind}: {message}"
+                )
+            return failed
 
         if self.encoder is None:
-            fill()
+            self._fill(shard, batch, detections, rows)
+            return 0
+        forward_done = None
+        if self.device.startswith("cuda"):
+            forward_done = torch.cuda.Event()
+            forward_done.record()
+        self.encoding.append(
+            self.encoder.submit(
+                _beside_the_model,
+                functools.partial(self._fill, shard, batch, detections, rows),
+                forward_done,
+                [tensor for outputs, _, _ in detections for tensor in outputs.values()],
+            )
+        )
+        self._encoded(keep=ENCODING_AHEAD)
+        return 0
+
+    def _encoded(self, keep: int) -> None:
+        """Wait for the oldest batches being encoded until at most ``keep`` are (raising an encoder's
+        error here), and take the finished ones off the queue."""
+        while self.encoding and (len(self.encoding) > keep or self.encoding[0].done()):
+            self.encoding.popleft().result()
+
+    def _fill(
+        self,
+        shard: Shard,
+        batch: list[tuple[int, Any]],
+        detections: list[Any],
+        rows: list[dict[str, Any] | None],
+    ) -> None:
+        """The rows of a batch the model has run on, its masks encoded (:meth:`Predictor.describe`). Out of
+        memory for the whole batch, its images are encoded one by one; one that still does not fit is an
+        ``out_of_memory`` row. A device error raises :class:`DeviceError`; any other error fails the shard."""
+        try:
+            described = self.predictor.describe(detections)
+        except Exception as e:
+            if is_device_error(e):
+                raise device_error(e) from e
+            if not is_out_of_memory(e):
+                raise
+            message = f"encoding its masks ran out of memory: {type(e).__name__}: {first_line(e)}"
         else:
-            forward_done = None
-            if self.device.startswith("cuda"):
-                forward_done = torch.cuda.Event()
-                forward_done.record()
-            self.encoding.append(self.encoder.submit(_beside_the_model, fill, forward_done))
+            for (i, image), instances in zip(batch, described, strict=True):
+                rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+            return
+        free_device_cache(self.device)  # out of the except block: see _predict
+        if len(batch) == 1:
+            i, image = batch[0]
+            error = ImageError("out_of_memory", message)
+            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
+            return
+        for item, detection in zip(batch, detections, strict=True):
+            self._fill(shard, [item], [detection], rows)
 
 
-def _beside_the_model(work: Callable[[], None], forward_done: Any) -> None:
-    """``work`` (a batch's masks: kernels, copies, strings) on a CUDA stream of its own once the batch's
-    forward is done (``forward_done``, an event on the model's stream), so that its kernels run beside the
-    next batch's forward and its copies wait for its own kernels only, not for that forward; without an
-    event (not CUDA), just ``work()``."""
+def too_many_failures(failed: int, given: int) -> bool:
+    """Whether the model failing on ``failed`` of ``given`` images (each alone) is the model's or the
+    process's fault rather than the images': on more than half of them, and on at least
+    ``MIN_MODEL_FAILURES``, so that a shard of one or two images, one of them an input the model cannot
+    take, is recorded with that image's error row instead of failing on every attempt."""
+    return failed >= MIN_MODEL_FAILURES and 2 * failed > given
+
+
+# What torch's CUDA errors say (a CUDA error, the driver, cuDNN, cuBLAS, a device-side assert): the context
+# may be broken for good, and no image is at fault. torch 2.8+ raises torch.AcceleratorError for most.
+_DEVICE_ERROR = re.compile(
+    r"CUDA error|CUDA driver error|CUDNN_STATUS_|cuDNN error|CUBLAS_STATUS_|cuBLAS error|device-side assert"
+    r"|NCCL error|unspecified launch failure"
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or the host, for a model on the CPU) running out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+    )
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether ``error`` is the device failing (see ``_DEVICE_ERROR``) rather than the model on an input."""
+    if is_out_of_memory(error):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch 2.8 and later
+    return isinstance(error, accelerator_error) or (
+        isinstance(error, RuntimeError) and bool(_DEVICE_ERROR.search(str(error)))
+    )
+
+
+def device_error(error: BaseException) -> DeviceError:
+    return DeviceError(f"the device failed: {type(error).__name__}: {first_line(error)}")
+
+
+def model_failure(error: BaseException) -> tuple[str, str]:
+    """The error kind and message of an image the model failed on alone."""
+    if is_out_of_memory(error):
+        return (
+            "out_of_memory",
+            f"the model ran out of memory on this image: {type(error).__name__}: {first_line(error)}",
+        )
+    return "inference_error", f"the model failed on this image: {type(error).__name__}: {error}"
+
+
+def free_device_cache(device: str) -> None:
+    """Give the memory the caching allocator holds back to the device, for a retry after out-of-memory."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+_encoder_streams = threading.local()
+
+
+def _beside_the_model(work: Callable[[], None], forward_done: Any, tensors: list[torch.Tensor]) -> None:
+    """``work`` (a batch's masks: kernels, copies, strings) on this encoder thread's own CUDA stream once
+    the batch's forward is done (``forward_done``, an event on the model's stream), so that its kernels run
+    beside the next batch's forward and its copies wait for its own kernels only, not for that forward;
+    without an event (not CUDA), just ``work()``. ``tensors`` (the model's outputs, made on the model's
+    stream) are marked as used on this one, so that their memory is not handed out again until this
+    stream's work on them is done."""
     if forward_done is None:
         work()
         return
-    stream = torch.cuda.Stream()
+    stream = getattr(_encoder_streams, "stream", None)
+    if stream is None:  # one stream per encoder thread, made once
+        stream = _encoder_streams.stream = torch.cuda.Stream()
     stream.wait_event(forward_done)
+    for tensor in tensors:
+        tensor.record_stream(stream)
     with torch.cuda.stream(stream):
         work()
 

@@ -53,6 +53,10 @@ class Segmenter:
     batch's columns to carry into the rows after batchseg's, with their types, as ``--keep-columns`` does;
     ``"all"``: every column but ``uri``, ``image_id`` and ``bytes``); plus ``device`` (default: ``cuda``
     when the actor has a GPU, else ``cpu``). They are checked when the actor starts.
+
+    A failure that is no image's fault (a CUDA error: :class:`~batchseg.errors.DeviceError`; the model
+    failing on most of a batch: :class:`~batchseg.errors.ModelFailed`; credentials the store refuses)
+    raises, so Ray Data fails the batch's task rather than writing error rows for it.
     """
 
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
