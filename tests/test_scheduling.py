@@ -332,3 +332,15 @@ def test_no_gpu_in_a_cluster_the_job_joined_is_said_in_one_line(
     )
     assert capsys.readouterr().err.splitlines().count(line) == int(said)
     assert driver.device == ("cuda" if gpus else "cpu")
+
+
+def test_each_kind_of_shard_failure_is_said_in_full_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Expired credentials or an outage fail every shard alike: one line of each kind, then the count."""
+    cluster = SimulatedCluster(fail_every=3)
+    with caplog.at_level("DEBUG", logger="batchseg"):
+        _, run = run_simulated(cluster, 60, (2, 2))
+    said = [r for r in caplog.records if "failed on attempt" in r.getMessage()]
+    assert run["shard_failures"] >= 10
+    assert [r.levelname for r in said].count("INFO") == 1
+    assert len(said) == run["shard_failures"]  # the others at debug level, for --verbose
+    assert "ValueError: simulated" in said[0].getMessage()

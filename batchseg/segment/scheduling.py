@@ -328,6 +328,7 @@ class Scheduler:
         self.clock = clock
         self.start_failures: list[str] = []
         self.said_fewer = False
+        self.failure_kinds: set[str] = set()  # the kinds of shard failure said in full so far
 
     def run(self) -> dict[str, Any]:
         """Process every shard; returns this run's counts (see :func:`run_counts`)."""
@@ -420,7 +421,12 @@ class Scheduler:
 
     def _failed(self, work: Work, reason: str, worker: Worker) -> None:
         shard, attempt = work
-        log.info(f"shard {shard.index} failed on attempt {attempt}: {reason}")
+        # Each kind of failure is said in full once: expired credentials or a storage outage fail every
+        # shard alike, and the progress line counts them; --verbose shows every one.
+        kind = reason.partition(":")[0]
+        said = log.debug if kind in self.failure_kinds else log.info
+        self.failure_kinds.add(kind)
+        said(f"shard {shard.index} failed on attempt {attempt}: {reason}")
         if not self.work.failed(work, reason, worker):
             log.info(f"shard {shard.index} failed {attempt} times; giving up on it (a rerun retries it)")
 
