@@ -40,6 +40,7 @@ class Events:
         self.seen: list[tuple[str, int]] = []
         self.lock = threading.Lock()
         self.happened: dict[tuple[str, int], threading.Event] = {}
+        self.in_progress_while_writing = 0
 
     def event(self, what: str, shard: int) -> threading.Event:
         with self.lock:
@@ -89,6 +90,7 @@ def instrumented(config: SegmentConfig, shards: list[Shard], events: Events) -> 
     def noted_write(shard: Shard, parquet: bytes, record: Any) -> Any:
         if shard.index == 0:
             events.wait("model done", 1)
+            events.in_progress_while_writing = processor.images_in_progress
         written = write(shard, parquet, record)
         events.add("written", shard.index)
         return written
@@ -118,6 +120,7 @@ def test_shards_taken_at_once_share_the_model_in_turn_reading_early_and_writing_
     assert events.index("read", 1) < events.index("model done", 0)
     assert events.index("model done", 1) < events.index("written", 0)
     assert [(r.shard, r.rows) for r in records] == [(0, 2), (1, 2), (2, 2)]
+    assert events.in_progress_while_writing >= 2  # shard 0's images count until its record is back
     assert processor.images_in_progress == 0
 
     one_by_one = replace(config, output=str(tmp_path / "one-by-one"))
