@@ -42,24 +42,27 @@ class TimedDriver(Driver):
         actor, ready = super().start_actor()
         ray.get(ready)
         self.up = time.perf_counter()
-        self.records: list[tuple[float, int]] = []
+        self.records: list[tuple[float, int, float]] = []
         return actor, ready
 
     def result(self, ref: Any) -> Any:
         record = super().result(ref)
         if hasattr(record, "rows"):
-            self.records.append((time.perf_counter(), record.rows))
+            self.records.append((time.perf_counter(), record.rows, record.seconds))
         return record
 
 
-def run_job(config: SegmentConfig) -> tuple[float, float]:
-    """Images per second from the actor up to the last record, and over the records after the first."""
+def run_job(config: SegmentConfig) -> tuple[float, float, float]:
+    """Images per second from the actor up to the last record, and over the records after the first; and
+    the share of that time the model had a shard (the records' own seconds: the model's turn at each
+    shard; before the shards overlapped, a shard's seconds also held the wait for its first reads)."""
     driver = TimedDriver(prepare_job(config))
     run = driver.run()
     assert not run["shards_failed"], run["shards_failed"]
-    (first, first_rows), (last, _) = driver.records[0], driver.records[-1]
-    total = sum(rows for _, rows in driver.records)
-    return total / (last - driver.up), (total - first_rows) / (last - first)
+    (first, first_rows, _), (last, _, _) = driver.records[0], driver.records[-1]
+    total = sum(rows for _, rows, _ in driver.records)
+    busy = sum(seconds for _, _, seconds in driver.records[1:]) / (last - first)
+    return total / (last - driver.up), (total - first_rows) / (last - first), busy
 
 
 def main() -> None:
@@ -77,7 +80,7 @@ def main() -> None:
         data = write_dataset("s3://images/shapes", args.images, seed=0, size=args.size,
                              storage_options=server.options())  # fmt: skip
         print(f"{args.images} shape images of {args.size} px in SeaweedFS, shards of {args.shard_size}")
-        rates: dict[int, list[tuple[float, float]]] = {d: [] for d in delays}
+        rates: dict[int, list[tuple[float, float, float]]] = {d: [] for d in delays}
         for repeat in range(args.repeats):
             for delay in delays:
                 with LatencyProxy(server.ports[3], delay / 1000) as proxy:
@@ -90,11 +93,11 @@ def main() -> None:
                         shard_size=args.shard_size,
                         storage_options=server.options() | {"endpoint_url": proxy.endpoint},
                     )
-                    whole, steady = run_job(config)
-                rates[delay].append((whole, steady))
+                    whole, steady, busy = run_job(config)
+                rates[delay].append((whole, steady, busy))
                 print(
                     f"added {delay:3d} ms per request: {whole:6.1f} img/s from the actor up, "
-                    f"{steady:6.1f} img/s after the first shard",
+                    f"{steady:6.1f} img/s after the first shard, the model busy {busy:.2f} of that time",
                     flush=True,
                 )
     direct = delays[0]
