@@ -50,6 +50,28 @@ def test_read_ahead_keeps_order_and_its_windows(fetch_window: int, decode_window
     assert 1 <= fetcher.most <= fetch_window
 
 
+def test_read_ahead_begins_its_fetches_when_called_and_decodes_when_asked() -> None:
+    """A shard's reads wait on storage while its consumer still works on the shard before it."""
+    fetched: list[int] = []
+    decoded: list[int] = []
+
+    def fetch(item: int) -> Future[int]:
+        fetched.append(item)
+        future: Future[int] = Future()
+        future.set_result(item)
+        return future
+
+    def decode(future: Future[int]) -> int:
+        decoded.append(future.result())
+        return future.result()
+
+    with ThreadPoolExecutor(2) as pool:
+        images = read_ahead(range(10), fetch, decode, pool, 4, 2)
+        assert (fetched, decoded) == ([0, 1, 2, 3], [])
+        assert list(images) == list(range(10))
+    assert fetched == decoded == list(range(10))
+
+
 def test_read_ahead_raises_a_stage_error_at_its_item() -> None:
     def fetch(i: int) -> Future[int]:
         future: Future[int] = Future()

@@ -80,8 +80,10 @@ class Predictor:
         device: str = "cpu",
         precision: str = "auto",
         storage_options: dict[str, Any] | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> Predictor:
-        """The model ``weights`` name, with them loaded, on ``device``.
+        """The model ``weights`` name, with them loaded, on ``device``: ``state_dict`` when given (loaded
+        once for a job, on its driver), else read here (through ``storage_options``).
 
         ``score_threshold`` drops instances inside the model; ``max_instances`` keeps the best ones;
         ``min_size``/``max_size`` set the model's own resize: when None, the size a checkpoint was trained
@@ -97,7 +99,9 @@ class Predictor:
             options["min_size"] = min_size
         if max_size:
             options["max_size"] = max_size
-        model = build_model(weights, load_state_dict(weights, storage_options), **options)
+        if state_dict is None:
+            state_dict = load_state_dict(weights, storage_options)
+        model = build_model(weights, state_dict, **options)
         return cls(model.to(device), weights.categories, mask_threshold=mask_threshold, precision=precision)
 
     def __call__(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[list[dict[str, Any]]]:

@@ -30,22 +30,33 @@ def read_ahead(
     """``decode(fetch(item))`` for each item, in order, both stages running ahead of the consumer: fetches
     up to ``fetch_window`` items ahead (so at most that many fetched items wait), decodes in ``pool`` up to
     ``decode_window`` ahead (so at most that many decoded ones wait). An error raised by either stage is
-    raised here, at its item."""
+    raised here, at its item.
+
+    The fetches begin when this is called, not when the first item is asked for: a shard's reads then
+    wait on storage while the consumer still works on the shard before it. Decodes (CPU work that would
+    hold ``pool``'s threads waiting for fetches) begin with the first item asked for."""
     pending = iter(items)
     fetching: deque[Future[B]] = deque()
     decoding: deque[Future[R]] = deque()
 
-    def top_up() -> None:
+    def fetch_ahead() -> None:
         while len(fetching) + len(decoding) < fetch_window and (item := next(pending, _END)) is not _END:
             fetching.append(fetch(item))  # type: ignore[arg-type]
+
+    def top_up() -> None:
+        fetch_ahead()
         while fetching and len(decoding) < decode_window:
             decoding.append(pool.submit(decode, fetching.popleft()))
 
-    top_up()
-    while decoding:
-        result = decoding.popleft().result()
+    def in_order() -> Iterator[R]:
         top_up()
-        yield result
+        while decoding:
+            result = decoding.popleft().result()
+            top_up()
+            yield result
+
+    fetch_ahead()
+    return in_order()
 
 
 Loaded = np.ndarray | EncodedJpeg | ImageError

@@ -163,9 +163,9 @@ class SegmentConfig:
     )
     prefetch: int = option(
         64,
-        "image reads in flight per actor, ahead of the model: hides storage latency: give it twice img/s x "
-        "seconds per GET (64 feeds 130 img/s behind up to 0.25 s); at most this many encoded images wait "
-        "in memory",
+        "image reads in flight per shard (an actor holds two), ahead of the model: hides storage latency: "
+        "give it twice img/s x seconds per GET (64 feeds 130 img/s behind up to 0.25 s); at most this many "
+        "encoded images wait in memory per shard",
         check=at_least(1),
     )
     max_attempts: int = option(3, "tries per shard before it is reported failed", check=at_least(1))

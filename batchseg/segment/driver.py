@@ -5,6 +5,8 @@ The driver streams shard descriptors (image ids and URIs, never image bytes) to 
 two shards queued per actor so none waits between shards, replaces actors that die or keep failing, and
 retries their shards on other actors: a shard is redone whole and rewritten under the same name, so rows
 stay exactly once.
+Each actor is given the job's settings and weights once (an :class:`ActorSetup` in Ray's object store,
+which carries it to each node once), never the job's plan.
 """
 
 from __future__ import annotations
@@ -25,27 +27,40 @@ from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.log import to_stderr, unless_configured
 from batchseg.segment.job import Job, SegmentConfig, finish, prepare_job
-from batchseg.segment.processor import ShardProcessor
-from batchseg.segment.scheduling import ActorLost, ScalingPolicy, Scheduler, ShardFailed, Work, empty_run
+from batchseg.segment.processor import ActorSetup, ShardProcessor
+from batchseg.segment.scheduling import (
+    QUEUE_PER_ACTOR,
+    ActorLost,
+    ScalingPolicy,
+    Scheduler,
+    ShardFailed,
+    Work,
+    empty_run,
+)
 
 log = logging.getLogger(__name__)
 
 
-@ray.remote(concurrency_groups={"report": 1})  # type: ignore[call-overload]
+# The shards queued on an actor run at once: the next one's reads, and the last one's writes, overlap the
+# model's work (ShardProcessor.process takes the model in turns).
+@ray.remote(concurrency_groups={"report": 1, "shards": QUEUE_PER_ACTOR})  # type: ignore[call-overload]
 class SegmentationActor:
-    """One model in one worker process (one GPU on a cluster); processes the shards it is given in order."""
+    """One model in one worker process (one GPU, or ``gpus`` of one, on a cluster); processes the shards it
+    is given, the model taking them in turn."""
 
-    def __init__(self, job: Job, device: str, threads: int) -> None:
+    def __init__(self, setup: ActorSetup, device: str, threads: int, gpus: float) -> None:
         import torch
 
         to_stderr()  # a retry's warning reaches the driver's terminal, which Ray copies this stderr to
-        storage.apply_environment(job.environment)
+        storage.apply_environment(setup.environment)
         torch.set_num_threads(threads)
-        self.processor = ShardProcessor.for_job(job, device)
+        limit_gpu_memory(gpus, device)
+        self.processor = ShardProcessor.for_setup(setup, device)
 
     def ready(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="shards")
     def process(self, shard: Shard, attempt: int) -> ShardRecord:
         try:
             return self.processor.process(shard, attempt)
@@ -58,7 +73,23 @@ class SegmentationActor:
 
     @ray.method(concurrency_group="report")
     def images_started(self) -> int:
-        return self.processor.images_started
+        return self.processor.images_in_progress
+
+
+def gpu_memory_share(gpus: float, device: str) -> float | None:
+    """The share of its GPU's memory an actor given ``gpus`` GPUs may take: ``gpus`` itself under one GPU
+    (``--gpus-per-actor 0.5``: two actors on each GPU, neither able to starve the other), else None (no
+    cap: a whole GPU, or the CPU)."""
+    return gpus if device.startswith("cuda") and 0 < gpus < 1 else None
+
+
+def limit_gpu_memory(gpus: float, device: str) -> None:
+    """Cap this process's share of its GPU's memory (:func:`gpu_memory_share`), before the model is on it."""
+    share = gpu_memory_share(gpus, device)
+    if share is not None:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(share)
 
 
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
@@ -144,6 +175,7 @@ class Driver:
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
         self.device = "cuda" if gpus else "cpu"
         self.threads = max(1, int(cpus))
+        self.setup = ray.put(ActorSetup.of(job))  # the weights loaded once, here, for every actor
         self.scheduler = Scheduler(
             self,
             iter_shards(job.plan, job.done, config.io_options),
@@ -165,7 +197,9 @@ class Driver:
     # The Backend the scheduler calls.
 
     def start_actor(self) -> tuple[Any, Any]:
-        actor = SegmentationActor.options(**self.options).remote(self.job, self.device, self.threads)  # type: ignore[attr-defined]
+        actor = SegmentationActor.options(**self.options).remote(  # type: ignore[attr-defined]
+            self.setup, self.device, self.threads, self.options["num_gpus"]
+        )
         return actor, actor.ready.remote()
 
     def submit(self, actor: Any, work: Work) -> Any:

@@ -11,6 +11,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from batchseg.errors import DeviceError, ImageError, ModelFailed, first_line
 from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.format.records import error_row, ok_row, to_parquet
-from batchseg.inference.models import WeightsInfo
+from batchseg.inference.models import WeightsInfo, load_state_dict
 from batchseg.inference.predictor import Predictor
 from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
@@ -48,6 +49,25 @@ MODEL_FAILURES = ("inference_error", "out_of_memory")
 MIN_MODEL_FAILURES = 3
 
 
+@dataclass(frozen=True)
+class ActorSetup:
+    """What each actor of a job is given, once: the settings, the weights (resolved and loaded on the
+    driver), what goes into each shard's metadata, and the storage environment the driver forwards. Never
+    the job's plan, whose shard fingerprints grow with the manifest (35 MB pickled at a million shards)."""
+
+    config: SegmentConfig
+    weights: WeightsInfo
+    state_dict: dict[str, torch.Tensor] | None  # None: random weights (``--weights none``)
+    provenance: dict[str, Any]
+    environment: dict[str, str]
+
+    @classmethod
+    def of(cls, job: Job) -> ActorSetup:
+        """``job``'s setup, its weights loaded here (with the job's storage options and timeouts)."""
+        state = load_state_dict(job.weights, job.config.io_options)
+        return cls(job.config, job.weights, state, job.provenance, job.environment)
+
+
 class ShardProcessor:
     """Holds a model; turns one shard into one Parquet object and a completion record.
 
@@ -58,6 +78,10 @@ class ShardProcessor:
     ``ENCODING_AHEAD`` batches wait). Every image yields exactly one row, in manifest order; a failure that
     is no image's fault (the device, the model failing on most images, storage) raises instead, so that
     the shard is retried rather than recorded.
+
+    :meth:`process` may be called for several shards at once (an actor takes the two queued on it): each
+    shard's reads begin at once, the model takes the shards one at a time, and a shard is written once
+    the model has moved on to the next, so shards follow each other on the model without a gap.
     """
 
     def __init__(
@@ -66,9 +90,11 @@ class ShardProcessor:
         weights: WeightsInfo,
         device: str = "cpu",
         provenance: dict[str, Any] | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """``config``'s settings with ``weights`` on ``device``; ``provenance`` goes into each shard's
-        Parquet metadata (:meth:`process`; :meth:`rows` alone needs none, nor an output)."""
+        Parquet metadata (:meth:`process`; :meth:`rows` alone needs none, nor an output). ``state_dict``:
+        the weights already loaded (an actor's, loaded once on the driver); None: loaded here."""
         self.config = config
         self.provenance = provenance or {}
         self.device = device
@@ -82,6 +108,7 @@ class ShardProcessor:
             device=device,
             precision=config.precision,
             storage_options=config.io_options,
+            state_dict=state_dict,
         )
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
         self.decode_on_device = config.decode in ON_DEVICE or (config.decode == "auto" and device != "cpu")
@@ -96,6 +123,9 @@ class ShardProcessor:
         # Images of the current shard handed to the model or made error rows, for the progress line
         # (those handed to the model may still be in it).
         self.images_started = 0
+        self.images_writing = 0  # images of shards the model is done with, being written
+        self.counting = threading.Lock()  # images_started and images_writing change together
+        self.model_turn = threading.Lock()  # the model takes one shard at a time (see process)
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
             ThreadPoolExecutor(config.io_threads, thread_name_prefix="batchseg-encode")
@@ -106,7 +136,19 @@ class ShardProcessor:
 
     @classmethod
     def for_job(cls, job: Job, device: str = "cpu") -> ShardProcessor:
-        return cls(job.config, job.weights, device, job.provenance)
+        """``job``'s processor, its weights loaded here (actors are given an :class:`ActorSetup`)."""
+        return cls.for_setup(ActorSetup.of(job), device)
+
+    @classmethod
+    def for_setup(cls, setup: ActorSetup, device: str = "cpu") -> ShardProcessor:
+        return cls(setup.config, setup.weights, device, setup.provenance, setup.state_dict)
+
+    @property
+    def images_in_progress(self) -> int:
+        """Images of the shards this processor is working on (in the model, or being written), for the
+        progress line."""
+        with self.counting:
+            return self.images_started + self.images_writing
 
     @functools.cached_property
     def output(self) -> OutputDir:
@@ -166,23 +208,35 @@ class ShardProcessor:
         return torch.cuda.Stream(self.device)
 
     def process(self, shard: Shard, attempt: int = 1) -> ShardRecord:
-        """Segment every image of ``shard``, write its rows and record; return the record."""
-        start = time.time()
-        retries_before = retries.count()  # one shard at a time here: the process's retries are its
-        rows = self.rows(shard)
-        provenance = self.provenance | {
-            "shard": shard.index,
-            "device": self.device,
-            "precision": self.predictor.precision,
-        }
-        record = ShardRecord.of(
-            shard,
-            rows,
-            attempt=attempt,
-            seconds=time.time() - start,
-            storage_retries=retries.count() - retries_before,
-        )
-        return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
+        """Segment every image of ``shard``, write its rows and record; return the record.
+
+        Safe to call for several shards at once: the shard's reads begin now, while the model may still
+        be on another shard; the model takes the shards in turn; the writes (rows, then record) follow
+        once the model has moved on. The record is returned only once both are written, and a failed
+        write fails this call alone."""
+        images = self.loader(shard.uris)
+        with self.model_turn:
+            start = time.time()
+            # One shard in the model at a time: the retries during its turn are counted in its record (its
+            # own reads', the next shard's begun early, the last shard's writes), each in one record.
+            retries_before = retries.count()
+            rows = self.rows(shard, images)
+            seconds, storage_retries = time.time() - start, retries.count() - retries_before
+            with self.counting:
+                self.images_started, self.images_writing = 0, self.images_writing + len(rows)
+        try:
+            provenance = self.provenance | {
+                "shard": shard.index,
+                "device": self.device,
+                "precision": self.predictor.precision,
+            }
+            record = ShardRecord.of(
+                shard, rows, attempt=attempt, seconds=seconds, storage_retries=storage_retries
+            )
+            return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
+        finally:
+            with self.counting:
+                self.images_writing -= len(rows)
 
     def rows(self, shard: Shard, images: Iterable[Loaded] | None = None) -> list[dict[str, Any]]:
         """One row per image of ``shard``, in its order: ``images`` (pixels, encoded JPEGs or the
