@@ -114,8 +114,9 @@ class TrainConfig:
     grad_clip: float = option(10.0, "max gradient norm", check=zero_or_positive("0 (off)"))
     precision: str = option(
         "auto",
-        "mixed precision (auto: on GPU bf16 where supported, else fp16; on CPU fp32). bf16 on CPU: faster "
-        "where the CPU has bf16 units (AMX, AVX512-BF16), slower elsewhere",
+        "mixed precision, boxes always in fp32 (auto: on GPU bf16 where the GPU has it natively, else "
+        "fp16; on CPU fp32). bf16 on CPU: faster where the CPU has bf16 units (AMX, AVX512-BF16), slower "
+        "elsewhere",
         choices=PRECISIONS,
     )
     checkpoint_every: int | None = option(
