@@ -18,7 +18,15 @@ from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
 from batchseg.errors import ImageError
-from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord, shard_object, shard_record
+from batchseg.format.output import (
+    DONE_DIR,
+    OutputDir,
+    ShardRecord,
+    is_ours,
+    shard_index,
+    shard_object,
+    shard_record,
+)
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.io.manifest import Shard, iter_shards, plan_shards
 
@@ -168,6 +176,29 @@ def test_a_completion_record_is_written_as_batchseg_wrote_it_before(tmp_path: pa
     assert (tmp_path / "part-000007.parquet").read_bytes() == b"0123456789"
     with pytest.raises(ValueError, match="shard 7 given for shard 8"):
         OutputDir(str(tmp_path)).write_shard(Shard(8, shard.image_ids, shard.uris), b"", record)
+
+
+def test_shard_names_sort_in_manifest_order_past_a_million_shards(tmp_path: pathlib.Path) -> None:
+    """Six digits up to 999,999 (as before), then a letter counting the digits: a listing sorted by name
+    (a person's, Spark's) is in shard order."""
+    indices = [0, 1, 999_999, 10**6, 10**6 + 1, 9_999_999, 10**7, 12_345_678, 10**8, 10**9, 10**12]
+    names = [shard_object(i) for i in indices]
+    assert sorted(names) == names
+    assert names[2:4] == ["part-999999.parquet", "part-g1000000.parquet"]
+    assert shard_record(12_345_678) == f"{DONE_DIR}/part-h12345678.json"
+    assert [shard_index(n) for n in names] == [shard_index(shard_record(i)) for i in indices] == indices
+    # not batchseg's names for any shard: another writer's (or an older batchseg's past 999,999)
+    for name in ("part-1000000.parquet", "part-g999999.parquet", "part-g01234567.parquet", "part-a1.parquet"):
+        assert shard_index(name) is None and not is_ours(name)
+    output = OutputDir(str(tmp_path))
+    for index in (10**6, 999_999):
+        shard = Shard(index, ["a"], ["u/a"])
+        rows = [ok_row("a", "u/a", 2, 2, [INSTANCE])]
+        output.write_shard(
+            shard, to_parquet(rows, {}), ShardRecord.of(shard, rows, attempt=1, seconds=0, storage_retries=0)
+        )
+    assert [o.index for o in output.shard_objects()] == [999_999, 10**6]
+    assert sorted(output.check().done) == [999_999, 10**6]
 
 
 def test_hand_edited_records_are_removed_and_their_shards_redone(

@@ -2,7 +2,8 @@
 
 Under ``--output``::
 
-    part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard)
+    part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard);
+                              past part-999999, part-g1000000 ...: names sort in shard order
     _done/part-000000.json    the shard's completion record, written after its Parquet object: its rows,
                               counts, the object's size in bytes, which a rerun checks the object against,
                               and the fingerprint of its manifest rows, which a rerun checks the manifest
@@ -41,12 +42,20 @@ JOB_FILE = "_batchseg_job.json"
 SUMMARY_FILE = "summary.json"
 DONE_DIR = "_done"
 SHARD_NAMES = "part-NNNNNN.parquet"  # how messages show the shard objects' names
-_SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
+_SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-[g-z]?(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
+_SIX_DIGITS = 10**6
 
 
 def shard_name(index: int) -> str:
-    """``part-000042``: shard ``index`` as messages name it; its object and record are named after it."""
-    return f"part-{index:06d}"
+    """``part-000042``: shard ``index`` as messages name it; its object and record are named after it.
+
+    Names sort as their indices do, so that a listing is in manifest order: six digits up to 999,999,
+    then a letter that counts the digits after it (``part-g1000000``: g for seven digits; ``part-h12345678``),
+    letters sorting after digits."""
+    if index < _SIX_DIGITS:
+        return f"part-{index:06d}"
+    digits = str(index)
+    return f"part-{chr(ord('a') + len(digits) - 1)}{digits}"
 
 
 def shard_object(index: int) -> str:
