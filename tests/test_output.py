@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -17,9 +18,10 @@ from batchseg.analysis.query import connect
 from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
-from batchseg.errors import ImageError
+from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.output import (
     DONE_DIR,
+    JOB_FILE,
     OutputDir,
     ShardRecord,
     is_ours,
@@ -29,6 +31,8 @@ from batchseg.format.output import (
 )
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.io.manifest import Shard, iter_shards, plan_shards
+from batchseg.segment.config import SegmentConfig
+from batchseg.segment.job import prepare_job, record_device
 
 SHARD_SIZE = 4
 BOX = {"category_id": 1, "category": "circle", "score": 0.9, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4}
@@ -199,6 +203,56 @@ def test_shard_names_sort_in_manifest_order_past_a_million_shards(tmp_path: path
         )
     assert [o.index for o in output.shard_objects()] == [999_999, 10**6]
     assert sorted(output.check().done) == [999_999, 10**6]
+
+
+def precision_job(root: pathlib.Path, **changes: Any) -> SegmentConfig:
+    manifest = root / "manifest.txt"
+    manifest.write_text("".join(f"{root}/img{i}.png\n" for i in range(2)))
+    options = {"model": "maskrcnn_small", "weights": "none", "shard_size": 1} | changes
+    return SegmentConfig(manifest=str(manifest), output=str(root / "out"), **options)
+
+
+def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path: pathlib.Path) -> None:
+    """--precision and --decode as given, and the device kind the driver decides (recorded before any shard
+    is written; a rerun's job file keeps it): a rerun with another is refused like other settings."""
+    config = precision_job(tmp_path, decode="device")
+    job = prepare_job(config)
+    record_device(job, "cuda")
+    assert {k: OutputDir(config.output).read_job()[k] for k in ("precision", "decode", "device")} == {
+        "precision": "auto",
+        "decode": "device",
+        "device": "cuda",
+    }
+    for other, change in (
+        ({"precision": "bf16"}, "precision: 'auto' -> 'bf16'"),
+        ({"decode": "pil"}, "decode: 'device' -> 'pil'"),
+    ):
+        with pytest.raises(BatchsegError, match=rf"other settings \({change}\).*--overwrite"):
+            prepare_job(replace(config, **other))
+    again = prepare_job(replace(config, decode="torchvision"))  # device's older name: the same decoder
+    assert OutputDir(config.output).read_job()["device"] == "cuda"
+    with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
+        record_device(again, "cpu")
+    record_device(again, "cuda")
+    record_device(prepare_job(replace(config, precision="fp32", overwrite=True)), "cpu")  # starts over
+    assert OutputDir(config.output).read_job()["device"] == "cpu"
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_an_output_made_before_precision_decode_and_device_were_recorded_resumes_with_any(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = precision_job(tmp_path)
+    prepare_job(config)
+    path = tmp_path / "out" / JOB_FILE
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "decode")}
+    path.write_text(json.dumps(older))
+    record_device(prepare_job(replace(config, precision="bf16", decode="pil")), "cpu")
+    assert {k: json.loads(path.read_text())[k] for k in ("precision", "decode", "device")} == {
+        "precision": "bf16",
+        "decode": "pil",
+        "device": "cpu",
+    }
 
 
 def test_hand_edited_records_are_removed_and_their_shards_redone(

@@ -86,10 +86,14 @@ def is_ours(path: str) -> bool:
 
 
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
-# manifest may change (grow): each shard's record says which rows it holds.
+# manifest may change (grow): each shard's record says which rows it holds. The device kind (cpu, cuda) is
+# decided once the job runs, and recorded then (:meth:`OutputDir.add_settings`).
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
-                   "max_instances", "max_pixels", "shard_size", "keep_columns")  # fmt: skip
-ABSENT: dict[str, Any] = {"keep_columns": {}}  # what a key that an older batchseg did not write meant
+                   "max_instances", "max_pixels", "shard_size", "keep_columns", "precision", "decode",
+                   "device")  # fmt: skip
+# What a key that an older batchseg did not write meant. Where it has no meaning here (older batchseg did
+# not record its precision, decode and device), the earlier value is unknown and any is taken.
+ABSENT: dict[str, Any] = {"keep_columns": {}}
 
 
 def _count(value: Any) -> bool:
@@ -248,6 +252,10 @@ class OutputDir:
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
+                # settings decided once the job runs (the device) stay recorded until it decides them again
+                provenance = provenance | {
+                    k: previous[k] for k in COMPATIBLE_KEYS if k in previous and k not in provenance
+                }
             others = self.foreign()
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -258,6 +266,16 @@ class OutputDir:
             if overwrite:
                 self.clear()
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+
+    def add_settings(self, settings: dict[str, Any]) -> None:
+        """Record settings decided once the job runs (the device kind, from the cluster) in the job file
+        :meth:`prepare` wrote, before any shard is written; refused as there when an earlier run of this
+        output recorded other values."""
+        with job_errors(f"cannot use output {self.uri}"):
+            job = self.read_job() or {}
+            _refuse_other_settings(self.uri, job, settings)
+            if any(job.get(k) != v for k, v in settings.items()):
+                atomic.write(self.fs, self._at(JOB_FILE), json.dumps(job | settings, indent=2).encode())
 
     def _names(self, *folder: str) -> dict[str, int]:
         """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
@@ -391,11 +409,13 @@ def _object_problem(record: ShardRecord, found: ShardObject | None) -> str | Non
     return None
 
 
-def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[str, Any]) -> None:
+def _refuse_other_settings(uri: str, previous: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse ``settings`` (those of :data:`COMPATIBLE_KEYS` given) where the job file ``previous`` records
+    other values."""
     changed = [
-        f"{k}: {previous.get(k, ABSENT.get(k))!r} -> {provenance.get(k, ABSENT.get(k))!r}"
+        f"{k}: {previous.get(k, ABSENT.get(k))!r} -> {settings[k]!r}"
         for k in COMPATIBLE_KEYS
-        if previous.get(k, ABSENT.get(k)) != provenance.get(k, ABSENT.get(k))
+        if k in settings and (k in previous or k in ABSENT) and previous.get(k, ABSENT.get(k)) != settings[k]
     ]
     if changed:
         raise BatchsegError(
