@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as coco_mask
 from PIL import Image
 
+from batchseg.format.rle import decode_rle
 from batchseg.train.synth import draw_shapes
 
 Instances = list[dict[str, Any]]  # one image's instances, as Predictor gives them
@@ -88,9 +88,9 @@ def agreement(first: list[Instances], second: list[Instances], sizes: list[tuple
     for (height, width), a, b in zip(sizes, first, second, strict=True):
         for x, y in matched(a, b):
             pairs.append((x, y))
-            if x["rle"] is not None:
-                rles = [{"size": [height, width], "counts": i["rle"]} for i in (x, y)]
-                ious.append(float(coco_mask.iou([rles[0]], [rles[1]], [0])[0, 0]))
+            if x["rle"] is not None:  # (batchseg's decoder: bench/gpu.sh's python may lack pycocotools)
+                a, b = (decode_rle(i["rle"], height, width) for i in (x, y))
+                ious.append(float((a & b).sum() / max(1, (a | b).sum())))
     differences = [np.abs(corners(x) - corners(y)) for x, y in pairs]
     coordinates = np.concatenate([corners(i) for image in second for i in image] or [np.zeros(0)])
     large = coordinates[coordinates >= GRID_FROM]
