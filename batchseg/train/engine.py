@@ -116,8 +116,8 @@ def predict_coco(
     format (RLE masks), for COCOeval. The model is run as ``batchseg segment`` runs it (its own thresholds
     and resize, masks pasted by :func:`batchseg.inference.paste.paste_to_rle`), in batches of the readable images in
     order; an image that cannot be read has no detections. Each result carries the id of the image it
-    was predicted on. ``precision`` is that of ``segment``'s ``--precision`` (validation in training is
-    fp32)."""
+    was predicted on. ``precision`` is as ``segment``'s ``--precision``; validation in training runs in
+    fp32."""
     predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision=precision)
     results: list[dict[str, Any]] = []
 
