@@ -165,8 +165,8 @@ def test_bf16_boxes_are_decoded_and_resized_in_fp32() -> None:
     """Under bf16 autocast (the CPU's: the same policy as CUDA's, but without bf16 units here, slow) the
     shipped model's boxes are float32 numbers, within a fraction of a pixel of fp32's and not on bf16's grid,
     and its masks are pasted into them. Images of about 1000 pixels at the model's own resize (144): bf16
-    boxes were 1.55 px from fp32's, every coordinate from 512 px on a multiple of 4 (bench/precision.py
-    measures --min-size 1024)."""
+    boxes were 1.55 px from fp32's on 4 such images, every coordinate from 512 px on a multiple of 4
+    (bench/precision.py measures --min-size 1024)."""
     images = scaled_shapes(2, seed=0, side=1000)
     weights = resolve_weights(str(SHAPES_MODEL))
     fp32, bf16 = (Predictor.from_weights(weights, precision=p) for p in ("fp32", "bf16"))
