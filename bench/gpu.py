@@ -7,7 +7,8 @@ runs: JPEG files read in I/O threads, decoded in batches on the GPU, the model, 
 device, rows to Parquet. Needs no Ray.
 Each model runs in two mask regimes, since the mask work grows with the runs per mask: its random mask
 head (noisy masks, many runs), then a "compact" head (every mask fills its box, as for solid objects).
-Prints runs per instance, and the goals beside the ratios.
+Prints runs per instance, and the goals beside the ratios. Then the shipped model's bf16 boxes against
+fp32's on shapes images of about 1000 px at --min-size 1024 (bench/precision.py's measure, on the device).
 Usage: python bench/gpu.py [--images 200] [--size 560] [--batch-size 4] [--models maskrcnn_resnet50_fpn_v2,...]
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import tempfile
 import time
 from typing import Any
@@ -22,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: the comparison
 from batchseg.analysis.results import open_results
+from batchseg.demo import SHAPES_MODEL
 from batchseg.format.output import Resume
 from batchseg.inference.models import build_model, resolve_weights
 from batchseg.inference.predictor import Predictor
@@ -32,6 +36,7 @@ from batchseg.segment.config import SegmentConfig
 from batchseg.segment.job import Job
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
+from tests.agreement import agreement, scaled_shapes
 
 # End to end, in both mask regimes: at least this fraction of the raw loop without paste, and this many
 # times torchvision's own forward (bf16, on a GPU).
@@ -152,6 +157,18 @@ def bench_model(name: str, uris: list[str], tmp: str, args: argparse.Namespace) 
         )
 
 
+def bench_boxes(device: str, images: int = 16) -> None:
+    """bf16 boxes against fp32's: the shipped model at --min-size 1024 on images of about 1000 px."""
+    pixels = scaled_shapes(images, seed=0, side=1000)
+    weights = resolve_weights(str(SHAPES_MODEL))
+    options = {"min_size": 1024, "max_size": 2048, "device": device}
+    runs = [Predictor.from_weights(weights, precision=p, **options)(pixels) for p in ("fp32", "bf16")]
+    found = agreement(*runs, [p.shape[:2] for p in pixels])
+    print(
+        f"shipped model, {images} images of about 1000 px at --min-size 1024, bf16 against fp32: {found.line()}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
@@ -176,6 +193,8 @@ def main() -> None:
         f"{args.images} images of about {args.size}x{args.size} (resized by the model to 800 on the short "
         f"side), batch {args.batch_size}"
     )
+    if args.device.startswith("cuda"):  # bf16 on a CPU without bf16 units takes minutes: bench/precision.py
+        bench_boxes(args.device)
 
 
 if __name__ == "__main__":

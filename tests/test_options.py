@@ -124,6 +124,9 @@ TRAIN = [
     (["--weights", ""], "--weights"),
     (["--precision", "fp8"], "--precision"),
     (["--precision", "fp16"], "--precision fp16 needs --gpus-per-worker"),  # was fp32 on CPU, silently
+    # two workers on one GPU: NCCL fails them once both are placed; a worker trains on one GPU of 1.5
+    (["--gpus-per-worker", "0.5"], "--gpus-per-worker must be 0 (CPU) or a whole number: two training"),
+    (["--gpus-per-worker", "1.5"], "--gpus-per-worker"),
 ]
 
 

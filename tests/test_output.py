@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -17,10 +18,21 @@ from batchseg.analysis.query import connect
 from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
-from batchseg.errors import ImageError
-from batchseg.format.output import DONE_DIR, OutputDir, ShardRecord, shard_object, shard_record
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.output import (
+    DONE_DIR,
+    JOB_FILE,
+    OutputDir,
+    ShardRecord,
+    is_ours,
+    shard_index,
+    shard_object,
+    shard_record,
+)
 from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.io.manifest import Shard, iter_shards, plan_shards
+from batchseg.segment.config import SegmentConfig
+from batchseg.segment.job import prepare_job, record_device
 
 SHARD_SIZE = 4
 BOX = {"category_id": 1, "category": "circle", "score": 0.9, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4}
@@ -168,6 +180,79 @@ def test_a_completion_record_is_written_as_batchseg_wrote_it_before(tmp_path: pa
     assert (tmp_path / "part-000007.parquet").read_bytes() == b"0123456789"
     with pytest.raises(ValueError, match="shard 7 given for shard 8"):
         OutputDir(str(tmp_path)).write_shard(Shard(8, shard.image_ids, shard.uris), b"", record)
+
+
+def test_shard_names_sort_in_manifest_order_past_a_million_shards(tmp_path: pathlib.Path) -> None:
+    """Six digits up to 999,999 (as before), then a letter counting the digits: a listing sorted by name
+    (a person's, Spark's) is in shard order."""
+    indices = [0, 1, 999_999, 10**6, 10**6 + 1, 9_999_999, 10**7, 12_345_678, 10**8, 10**9, 10**12]
+    names = [shard_object(i) for i in indices]
+    assert sorted(names) == names
+    assert names[2:4] == ["part-999999.parquet", "part-g1000000.parquet"]
+    assert shard_record(12_345_678) == f"{DONE_DIR}/part-h12345678.json"
+    assert [shard_index(n) for n in names] == [shard_index(shard_record(i)) for i in indices] == indices
+    # not batchseg's names for any shard: another writer's (or an older batchseg's past 999,999)
+    for name in ("part-1000000.parquet", "part-g999999.parquet", "part-g01234567.parquet", "part-a1.parquet"):
+        assert shard_index(name) is None and not is_ours(name)
+    output = OutputDir(str(tmp_path))
+    for index in (10**6, 999_999):
+        shard = Shard(index, ["a"], ["u/a"])
+        rows = [ok_row("a", "u/a", 2, 2, [INSTANCE])]
+        output.write_shard(
+            shard, to_parquet(rows, {}), ShardRecord.of(shard, rows, attempt=1, seconds=0, storage_retries=0)
+        )
+    assert [o.index for o in output.shard_objects()] == [999_999, 10**6]
+    assert sorted(output.check().done) == [999_999, 10**6]
+
+
+def precision_job(root: pathlib.Path, **changes: Any) -> SegmentConfig:
+    manifest = root / "manifest.txt"
+    manifest.write_text("".join(f"{root}/img{i}.png\n" for i in range(2)))
+    options = {"model": "maskrcnn_small", "weights": "none", "shard_size": 1} | changes
+    return SegmentConfig(manifest=str(manifest), output=str(root / "out"), **options)
+
+
+def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path: pathlib.Path) -> None:
+    """--precision and --decode as given, and the device kind the driver decides (recorded before any shard
+    is written; a rerun's job file keeps it): a rerun with another is refused like other settings."""
+    config = precision_job(tmp_path, decode="device")
+    job = prepare_job(config)
+    record_device(job, "cuda")
+    assert {k: OutputDir(config.output).read_job()[k] for k in ("precision", "decode", "device")} == {
+        "precision": "auto",
+        "decode": "device",
+        "device": "cuda",
+    }
+    for other, change in (
+        ({"precision": "bf16"}, "precision: 'auto' -> 'bf16'"),
+        ({"decode": "pil"}, "decode: 'device' -> 'pil'"),
+    ):
+        with pytest.raises(BatchsegError, match=rf"other settings \({change}\).*--overwrite"):
+            prepare_job(replace(config, **other))
+    again = prepare_job(replace(config, decode="torchvision"))  # device's older name: the same decoder
+    assert OutputDir(config.output).read_job()["device"] == "cuda"
+    with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
+        record_device(again, "cpu")
+    record_device(again, "cuda")
+    record_device(prepare_job(replace(config, precision="fp32", overwrite=True)), "cpu")  # starts over
+    assert OutputDir(config.output).read_job()["device"] == "cpu"
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_an_output_made_before_precision_decode_and_device_were_recorded_resumes_with_any(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = precision_job(tmp_path)
+    prepare_job(config)
+    path = tmp_path / "out" / JOB_FILE
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "decode")}
+    path.write_text(json.dumps(older))
+    record_device(prepare_job(replace(config, precision="bf16", decode="pil")), "cpu")
+    assert {k: json.loads(path.read_text())[k] for k in ("precision", "decode", "device")} == {
+        "precision": "bf16",
+        "decode": "pil",
+        "device": "cpu",
+    }
 
 
 def test_hand_edited_records_are_removed_and_their_shards_redone(

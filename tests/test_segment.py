@@ -32,7 +32,7 @@ from batchseg.inference.models import build_model, load_state_dict, resolve_weig
 from batchseg.io.images import decode_image
 from batchseg.io.manifest import default_image_id, iter_shards
 from batchseg.segment.driver import run_segment
-from batchseg.segment.job import SegmentConfig, prepare_job
+from batchseg.segment.job import SegmentConfig, prepare_job, record_device
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import write_dataset
 from tests.imagefiles import BOMB_TEST_MAX_PIXELS, EXPECTED_SIZES, write_bad_files
@@ -227,6 +227,19 @@ def test_rerun_skips_everything_and_other_settings_are_refused(segmented: dict[s
     assert {p: p.stat().st_mtime_ns for p in before} == before
     with pytest.raises(BatchsegError, match=r"other settings \(score_threshold: 0.5 -> 0.7\).*--overwrite"):
         run_segment(replace(config, score_threshold=0.7))
+    recorded = json.loads((pathlib.Path(config.output) / "_batchseg_job.json").read_text())
+    assert (recorded["precision"], recorded["decode"], recorded["device"]) == ("auto", "auto", "cpu")
+
+
+def test_a_rerun_on_another_device_kind_is_refused_before_any_shard_is_written(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    manifest, _, _ = archive(tmp_path, 2, bad=False)
+    config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=1, **SMALL_MODEL)
+    record_device(prepare_job(config), "cuda")  # as a run on GPUs records it, before its first shard
+    with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
+        run_segment(config)  # this cluster has no GPU
+    assert not list((tmp_path / "out").glob("part-*"))
 
 
 def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None:

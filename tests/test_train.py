@@ -365,22 +365,28 @@ def test_rois_per_image_is_how_many_proposals_of_an_image_the_heads_learn_from(
         assert all(1 <= n <= expected // 4 for n in sampled["mask_roi_pool"])  # the positives
 
 
-def test_bf16_on_a_cpu_runs_the_forward_pass_in_bfloat16_and_keeps_fp32_weights(
+def test_bf16_on_a_cpu_runs_the_forward_pass_in_bfloat16_and_keeps_fp32_weights_and_boxes(
     shapes: Any, tmp_path: pathlib.Path, one_thread: None
 ) -> None:
     from batchseg.inference.models import resolve_weights
+    from batchseg.inference.precision import autocast_dtype
     from batchseg.train.data import CocoInstances, collate
     from batchseg.train.engine import make_optimizer, make_scheduler, train_one_epoch
-    from batchseg.train.trainer import _amp_dtype, train_model
+    from batchseg.train.trainer import train_model
 
     cpu = torch.device("cpu")
-    assert [_amp_dtype(p, cpu) for p in ("bf16", "auto", "fp32")] == [torch.bfloat16, None, None]
+    assert [autocast_dtype(p, cpu) for p in ("bf16", "auto", "fp32")] == [torch.bfloat16, None, None]
     data = CocoInstances(shapes.images, shapes.annotations)
     config = short_run(shapes, tmp_path, precision="bf16")
     model = train_model(resolve_weights("none", "maskrcnn_small"), data.categories, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dtypes: list[torch.dtype] = []
     model.backbone.register_forward_hook(lambda module, inputs, output: dtypes.append(output["0"].dtype))
+    # the proposals, then the boxes the box head regresses from them (their targets, their loss): float32
+    model.rpn.register_forward_hook(lambda module, inputs, output: dtypes.append(output[0][0].dtype))
+    model.roi_heads.box_predictor.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output[1].dtype)
+    )
     optimizer = make_optimizer(model, "adamw", 1e-3, 1e-4)
     losses: list[float] = []
     step = train_one_epoch(
@@ -391,10 +397,11 @@ def test_bf16_on_a_cpu_runs_the_forward_pass_in_bfloat16_and_keeps_fp32_weights(
         cpu,
         step=0,
         max_steps=1,
-        amp_dtype=_amp_dtype("bf16", cpu),
+        amp_dtype=autocast_dtype("bf16", cpu),
         on_step=lambda step, metrics: losses.append(metrics["loss"]),
     )
-    assert step == 1 and np.isfinite(losses).all() and dtypes == [torch.bfloat16]
+    assert step == 1 and np.isfinite(losses).all()
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32]
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype for k, v in before.items())  # the weights stay fp32
     assert not torch.equal(after["backbone.body.conv1.weight"], before["backbone.body.conv1.weight"])

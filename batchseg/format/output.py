@@ -2,7 +2,8 @@
 
 Under ``--output``::
 
-    part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard)
+    part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard);
+                              past part-999999, part-g1000000 ...: names sort in shard order
     _done/part-000000.json    the shard's completion record, written after its Parquet object: its rows,
                               counts, the object's size in bytes, which a rerun checks the object against,
                               and the fingerprint of its manifest rows, which a rerun checks the manifest
@@ -41,12 +42,20 @@ JOB_FILE = "_batchseg_job.json"
 SUMMARY_FILE = "summary.json"
 DONE_DIR = "_done"
 SHARD_NAMES = "part-NNNNNN.parquet"  # how messages show the shard objects' names
-_SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
+_SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-[g-z]?(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
+_SIX_DIGITS = 10**6
 
 
 def shard_name(index: int) -> str:
-    """``part-000042``: shard ``index`` as messages name it; its object and record are named after it."""
-    return f"part-{index:06d}"
+    """``part-000042``: shard ``index`` as messages name it; its object and record are named after it.
+
+    Names sort as their indices do, so that a listing is in manifest order: six digits up to 999,999,
+    then a letter that counts the digits after it (``part-g1000000``: g for seven digits; ``part-h12345678``),
+    letters sorting after digits."""
+    if index < _SIX_DIGITS:
+        return f"part-{index:06d}"
+    digits = str(index)
+    return f"part-{chr(ord('a') + len(digits) - 1)}{digits}"
 
 
 def shard_object(index: int) -> str:
@@ -77,10 +86,14 @@ def is_ours(path: str) -> bool:
 
 
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
-# manifest may change (grow): each shard's record says which rows it holds.
+# manifest may change (grow): each shard's record says which rows it holds. The device kind (cpu, cuda) is
+# decided once the job runs, and recorded then (:meth:`OutputDir.add_settings`).
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
-                   "max_instances", "max_pixels", "shard_size", "keep_columns")  # fmt: skip
-ABSENT: dict[str, Any] = {"keep_columns": {}}  # what a key that an older batchseg did not write meant
+                   "max_instances", "max_pixels", "shard_size", "keep_columns", "precision", "decode",
+                   "device")  # fmt: skip
+# What a key that an older batchseg did not write meant. Where it has no meaning here (older batchseg did
+# not record its precision, decode and device), the earlier value is unknown and any is taken.
+ABSENT: dict[str, Any] = {"keep_columns": {}}
 
 
 def _count(value: Any) -> bool:
@@ -239,6 +252,10 @@ class OutputDir:
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
+                # settings decided once the job runs (the device) stay recorded until it decides them again
+                provenance = provenance | {
+                    k: previous[k] for k in COMPATIBLE_KEYS if k in previous and k not in provenance
+                }
             others = self.foreign()
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -249,6 +266,16 @@ class OutputDir:
             if overwrite:
                 self.clear()
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+
+    def add_settings(self, settings: dict[str, Any]) -> None:
+        """Record settings decided once the job runs (the device kind, from the cluster) in the job file
+        :meth:`prepare` wrote, before any shard is written; refused as there when an earlier run of this
+        output recorded other values."""
+        with job_errors(f"cannot use output {self.uri}"):
+            job = self.read_job() or {}
+            _refuse_other_settings(self.uri, job, settings)
+            if any(job.get(k) != v for k, v in settings.items()):
+                atomic.write(self.fs, self._at(JOB_FILE), json.dumps(job | settings, indent=2).encode())
 
     def _names(self, *folder: str) -> dict[str, int]:
         """Name -> size of every file directly in the output (or its ``folder``); {} when it does not exist."""
@@ -382,11 +409,13 @@ def _object_problem(record: ShardRecord, found: ShardObject | None) -> str | Non
     return None
 
 
-def _refuse_other_settings(uri: str, previous: dict[str, Any], provenance: dict[str, Any]) -> None:
+def _refuse_other_settings(uri: str, previous: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse ``settings`` (those of :data:`COMPATIBLE_KEYS` given) where the job file ``previous`` records
+    other values."""
     changed = [
-        f"{k}: {previous.get(k, ABSENT.get(k))!r} -> {provenance.get(k, ABSENT.get(k))!r}"
+        f"{k}: {previous.get(k, ABSENT.get(k))!r} -> {settings[k]!r}"
         for k in COMPATIBLE_KEYS
-        if previous.get(k, ABSENT.get(k)) != provenance.get(k, ABSENT.get(k))
+        if k in settings and (k in previous or k in ABSENT) and previous.get(k, ABSENT.get(k)) != settings[k]
     ]
     if changed:
         raise BatchsegError(

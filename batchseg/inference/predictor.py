@@ -12,9 +12,9 @@ from torchvision.models.detection.transform import resize_boxes, resize_keypoint
 
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict
 from batchseg.inference.paste import Runs, crop_columns, rle_strings, run_lengths
+from batchseg.inference.precision import AUTOCAST_DTYPES, keep_boxes_float32, resolve_precision
 
 Detections = tuple[dict[str, torch.Tensor], int, int]  # one image's raw outputs, height, width
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -30,25 +30,18 @@ class HostDetections:
     keypoints: bool
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` means bf16 autocast on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if not device.startswith("cuda"):
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 class Predictor:
     """A detection model held in memory, called on batches of images (detectron2's predictor shape:
     the model is loaded once, each call takes a batch).
 
     Args:
         model: a torchvision detection model (``GeneralizedRCNN``), already on its device; it is put in
-            eval mode, and its own settings (score threshold, detections per image, resize) apply.
+            eval mode, and its own settings (score threshold, detections per image, resize) apply. Its
+            boxes are kept float32 under autocast (:func:`~batchseg.inference.precision.keep_boxes_float32`).
         categories: ``categories[label]`` names each label; index 0 is the background.
         mask_threshold: a mask pixel is foreground where the pasted mask probability exceeds this.
-        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 autocast on a GPU, fp32 on the CPU).
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto``
+            (:func:`~batchseg.inference.precision.resolve_precision`).
 
     :meth:`from_weights` builds one from ``--weights`` and the options of ``batchseg segment``.
     """
@@ -61,11 +54,11 @@ class Predictor:
         mask_threshold: float = 0.5,
         precision: str = "auto",
     ) -> None:
-        self.model = model.eval()
+        self.model = keep_boxes_float32(model.eval())
         self.categories = tuple(categories)
         self.mask_threshold = mask_threshold
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(precision, str(self.device))
+        self.precision = resolve_precision(precision, self.device)
 
     @classmethod
     def from_weights(
@@ -116,7 +109,7 @@ class Predictor:
         if not images:
             return []
         tensors = [self._to_device(im) for im in images]
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST_DTYPES[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             outputs = self.forward(tensors)
         return [(out, int(t.shape[-2]), int(t.shape[-1])) for out, t in zip(outputs, tensors, strict=True)]
@@ -194,7 +187,7 @@ class Predictor:
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The model's own eval forward (``GeneralizedRCNN.forward``) except the mask paste, on ``3 x H x W``
         float images in [0, 1] already on the device (no autocast here: the caller chooses). Boxes
-        (``x1 y1 x2 y2``) and keypoints come back in each image's pixels; masks stay the mask head's
+        (``x1 y1 x2 y2``, float32 under any autocast) and keypoints come back in each image's pixels; masks stay the mask head's
         ``N x 1 x 28 x 28`` probabilities for :func:`batchseg.inference.paste.paste_to_rle`."""
         model: Any = self.model
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]

@@ -15,7 +15,8 @@ COCO_SCALES = (640, 672, 704, 736, 768, 800)  # torchvision's references: multi-
 # The resize an option may ask for (a shorter side, or the longer side's cap), in pixels: under 32 the
 # backbone's stride-32 features are a single cell; over 10,000 a model input is past 100 megapixels.
 RESIZE_MIN, RESIZE_MAX = 32, 10_000
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision of segment and train: auto is bf16 on a GPU
+# --precision of segment and train; what each means on a device: inference.precision.resolve_precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resize_problem(sizes: int | tuple[int, ...]) -> str | None:

@@ -149,7 +149,12 @@ class SegmentConfig:
         check=ray_share("CPUs", zero=False),
         default_text="2 with GPUs; else the cluster's CPUs / the most actors",
     )
-    precision: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "mixed precision, boxes always in fp32; auto: bf16 autocast on a GPU that has it natively, else fp16; "
+        "fp32 on CPU",
+        choices=PRECISIONS,
+    )
     decode: str = option(
         "auto",
         "JPEG decoding: device decodes batches with torchvision on the model's device (nvJPEG on GPU; "

@@ -26,7 +26,7 @@ from batchseg.format.output import ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
 from batchseg.log import to_stderr, unless_configured
-from batchseg.segment.job import Job, SegmentConfig, finish, prepare_job
+from batchseg.segment.job import Job, SegmentConfig, finish, prepare_job, record_device
 from batchseg.segment.processor import ActorSetup, ShardProcessor
 from batchseg.segment.scheduling import (
     QUEUE_PER_ACTOR,
@@ -174,6 +174,7 @@ class Driver:
         )
         self.options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1}
         self.device = "cuda" if gpus else "cpu"
+        record_device(job, self.device)
         self.threads = max(1, int(cpus))
         self.setup = ray.put(ActorSetup.of(job))  # the weights loaded once, here, for every actor
         self.scheduler = Scheduler(

@@ -16,7 +16,7 @@ from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.io import storage
 from batchseg.io.manifest import Plan, plan_shards
 from batchseg.options import check
-from batchseg.segment.config import SegmentConfig
+from batchseg.segment.config import ON_DEVICE, SegmentConfig
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,21 @@ def prepare_job(config: SegmentConfig) -> Job:
         "manifest_rows": plan.num_rows,
         "manifest_fingerprint": plan.fingerprint,
         "keep_columns": {f.name: str(f.type) for f in plan.columns},
+        # as given (but for decode's older name): with the device kind (record_device) they decide the
+        # autocast dtype and the decoder
+        "precision": config.precision,
+        "decode": "device" if config.decode in ON_DEVICE else config.decode,
     }
     output = OutputDir(config.output, config.io_options)
     output.prepare(provenance, config.overwrite)
     return Job(config, weights, plan, provenance, output.resume(plan.shard_fingerprints))
+
+
+def record_device(job: Job, device: str) -> None:
+    """Record the device kind the job runs on (``cpu`` or ``cuda``: the driver decides it from the cluster)
+    in the output's job file, before any shard is written; a rerun of the output on the other kind is
+    refused like other settings."""
+    OutputDir(job.config.output, job.config.io_options).add_settings({"device": device})
 
 
 def summarize(records: list[ShardRecord], job: Job, run: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,14 @@ def check_betas(betas: tuple[float, ...]) -> str | None:
     return f"must be two numbers from 0 to under 1, not {','.join(map(str, betas))}"
 
 
+def check_gpus(gpus: float) -> str | None:
+    """A worker's GPUs are whole: DDP's NCCL refuses two ranks on one GPU, and a share above one is no
+    more use to a worker than the one GPU it trains on."""
+    if gpus == int(gpus):
+        return None
+    return f"must be 0 (CPU) or a whole number: two training workers cannot share a GPU, not {gpus:g}"
+
+
 def check_min_sizes(sizes: tuple[int, ...]) -> str | None:
     return resize_problem(sizes) if sizes else "must name at least one size"
 
@@ -51,7 +59,9 @@ class TrainConfig:
         check=not_empty("none, DEFAULT or a checkpoint"),
     )
     workers: int = option(1, "data-parallel (DDP) workers", check=at_least(1))
-    gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU)", check=ray_share("GPUs", zero=True))
+    gpus_per_worker: float = option(
+        0.0, "whole GPUs per worker (0: CPU)", check=(ray_share("GPUs", zero=True), check_gpus)
+    )
     cpus_per_worker: float | None = option(
         None,
         "CPUs per worker (also its torch threads)",
@@ -114,8 +124,9 @@ class TrainConfig:
     grad_clip: float = option(10.0, "max gradient norm", check=zero_or_positive("0 (off)"))
     precision: str = option(
         "auto",
-        "mixed precision (auto: on GPU bf16 where supported, else fp16; on CPU fp32). bf16 on CPU: faster "
-        "where the CPU has bf16 units (AMX, AVX512-BF16), slower elsewhere",
+        "mixed precision, boxes always in fp32 (auto: on GPU bf16 where the GPU has it natively, else "
+        "fp16; on CPU fp32). bf16 on CPU: faster where the CPU has bf16 units (AMX, AVX512-BF16), slower "
+        "elsewhere",
         choices=PRECISIONS,
     )
     checkpoint_every: int | None = option(

@@ -110,13 +110,15 @@ def predict_coco(
     dataset: CocoInstances,
     batch_size: int = 4,
     mask_threshold: float = 0.5,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Detections on every image of ``dataset``'s annotations, with or without instances, in COCO results
     format (RLE masks), for COCOeval. The model is run as ``batchseg segment`` runs it (its own thresholds
     and resize, masks pasted by :func:`batchseg.inference.paste.paste_to_rle`), in batches of the readable images in
     order; an image that cannot be read has no detections. Each result carries the id of the image it
-    was predicted on."""
-    predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision="fp32")
+    was predicted on. ``precision`` is as ``segment``'s ``--precision``; validation in training runs in
+    fp32."""
+    predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision=precision)
     results: list[dict[str, Any]] = []
 
     def predict(batch: list[tuple[int, np.ndarray]]) -> None:
@@ -138,7 +140,8 @@ def predict_coco(
 
 
 def evaluate_model(
-    model: torch.nn.Module, dataset: CocoInstances, batch_size: int = 4
+    model: torch.nn.Module, dataset: CocoInstances, batch_size: int = 4, precision: str = "fp32"
 ) -> dict[str, dict[str, float]]:
-    """COCO box (and mask) AP of ``model`` on every image of ``dataset``'s annotations (pycocotools)."""
-    return coco_metrics(dataset.coco, predict_coco(model, dataset, batch_size))
+    """COCO box (and mask) AP of ``model`` on every image of ``dataset``'s annotations (pycocotools), run
+    at ``precision`` (:func:`predict_coco`)."""
+    return coco_metrics(dataset.coco, predict_coco(model, dataset, batch_size, precision=precision))

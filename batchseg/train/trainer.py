@@ -19,6 +19,7 @@ import torch
 
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.inference.precision import autocast_dtype, keep_boxes_float32
 from batchseg.inference.registry import model_spec
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
@@ -46,7 +47,8 @@ def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: Train
     """The model to train: built for ``categories``; pretrained weights loaded, then the class-specific
     heads replaced when the class count differs (fine-tuning). ``--rois-per-image`` sets how many proposals
     per image the box and mask heads learn from (a quarter at most positive: the mask head's share); it
-    changes training only, not the weights' shapes nor inference."""
+    changes training only, not the weights' shapes nor inference. Its boxes, their regression targets and
+    losses stay float32 under autocast (:func:`~batchseg.inference.precision.keep_boxes_float32`)."""
     sizes = training_sizes(weights.model, config)
     if config.rois_per_image is not None:
         sizes["box_batch_size_per_image"] = config.rois_per_image
@@ -58,7 +60,7 @@ def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: Train
         heads.box_predictor = fresh.roi_heads.box_predictor
         if heads.mask_predictor is not None:
             heads.mask_predictor = fresh.roi_heads.mask_predictor
-    return model
+    return keep_boxes_float32(model)
 
 
 def train_loop_per_worker(setup: dict[str, Any]) -> None:
@@ -89,7 +91,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     )
     warmup = config.warmup_iterations if config.warmup_iterations is not None else min(100, total // 10)
     scheduler = make_scheduler(optimizer, total, warmup, config.schedule)
-    amp_dtype = _amp_dtype(config.precision, device)
+    amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     step = resumed_from = 0
     trained_seconds = 0.0  # time in train_one_epoch, all runs together: validation and start-up left out
@@ -166,20 +168,6 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
                 else:
                     ray.train.report(metrics)
-
-
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the forward pass, None for fp32. On a GPU, ``auto`` is bf16 where supported,
-    else fp16 (with a gradient scaler). On a CPU only ``bf16`` asks for autocast (about 1.4x the
-    images per second of fp32 for ``maskrcnn_small`` on a CPU with AMX or AVX512-BF16; slower on one
-    without); ``auto`` keeps fp32 there."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        return torch.bfloat16 if precision == "bf16" else None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def _epoch_loader(
