@@ -176,7 +176,9 @@ def test_jpegs_decoded_in_batches_by_torchvision_give_the_same_rows(files: dict[
     tensors, and PIL for what it cannot take (CMYK, PNG, GIF, broken files), changes nothing in the rows."""
     config = files["config"]
     assert config.decode == "auto"  # on the CPU: PIL
-    assert processed(replace(config, decode="torchvision")) == files["rows"]
+    # Another output: the decoder is a setting of an output, and a rerun with another is refused.
+    on_device = replace(config, decode="torchvision", output=config.output + "-device")
+    assert processed(on_device) == files["rows"]
 
 
 def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pathlib.Path) -> None:
@@ -646,6 +648,9 @@ def assert_one_bad_actor_cost_no_row(
 ) -> None:
     assert (summary["status"], summary["shards_failed"], summary["shards_done"]) == ("complete", [], shards)
     assert summary["retries"] >= 1  # the bad actor's shard, done again elsewhere
+    # Its process ended at the first device error (a CUDA context cannot be trusted after one), rather than
+    # being replaced for failing shard after shard.
+    assert (summary["actors_lost"], summary["actors_replaced"]) == (1, 0)
     assert_exactly_once(config, uris)
     records = [json.loads(marker) for marker in done_markers(pathlib.Path(config.output)).values()]
     assert len(records) == shards and all(r["errors"] == {} and r["ok"] == r["rows"] for r in records)
