@@ -18,10 +18,9 @@ from batchseg.inference.models import resolve_weights
 from batchseg.io.images import EncodedJpeg, decode_image
 from batchseg.io.manifest import Shard
 from batchseg.segment.config import SegmentConfig
-from batchseg.segment.driver import run_segment
 from batchseg.segment.processor import ShardProcessor
 from batchseg.train.synth import draw_shapes
-from tests.test_segment import SMALL_MODEL, archive, assert_one_bad_actor_cost_no_row, first_actor_fails
+from tests.test_segment import SMALL_MODEL, one_bad_gpu_costs_no_row
 
 pytestmark = pytest.mark.gpu
 
@@ -69,21 +68,7 @@ def test_a_sticky_cuda_error_ends_its_actor_and_a_fresh_one_does_the_shard(
         index = torch.tensor([1_000_000], device="cuda")
         return torch.zeros(1, device="cuda")[index].sum().item()  # a device-side assert
 
-    claim = tmp_path / "bad-gpu-claimed"
-    first_actor_fails(monkeypatch, claim, broken)
-    manifest, uris, _ = archive(tmp_path, 8, bad=False)
-    config = SegmentConfig(
-        manifest=manifest,
-        output=str(tmp_path / "out"),
-        shard_size=2,
-        batch_size=2,
-        actors=(1, 1),
-        gpus_per_actor=1.0,
-        **SMALL_MODEL,
-    )
-    summary = run_segment(config)
-    assert claim.exists()
-    assert_one_bad_actor_cost_no_row(config, uris, summary, shards=4)
+    one_bad_gpu_costs_no_row(tmp_path, monkeypatch, broken, 8, actors=(1, 1), gpus_per_actor=1.0)
 
 
 def jpeg(seed: int, width: int = 1920, height: int = 1080) -> bytes:

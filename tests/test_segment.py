@@ -626,21 +626,23 @@ def test_one_actor_whose_gpu_fails_every_forward_pass_costs_no_row(
     def broken(images: Any) -> Any:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    one_bad_gpu_costs_no_row(tmp_path, monkeypatch, broken, 12, actors=(2, 2), cpus_per_actor=1)
+
+
+def one_bad_gpu_costs_no_row(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, detect: Any, images: int, **options: Any
+) -> None:
+    """A job of ``images`` in shards of 2 (with ``options``) whose first actor runs ``detect`` for its
+    predictor's: every row ok, exactly once, and the bad actor's process ended."""
     claim = tmp_path / "bad-gpu-claimed"
-    first_actor_fails(monkeypatch, claim, broken)
-    manifest, uris, _ = archive(tmp_path, 12, bad=False)
+    first_actor_fails(monkeypatch, claim, detect)
+    manifest, uris, _ = archive(tmp_path, images, bad=False)
     config = SegmentConfig(
-        manifest=manifest,
-        output=str(tmp_path / "out"),
-        shard_size=2,
-        batch_size=2,
-        actors=(2, 2),
-        cpus_per_actor=1,
-        **SMALL_MODEL,
+        manifest=manifest, output=str(tmp_path / "out"), shard_size=2, batch_size=2, **SMALL_MODEL, **options
     )
     summary = run_segment(config)
     assert claim.exists()
-    assert_one_bad_actor_cost_no_row(config, uris, summary, shards=6)
+    assert_one_bad_actor_cost_no_row(config, uris, summary, shards=images // 2)
 
 
 def assert_one_bad_actor_cost_no_row(
