@@ -105,6 +105,7 @@ def driver_kill(cluster: Cluster, workers: list[Any], root: pathlib.Path) -> dic
         "manifest_rows": IMAGES,
         "done_before_rerun": len(before),
         "kept": sum(after[n] == b for n, b in before.items()),
+        "skipped": summary["shards_skipped"],
         "shards_this_run": summary["shards_this_run"],
         "shards_total": summary["shards_total"],
     }

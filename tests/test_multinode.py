@@ -69,8 +69,11 @@ def test_a_killed_driver_is_resumed_redoing_at_most_the_shards_in_flight(scenari
     assert outcome["status"] == "complete"
     assert outcome["rows"] == outcome["unique"] == outcome["manifest_rows"]
     assert outcome["kept"] == outcome["done_before_rerun"] >= 2  # finished shards were not redone
-    # 2 actors with 2 shards queued each: at most 4 shards were in flight when the driver died.
-    assert outcome["shards_this_run"] == outcome["shards_total"] - outcome["done_before_rerun"]
+    # The rerun does exactly the shards it found without a record: an actor of the dead driver may still
+    # finish writing a shard (its model done, its write under way) in the moments before Ray ends it, so
+    # the rerun may find a record or two more than were there when the driver died.
+    assert outcome["done_before_rerun"] <= outcome["skipped"] <= outcome["done_before_rerun"] + 4
+    assert outcome["shards_this_run"] == outcome["shards_total"] - outcome["skipped"]
 
 
 def test_a_node_lost_during_training_is_restored_from_the_last_checkpoint(scenario: Scenario) -> None:

@@ -426,8 +426,12 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
     assert [f["shard"] for f in summary["shards_failed"]] == [1]
     assert "IsADirectoryError" in summary["shards_failed"][0]["error"]
     assert (summary["retries"], summary["shards_done"], summary["images"]) == (2, 1, 2)
-    on_disk = json.loads((output / "summary.json").read_text())  # the lone actor failed 2 in a row: replaced
-    assert (on_disk["shard_failures"], on_disk["actors_lost"], on_disk["actors_replaced"]) == (2, 0, 1)
+    # The counts reach summary.json. Whether the lone actor failed twice *in a row* (and was replaced)
+    # depends on whether shard 0, which it runs beside shard 1, finished between the two failures:
+    # tests/test_scheduling.py tests the replacement itself.
+    on_disk = json.loads((output / "summary.json").read_text())
+    assert (on_disk["shard_failures"], on_disk["actors_lost"]) == (2, 0)
+    assert on_disk["actors_replaced"] == summary["actors_replaced"] in (0, 1)
     assert "shard 1 failed 2 times; giving up on it" in capsys.readouterr().err
     (output / "part-000001.parquet").rmdir()
     summary = run_segment(config)
