@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from batchseg.errors import DeviceError, ImageError, ModelFailed, first_line
 from batchseg.format.output import OutputDir, ShardRecord
-from batchseg.format.records import error_row, ok_row, to_parquet
+from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo, load_state_dict
 from batchseg.inference.predictor import Predictor
 from batchseg.io import retries
@@ -271,7 +271,7 @@ class ShardProcessor:
         assert all(r is not None for r in rows)
         done: list[dict[str, Any]] = rows  # type: ignore[assignment]
         failed = [
-            r["error"] for r in done if r["status"] == "error" and r["error"].split(":")[0] in MODEL_FAILURES
+            r["error"] for r in done if r["status"] == "error" and error_kind(r["error"]) in MODEL_FAILURES
         ]
         if too_many_failures(len(failed), given):
             raise ModelFailed(
