@@ -27,7 +27,6 @@ class S3Server:
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self.ports = _free_ports(5)
-        self.endpoint = f"http://127.0.0.1:{self.ports[3]}"
         identities = [
             {
                 "name": "admin",
@@ -44,11 +43,29 @@ class S3Server:
         (root / "data").mkdir()
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports[3]}"
+
     def options(self, key: str = "AKIDADMIN", secret: str = SECRET) -> dict[str, Any]:
         """fsspec storage options for s3:// on this server."""
         return {"key": key, "secret": secret, "endpoint_url": self.endpoint}
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start the server; a start that fails (a port taken between choosing and binding it: Ray's
+        processes come and go around the tests) is tried again on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            if self._started():
+                return
+            self.stop()
+            if attempt < attempts:
+                self.ports = _free_ports(5, after=max(self.ports) + 1)
+        tail = (self.root / "weed.log").read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(
+            f"SeaweedFS did not start in {attempts} tries; the end of its log:\n" + "\n".join(tail)
+        )
+
+    def _started(self) -> bool:
         weed = shutil.which("weed") or str(pathlib.Path(sys.executable).parent / "weed")
         master, volume, filer, s3, admin = self.ports
         args = [
@@ -63,17 +80,22 @@ class S3Server:
             f"-s3.port={s3}",
             f"-admin.port={admin}",
             f"-s3.config={self.root / 'creds.json'}",
+            "-s3.port.iceberg=0",  # fixed ports by default (8181, 9101): two servers would race for them
+            "-s3.port.lance=0",
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
         ]
-        log = (self.root / "weed.log").open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.root / "weed.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.time() + 60
         while not self._answers():
             if self.process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"SeaweedFS did not start; see {self.root / 'weed.log'}")
+                return False
             time.sleep(0.3)
+        return True
 
     def _answers(self) -> bool:
         import s3fs
@@ -112,10 +134,11 @@ def running_s3(root: pathlib.Path, buckets: Iterable[str] = ()) -> Iterator[S3Se
         server.stop()
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(count: int, after: int = 0) -> list[int]:
     """Ports free on 127.0.0.1, each with port + 10000 free too (SeaweedFS puts gRPC there)."""
     ports: list[int] = []
-    for port in range(21000 + os.getpid() % 5000, 30000):
+    start = after if 21000 <= after < 29000 else 21000 + os.getpid() % 5000
+    for port in range(start, 30000):
         if len(ports) == count:
             break
         if all(_is_free(p) for p in (port, port + 10000)) and not {port, port + 10000} & set(ports):

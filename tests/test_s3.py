@@ -274,3 +274,21 @@ def test_credentials_the_store_refuses_fail_the_shard_and_write_nothing(
     with pytest.raises(CredentialsRejected, match=f"the storage refused the credentials \\({code}: "):
         shards.process(Shard(0, ["a", "b", "c"], data.uris))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+def test_the_test_server_starts_on_fresh_ports_when_one_it_chose_is_taken(tmp_path: pathlib.Path) -> None:
+    """Ray's processes open and close ports around the suite: a port taken between choosing it and
+    ``weed`` binding it once cost CI every S3 test (SeaweedFS exits when its master port is taken)."""
+    import socket
+
+    server = S3Server(tmp_path)
+    chosen = list(server.ports)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", chosen[0]))
+        taken.listen()
+        try:
+            server.start()
+            assert server.ports != chosen
+            assert s3fs.S3FileSystem(skip_instance_cache=True, **server.options()).ls("") == []
+        finally:
+            server.stop()
