@@ -21,13 +21,14 @@ _END = object()
 
 def read_ahead(
     items: Iterable[T],
-    fetch: Callable[[T], Future[B]],
-    decode: Callable[[Future[B]], R],
+    fetch: Callable[[T], B],
+    decode: Callable[[B], R],
     pool: ThreadPoolExecutor,
     fetch_window: int,
     decode_window: int,
 ) -> Iterator[R]:
-    """``decode(fetch(item))`` for each item, in order, both stages running ahead of the consumer: fetches
+    """``decode(fetch(item))`` for each item, in order, both stages running ahead of the consumer (``fetch``
+    starts a read and returns at once, e.g. a future): fetches
     up to ``fetch_window`` items ahead (so at most that many fetched items wait), decodes in ``pool`` up to
     ``decode_window`` ahead (so at most that many decoded ones wait). An error raised by either stage is
     raised here, at its item.
@@ -36,7 +37,7 @@ def read_ahead(
     wait on storage while the consumer still works on the shard before it. Decodes (CPU work that would
     hold ``pool``'s threads waiting for fetches) begin with the first item asked for."""
     pending = iter(items)
-    fetching: deque[Future[B]] = deque()
+    fetching: deque[B] = deque()
     decoding: deque[Future[R]] = deque()
 
     def fetch_ahead() -> None:

@@ -141,7 +141,15 @@ class TrainConfig:
         "worker failures survived (resume from checkpoint); -1: no limit",
         check=at_least(-1),
     )
-    loader_workers: int = option(0, "DataLoader processes per worker", check=at_least(0))
+    prefetch: int = option(
+        64,
+        "image reads in flight per worker, ahead of the step: enough to hide storage latency (100 ms at "
+        "dozens of images/s per GPU); at most this many encoded images wait in memory",
+        check=at_least(1),
+    )
+    loader_workers: int = option(
+        4, "threads per worker decoding images and building their masks ahead of the step", check=at_least(1)
+    )
     seed: int = option(
         0, "seeds the weights, the data order and the augmentation", check=between(0, 2**32 - 1)
     )

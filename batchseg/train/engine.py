@@ -72,7 +72,7 @@ def train_one_epoch(
     for images, targets in batches:
         if step >= max_steps:
             break
-        images = [image.to(device, non_blocking=True) for image in images]
+        images = [on_device(image, device) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model(images, targets)
@@ -102,6 +102,13 @@ def train_one_epoch(
             metrics = {k: v.item() for k, v in losses.items()}
             on_step(step, metrics | {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
     return step
+
+
+def on_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An image on ``device`` as the models take it: float in [0, 1]. A uint8 image (as the loader hands
+    them over: a quarter of the bytes to copy) is made float there."""
+    image = image.to(device, non_blocking=True)
+    return image if image.is_floating_point() else image.float().div_(255)
 
 
 @torch.inference_mode()

@@ -27,8 +27,11 @@ from batchseg.log import to_stderr, unless_configured
 from batchseg.options import check
 from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
-from batchseg.train.data import CocoInstances, collate
+from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
+from batchseg.train.examples import TrainingSet, open_training_set
+from batchseg.train.loader import TrainingLoader
+from batchseg.train.sampling import EpochOrder, examples_at, share
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +80,18 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
     torch.manual_seed(config.seed + rank)
     device = ray.train.torch.get_device()
-    dataset = CocoInstances(
-        config.images, config.annotations, flip=True, storage_options=config.storage_options
+    data = open_training_set(config.images, config.annotations, config.storage_options)
+    loader = TrainingLoader(
+        config.storage_options,
+        prefetch=config.prefetch,
+        threads=config.loader_workers,
+        seed=config.seed,
+        pin_memory=device.type == "cuda",
     )
-    model = train_model(weights, dataset.categories, config)
+    model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
     bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
-    steps_per_epoch = max(1, -(-len(dataset) // (config.batch_size * world)))
+    steps_per_epoch = len(share(sum(data.chunk_sizes), rank, world, config.batch_size)) // config.batch_size
     total = config.iterations or (config.epochs or 1) * steps_per_epoch
     every = config.checkpoint_every or steps_per_epoch
     optimizer = make_optimizer(
@@ -122,7 +130,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
 
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
-        batches = _epoch_loader(dataset, config, epoch, rank, world, skip)
+        batches = _epoch_batches(data, loader, config, epoch, rank, world, skip)
         stop = min(total, (step // every + 1) * every)
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(
@@ -155,7 +163,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                         {
                             "model": bare.state_dict(),
                             "model_name": weights.model,
-                            "categories": list(dataset.categories),
+                            "categories": list(data.categories),
                             **resize,
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(),
@@ -170,23 +178,20 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                     ray.train.report(metrics)
 
 
-def _epoch_loader(
-    dataset: CocoInstances, config: TrainConfig, epoch: int, rank: int, world: int, skip_batches: int
-) -> torch.utils.data.DataLoader:
-    """This worker's share of one epoch, shuffled by (seed, epoch) and padded so every worker takes the
-    same number of steps (DDP needs that); on resume, the batches already trained on are skipped."""
-    order = torch.randperm(
-        len(dataset), generator=torch.Generator().manual_seed(config.seed + epoch)
-    ).tolist()
-    per_worker = -(-len(order) // world)
-    order = (order * (world + 1))[: per_worker * world]
-    mine = order[rank::world][skip_batches * config.batch_size :]
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, mine),
-        batch_size=config.batch_size,
-        collate_fn=collate,
-        num_workers=config.loader_workers,
-    )
+def _epoch_batches(
+    data: TrainingSet,
+    loader: TrainingLoader,
+    config: TrainConfig,
+    epoch: int,
+    rank: int,
+    world: int,
+    skip_batches: int,
+) -> Any:
+    """This worker's share of one epoch (:mod:`~batchseg.train.sampling`), in batches; on resume, the
+    batches already trained on are skipped without reading them."""
+    order = EpochOrder(data.chunk_sizes, config.seed, epoch)
+    mine = share(len(order), rank, world, config.batch_size)[skip_batches * config.batch_size :]
+    return loader.batches(examples_at(data, order, mine), config.batch_size, epoch)
 
 
 def _validation(config: TrainConfig) -> CocoInstances | None:

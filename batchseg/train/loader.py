@@ -1,0 +1,124 @@
+"""Examples to training batches: images fetched far ahead of the step (the reader ``segment`` uses),
+decoded and their masks built in threads, handed over as uint8 (the device makes them float)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.io.images import decode_image
+from batchseg.io.loader import read_ahead
+from batchseg.io.reader import ImageReader
+from batchseg.train.data import Target, to_sample
+from batchseg.train.examples import Example
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[torch.Tensor, Target]
+Batch = tuple[list[torch.Tensor], list[Target]]
+
+
+class TrainingLoader:
+    """Batches of ``batch_size`` examples, in order, as ``(images, targets)`` (:func:`to_sample`).
+
+    Args:
+        storage_options: fsspec options for the images' URIs.
+        prefetch: image reads in flight ahead of the step (at most this many encoded images wait).
+        threads: threads decoding images and building their masks, ``2 * batch_size`` samples ahead.
+        flip: mirror each image with probability 1/2, drawn from (``seed``, epoch, image id): the same on
+            a rerun, whatever the threads do.
+        pin_memory: page-lock the images (CUDA), so their copies to the device run asynchronously.
+
+    An image that cannot be read or decoded is left out of its batch (counted in :attr:`unreadable`,
+    logged); a batch left with no image takes the last readable one again, so every worker still takes
+    its steps (DDP needs equal steps). Storage that stays unavailable raises ``StorageUnavailable``.
+    """
+
+    def __init__(
+        self,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        prefetch: int = 64,
+        threads: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.reader = ImageReader(storage_options, in_flight=prefetch)
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batchseg-train-decode")
+        self.prefetch = prefetch
+        self.flip = flip
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.unreadable = 0
+
+    def batches(self, examples: Iterable[Example], batch_size: int, epoch: int = 0) -> Iterator[Batch]:
+        def fetch(example: Example) -> tuple[Example, Future[bytes]]:
+            return example, self.reader.fetch(example.uri)
+
+        def load(fetched: tuple[Example, Future[bytes]]) -> Sample | ImageError:
+            example, data = fetched
+            try:
+                pixels = decode_image(self.reader.result(data))
+            except ImageError as e:
+                return e
+            flip = self.flip and zlib.crc32(f"{self.seed}/{epoch}/{example.image_id}".encode()) % 2 == 1
+            image, target = to_sample(example, pixels, flip)
+            return (image.pin_memory() if self.pin_memory else image), target
+
+        loaded = read_ahead(
+            examples, fetch, load, self.pool, fetch_window=max(self.prefetch, 2 * batch_size),
+            decode_window=2 * batch_size,
+        )  # fmt: skip
+        pending: deque[Sample | ImageError] = deque()
+        last: Sample | None = None
+        while True:
+            batch: list[Sample] = []
+            taken = 0
+            for item in _take(loaded, pending, batch_size):
+                taken += 1
+                if isinstance(item, ImageError):
+                    self._skipped(item)
+                else:
+                    batch.append(item)
+            if taken == 0:
+                return
+            if not batch:
+                last = last or _first_readable(loaded, pending)
+                batch = [last]
+            last = batch[-1]
+            yield [image for image, _ in batch], [target for _, target in batch]
+
+    def _skipped(self, error: ImageError) -> None:
+        self.unreadable += 1
+        log.warning(f"skipping an image in training: {error}")
+
+
+def _take(loaded: Iterator[Any], pending: deque[Any], count: int) -> Iterator[Any]:
+    """The next ``count`` items: those looked at ahead first, then the stream's."""
+    for _ in range(count):
+        if pending:
+            yield pending.popleft()
+        elif (item := next(loaded, None)) is not None:
+            yield item
+        else:
+            return
+
+
+def _first_readable(loaded: Iterator[Any], pending: deque[Any]) -> Sample:
+    """The first readable sample ahead in the stream, left in it (kept in ``pending``) for its own batch."""
+    for item in pending:
+        if not isinstance(item, ImageError):
+            return item
+    for item in loaded:
+        pending.append(item)
+        if not isinstance(item, ImageError):
+            return item
+    raise BatchsegError("none of this worker's images of the epoch can be read")

@@ -1,0 +1,104 @@
+"""Training's data path: an epoch's block-shuffled order, each worker's share, chunks read once, and the
+loader's batches (prefetched, uint8, unreadable images left out) equal to the samples read one by one."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+from batchseg.errors import BatchsegError
+from batchseg.train.data import CocoInstances
+from batchseg.train.examples import CocoTrainingSet, Example
+from batchseg.train.loader import TrainingLoader
+from batchseg.train.sampling import EpochOrder, examples_at, share
+from batchseg.train.synth import write_dataset
+
+
+class Chunks:
+    """A training set of ``sizes`` chunks of made-up examples, counting its chunk reads."""
+
+    categories = ("__background__", "thing")
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self.chunk_sizes = sizes
+        self.reads: list[int] = []
+
+    def read_chunk(self, index: int) -> list[Example]:
+        self.reads.append(index)
+        return [Example(f"{index}/{row}", "", 1, 1, (), ()) for row in range(self.chunk_sizes[index])]
+
+
+def test_an_epoch_is_every_example_once_in_an_order_drawn_from_seed_and_epoch() -> None:
+    sizes = (5, 0, 7, 3)
+    order = EpochOrder(sizes, seed=1, epoch=0)
+    positions = [order[p] for p in range(len(order))]
+    assert sorted(positions) == [(c, r) for c, n in enumerate(sizes) for r in range(n)]
+    assert positions == [EpochOrder(sizes, seed=1, epoch=0)[p] for p in range(15)]
+    assert positions != [EpochOrder(sizes, seed=1, epoch=1)[p] for p in range(15)]
+    assert positions != [EpochOrder(sizes, seed=2, epoch=0)[p] for p in range(15)]
+    chunks = [c for c, _ in positions]
+    assert sum(a != b for a, b in zip(chunks, chunks[1:])) == 2  # a chunk's examples together: 3 changes
+
+
+@pytest.mark.parametrize(("total", "world", "batch"), [(10, 1, 4), (10, 3, 2), (7, 2, 4), (1, 4, 1)])
+def test_the_shares_cover_the_epoch_with_the_same_steps_on_every_rank(total: int, world: int, batch: int) -> None:
+    shares = [share(total, rank, world, batch) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0
+    covered = [p % total for s in shares for p in s]
+    assert set(covered) == set(range(total)) and len(covered) < total + world * batch
+
+
+def test_a_worker_reads_each_of_its_chunks_once() -> None:
+    data = Chunks((4, 4, 4, 4, 4))
+    order = EpochOrder(data.chunk_sizes, seed=0, epoch=3)
+    ids = [e.image_id for e in examples_at(data, order, share(20, 1, 2, 2))]
+    assert len(ids) == 10 and len(data.reads) == len(set(data.reads)) <= 4
+    assert ids == [f"{c}/{r}" for c, r in (order[p] for p in range(10, 20))]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> CocoTrainingSet:
+    data = write_dataset(str(tmp_path_factory.mktemp("shapes")), 9, seed=3, size=64)
+    return CocoTrainingSet(data.images, data.annotations)
+
+
+def test_batches_are_the_samples_read_one_by_one_as_uint8(shapes: CocoTrainingSet) -> None:
+    one_by_one = CocoInstances(shapes.images, shapes.annotations)
+    batches = list(TrainingLoader(prefetch=3, threads=2, flip=False).batches(shapes.examples, 4))
+    assert [len(images) for images, _ in batches] == [4, 4, 1]
+    for index, (image, target) in enumerate(s for images, targets in batches for s in zip(images, targets)):
+        expected_image, expected = one_by_one[index]
+        assert image.dtype == torch.uint8
+        torch.testing.assert_close(image.float().div(255), expected_image)
+        for key in ("boxes", "labels", "masks", "image_id"):
+            torch.testing.assert_close(target[key], expected[key])
+
+
+def test_flips_are_drawn_from_seed_epoch_and_image_not_from_the_threads(shapes: CocoTrainingSet) -> None:
+    def flipped(seed: int, epoch: int) -> list[bool]:
+        loader = TrainingLoader(threads=3, seed=seed)
+        plain = TrainingLoader(threads=1, flip=False).batches(shapes.examples, 9)
+        images = next(loader.batches(shapes.examples, 9, epoch))[0]
+        return [not torch.equal(a, b) for a, b in zip(images, next(plain)[0], strict=True)]
+
+    assert flipped(0, 0) == flipped(0, 0) and 0 < sum(flipped(0, 0)) < 9
+    assert flipped(0, 1) != flipped(0, 0)
+
+
+def test_unreadable_images_are_left_out_and_a_batch_of_none_takes_the_last_readable(
+    shapes: CocoTrainingSet, tmp_path: pathlib.Path
+) -> None:
+    broken = [replace(e, uri=str(tmp_path / f"missing-{i}.jpg")) for i, e in enumerate(shapes.examples)]
+    examples = [shapes.examples[0], broken[1], broken[2], broken[3], *shapes.examples[4:6]]
+    loader = TrainingLoader(flip=False)
+    batches = list(loader.batches(examples, 2))
+    assert [[int(t["image_id"]) for t in targets] for _, targets in batches] == [[1], [1], [5, 6]]
+    assert loader.unreadable == 3
+    # The first batch unreadable: it borrows the next readable image, which still trains in its own batch.
+    batches = list(loader.batches([broken[0], broken[1], *shapes.examples[2:4]], 2))
+    assert [[int(t["image_id"]) for t in targets] for _, targets in batches] == [[3], [3, 4]]
+    with pytest.raises(BatchsegError, match="none of this worker's images"):
+        list(loader.batches(broken[:3], 2))
