@@ -286,6 +286,7 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
     the model that each training worker builds (``train_model``) and one step of it, without Ray (the
     Ray run above records the resize and trains the workers' model)."""
     from torchvision.models import get_model
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
     from batchseg.inference.models import resolve_weights
     from batchseg.train.data import CocoInstances, collate
@@ -330,6 +331,20 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
         on_step=lambda step, metrics: losses.append(metrics["loss"]),
     )
     assert step == 1 and np.isfinite(losses).all()
+    # torchvision's fine-tuning: conv1 and layer1 frozen, BatchNorm frozen everywhere, the rest trained
+    trunk: Any = model.backbone.body
+    after = model.state_dict()
+    frozen = [f"backbone.body.{n}" for n, p in trunk.named_parameters() if not p.requires_grad]
+    frozen += [
+        f"backbone.body.{name}.{value}"
+        for name, module in trunk.named_modules()
+        if isinstance(module, FrozenBatchNorm2d)
+        for value in ("weight", "bias", "running_mean", "running_var")
+    ]
+    assert len(frozen) == 11 + 53 * 4
+    assert all(torch.equal(after[k], old[k]) for k in frozen)
+    key = "backbone.body.layer2.0.conv1.weight"
+    assert not torch.equal(after[key], old[key])
 
 
 def rois_sampled(model: torch.nn.Module, images: Any, targets: Any) -> dict[str, list[int]]:
