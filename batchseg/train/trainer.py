@@ -160,9 +160,9 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                 "images_per_second_per_worker": window["images"] / max(1e-9, elapsed),
             }
             with tempfile.TemporaryDirectory() as folder:
+                if validation is not None:  # every rank predicts its share; rank 0 has the metrics
+                    metrics |= _validate(bare, validation, config.precision)
                 if rank == 0:
-                    if validation is not None:
-                        metrics |= _validate(bare, validation)
                     torch.save(
                         {
                             **training_state(backbone, bare, optimizer, scheduler, scaler),
@@ -257,8 +257,10 @@ def _validation(config: TrainConfig) -> CocoInstances | None:
     )
 
 
-def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float]:
-    metrics = evaluate_model(model, dataset)
+def _validate(model: torch.nn.Module, dataset: CocoInstances, precision: str) -> dict[str, float]:
+    """COCO AP over the ranks (each predicts a share, rank 0 evaluates: others get {}), at the run's
+    ``--precision`` resolved on the model's device as ``segment`` resolves its own."""
+    metrics = evaluate_model(model, dataset, precision=precision)
     model.train()
     return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
 
