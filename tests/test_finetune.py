@@ -5,7 +5,6 @@ and ``model.pt`` record of it, and that a fine-tuned model loads for ``segment``
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,15 +52,6 @@ def is_conv(key: str) -> bool:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> SynthDataset:
     return write_dataset(str(tmp_path_factory.mktemp("shapes")), 6, seed=3, size=96)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Torch on one thread, as each training worker runs it (two spin against each other on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config_for(shapes: SynthDataset, output: pathlib.Path, **changes: Any) -> TrainConfig:

@@ -8,7 +8,6 @@ import os
 import pathlib
 import signal
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,16 +29,6 @@ from tests.s3server import SECRET, S3Server
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return write_dataset(str(tmp_path_factory.mktemp("shapes")), 24, seed=1, size=96)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Torch on one thread, as each training worker runs it: on 2 busy cores two threads per process spin
-    against each other (the overfit test took 204 s on two threads and 39 s on one, beside 4 other suites)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def short_run(shapes: Any, output: pathlib.Path, **changes: Any) -> TrainConfig:
