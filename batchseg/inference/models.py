@@ -82,7 +82,8 @@ class BackboneTraining:
     (:data:`~batchseg.inference.registry.RESNET_STAGES`, counted from layer4; maskrcnn_small's trunk ends at
     layer3, so the same stages train and 1 trains none of it). From scratch: every layer and every BatchNorm
     trains, synchronised across the workers (``SyncBatchNorm``, GPUs only) when ``sync_batchnorm``. The
-    FPN and the heads always train.
+    FPN and the heads always train. torchvision's v2 builders keep a plain BatchNorm in the trunk, whose
+    statistics then move in the frozen stages too; here the trunk's BatchNorm is frozen in every model.
     """
 
     frozen_batchnorm: bool = False
