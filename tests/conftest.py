@@ -78,3 +78,15 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A running S3 server with buckets ``data`` and ``out``, stopped at the end of the session."""
     with running_s3(tmp_path_factory.mktemp("s3"), ("data", "out")) as server:
         yield server
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as each training worker runs it: on 2 busy cores two threads per process spin
+    against each other (the overfit test took 204 s on two threads and 39 s on one, beside 4 other suites)."""
+    import torch  # here: the read side's tests load no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -127,6 +127,11 @@ TRAIN = [
     # two workers on one GPU: NCCL fails them once both are placed; a worker trains on one GPU of 1.5
     (["--gpus-per-worker", "0.5"], "--gpus-per-worker must be 0 (CPU) or a whole number: two training"),
     (["--gpus-per-worker", "1.5"], "--gpus-per-worker"),
+    (["--trainable-backbone-layers", "6", "--weights", "DEFAULT"], "--trainable-backbone-layers must be in"),
+    (["--trainable-backbone-layers", "3"], "--trainable-backbone-layers is for pretrained --weights"),
+    # with pretrained weights the backbone's BatchNorm is frozen; on CPUs torch cannot synchronise it
+    (["--sync-batchnorm", "--weights", "DEFAULT"], "--sync-batchnorm is for training from scratch"),
+    (["--sync-batchnorm"], "--sync-batchnorm needs --gpus-per-worker"),
 ]
 
 

@@ -8,7 +8,6 @@ import os
 import pathlib
 import signal
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,16 +29,6 @@ from tests.s3server import SECRET, S3Server
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return write_dataset(str(tmp_path_factory.mktemp("shapes")), 24, seed=1, size=96)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Torch on one thread, as each training worker runs it: on 2 busy cores two threads per process spin
-    against each other (the overfit test took 204 s on two threads and 39 s on one, beside 4 other suites)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def short_run(shapes: Any, output: pathlib.Path, **changes: Any) -> TrainConfig:
@@ -286,6 +275,7 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
     the model that each training worker builds (``train_model``) and one step of it, without Ray (the
     Ray run above records the resize and trains the workers' model)."""
     from torchvision.models import get_model
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
     from batchseg.inference.models import resolve_weights
     from batchseg.train.data import CocoInstances, collate
@@ -330,6 +320,20 @@ def test_fine_tuning_a_91_class_checkpoint_replaces_the_heads(
         on_step=lambda step, metrics: losses.append(metrics["loss"]),
     )
     assert step == 1 and np.isfinite(losses).all()
+    # torchvision's fine-tuning: conv1 and layer1 frozen, BatchNorm frozen everywhere, the rest trained
+    trunk: Any = model.backbone.body
+    after = model.state_dict()
+    frozen = [f"backbone.body.{n}" for n, p in trunk.named_parameters() if not p.requires_grad]
+    frozen += [
+        f"backbone.body.{name}.{value}"
+        for name, module in trunk.named_modules()
+        if isinstance(module, FrozenBatchNorm2d)
+        for value in ("weight", "bias", "running_mean", "running_var")
+    ]
+    assert len(frozen) == 11 + 53 * 4
+    assert all(torch.equal(after[k], old[k]) for k in frozen)
+    key = "backbone.body.layer2.0.conv1.weight"
+    assert not torch.equal(after[key], old[key])
 
 
 def rois_sampled(model: torch.nn.Module, images: Any, targets: Any) -> dict[str, list[int]]:

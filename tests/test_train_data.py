@@ -3,6 +3,7 @@ loader's batches (prefetched, uint8, unreadable images left out) equal to the sa
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 from dataclasses import replace
 
@@ -40,11 +41,13 @@ def test_an_epoch_is_every_example_once_in_an_order_drawn_from_seed_and_epoch() 
     assert positions != [EpochOrder(sizes, seed=1, epoch=1)[p] for p in range(15)]
     assert positions != [EpochOrder(sizes, seed=2, epoch=0)[p] for p in range(15)]
     chunks = [c for c, _ in positions]
-    assert sum(a != b for a, b in zip(chunks, chunks[1:])) == 2  # a chunk's examples together: 3 changes
+    assert sum(a != b for a, b in itertools.pairwise(chunks)) == 2  # 3 chunks with examples, each together
 
 
 @pytest.mark.parametrize(("total", "world", "batch"), [(10, 1, 4), (10, 3, 2), (7, 2, 4), (1, 4, 1)])
-def test_the_shares_cover_the_epoch_with_the_same_steps_on_every_rank(total: int, world: int, batch: int) -> None:
+def test_the_shares_cover_the_epoch_with_the_same_steps_on_every_rank(
+    total: int, world: int, batch: int
+) -> None:
     shares = [share(total, rank, world, batch) for rank in range(world)]
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0
     covered = [p % total for s in shares for p in s]
@@ -69,7 +72,9 @@ def test_batches_are_the_samples_read_one_by_one_as_uint8(shapes: CocoTrainingSe
     one_by_one = CocoInstances(shapes.images, shapes.annotations)
     batches = list(TrainingLoader(prefetch=3, threads=2, flip=False).batches(shapes.examples, 4))
     assert [len(images) for images, _ in batches] == [4, 4, 1]
-    for index, (image, target) in enumerate(s for images, targets in batches for s in zip(images, targets)):
+    for index, (image, target) in enumerate(
+        s for images, targets in batches for s in zip(images, targets, strict=True)
+    ):
         expected_image, expected = one_by_one[index]
         assert image.dtype == torch.uint8
         torch.testing.assert_close(image.float().div(255), expected_image)

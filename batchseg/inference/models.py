@@ -13,7 +13,7 @@ import pickle
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,9 +32,17 @@ from torchvision.models.detection.transform import (
 )
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.inference.registry import DEFAULT_MODEL, TORCHVISION, ModelSpec, model_spec
+from batchseg.inference.registry import (
+    DEFAULT_MODEL,
+    RESNET_STAGES,
+    TORCHVISION,
+    TRAINABLE_BACKBONE_LAYERS,
+    ModelSpec,
+    model_spec,
+)
 from batchseg.io import retries, storage
 
 RANDOM_SEED = 0
@@ -62,6 +70,64 @@ class WeightsInfo:
     num_keypoints: int | None = None
     min_size: int | None = None  # the resize a checkpoint was trained for (None: the model's default)
     max_size: int | None = None
+
+
+@dataclass(frozen=True)
+class BackboneTraining:
+    """How a model's backbone trains, as torchvision's detection builders decide it.
+
+    From pretrained weights (``maskrcnn_resnet50_fpn(weights=...)``): the ResNet trunk's BatchNorm layers are
+    ``FrozenBatchNorm2d`` (their statistics and affine parameters stay those of the weights: a few images
+    per GPU would make them noise) and only the last ``trainable_layers`` of its stages train
+    (:data:`~batchseg.inference.registry.RESNET_STAGES`, counted from layer4; maskrcnn_small's trunk ends at
+    layer3, so the same stages train and 1 trains none of it). From scratch: every layer and every BatchNorm
+    trains, synchronised across the workers (``SyncBatchNorm``, GPUs only) when ``sync_batchnorm``. The
+    FPN and the heads always train. torchvision's v2 builders keep a plain BatchNorm in the trunk, whose
+    statistics then move in the frozen stages too; here the trunk's BatchNorm is frozen in every model.
+    """
+
+    frozen_batchnorm: bool = False
+    trainable_layers: int = len(RESNET_STAGES)
+    sync_batchnorm: bool = False
+
+    @classmethod
+    def for_weights(
+        cls, weights: WeightsInfo, trainable_layers: int | None = None, sync_batchnorm: bool = False
+    ) -> BackboneTraining:
+        """Frozen BatchNorm and ``trainable_layers`` (default 3) from pretrained ``weights``; from
+        scratch (``--weights none``), everything trains."""
+        if weights.source == "none":
+            return cls(sync_batchnorm=sync_batchnorm)
+        layers = TRAINABLE_BACKBONE_LAYERS if trainable_layers is None else trainable_layers
+        return cls(frozen_batchnorm=True, trainable_layers=layers)
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint and ``model.pt`` say of it (``"backbone"``)."""
+        return asdict(self)
+
+
+def freeze_backbone(body: torch.nn.Module, trainable_layers: int) -> None:
+    """A ResNet trunk (``model.backbone.body``) made as torchvision builds it for fine-tuning: every
+    ``BatchNorm2d`` replaced by a ``FrozenBatchNorm2d`` holding the same values, and the parameters of all
+    but the last ``trainable_layers`` stages frozen (torchvision's ``_resnet_fpn_extractor``; its bn1 at 5
+    is moot here, a frozen BatchNorm having no parameters)."""
+    _freeze_batchnorm(body)
+    training = RESNET_STAGES[:trainable_layers]
+    for name, parameter in body.named_parameters():
+        if not name.startswith(training):
+            parameter.requires_grad_(False)
+
+
+@torch.no_grad()
+def _freeze_batchnorm(module: torch.nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for buffer in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, buffer).copy_(getattr(child, buffer))
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child)
 
 
 class ClampedTransform(GeneralizedRCNNTransform):
@@ -319,11 +385,17 @@ def load_state_dict(
 
 
 def build_model(
-    info: WeightsInfo, state_dict: dict[str, torch.Tensor] | None = None, **options: Any
+    info: WeightsInfo,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    backbone: BackboneTraining | None = None,
+    **options: Any,
 ) -> torch.nn.Module:
     """The model for ``info`` in eval mode, with ``state_dict`` loaded (random weights, seeded, when None).
     ``options`` go to the model's constructor (``min_size``, ``box_score_thresh``...) over the registry's
-    resize."""
+    resize. ``backbone`` makes it the model to train (:class:`BackboneTraining`); without it every
+    BatchNorm is a plain one, which in eval mode computes what a frozen one does: a fine-tuned
+    ``model.pt`` loads for ``segment`` as any other."""
     spec = model_spec(info.model)
     kwargs: dict[str, Any] = {
         "num_classes": len(info.categories),
@@ -336,15 +408,21 @@ def build_model(
     torch.manual_seed(RANDOM_SEED)
     model = _builder(spec)(**kwargs)
     model.transform.__class__ = ClampedTransform  # the same settings; a resize that keeps every side
+    if backbone is not None and backbone.frozen_batchnorm:  # before loading: the weights' statistics
+        trunk: Any = model.backbone
+        freeze_backbone(trunk.body, backbone.trainable_layers)
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        # Pretrained torchvision weights come from FrozenBatchNorm2d, which has no batch counter.
+        # Pretrained torchvision weights and fine-tuned models come from FrozenBatchNorm2d, which has no
+        # batch counter.
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise BatchsegError(
                 f"weights do not fit {info.model}: {len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
             )
+    if backbone is not None and backbone.sync_batchnorm:  # the same state_dict keys as BatchNorm's
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.eval()
 
 

@@ -17,6 +17,10 @@ COCO_SCALES = (640, 672, 704, 736, 768, 800)  # torchvision's references: multi-
 RESIZE_MIN, RESIZE_MAX = 32, 10_000
 # --precision of segment and train; what each means on a device: inference.precision.resolve_precision
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# A ResNet trunk's stages, the last first: fine-tuning trains the first N of them (torchvision's
+# trainable_backbone_layers, 0 to 5, default 3: conv1 and layer1 frozen).
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+TRAINABLE_BACKBONE_LAYERS = 3
 
 
 def resize_problem(sizes: int | tuple[int, ...]) -> str | None:

@@ -6,7 +6,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchseg.inference.registry import MODELS, PRECISIONS, TRAINABLE, ModelSpec, resize_order, resize_problem
+from batchseg.inference.registry import (
+    MODELS,
+    PRECISIONS,
+    RESNET_STAGES,
+    TRAINABLE,
+    TRAINABLE_BACKBONE_LAYERS,
+    ModelSpec,
+    resize_order,
+    resize_problem,
+)
 from batchseg.options import (
     STORAGE_OPTIONS_HELP,
     at_least,
@@ -57,6 +66,20 @@ class TrainConfig:
         "none",
         "none (from scratch), DEFAULT (torchvision's COCO weights, heads replaced), or a checkpoint",
         check=not_empty("none, DEFAULT or a checkpoint"),
+    )
+    trainable_backbone_layers: int | None = option(
+        None,
+        "with pretrained --weights: how many backbone stages train, counted from the last "
+        f"({', '.join(RESNET_STAGES)}), as torchvision fine-tunes: the others are frozen, and BatchNorm in "
+        "all (maskrcnn_small's backbone ends at layer3)",
+        parse=int,
+        check=between(0, len(RESNET_STAGES)),
+        default_text=str(TRAINABLE_BACKBONE_LAYERS),
+    )
+    sync_batchnorm: bool = option(
+        False,
+        "from scratch (--weights none), on GPUs: BatchNorm statistics computed over every worker's batch "
+        "(SyncBatchNorm), not each worker's own",
     )
     workers: int = option(1, "data-parallel (DDP) workers", check=at_least(1))
     gpus_per_worker: float = option(
@@ -174,10 +197,28 @@ class TrainConfig:
                 "--precision fp16 needs --gpus-per-worker: on CPUs, mixed precision is bf16",
             ),
             (
+                self.trainable_backbone_layers is None or not self.from_scratch,
+                "--trainable-backbone-layers is for pretrained --weights: from scratch every layer trains",
+            ),
+            (
+                not self.sync_batchnorm or self.from_scratch,
+                "--sync-batchnorm is for training from scratch (--weights none): with pretrained weights "
+                "the backbone's BatchNorm is frozen",
+            ),
+            (
+                not self.sync_batchnorm or self.gpus_per_worker > 0,
+                "--sync-batchnorm needs --gpus-per-worker: torch synchronises BatchNorm on GPUs only",
+            ),
+            (
                 bool(self.validation_images) == bool(self.validation_annotations),
                 "give both --validation-images and --validation-annotations, or neither",
             ),
         ]
+
+    @property
+    def from_scratch(self) -> bool:
+        """``--weights none``: random initial weights (anything else is pretrained)."""
+        return self.weights.lower() == "none"
 
     @property
     def learning_rate(self) -> float:

@@ -1,4 +1,5 @@
-"""The training recipe in plain PyTorch (as in torchvision's references): knows nothing of Ray."""
+"""The training recipe in plain PyTorch (as in torchvision's references): knows nothing of Ray. On many
+workers it speaks ``torch.distributed`` (losses averaged, validation shared), whoever started it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from batchseg.analysis.evaluate import coco_metrics
 from batchseg.format.coco import coco_result
@@ -49,6 +51,25 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: ``(0, 1)`` unless ``torch.distributed`` is set up."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss averaged over the ranks (torchvision's ``reduce_dict``; the losses themselves on one), as
+    numbers: every rank sees the same values, so a non-finite loss on one stops all of them together."""
+    names = sorted(losses)  # the same order on every rank
+    values = torch.stack([losses[name].detach().float() for name in names])
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return dict(zip(names, values.tolist(), strict=True))
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -65,8 +86,9 @@ def train_one_epoch(
 ) -> int:
     """One pass over ``batches`` (stopping at ``max_steps``); returns the new global step.
 
-    Raises ``FloatingPointError`` on a non-finite loss: training stops loudly instead of going on with
-    weights that are already ruined.
+    Raises ``FloatingPointError`` on a non-finite loss (averaged over the ranks when ``torch.distributed``
+    is set up: every rank raises it at the same step, with the same message): training stops loudly
+    instead of going on with weights that are already ruined. ``on_step`` is given the averaged losses.
     """
     model.train()
     for images, targets in batches:
@@ -78,10 +100,12 @@ def train_one_epoch(
             losses = model(images, targets)
         loss = sum(losses.values())
         assert isinstance(loss, torch.Tensor)
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        reduced = reduce_losses(losses)
+        total = sum(reduced.values())
+        if not math.isfinite(total):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items())
             raise FloatingPointError(
-                f"loss is {loss.item()} at step {step} ({parts}); stopping. Lower --lr or check the annotations"
+                f"loss is {total} at step {step} ({parts}); stopping. Lower --lr or check the annotations"
             )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -99,8 +123,7 @@ def train_one_epoch(
         scheduler.step()
         step += 1
         if on_step is not None:
-            metrics = {k: v.item() for k, v in losses.items()}
-            on_step(step, metrics | {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            on_step(step, reduced | {"loss": total, "lr": optimizer.param_groups[0]["lr"]})
     return step
 
 
@@ -118,13 +141,13 @@ def predict_coco(
     batch_size: int = 4,
     mask_threshold: float = 0.5,
     precision: str = "fp32",
+    image_ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Detections on every image of ``dataset``'s annotations, with or without instances, in COCO results
-    format (RLE masks), for COCOeval. The model is run as ``batchseg segment`` runs it (its own thresholds
-    and resize, masks pasted by :func:`batchseg.inference.paste.paste_to_rle`), in batches of the readable images in
-    order; an image that cannot be read has no detections. Each result carries the id of the image it
-    was predicted on. ``precision`` is as ``segment``'s ``--precision``; validation in training runs in
-    fp32."""
+    """Detections on every image of ``dataset``'s annotations (or those of ``image_ids``), with or without
+    instances, in COCO results format (RLE masks), for COCOeval. The model is run as ``batchseg segment``
+    runs it (its own thresholds and resize, masks pasted by :func:`batchseg.inference.paste.paste_to_rle`),
+    in batches of the readable images in order; an image that cannot be read has no detections. Each result
+    carries the id of the image it was predicted on. ``precision`` is as ``segment``'s ``--precision``."""
     predictor = Predictor(model, dataset.categories, mask_threshold=mask_threshold, precision=precision)
     results: list[dict[str, Any]] = []
 
@@ -134,7 +157,7 @@ def predict_coco(
             results.extend(coco_result(instance, image_id, height, width) for instance in instances)
 
     batch: list[tuple[int, np.ndarray]] = []
-    for image_id in dataset.coco.getImgIds():
+    for image_id in dataset.coco.getImgIds() if image_ids is None else image_ids:
         pixels = dataset.pixels(image_id)
         if pixels is not None:
             batch.append((image_id, pixels))
@@ -150,5 +173,20 @@ def evaluate_model(
     model: torch.nn.Module, dataset: CocoInstances, batch_size: int = 4, precision: str = "fp32"
 ) -> dict[str, dict[str, float]]:
     """COCO box (and mask) AP of ``model`` on every image of ``dataset``'s annotations (pycocotools), run
-    at ``precision`` (:func:`predict_coco`)."""
-    return coco_metrics(dataset.coco, predict_coco(model, dataset, batch_size, precision=precision))
+    at ``precision`` (:func:`predict_coco`).
+
+    With ``torch.distributed`` set up, every rank must call it: each predicts every world-th image, rank 0
+    gathers the detections, puts them in the images' order (one process's) and evaluates once; the other
+    ranks get ``{}``."""
+    rank, world = rank_and_world()
+    ids = dataset.coco.getImgIds()
+    results = predict_coco(model, dataset, batch_size, precision=precision, image_ids=ids[rank::world])
+    if world > 1:
+        shares: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(results, shares, dst=0)
+        if shares is None:
+            return {}
+        order = {image_id: i for i, image_id in enumerate(ids)}
+        # a stable sort: an image's detections keep their order, which COCOeval's ties depend on
+        results = sorted((r for share in shares for r in share), key=lambda r: order[r["image_id"]])
+    return coco_metrics(dataset.coco, results)

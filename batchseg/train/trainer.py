@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.inference.models import WeightsInfo, build_model, load_state_dict, resolve_weights
+from batchseg.inference.models import (
+    BackboneTraining,
+    WeightsInfo,
+    build_model,
+    load_state_dict,
+    resolve_weights,
+)
 from batchseg.inference.precision import autocast_dtype, keep_boxes_float32
 from batchseg.inference.registry import model_spec
 from batchseg.io import storage
@@ -46,17 +52,24 @@ def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
     return {"min_size": config.min_sizes or spec.train_sizes, "max_size": config.max_size or spec.max_size}
 
 
+def backbone_training(weights: WeightsInfo, config: TrainConfig) -> BackboneTraining:
+    """How the run's backbone trains: frozen BatchNorm and ``--trainable-backbone-layers`` from pretrained
+    weights, ``--sync-batchnorm`` from scratch (the checkpoints and ``model.pt`` record it)."""
+    return BackboneTraining.for_weights(weights, config.trainable_backbone_layers, config.sync_batchnorm)
+
+
 def train_model(weights: WeightsInfo, categories: tuple[str, ...], config: TrainConfig) -> torch.nn.Module:
-    """The model to train: built for ``categories``; pretrained weights loaded, then the class-specific
-    heads replaced when the class count differs (fine-tuning). ``--rois-per-image`` sets how many proposals
-    per image the box and mask heads learn from (a quarter at most positive: the mask head's share); it
-    changes training only, not the weights' shapes nor inference. Its boxes, their regression targets and
-    losses stay float32 under autocast (:func:`~batchseg.inference.precision.keep_boxes_float32`)."""
+    """The model to train: built for ``categories``; pretrained weights loaded into a backbone frozen as
+    torchvision fine-tunes (:func:`backbone_training`), then the class-specific heads replaced when the
+    class count differs (fine-tuning). ``--rois-per-image`` sets how many proposals per image the box and
+    mask heads learn from (a quarter at most positive: the mask head's share); it changes training only,
+    not the weights' shapes nor inference. Its boxes, their regression targets and losses stay float32
+    under autocast (:func:`~batchseg.inference.precision.keep_boxes_float32`)."""
     sizes = training_sizes(weights.model, config)
     if config.rois_per_image is not None:
         sizes["box_batch_size_per_image"] = config.rois_per_image
     state = load_state_dict(weights, config.storage_options)
-    model = build_model(weights, state, **sizes)
+    model = build_model(weights, state, backbone=backbone_training(weights, config), **sizes)
     if len(categories) != len(weights.categories):
         fresh: Any = build_model(WeightsInfo(weights.model, "none", "", "", categories), None, **sizes)
         heads: Any = model.roi_heads
@@ -103,13 +116,12 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     step = resumed_from = 0
     trained_seconds = 0.0  # time in train_one_epoch, all runs together: validation and start-up left out
+    backbone = backbone_training(weights, config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        bare.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        restore_training_state(saved, backbone, bare, optimizer, scheduler, scaler)
         step = resumed_from = saved["step"]
         trained_seconds = saved.get("train_seconds", 0.0)
         if rank == 0:
@@ -156,17 +168,15 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                 "images_per_second_per_worker": window["images"] / max(1e-9, elapsed),
             }
             with tempfile.TemporaryDirectory() as folder:
+                if validation is not None:  # every rank predicts its share; rank 0 has the metrics
+                    metrics |= _validate(bare, validation, config.precision)
                 if rank == 0:
-                    if validation is not None:
-                        metrics |= _validate(bare, validation)
                     torch.save(
                         {
-                            "model": bare.state_dict(),
+                            **training_state(backbone, bare, optimizer, scheduler, scaler),
                             "model_name": weights.model,
                             "categories": list(data.categories),
                             **resize,
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
                             "step": step,
                             "train_seconds": trained_seconds,
                             "config": public_config(config),
@@ -176,6 +186,56 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
                 else:
                     ray.train.report(metrics)
+
+
+def training_state(
+    backbone: BackboneTraining,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
+    """What a checkpoint keeps to go on training: the weights, how the backbone trains
+    (:meth:`~batchseg.inference.models.BackboneTraining.record`), the optimizer, the schedule and, under
+    fp16, the ``GradScaler``'s scale and growth count (without them a resume starts again from 65536 and
+    skips steps to find its scale)."""
+    state = {
+        "model": model.state_dict(),
+        "backbone": backbone.record(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+    return state | ({"scaler": scaler.state_dict()} if scaler is not None else {})
+
+
+def restore_training_state(
+    saved: dict[str, Any],
+    backbone: BackboneTraining,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Load a checkpoint's :func:`training_state` into this run's; a checkpoint whose backbone trained
+    otherwise (other ``--weights``, ``--trainable-backbone-layers`` or ``--sync-batchnorm``) is refused:
+    its optimizer holds other parameters. A checkpoint without a scaler (fp32, bf16) leaves it as it is."""
+    record = backbone.record()
+    previous = saved.get("backbone", record)  # a checkpoint made before batchseg recorded it: as this run
+    if previous != record:
+        changed = ", ".join(
+            f"{key} {previous.get(key)} (this run: {value})"
+            for key, value in record.items()
+            if previous.get(key) != value
+        )
+        raise BatchsegError(
+            f"the checkpoint at step {saved['step']} trained its backbone with {changed}: resume with the "
+            "same --weights, --trainable-backbone-layers and --sync-batchnorm, or give another --output"
+        )
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
 
 
 def _epoch_batches(
@@ -202,8 +262,10 @@ def _validation(config: TrainConfig) -> CocoInstances | None:
     )
 
 
-def _validate(model: torch.nn.Module, dataset: CocoInstances) -> dict[str, float]:
-    metrics = evaluate_model(model, dataset)
+def _validate(model: torch.nn.Module, dataset: CocoInstances, precision: str) -> dict[str, float]:
+    """COCO AP over the ranks (each predicts a share, rank 0 evaluates: others get {}), at the run's
+    ``--precision`` resolved on the model's device as ``segment`` resolves its own."""
+    metrics = evaluate_model(model, dataset, precision=precision)
     model.train()
     return {f"{kind}_{name}": value for kind, values in metrics.items() for name, value in values.items()}
 
@@ -275,9 +337,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 def deployable(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """What ``model.pt`` keeps of a training checkpoint: weights, model name, categories, the resize used in
-    evaluation, step and config (not the optimizer). A checkpoint made before batchseg recorded the resize
-    has none, and ``segment`` then uses the model's own."""
-    keys = ("model", "model_name", "categories", "min_size", "max_size", "step", "config")
+    evaluation, how the backbone trained, step and config (not the optimizer). A checkpoint made before
+    batchseg recorded the resize has none, and ``segment`` then uses the model's own."""
+    keys = ("model", "model_name", "categories", "min_size", "max_size", "backbone", "step", "config")
     return {k: checkpoint[k] for k in keys if k in checkpoint}
 
 
