@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_coco_to_parquet,
     )
     convert.add_argument(
-        "--images", required=True, type=options.uri, help="folder/prefix the JSON's file names are relative to"
+        "--images",
+        required=True,
+        type=options.uri,
+        help="folder/prefix the JSON's file names are relative to",
     )
     convert.add_argument("--annotations", required=True, type=options.uri, help="COCO instances JSON")
     convert.add_argument(

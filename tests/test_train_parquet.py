@@ -57,7 +57,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
             runs.append(count)
             value, count = pixel, 0
         count += 1
-    second["segmentation"] = {"size": list(mask.shape), "counts": runs + [count]}
+    second["segmentation"] = {"size": list(mask.shape), "counts": [*runs, count]}
     third["iscrowd"] = 1
     last = gt["images"][-1]["id"]
     for a in gt["annotations"]:
@@ -217,7 +217,7 @@ def test_a_bad_selection_is_one_error_before_anything_is_written(
 
 def test_a_missing_output_is_refused_before_training(tmp_path: pathlib.Path) -> None:
     config = TrainConfig(from_results=str(tmp_path / "nothing"), output=str(tmp_path / "run"), iterations=1)
-    with pytest.raises(BatchsegError, match="--from-results .*nothing does not exist"):
+    with pytest.raises(BatchsegError, match=r"--from-results .*nothing does not exist"):
         check_inputs(config)
     (tmp_path / "empty").mkdir()
     with pytest.raises(BatchsegError, match="holds no part-"):
@@ -301,10 +301,8 @@ def test_segment_select_with_sql_train_and_the_model_learns_from_the_instances_s
     )
     where = "score >= 0.9"
     want = selected_by_query(segmented, where)
-    every = duckdb.sql(
-        f"SELECT count(*) FROM read_parquet('{segmented}/part-*.parquet'), UNNEST(instances)"
-    ).fetchone()
-    assert every is not None and 0 < len(want) < every[0]
+    every = duckdb.sql(f"SELECT count(*) FROM read_parquet('{segmented}/part-*.parquet'), UNNEST(instances)")
+    assert 0 < len(want) < every.fetchall()[0][0]
     images = len({i for i, _ in want})
     run = tmp_path / "run"
     config = TrainConfig(

@@ -77,7 +77,8 @@ class TrainingSetWriter:
         group = table.slice(0, size).combine_chunks()
         with job_errors(f"cannot write training set {self.folder}"):
             if self.writer is None:
-                self.fs.makedirs(self.path, exist_ok=True)  # a folder, on local disks; nothing on object stores
+                # a folder on local disks (object stores have none to make)
+                self.fs.makedirs(self.path, exist_ok=True)
                 name = storage.join(self.path, f"part-{self.files:06d}.parquet")
                 self.file = self.fs.open(name, "wb")
                 self.writer = pq.ParquetWriter(self.file, self.schema, compression="zstd")

@@ -88,6 +88,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
     torch.manual_seed(config.seed + rank)
     device = ray.train.torch.get_device()
+    assert config.annotations, "run_training sets it to the training set it wrote from --from-results"
     data = open_training_set(config.images, config.annotations, config.storage_options)
     loader = TrainingLoader(
         config.storage_options,
