@@ -74,7 +74,7 @@ class TrainingSetWriter:
     def _write(self, size: int) -> None:
         table = pa.concat_tables(self.held)
         self.held, self.held_rows = [table.slice(size)], table.num_rows - size
-        group = table.slice(0, size).combine_chunks()
+        group = table.slice(0, size).combine_chunks().cast(self.schema)
         with job_errors(f"cannot write training set {self.folder}"):
             if self.writer is None:
                 # a folder on local disks (object stores have none to make)
