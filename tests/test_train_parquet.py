@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 import torch
 
 from batchseg.analysis.query import run_query
@@ -32,6 +33,7 @@ from batchseg.train.parquet import (
 from batchseg.train.sampling import EpochOrder, examples_at, share
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import check_inputs
+from tests.s3server import S3Server
 from tests.test_layers import modules_loaded_by
 from tests.test_render import Output, write_segment_output
 
@@ -196,6 +198,25 @@ def test_a_selection_is_the_instances_the_same_sql_selects_written_once(
     config = TrainConfig(from_results=output.uri, where="score > 0.5", output=run, iterations=1)
     with pytest.raises(BatchsegError, match="give another --output"):
         check_inputs(config)
+
+
+def test_a_selection_from_an_output_on_s3_into_a_run_folder_on_s3(
+    output: Output, s3: S3Server, tmp_path: pathlib.Path
+) -> None:
+    """Object stores: the output is read through a pyarrow dataset (not DuckDB's own reader), in output
+    order too, and the training set is written and read through fsspec."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.options())
+    for shard in pathlib.Path(output.uri).glob("part-*.parquet"):
+        fs.pipe_file(f"data/parquet-train/output/{shard.name}", shard.read_bytes())
+    folder, record = select_training_set(
+        "s3://data/parquet-train/output", "score >= 0.8", "s3://out/parquet-train/run", s3.options(), 2
+    )
+    local, _ = select_training_set(output.uri, "score >= 0.8", str(tmp_path / "run"), row_group_images=2)
+    data = ParquetTrainingSet(folder, s3.options())
+    assert data.chunk_sizes == ParquetTrainingSet(local).chunk_sizes and record["files"] == 1
+    assert [e for i in range(len(data.chunk_sizes)) for e in data.read_chunk(i)] == [
+        e for i in range(len(data.chunk_sizes)) for e in ParquetTrainingSet(local).read_chunk(i)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -149,10 +149,9 @@ class ParquetTrainingSet:
         self.fs, path = storage.filesystem(uri, storage_options)
         with job_errors(f"cannot read training set {uri}"):
             self.files = parquet_files(self.fs, path)
-            footers = [self._read(f, lambda file: file.metadata) for f in self.files]
         if not self.files:
             raise BatchsegError(f"training set {uri} holds no Parquet ({', '.join(PARQUET_SUFFIXES)}) files")
-        schema = footers[0].schema.to_arrow_schema()
+        schema = self._read(self.files[0], lambda file: file.schema_arrow)
         missing = [
             n for n in ("image_id", "uri", "width", "height", "status", "instances") if n not in schema.names
         ]
@@ -161,17 +160,14 @@ class ParquetTrainingSet:
                 f"{self.files[0]} is not a batchseg training set: no column {', '.join(missing)}"
             )
         provenance = read_provenance(schema)
+        # Each footer is parsed, its row counts kept and the rest let go (a parsed footer of 100 row groups
+        # is a megabyte or so), so what a worker holds grows by a number per row group, not by a footer.
+        rows = [self._read(f, row_counts) for f in self.files]
         self.chunks = [
-            (f, group)
-            for f, footer in zip(self.files, footers, strict=True)
-            for group in range(footer.num_row_groups)
+            (f, group) for f, counts in zip(self.files, rows, strict=True) for group in range(len(counts))
         ]
         if "training_set" in provenance:
-            self.chunk_sizes = tuple(
-                footer.row_group(group).num_rows
-                for footer in footers
-                for group in range(footer.num_row_groups)
-            )
+            self.chunk_sizes = tuple(n for counts in rows for n in counts)
             self.categories = tuple(provenance["categories"])
         else:
             log.info(
@@ -218,6 +214,12 @@ class ParquetTrainingSet:
                     )
                 )
         return examples
+
+
+def row_counts(file: pq.ParquetFile) -> list[int]:
+    """The rows of each row group of a Parquet file, from its footer."""
+    footer = file.metadata
+    return [footer.row_group(group).num_rows for group in range(footer.num_row_groups)]
 
 
 def kept_instances(row: dict[str, Any]) -> list[dict[str, Any]]:
