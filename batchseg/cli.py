@@ -84,7 +84,8 @@ def cmd_coco_to_parquet(args: argparse.Namespace) -> int:
     record = coco_to_parquet(args.images, args.annotations, args.output, args.storage_options)
     print(
         f"{record['instances']} instances of {record['images']} images written to {args.output} "
-        f"({record['files']} Parquet files); train on it with --annotations {args.output}"
+        f"({record['files']} Parquet file{'' if record['files'] == 1 else 's'}); train on it with "
+        f"--annotations {args.output}"
     )
     return 0
 
