@@ -78,6 +78,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coco_to_parquet(args: argparse.Namespace) -> int:
+    from batchseg.train.parquet import coco_to_parquet
+
+    record = coco_to_parquet(args.images, args.annotations, args.output, args.storage_options)
+    print(
+        f"{record['instances']} instances of {record['images']} images written to {args.output} "
+        f"({record['files']} Parquet file{'' if record['files'] == 1 else 's'}); train on it with "
+        f"--annotations {args.output}"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from batchseg.analysis.evaluate import evaluate_output, format_table
     from batchseg.errors import job_errors
@@ -244,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints are kept, and rerunning the same command resumes from the last",
     )
     options.add_arguments(train, TrainConfig)
+
+    convert = _command(
+        sub,
+        "coco-to-parquet",
+        "convert a COCO instances JSON once into a Parquet training set (train --annotations takes it): "
+        "rows of a segment output's columns, masks as RLE, streamed in row groups",
+        cmd_coco_to_parquet,
+    )
+    convert.add_argument(
+        "--images",
+        required=True,
+        type=options.uri,
+        help="folder/prefix the JSON's file names are relative to",
+    )
+    convert.add_argument("--annotations", required=True, type=options.uri, help="COCO instances JSON")
+    convert.add_argument(
+        "--output", required=True, type=options.uri, help="new folder for the training set (any fsspec URI)"
+    )
+    _storage_options(convert)
 
     evaluation = _command(
         sub, "eval", "COCO box and mask AP of a segment output against annotations", cmd_eval

@@ -203,7 +203,11 @@ def test_the_python_api_gets_the_same_checks(
         driver.run_segment(config)
     assert not out.exists()
     run = trainer.TrainConfig(
-        shapes.images, shapes.annotations, str(tmp_path / "run"), iterations=1, epochs=1
+        images=shapes.images,
+        annotations=shapes.annotations,
+        output=str(tmp_path / "run"),
+        iterations=1,
+        epochs=1,
     )
     with pytest.raises(BatchsegError, match=r"give --iterations or --epochs \(exactly one\)"):
         trainer.run_training(run)

@@ -91,7 +91,23 @@ def load_annotations(annotations: str, storage_options: dict[str, Any] | None = 
 def category_names(coco: COCO) -> tuple[str, ...]:
     """Names indexed by label: the data set's own category ids are the model's labels, 0 is background and
     gaps are ``N/A`` (as in torchvision's COCO list), so predictions carry the data set's ids."""
-    categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    return names_by_label({c["id"]: c["name"] for c in coco.dataset["categories"]})
+
+
+def names_by_label(categories: Mapping[int, str]) -> tuple[str, ...]:
+    """``categories`` (id -> name) indexed by label: 0 is ``__background__``, gaps are ``N/A``."""
     if not categories or min(categories) < 1:
         raise BatchsegError("COCO category ids must be positive integers (0 is the background)")
     return ("__background__", *(categories.get(i, "N/A") for i in range(1, max(categories) + 1)))
+
+
+def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO segmentation (polygons, RLE or uncompressed RLE) of a ``height x width`` image as the
+    compressed RLE dict pycocotools decodes (``counts`` bytes or str), via pycocotools."""
+    if isinstance(segmentation, list):
+        rle: dict[str, Any] = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        return rle
+    if isinstance(segmentation.get("counts"), list):
+        rle = coco_mask.frPyObjects(segmentation, height, width)
+        return rle
+    return dict(segmentation)

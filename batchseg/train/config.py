@@ -52,12 +52,36 @@ def check_min_sizes(sizes: tuple[int, ...]) -> str | None:
     return resize_problem(sizes) if sizes else "must name at least one size"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keyword-only: the required --output follows options with defaults
 class TrainConfig:
     """Everything ``batchseg train`` is told; see ``batchseg train --help`` for each option."""
 
-    images: str = option(help="folder/prefix the annotations' file names are relative to", parse=uri)
-    annotations: str = option(help="COCO instances JSON (any fsspec URI)", parse=uri)
+    images: str | None = option(
+        None,
+        "folder/prefix a COCO JSON's file names are relative to (a Parquet training set has URIs)",
+        parse=uri,
+    )
+    annotations: str | None = option(
+        None,
+        "training data (any fsspec URI): a COCO instances JSON, or a Parquet training set (a file or folder: "
+        "batchseg coco-to-parquet's, a run's data/, or any Parquet of a segment output's columns)",
+        parse=uri,
+        group="data",
+    )
+    from_results: str | None = option(
+        None,
+        "train on a segment output's instances (any fsspec URI), written once as a Parquet training set "
+        "into the run folder's data/ (a rerun reuses it)",
+        parse=uri,
+        group="data",
+    )
+    where: str | None = option(
+        None,
+        "with --from-results: SQL condition on the instances view (batchseg query) choosing the instances "
+        'to learn from, e.g. "score >= 0.9"; images left with none are left out',
+        parse=str,
+        default_text="every instance with a mask",
+    )
     output: str = option(
         help="run folder (any fsspec URI): checkpoints, then model.pt; rerunning resumes", parse=uri
     )
@@ -186,6 +210,18 @@ class TrainConfig:
             (
                 (self.iterations is None) != (self.epochs is None),
                 "give --iterations or --epochs (exactly one)",
+            ),
+            (
+                (self.annotations is None) != (self.from_results is None),
+                "give --annotations or --from-results (exactly one)",
+            ),
+            (
+                self.where is None or self.from_results is not None,
+                "--where selects instances of --from-results",
+            ),
+            (
+                self.images is None or self.from_results is None,
+                "--images is for a COCO JSON --annotations: --from-results has each image's URI",
             ),
             (
                 self.optimizer == "adamw" or tuple(self.betas) == ADAMW_BETAS,

@@ -11,6 +11,7 @@ import torch
 from pycocotools import mask as coco_mask
 
 from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.coco import to_rle
 from batchseg.io import reader, storage
 from batchseg.io.images import decode_image
 from batchseg.train.examples import CocoTrainingSet, Example
@@ -43,13 +44,7 @@ def to_sample(example: Example, pixels: np.ndarray, flip: bool = False) -> tuple
 
 def instance_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """A COCO segmentation (polygons, RLE or uncompressed RLE), via pycocotools, at ``height x width``."""
-    if isinstance(segmentation, list):
-        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        rle = coco_mask.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    return coco_mask.decode(rle).astype(np.uint8)
+    return coco_mask.decode(to_rle(segmentation, height, width)).astype(np.uint8)
 
 
 class CocoInstances(torch.utils.data.Dataset):

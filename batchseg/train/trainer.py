@@ -35,14 +35,22 @@ from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
-from batchseg.train.examples import TrainingSet, open_training_set
+from batchseg.train.examples import TrainingSet, is_parquet, open_training_set
 from batchseg.train.loader import TrainingLoader
+from batchseg.train.parquet import check_selection, select_training_set
 from batchseg.train.sampling import EpochOrder, examples_at, share
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
-PATH_FIELDS = ("images", "annotations", "output", "validation_images", "validation_annotations")
+PATH_FIELDS = (
+    "images",
+    "annotations",
+    "from_results",
+    "output",
+    "validation_images",
+    "validation_annotations",
+)
 
 
 def training_sizes(model: str, config: TrainConfig) -> dict[str, Any]:
@@ -93,6 +101,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_worker or 1)))
     torch.manual_seed(config.seed + rank)
     device = ray.train.torch.get_device()
+    assert config.annotations, "run_training sets it to the training set it wrote from --from-results"
     data = open_training_set(config.images, config.annotations, config.storage_options)
     loader = TrainingLoader(
         config.storage_options,
@@ -287,6 +296,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     check_ray_address(config.address)
     weights = resolve_weights(config.weights, config.model, config.storage_options)
     output = config.output.rstrip("/")
+    selected: dict[str, Any] = {}
+    if config.from_results:  # the workers read the selection written once into the run folder, as Parquet
+        data, selected = select_training_set(
+            config.from_results, config.where, output, config.storage_options
+        )
+        config = replace(config, annotations=data)
     fs, path = storage.filesystem(output, config.storage_options)
     name, parent = os.path.basename(path), os.path.dirname(path)
     with job_errors(f"cannot write to output {config.output}"):
@@ -331,6 +346,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
         torch.save(final, f)
     metrics = dict(result.metrics or {}) | {"model": storage.join(output, CHECKPOINT_FILE)}
+    if selected:
+        metrics["training_set"] = selected
     fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
 
@@ -352,9 +369,17 @@ def _root_cause(error: BaseException) -> str:
 def check_inputs(config: TrainConfig) -> None:
     """Every option (see ``config.py``), then that the inputs exist: all before anything is written."""
     check(config)
-    for name in ("images", "annotations", "validation_images", "validation_annotations"):
+    for name in ("images", "annotations", "from_results", "validation_images", "validation_annotations"):
         uri = getattr(config, name)
         if uri:
             fs, path = storage.filesystem(uri, config.storage_options)
             if not fs.exists(path):
                 raise BatchsegError(f"--{name.replace('_', '-')} {uri} does not exist")
+    if config.annotations and is_parquet(config.annotations, config.storage_options) == bool(config.images):
+        raise BatchsegError(
+            f"--images is for a COCO JSON --annotations; the Parquet training set {config.annotations} has URIs"
+            if config.images
+            else f"--annotations {config.annotations} is COCO JSON: give --images, the folder of its file names"
+        )
+    if config.from_results:  # before anything is written: a run folder made from another selection
+        check_selection(config.from_results, config.where, config.output.rstrip("/"), config.storage_options)
