@@ -115,10 +115,10 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     optimizer = make_optimizer(
         model, config.optimizer, config.learning_rate, config.weight_decay, config.betas
     )
-    at = {"epoch": progress}  # where this world's current stretch of training started: the steps -> images
+    at = {"stretch": progress}  # where the current stretch of steps began: what maps its steps to images
 
     def images_after(step: int) -> int:
-        start = at["epoch"]
+        start = at["stretch"]
         return start.images_after(step - start.step, world, config.batch_size)
 
     scheduler = make_scheduler(optimizer, total, warmup, config.schedule, images_after)
@@ -154,7 +154,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         steps = progress.steps_to(total, world, config.batch_size)
         if every:
             steps = min(steps, every - progress.step % every)
-        at["epoch"] = progress
+        at["stretch"] = progress
         batches = _epoch_batches(data, loader, config, progress, rank, world)
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(
