@@ -130,12 +130,12 @@ def first_step(kind: str, path: str, workers: int) -> dict[str, Any]:
     started = time.time()
     from batchseg.format.rle import decode_rle
     from batchseg.train.examples import open_training_set
-    from batchseg.train.sampling import EpochOrder, examples_at, share
+    from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
 
     base = status("VmRSS")
     data = open_training_set("/images" if kind == "coco" else None, path)
     order = EpochOrder(data.chunk_sizes, seed=0, epoch=0)
-    examples = examples_at(data, order, share(len(order), 0, workers, BATCH))
+    examples = examples_at(data, order, positions(Progress.start(len(order)).share(0, workers, BATCH)))
     batch = [next(examples) for _ in range(BATCH)]
     pixels = sum(
         int(decode_rle(s["counts"], e.height, e.width).sum()) for e in batch for s in e.segmentations

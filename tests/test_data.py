@@ -109,7 +109,7 @@ def test_boxes_of_masks_are_tight_and_exclusive() -> None:
 
 def test_schedules() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    cosine = make_scheduler(optimizer, total_steps=100, warmup_steps=10, schedule="cosine")
+    cosine = make_scheduler(optimizer, total=100, warmup=10, schedule="cosine")
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -118,7 +118,7 @@ def test_schedules() -> None:
     assert lrs[0] == pytest.approx(0.001) and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
     assert lrs[99] < 0.001
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    step = make_scheduler(optimizer, total_steps=100, warmup_steps=0, schedule="step")
+    step = make_scheduler(optimizer, total=100, warmup=0, schedule="step")
     factors = [step.lr_lambdas[0](i) for i in (0, 69, 70, 89, 90)]
     assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
 

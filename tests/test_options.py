@@ -85,6 +85,10 @@ SEGMENT = [
 TRAIN = [
     *NO_RAY,
     (["--workers", "0"], "--workers"),
+    (["--workers", "0,2"], "--workers must be N or MIN,MAX with 1 <= MIN <= MAX"),
+    (["--workers", "3,2"], "--workers must be N or MIN,MAX"),
+    (["--workers", "1,2,3"], "--workers must be N or MIN,MAX"),
+    (["--workers", "two"], "--workers"),
     (["--gpus-per-worker", "-1"], "--gpus-per-worker"),
     (["--gpus-per-worker", "nan"], "--gpus-per-worker"),
     (["--gpus-per-worker", "inf"], "--gpus-per-worker"),

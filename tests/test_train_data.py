@@ -1,20 +1,25 @@
-"""Training's data path: an epoch's block-shuffled order, each worker's share, chunks read once, and the
-loader's batches (prefetched, uint8, unreadable images left out) equal to the samples read one by one."""
+"""Training's data path: an epoch's block-shuffled order, each worker's share, chunks read once, a run's
+progress and schedule across changes of the worker count, and the loader's batches (prefetched, uint8,
+unreadable images left out) equal to the samples read one by one."""
 
 from __future__ import annotations
 
 import itertools
 import pathlib
+from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 
 from batchseg.errors import BatchsegError
+from batchseg.train.config import TrainConfig, worker_count
 from batchseg.train.data import CocoInstances
+from batchseg.train.engine import lr_factor, make_scheduler
 from batchseg.train.examples import CocoTrainingSet, Example
 from batchseg.train.loader import TrainingLoader
-from batchseg.train.sampling import EpochOrder, examples_at, share
+from batchseg.train.sampling import EpochOrder, Progress, cut, examples_at, positions
 from batchseg.train.synth import write_dataset
 
 
@@ -48,18 +53,167 @@ def test_an_epoch_is_every_example_once_in_an_order_drawn_from_seed_and_epoch() 
 def test_the_shares_cover_the_epoch_with_the_same_steps_on_every_rank(
     total: int, world: int, batch: int
 ) -> None:
-    shares = [share(total, rank, world, batch) for rank in range(world)]
+    start = Progress.start(total)
+    shares = [list(positions(start.share(rank, world, batch))) for rank in range(world)]
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) % batch == 0
-    covered = [p % total for s in shares for p in s]
+    assert len(shares[0]) == start.steps(world, batch) * batch
+    covered = [p for s in shares for p in s]
     assert set(covered) == set(range(total)) and len(covered) < total + world * batch
+    # contiguous shares in rank order, each padded with its own first positions (all of it, if it has none)
+    assert [p for s in shares if total >= world for p in dict.fromkeys(s)] == list(range(total)) * (
+        total >= world
+    )
+    assert all(s[len(set(s)) :] == s[: len(s) - len(set(s))] for s in shares if total >= world)
 
 
 def test_a_worker_reads_each_of_its_chunks_once() -> None:
     data = Chunks((4, 4, 4, 4, 4))
     order = EpochOrder(data.chunk_sizes, seed=0, epoch=3)
-    ids = [e.image_id for e in examples_at(data, order, share(20, 1, 2, 2))]
+    ids = [e.image_id for e in examples_at(data, order, positions(Progress.start(20).share(1, 2, 2)))]
     assert len(ids) == 10 and len(data.reads) == len(set(data.reads)) <= 4
     assert ids == [f"{c}/{r}" for c, r in (order[p] for p in range(10, 20))]
+
+
+def test_cut_takes_positions_by_count_across_intervals() -> None:
+    intervals = [(2, 5), (9, 10), (20, 24)]
+    assert cut(intervals, 0, 8) == intervals
+    assert cut(intervals, 2, 6) == [(4, 5), (9, 10), (20, 22)]
+    assert cut(intervals, 3, 4) == [(9, 10)] and cut(intervals, 8, 9) == [] and cut(intervals, 5, 5) == []
+
+
+def train(
+    progress: Progress, world: int, batch: int, steps: int, trained: Counter[tuple[int, int]]
+) -> Progress:
+    """``steps`` steps of each of ``world`` ranks, as the trainer takes them: each rank's share of what
+    remains, its first ``steps`` batches, counted in ``trained`` as (epoch, position)."""
+    for rank in range(world):
+        share = list(positions(progress.share(rank, world, batch)))
+        trained.update((progress.epoch, p) for p in share[: steps * batch])
+    return progress.advance(steps, world, batch)
+
+
+# (workers, steps): two workers, then one, then three from mid-epoch, then four, across epoch ends
+RESIZES = [(2, 3), (1, 5), (3, 4), (4, 6), (2, 2)]
+WHOLE_STEPS = [(2, 3), (1, 6), (4, 3), (3, 2), (2, 3)]  # every stretch a whole number of steps: no padding
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "resizes"),
+    [(24, 2, WHOLE_STEPS), (24, 2, RESIZES), (23, 2, RESIZES), (10, 3, RESIZES)],
+)
+def test_a_run_that_changes_its_worker_count_trains_on_each_position_of_each_epoch_once(
+    examples: int, batch: int, resizes: list[tuple[int, int]]
+) -> None:
+    progress, trained = Progress.start(examples), Counter[tuple[int, int]]()
+    for world, steps in resizes:
+        while steps:  # the trainer's stretches end at an epoch's end
+            stretch = min(steps, progress.steps(world, batch))
+            seen = progress.images_after(stretch, world, batch)
+            progress = train(progress, world, batch, stretch, trained)
+            assert progress.images_seen == seen
+            steps -= stretch
+        done = {key for key in trained if key[0] < progress.epoch}
+        assert done == {(e, p) for e in range(progress.epoch) for p in range(examples)}  # whole epochs
+        current = {p for e, p in trained if e == progress.epoch}
+        assert current.isdisjoint(positions(progress.remaining))  # what remains was never trained on
+        assert current | set(positions(progress.remaining)) == set(range(examples))
+        assert progress.images_seen == len(done) + len(current)
+    assert progress.step == sum(steps for _, steps in resizes) and progress.epoch >= 2
+    padded = sum(trained.values()) - len(trained)
+    if resizes is WHOLE_STEPS:  # what remains always divides into whole steps: each position exactly once
+        assert padded == 0 and progress.epoch == 3 and progress.images_seen == 3 * examples
+    else:  # padded duplicates only in an epoch's last step: less than a batch per rank
+        assert 0 < padded < (progress.epoch + 1) * max(world for world, _ in resizes) * batch
+
+
+def test_progress_survives_the_checkpoint_and_a_checkpoint_without_it_is_replayed_from_its_steps() -> None:
+    progress = Progress.start(20).advance(2, 2, 2).advance(1, 3, 2)
+    assert progress.remaining == ((6, 8), (14, 16), (18, 20)) and progress.images_seen == 14
+    assert Progress.restore(20, progress.state()) == progress
+    assert progress.state()["images_seen"] == 14
+    # before progress was recorded, a run of 2 workers x 2 images: 5 steps an epoch, so step 7 is epoch 1
+    # with 2 steps of each rank's share done
+    assert Progress.after_steps(20, 7, 2, 2) == Progress(20, 7, 1, ((4, 10), (14, 20)))
+
+
+def run_to(progress: Progress, total: int, world: int, batch: int) -> Progress:
+    """Stretches of training as the trainer takes them (to the end of an epoch or of the run) until
+    ``total`` images have been seen."""
+    while progress.images_seen < total:
+        progress = progress.advance(progress.steps_to(total, world, batch), world, batch)
+    return progress
+
+
+def test_a_run_ends_after_its_images_on_any_number_of_workers() -> None:
+    # --iterations 6 at 2 workers x batch 2: 24 images, 6 steps at 2 workers, 12 at 1
+    total = 6 * 2 * 2
+    for world, steps, remaining in ((2, 6, ((4, 8), (12, 16))), (1, 12, ((8, 16),))):
+        end = run_to(Progress.start(16), total, world, 2)
+        assert (end.step, end.images_seen, end.epoch, end.remaining) == (steps, total, 1, remaining)
+    # killed after 2 steps of 2 workers, resumed on 1: the steps go on, the images end where planned
+    progress = Progress.start(16).advance(2, 2, 2)
+    assert progress.images_seen == 2 * 2 * 2
+    end = run_to(progress, total, 1, 2)
+    assert (end.step, end.images_seen) == (2 + (total - 8) // 2, total)
+    # an epoch of 10 on 2 x 2 is 3 steps, the last padded by 2: padding is trained but never counted as seen
+    assert (run_to(Progress.start(10), total, 2, 2).step, run_to(Progress.start(10), total, 2, 2).epoch) == (
+        7,
+        2,
+    )
+
+
+def scheduled(
+    world: int, progress: Progress, total: int, steps: int, saved: dict[str, Any] | None = None
+) -> tuple[Progress, dict[int, float], dict[str, Any]]:
+    """``steps`` steps (at most) of the trainer's schedule on ``world`` workers of batch 2, from ``saved``
+    (the optimizer's and scheduler's state, as a checkpoint holds them): the learning rate by images seen."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    at = {"start": progress}  # the trainer's: the steps -> images of where this stretch began
+    scheduler = make_scheduler(
+        optimizer,
+        total,
+        8,
+        "cosine",
+        lambda step: at["start"].images_after(step - at["start"].step, world, 2),
+    )
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    lrs = {progress.images_seen: optimizer.param_groups[0]["lr"]}
+    for _ in range(steps):
+        if progress.images_seen >= total:
+            break
+        at["start"] = progress  # stretches of one step here: the shortest the trainer could take
+        optimizer.step()
+        scheduler.step()
+        progress = progress.advance(1, world, 2)
+        lrs[progress.images_seen] = optimizer.param_groups[0]["lr"]
+    return progress, lrs, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def test_the_schedule_is_a_function_of_images_seen_whatever_the_worker_count() -> None:
+    total = 64
+    for world in (1, 2, 4):
+        progress, lrs, _ = scheduled(world, Progress.start(16), total, 100)
+        assert lrs == {i: pytest.approx(0.5 * lr_factor(i, total, 8, "cosine")) for i in lrs}
+        assert len(lrs) == total // (2 * world) + 1 and lrs[total] == pytest.approx(0)
+        assert progress.step == total // (2 * world)
+    # 3 steps on 4 workers, then resumed from their state on 1: the rates go on along the same curve
+    progress, before, saved = scheduled(4, Progress.start(16), total, 3)
+    progress, after, _ = scheduled(1, progress, total, 100, saved)
+    assert min(after) == 24 and after[24] == before[24] and progress.step == 3 + (64 - 24) // 2
+    lrs = before | after
+    assert lrs == {i: pytest.approx(0.5 * lr_factor(i, total, 8, "cosine")) for i in lrs}
+    assert lr_factor(0, 10, 2, "cosine") == 0.001 and lr_factor(2, 10, 2, "cosine") == 1
+    assert [lr_factor(i, 10, 0, "step") for i in (6, 7, 9)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_workers_is_n_or_min_max_and_sgds_rate_follows_the_most() -> None:
+    assert (worker_count("3"), worker_count("1,4")) == (3, (1, 4))
+    config = TrainConfig(
+        images="i", annotations="a", output="o", workers=(1, 4), batch_size=2, optimizer="sgd", iterations=1
+    )
+    assert config.learning_rate == 0.02 * 2 * 4 / 16
 
 
 @pytest.fixture(scope="module")

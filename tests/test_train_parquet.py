@@ -30,7 +30,7 @@ from batchseg.train.parquet import (
     image_rows,
     select_training_set,
 )
-from batchseg.train.sampling import EpochOrder, examples_at, share
+from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import check_inputs
 from tests.s3server import S3Server
@@ -352,6 +352,10 @@ def test_segment_select_with_sql_train_and_the_model_learns_from_the_instances_s
     # each worker of two reads only its share, and the shares add up to the selection
     data_set = ParquetTrainingSet(str(run / DATA_FOLDER))
     order = EpochOrder(data_set.chunk_sizes, seed=0, epoch=0)
-    read = [e for rank in range(2) for e in examples_at(data_set, order, share(len(order), rank, 2, 1))]
+    read = [
+        e
+        for rank in range(2)
+        for e in examples_at(data_set, order, positions(Progress.start(len(order)).share(rank, 2, 1)))
+    ]
     assert sorted({(e.image_id, s["counts"]) for e in read for s in e.segmentations}) == sorted(want)
     assert len(read) == 2 * math.ceil(images / 2)

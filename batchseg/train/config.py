@@ -48,6 +48,25 @@ def check_gpus(gpus: float) -> str | None:
     return f"must be 0 (CPU) or a whole number: two training workers cannot share a GPU, not {gpus:g}"
 
 
+def worker_count(text: str) -> int | tuple[int, ...]:
+    """``N`` (a fixed number of workers) or ``MIN,MAX`` (elastic)."""
+    counts = numbers(int, "2 or 2,8")(text)
+    return counts[0] if len(counts) == 1 else counts
+
+
+def worker_range(workers: int | tuple[int, ...]) -> tuple[int, int]:
+    """``--workers`` as (MIN, MAX): a fixed N is (N, N)."""
+    low, high = (workers, workers) if isinstance(workers, int) else workers
+    return low, high
+
+
+def check_workers(workers: int | tuple[int, ...]) -> str | None:
+    counts = (workers,) if isinstance(workers, int) else tuple(workers)
+    if len(counts) in (1, 2) and 1 <= counts[0] <= counts[-1]:
+        return None
+    return f"must be N or MIN,MAX with 1 <= MIN <= MAX, not {','.join(map(str, counts))}"
+
+
 def check_min_sizes(sizes: tuple[int, ...]) -> str | None:
     return resize_problem(sizes) if sizes else "must name at least one size"
 
@@ -105,7 +124,15 @@ class TrainConfig:
         "from scratch (--weights none), on GPUs: BatchNorm statistics computed over every worker's batch "
         "(SyncBatchNorm), not each worker's own",
     )
-    workers: int = option(1, "data-parallel (DDP) workers", check=at_least(1))
+    workers: int | tuple[int, int] = option(
+        1,
+        "data-parallel (DDP) workers: N, or MIN,MAX for elastic training (Ray Train starts with as many as "
+        "the cluster has room for, at least MIN, and restarts from the last checkpoint with more or fewer as "
+        "workers come and go)",
+        parse=worker_count,
+        check=check_workers,
+        metavar="N or MIN,MAX",
+    )
     gpus_per_worker: float = option(
         0.0, "whole GPUs per worker (0: CPU)", check=(ray_share("GPUs", zero=True), check_gpus)
     )
@@ -117,7 +144,12 @@ class TrainConfig:
         default_text="1",
     )
     iterations: int | None = option(
-        None, "optimizer steps in all", parse=int, check=at_least(1), group="length"
+        None,
+        "the run's length in optimizer steps at MAX workers: it ends after this x --batch-size x MAX images "
+        "(MAX of the first run, kept by its checkpoint), however many workers train them",
+        parse=int,
+        check=at_least(1),
+        group="length",
     )
     epochs: int | None = option(
         None, "passes over the data set", parse=int, check=at_least(1), group="length"
@@ -129,7 +161,7 @@ class TrainConfig:
         "learning rate",
         parse=float,
         check=positive(),
-        default_text=f"{ADAMW_LR} (AdamW), 0.02 x total batch / 16 (SGD)",
+        default_text=f"{ADAMW_LR} (AdamW), 0.02 x total batch (at MAX workers) / 16 (SGD)",
     )
     weight_decay: float = option(1e-4, "AdamW's or SGD's weight decay", check=zero_or_positive())
     betas: tuple[float, float] = option(
@@ -142,7 +174,11 @@ class TrainConfig:
     )
     schedule: str = option("cosine", "the learning rate after warmup", choices=("cosine", "step"))
     warmup_iterations: int | None = option(
-        None, "linear warmup steps", parse=int, check=at_least(0), default_text="min(100, a tenth of the run)"
+        None,
+        "linear warmup, in steps at MAX workers as --iterations counts them",
+        parse=int,
+        check=at_least(0),
+        default_text="min(100, a tenth of the run)",
     )
     min_sizes: tuple[int, ...] | None = option(
         None,
@@ -258,9 +294,12 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
+        """SGD's default follows the total batch at the most workers (``--workers``' MAX): the run as
+        planned. A checkpoint keeps the rate, so a resume with other workers keeps it too."""
         if self.lr is not None:
             return self.lr
-        return 0.02 * self.batch_size * self.workers / 16 if self.optimizer == "sgd" else ADAMW_LR
+        total_batch = self.batch_size * worker_range(self.workers)[1]
+        return 0.02 * total_batch / 16 if self.optimizer == "sgd" else ADAMW_LR
 
 
 def public_config(config: TrainConfig) -> dict[str, Any]:

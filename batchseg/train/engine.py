@@ -35,20 +35,30 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
+def lr_factor(done: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate's fraction of its peak after ``done`` of ``total`` (steps, or images seen): linear
+    warmup from 1/1000 over the first ``warmup``, then cosine to zero, or steps of x0.1 at 70% and 90%."""
+    if done < warmup:
+        return 0.001 + 0.999 * done / warmup
+    if schedule == "cosine":
+        progress = (done - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.1 ** sum(done >= m for m in (0.7 * total, 0.9 * total))
+
+
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    warmup: int,
+    schedule: str,
+    done_after: Callable[[int], int] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 1/1000 of the rate, then cosine to zero, or steps of x0.1 at 70% and 90%."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.001 + 0.999 * step / warmup_steps
-        if schedule == "cosine":
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 0.1 ** sum(step >= m for m in (0.7 * total_steps, 0.9 * total_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """:func:`lr_factor` of the step count, or of ``done_after(step)`` (e.g. images seen after that many
+    steps: a schedule in images is the same whatever the number of workers). The scheduler's state is the
+    step count; ``done_after`` is the caller's to restore."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(done_after(step) if done_after else step, total, warmup, schedule)
+    )
 
 
 def rank_and_world() -> tuple[int, int]:

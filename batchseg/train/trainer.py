@@ -32,17 +32,18 @@ from batchseg.io.manifest import absolute_uri
 from batchseg.log import to_stderr, unless_configured
 from batchseg.options import check
 from batchseg.segment.driver import check_ray_address, init_ray
-from batchseg.train.config import TrainConfig, public_config
+from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
 from batchseg.train.examples import TrainingSet, is_parquet, open_training_set
 from batchseg.train.loader import TrainingLoader
 from batchseg.train.parquet import check_selection, select_training_set
-from batchseg.train.sampling import EpochOrder, examples_at, share
+from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
+CHECKPOINT_PREFIX = "checkpoint_step-"
 PATH_FIELDS = (
     "images",
     "annotations",
@@ -113,28 +114,46 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
     bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
-    steps_per_epoch = len(share(sum(data.chunk_sizes), rank, world, config.batch_size)) // config.batch_size
-    total = config.iterations or (config.epochs or 1) * steps_per_epoch
-    every = config.checkpoint_every or steps_per_epoch
-    optimizer = make_optimizer(
-        model, config.optimizer, config.learning_rate, config.weight_decay, config.betas
-    )
-    warmup = config.warmup_iterations if config.warmup_iterations is not None else min(100, total // 10)
-    scheduler = make_scheduler(optimizer, total, warmup, config.schedule)
-    amp_dtype = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    step = resumed_from = 0
+    examples = sum(data.chunk_sizes)
+    if not examples:
+        raise BatchsegError("the training set has no examples")
+    progress = Progress.start(examples)
+    planned = worker_range(config.workers)[1]  # what --iterations counts steps of; a resume keeps its own
+    resumed_from = 0
     trained_seconds = 0.0  # time in train_one_epoch, all runs together: validation and start-up left out
     backbone = backbone_training(weights, config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        restore_training_state(saved, backbone, bare, optimizer, scheduler, scaler)
-        step = resumed_from = saved["step"]
+        progress, planned = _progress(saved, examples, config.batch_size)
+        resumed_from = progress.step
         trained_seconds = saved.get("train_seconds", 0.0)
+    # The run's length and its schedule are counted in images seen, not steps: the same on any number of
+    # workers, so a run that loses or gains workers trains as long, with the same learning rates.
+    per_step = config.batch_size * planned
+    total = config.epochs * examples if config.epochs else (config.iterations or 1) * per_step
+    warmup_steps = config.warmup_iterations
+    warmup = per_step * (warmup_steps if warmup_steps is not None else min(100, total // per_step // 10))
+    optimizer = make_optimizer(
+        model, config.optimizer, config.learning_rate, config.weight_decay, config.betas
+    )
+    at = {"stretch": progress}  # where the current stretch of steps began: what maps its steps to images
+
+    def images_after(step: int) -> int:
+        start = at["stretch"]
+        return start.images_after(step - start.step, world, config.batch_size)
+
+    scheduler = make_scheduler(optimizer, total, warmup, config.schedule, images_after)
+    amp_dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if checkpoint:
+        restore_training_state(saved, backbone, bare, optimizer, scheduler, scaler)
         if rank == 0:
-            log.info(f"resumed from the checkpoint at step {step}")
+            log.info(
+                f"resumed from the checkpoint at step {progress.step} ({progress.images_seen} images seen) "
+                f"on {world} worker(s)"
+            )
     validation = _validation(config)
     transform: Any = bare.transform  # what evaluation (and then segment) resizes to
     resize = {"min_size": int(transform.min_size[-1]), "max_size": int(transform.max_size)}
@@ -142,17 +161,22 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         window["images"] += config.batch_size
-        if rank == 0 and (step % 10 == 0 or step == total):
+        images = images_after(step)
+        if rank == 0 and (step % 10 == 0 or images >= total):
             rate = window["images"] / (time.time() - window["start"])
             log.info(
-                f"step {step}/{total} loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
+                f"step {step}, {images}/{total} images, loss {metrics['loss']:.3f} lr {metrics['lr']:.2e} "
                 f"{rate:.1f} images/s per worker"
             )
 
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(data, loader, config, epoch, rank, world, skip)
-        stop = min(total, (step // every + 1) * every)
+    every = config.checkpoint_every
+    while progress.images_seen < total:
+        # to the end of the epoch, of the run or to the next --checkpoint-every step, whichever is first
+        steps = progress.steps_to(total, world, config.batch_size)
+        if every:
+            steps = min(steps, every - progress.step % every)
+        at["stretch"] = progress
+        batches = _epoch_batches(data, loader, config, progress, rank, world)
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(
             model,
@@ -160,8 +184,8 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
             scheduler,
             batches,
             device,
-            step=step,
-            max_steps=stop,
+            step=progress.step,
+            max_steps=progress.step + steps,
             grad_clip=config.grad_clip,
             amp_dtype=amp_dtype,
             scaler=scaler,
@@ -169,12 +193,21 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
         )
         elapsed = time.time() - window["start"]
         trained_seconds += elapsed
-        if step % every == 0 or step == total:
+        if step == progress.step:
+            raise BatchsegError(f"no batch to train on at step {step}")  # never loop without progress
+        epoch = progress.epoch
+        progress = progress.advance(step - progress.step, world, config.batch_size)
+        due = step % every == 0 if every else progress.epoch > epoch
+        if due or progress.images_seen >= total:
             metrics: dict[str, Any] = {
                 "step": step,
                 "resumed_from": resumed_from,
                 "train_seconds": trained_seconds,
                 "images_per_second_per_worker": window["images"] / max(1e-9, elapsed),
+                "images_seen": progress.images_seen,
+                "epoch": progress.epoch,
+                "workers": world,
+                "lr": optimizer.param_groups[0]["lr"],
             }
             with tempfile.TemporaryDirectory() as folder:
                 if validation is not None:  # every rank predicts its share; rank 0 has the metrics
@@ -187,14 +220,32 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                             "categories": list(data.categories),
                             **resize,
                             "step": step,
+                            "progress": progress.state(),
+                            "planned_workers": planned,
                             "train_seconds": trained_seconds,
                             "config": public_config(config),
                         },
                         os.path.join(folder, CHECKPOINT_FILE),
                     )
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                    made = ray.train.Checkpoint.from_directory(folder)
+                    ray.train.report(metrics, checkpoint=made, checkpoint_dir_name=checkpoint_name(step))
                 else:
-                    ray.train.report(metrics)
+                    ray.train.report(metrics, checkpoint_dir_name=checkpoint_name(step))
+
+
+def _progress(saved: dict[str, Any], examples: int, batch_size: int) -> tuple[Progress, int]:
+    """A checkpoint's progress and the worker count its run's --iterations counts steps of. One made before
+    batchseg recorded them trained on the fixed --workers its config records."""
+    if "progress" in saved:
+        return Progress.restore(examples, saved["progress"]), int(saved["planned_workers"])
+    workers = int(saved["config"]["workers"])
+    return Progress.after_steps(examples, saved["step"], workers, batch_size), workers
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint's folder in the run folder, named by batchseg (not Ray's timestamp) so that batchseg
+    knows which folders are its own to clean up (:func:`remove_unregistered_checkpoints`)."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
 
 
 def training_state(
@@ -251,16 +302,15 @@ def _epoch_batches(
     data: TrainingSet,
     loader: TrainingLoader,
     config: TrainConfig,
-    epoch: int,
+    progress: Progress,
     rank: int,
     world: int,
-    skip_batches: int,
 ) -> Any:
-    """This worker's share of one epoch (:mod:`~batchseg.train.sampling`), in batches; on resume, the
-    batches already trained on are skipped without reading them."""
-    order = EpochOrder(data.chunk_sizes, config.seed, epoch)
-    mine = share(len(order), rank, world, config.batch_size)[skip_batches * config.batch_size :]
-    return loader.batches(examples_at(data, order, mine), config.batch_size, epoch)
+    """This worker's share of what remains of the epoch (:mod:`~batchseg.train.sampling`), in batches: on
+    resume, the positions already trained on (by any number of workers) are not read again."""
+    order = EpochOrder(data.chunk_sizes, config.seed, progress.epoch)
+    mine = positions(progress.share(rank, world, config.batch_size))
+    return loader.batches(examples_at(data, order, mine), config.batch_size, progress.epoch)
 
 
 def _validation(config: TrainConfig) -> CocoInstances | None:
@@ -308,6 +358,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         fs.makedirs(path, exist_ok=True)
     init_ray(config.address)
     cpus = config.cpus_per_worker or 1.0
+    low, high = worker_range(config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -316,7 +367,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "environment": storage.forwarded_environment(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers,
+            # a range is Ray Train's elastic training: started with what fits, restarted with more or fewer.
+            # (mypy reads ray.train's v1 ScalingConfig; at run time it is V2's, which takes the range.)
+            num_workers=low if low == high else (low, high),  # type: ignore[arg-type]
             use_gpu=config.gpus_per_worker > 0,
             resources_per_worker={
                 "CPU": cpus,
@@ -331,15 +384,15 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
-    log.info(
-        f"training {weights.model} from {weights.identity} on {config.workers} worker(s); run folder {output}"
-    )
+    workers = str(low) if low == high else f"{low} to {high}"
+    log.info(f"training {weights.model} from {weights.identity} on {workers} worker(s); run folder {output}")
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise BatchsegError(f"training failed: {_root_cause(e)}") from e
     if result.checkpoint is None:
         raise BatchsegError(f"training ended without a checkpoint: {result.error}")
+    remove_unregistered_checkpoints(fs, path, [c for c, _ in result.best_checkpoints or []])
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     final = deployable(saved)
@@ -350,6 +403,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         metrics["training_set"] = selected
     fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
+
+
+def remove_unregistered_checkpoints(fs: Any, run: str, registered: list[Any]) -> None:
+    """Delete the checkpoint folders batchseg named (:func:`checkpoint_name`) that Ray Train never
+    registered: a worker lost while a checkpoint was being reported leaves its folder behind, and a rerun
+    that never reaches that step again would keep it forever. Nothing else in the run folder is touched."""
+    kept = {os.path.basename(c.path.rstrip("/")) for c in registered}
+    for entry in fs.ls(run, detail=True):
+        name = os.path.basename(entry["name"].rstrip("/"))
+        if entry["type"] == "directory" and name.startswith(CHECKPOINT_PREFIX) and name not in kept:
+            log.info(f"removing {name}: a checkpoint that was never registered (a worker was lost)")
+            fs.rm(entry["name"], recursive=True)
 
 
 def deployable(checkpoint: dict[str, Any]) -> dict[str, Any]:
