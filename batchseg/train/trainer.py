@@ -7,11 +7,13 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -29,8 +31,8 @@ from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
-from batchseg.train.examples import TrainingSet, open_training_set
-from batchseg.train.loader import TrainingLoader
+from batchseg.train.examples import Example, TrainingSet, open_training_set
+from batchseg.train.loader import Batch, TrainingLoader
 from batchseg.train.sampling import EpochOrder, examples_at, share
 
 log = logging.getLogger(__name__)
@@ -128,9 +130,9 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
                 f"{rate:.1f} images/s per worker"
             )
 
+    epoch, skip = divmod(step, steps_per_epoch)
+    batches = _epoch_batches(data, loader, config, epoch, rank, world, skip, total - step)
     while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(data, loader, config, epoch, rank, world, skip)
         stop = min(total, (step // every + 1) * every)
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(
@@ -186,12 +188,22 @@ def _epoch_batches(
     rank: int,
     world: int,
     skip_batches: int,
-) -> Any:
-    """This worker's share of one epoch (:mod:`~batchseg.train.sampling`), in batches; on resume, the
-    batches already trained on are skipped without reading them."""
-    order = EpochOrder(data.chunk_sizes, config.seed, epoch)
-    mine = share(len(order), rank, world, config.batch_size)[skip_batches * config.batch_size :]
-    return loader.batches(examples_at(data, order, mine), config.batch_size, epoch)
+    steps: int,
+) -> Iterator[Batch]:
+    """This worker's next ``steps`` batches: its share of ``epoch`` (:mod:`~batchseg.train.sampling`) from
+    batch ``skip_batches`` on (on resume, those already trained on are skipped without reading them), then
+    its shares of the epochs after. One stream for the whole run: the next checkpoint window's and the
+    next epoch's images are read while this one trains, and none read ahead is dropped at a checkpoint."""
+
+    def examples() -> Iterator[tuple[int, Example]]:
+        current, skip = epoch, skip_batches
+        while True:
+            order = EpochOrder(data.chunk_sizes, config.seed, current)
+            mine = share(len(order), rank, world, config.batch_size)[skip * config.batch_size :]
+            yield from ((current, example) for example in examples_at(data, order, mine))
+            current, skip = current + 1, 0
+
+    return loader.batches(itertools.islice(examples(), steps * config.batch_size), config.batch_size)
 
 
 def _validation(config: TrainConfig) -> CocoInstances | None:
