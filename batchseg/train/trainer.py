@@ -27,7 +27,6 @@ from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.log import to_stderr, unless_configured
 from batchseg.options import check
-from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
@@ -227,6 +226,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import pyarrow.fs
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from batchseg.segment.driver import check_ray_address, init_ray
 
     # Ray Train's print patch would send each progress line twice (log and stream); plain prints suffice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
