@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from batchseg.errors import BatchsegError
+from batchseg.io.images import decode_image
 from batchseg.train.config import TrainConfig
-from batchseg.train.data import CocoInstances
+from batchseg.train.data import CocoInstances, boxes_of, to_sample
 from batchseg.train.engine import make_scheduler, on_device, train_one_epoch
 from batchseg.train.examples import CocoTrainingSet, Example
 from batchseg.train.loader import TrainingLoader
@@ -187,3 +188,29 @@ def test_on_cuda_images_and_targets_come_pinned_and_reach_the_device(shapes: Coc
     on_gpu = on_device(images[0], torch.device("cuda"))
     assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
     torch.testing.assert_close(on_gpu.cpu(), images[0].float() / 255)
+
+
+def test_boxes_of_masks_are_those_of_their_pixels_at_the_borders_and_of_one_pixel() -> None:
+    masks = torch.zeros((5, 7, 9), dtype=torch.uint8)
+    masks[0] = 1  # the whole image
+    masks[1, 6, 8] = 1  # one pixel, in the last row and column
+    masks[2, 0, 0] = masks[2, 3, 5] = 1  # two pixels apart
+    masks[3, 2:5, 0] = 1  # a line on the left border
+    masks[4] = torch.rand((7, 9), generator=torch.Generator().manual_seed(0)) > 0.8
+    expected = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        expected.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert boxes_of(masks).tolist() == torch.tensor(expected, dtype=torch.float32).tolist()
+    assert boxes_of(masks).dtype == torch.float32
+
+
+def test_a_flipped_sample_is_the_mirror_image_of_the_sample(shapes: CocoTrainingSet) -> None:
+    example = shapes.examples[0]
+    pixels = decode_image(pathlib.Path(example.uri).read_bytes())
+    (image, target), (mirrored, flipped) = to_sample(example, pixels), to_sample(example, pixels, flip=True)
+    assert torch.equal(mirrored, image.flip(-1)) and mirrored.is_contiguous()
+    assert torch.equal(flipped["masks"], target["masks"].flip(-1)) and flipped["masks"].is_contiguous()
+    x1, y1, x2, y2 = target["boxes"].unbind(1)
+    assert torch.equal(flipped["boxes"], torch.stack([example.width - x2, y1, example.width - x1, y2], 1))
+    assert torch.equal(flipped["labels"], target["labels"])
