@@ -60,9 +60,7 @@ def timed_steps(run: Any, device: torch.device, images: int) -> float:
 
 def bench_model(name: str, config: TrainConfig, device: torch.device, args: argparse.Namespace) -> None:
     data = open_training_set(config.images, config.annotations)
-    loader = TrainingLoader(
-        prefetch=config.prefetch, threads=config.loader_workers, pin_memory=device.type == "cuda"
-    )
+    loader = TrainingLoader.from_config(config, device)
     model = train_model(resolve_weights("none", name), data.categories, config).to(device)
     optimizer = make_optimizer(model, config.optimizer, config.learning_rate, config.weight_decay)
     total = 2 * (args.warm_up + args.steps)
@@ -106,9 +104,7 @@ def _on_device(batch: Batch, device: torch.device) -> Batch:
 def loader_rate(config: TrainConfig, device: torch.device, batches: int) -> float:
     """Images per second the loader alone hands over (reads, decodes, masks, pinning), nothing training."""
     data = open_training_set(config.images, config.annotations)
-    loader = TrainingLoader(
-        prefetch=config.prefetch, threads=config.loader_workers, pin_memory=device.type == "cuda"
-    )
+    loader = TrainingLoader.from_config(config, device)
     stream = _epoch_batches(data, loader, config, 0, 0, 1, 0, batches + 2)
     list(itertools.islice(stream, 2))  # the first reads
     start = time.perf_counter()

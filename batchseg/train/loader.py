@@ -16,6 +16,7 @@ from batchseg.errors import BatchsegError, ImageError
 from batchseg.io.images import decode_image
 from batchseg.io.loader import read_ahead
 from batchseg.io.reader import ImageReader
+from batchseg.train.config import TrainConfig
 from batchseg.train.data import Target, to_sample
 from batchseg.train.examples import Example
 
@@ -59,6 +60,18 @@ class TrainingLoader:
         self.seed = seed
         self.pin_memory = pin_memory
         self.unreadable = 0
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, device: torch.device) -> TrainingLoader:
+        """A training worker's loader: ``--prefetch``, ``--loader-workers`` threads, ``--seed``'s flips,
+        pinned when the model is on a CUDA device."""
+        return cls(
+            config.storage_options,
+            prefetch=config.prefetch,
+            threads=config.loader_workers,
+            seed=config.seed,
+            pin_memory=device.type == "cuda",
+        )
 
     def batches(self, examples: Iterable[tuple[int, Example]], batch_size: int) -> Iterator[Batch]:
         """``examples`` (each with its epoch, which the flip is drawn from) cut into batches every

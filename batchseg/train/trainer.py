@@ -82,13 +82,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     device = ray.train.torch.get_device()
     data = open_training_set(config.images, config.annotations, config.storage_options)
-    loader = TrainingLoader(
-        config.storage_options,
-        prefetch=config.prefetch,
-        threads=config.loader_workers,
-        seed=config.seed,
-        pin_memory=device.type == "cuda",
-    )
+    loader = TrainingLoader.from_config(config, device)
     model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
     bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
