@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from batchseg.errors import BatchsegError
+from batchseg.io.images import decode_image
 from batchseg.train.config import TrainConfig, worker_count
-from batchseg.train.data import CocoInstances
-from batchseg.train.engine import lr_factor, make_scheduler
+from batchseg.train.data import CocoInstances, boxes_of, to_sample
+from batchseg.train.engine import lr_factor, make_scheduler, on_device, train_one_epoch
 from batchseg.train.examples import CocoTrainingSet, Example
 from batchseg.train.loader import TrainingLoader
 from batchseg.train.sampling import EpochOrder, Progress, cut, examples_at, positions
 from batchseg.train.synth import write_dataset
+from batchseg.train.trainer import worker_batches
 
 
 class Chunks:
@@ -222,9 +224,13 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> CocoTrainingSet:
     return CocoTrainingSet(data.images, data.annotations)
 
 
+def epoch(examples: list[Example], number: int = 0) -> list[tuple[int, Example]]:
+    return [(number, example) for example in examples]
+
+
 def test_batches_are_the_samples_read_one_by_one_as_uint8(shapes: CocoTrainingSet) -> None:
     one_by_one = CocoInstances(shapes.images, shapes.annotations)
-    batches = list(TrainingLoader(prefetch=3, threads=2, flip=False).batches(shapes.examples, 4))
+    batches = list(TrainingLoader(prefetch=3, threads=2, flip=False).batches(epoch(shapes.examples), 4))
     assert [len(images) for images, _ in batches] == [4, 4, 1]
     for index, (image, target) in enumerate(
         s for images, targets in batches for s in zip(images, targets, strict=True)
@@ -237,10 +243,10 @@ def test_batches_are_the_samples_read_one_by_one_as_uint8(shapes: CocoTrainingSe
 
 
 def test_flips_are_drawn_from_seed_epoch_and_image_not_from_the_threads(shapes: CocoTrainingSet) -> None:
-    def flipped(seed: int, epoch: int) -> list[bool]:
+    def flipped(seed: int, number: int) -> list[bool]:
         loader = TrainingLoader(threads=3, seed=seed)
-        plain = TrainingLoader(threads=1, flip=False).batches(shapes.examples, 9)
-        images = next(loader.batches(shapes.examples, 9, epoch))[0]
+        plain = TrainingLoader(threads=1, flip=False).batches(epoch(shapes.examples), 9)
+        images = next(loader.batches(epoch(shapes.examples, number), 9))[0]
         return [not torch.equal(a, b) for a, b in zip(images, next(plain)[0], strict=True)]
 
     assert flipped(0, 0) == flipped(0, 0) and 0 < sum(flipped(0, 0)) < 9
@@ -253,11 +259,114 @@ def test_unreadable_images_are_left_out_and_a_batch_of_none_takes_the_last_reada
     broken = [replace(e, uri=str(tmp_path / f"missing-{i}.jpg")) for i, e in enumerate(shapes.examples)]
     examples = [shapes.examples[0], broken[1], broken[2], broken[3], *shapes.examples[4:6]]
     loader = TrainingLoader(flip=False)
-    batches = list(loader.batches(examples, 2))
+    batches = list(loader.batches(epoch(examples), 2))
     assert [[int(t["image_id"]) for t in targets] for _, targets in batches] == [[1], [1], [5, 6]]
     assert loader.unreadable == 3
     # The first batch unreadable: it borrows the next readable image, which still trains in its own batch.
-    batches = list(loader.batches([broken[0], broken[1], *shapes.examples[2:4]], 2))
+    batches = list(loader.batches(epoch([broken[0], broken[1], *shapes.examples[2:4]]), 2))
     assert [[int(t["image_id"]) for t in targets] for _, targets in batches] == [[3], [3, 4]]
     with pytest.raises(BatchsegError, match="none of this worker's images"):
-        list(loader.batches(broken[:3], 2))
+        list(loader.batches(epoch(broken[:3]), 2))
+
+
+def test_the_reads_begin_when_the_batches_are_made_not_at_the_first_asked_for(
+    shapes: CocoTrainingSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So they wait on storage while the worker still builds its model or trains on what came before."""
+    loader = TrainingLoader(prefetch=5, flip=False)
+    asked: list[str] = []
+    fetch = loader.reader.fetch
+    monkeypatch.setattr(loader.reader, "fetch", lambda uri: asked.append(uri) or fetch(uri))
+    batches = loader.batches(epoch(shapes.examples), 2)
+    assert asked == [e.uri for e in shapes.examples[:5]]
+    assert [len(images) for images, _ in batches] == [2, 2, 2, 2, 1]
+
+
+class Recorder(torch.nn.Module):
+    """A model that notes the image ids of each batch it trains on (one parameter, a constant loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[list[int]] = []
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        assert all(image.dtype == torch.float32 for image in images)  # made float "on the device"
+        self.seen.append([int(t["image_id"]) for t in targets])
+        return {"loss": self.weight * 1.0}
+
+
+def test_one_stream_runs_through_checkpoint_windows_and_epochs_as_separate_ones_would(
+    shapes: CocoTrainingSet, tmp_path: pathlib.Path
+) -> None:
+    """A worker's batches are one stream for the run (reads ahead across checkpoints and epochs): the same
+    batches, flips included, as each epoch's own, and resuming mid-epoch gives the rest of that stream
+    (where an epoch is whole steps: else a resumed rank pads its last step from what it has left)."""
+    config = TrainConfig(
+        images=shapes.images, annotations=shapes.annotations, output=str(tmp_path), batch_size=3
+    )
+    loader = TrainingLoader(prefetch=4, threads=2)
+
+    def batches(progress: Progress) -> list[tuple[list[torch.Tensor], list[int]]]:
+        stream = worker_batches(shapes, loader, config, progress, 18, 0, 1)  # to the end of epoch 1
+        return [(images, [int(t["image_id"]) for t in targets]) for images, targets in stream]
+
+    whole = batches(Progress.start(9))  # 9 images in batches of 3: 3 steps an epoch
+    assert {i for _, ids in whole[:3] for i in ids} == {int(e.image_id) for e in shapes.examples}
+    for part, start in (
+        (batches(Progress.start(9, epoch=1)), 3),
+        (batches(Progress.start(9).advance(2, 1, 3)), 2),
+    ):
+        assert [ids for _, ids in part] == [ids for _, ids in whole[start:]]
+        for (images, _), (expected, _) in zip(part, whole[start:], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(images, expected, strict=True))
+    # Checkpoint windows of 2, 2 and 2 steps over one stream take every batch once, in order.
+    model = Recorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = make_scheduler(optimizer, 6, 0, "cosine")
+    stream = worker_batches(shapes, loader, config, Progress.start(9), 18, 0, 1)
+    step = 0
+    for stop in (2, 4, 6):
+        step = train_one_epoch(
+            model, optimizer, scheduler, stream, torch.device("cpu"), step=step, max_steps=stop
+        )
+        assert step == stop and len(model.seen) == stop
+    assert model.seen == [ids for _, ids in whole] and next(stream, None) is None
+
+
+@pytest.mark.gpu
+def test_on_cuda_images_and_targets_come_pinned_and_reach_the_device(shapes: CocoTrainingSet) -> None:
+    images, targets = next(TrainingLoader(pin_memory=True).batches(epoch(shapes.examples), 2))
+    assert all(image.is_pinned() for image in images)
+    assert all(value.is_pinned() for target in targets for value in target.values())
+    on_gpu = on_device(images[0], torch.device("cuda"))
+    assert on_gpu.is_cuda and on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), images[0].float() / 255)
+
+
+def test_boxes_of_masks_are_those_of_their_pixels_at_the_borders_and_of_one_pixel() -> None:
+    masks = torch.zeros((5, 7, 9), dtype=torch.uint8)
+    masks[0] = 1  # the whole image
+    masks[1, 6, 8] = 1  # one pixel, in the last row and column
+    masks[2, 0, 0] = masks[2, 3, 5] = 1  # two pixels apart
+    masks[3, 2:5, 0] = 1  # a line on the left border
+    masks[4] = torch.rand((7, 9), generator=torch.Generator().manual_seed(0)) > 0.8
+    expected = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        expected.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert boxes_of(masks).tolist() == torch.tensor(expected, dtype=torch.float32).tolist()
+    assert boxes_of(masks).dtype == torch.float32
+
+
+def test_a_flipped_sample_is_the_mirror_image_of_the_sample(shapes: CocoTrainingSet) -> None:
+    example = shapes.examples[0]
+    pixels = decode_image(pathlib.Path(example.uri).read_bytes())
+    (image, target), (mirrored, flipped) = to_sample(example, pixels), to_sample(example, pixels, flip=True)
+    assert torch.equal(mirrored, image.flip(-1)) and mirrored.is_contiguous()
+    assert torch.equal(flipped["masks"], target["masks"].flip(-1)) and flipped["masks"].is_contiguous()
+    x1, y1, x2, y2 = target["boxes"].unbind(1)
+    assert torch.equal(flipped["boxes"], torch.stack([example.width - x2, y1, example.width - x1, y2], 1))
+    assert torch.equal(flipped["labels"], target["labels"])

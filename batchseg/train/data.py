@@ -28,18 +28,17 @@ def to_sample(example: Example, pixels: np.ndarray, flip: bool = False) -> tuple
     -1). Instances whose mask is empty at this size are dropped; ``flip`` mirrors image and masks."""
     height, width = pixels.shape[:2]
     masks = np.stack([instance_mask(s, height, width) for s in example.segmentations])
-    keep = masks.reshape(len(masks), -1).any(axis=1)
-    image = torch.from_numpy(pixels).permute(2, 0, 1)
+    keep = masks.any(axis=(1, 2))
+    masks = masks[keep]
+    if flip:  # views: the copies below make them contiguous, one pass each
+        pixels, masks = pixels[:, ::-1], masks[:, :, ::-1]
     target = {
         "image_id": torch.tensor(int(example.image_id) if example.image_id.isdigit() else -1),
-        "masks": torch.from_numpy(masks[keep]),
+        "masks": torch.from_numpy(np.ascontiguousarray(masks)),
         "labels": torch.tensor(example.labels, dtype=torch.int64)[torch.from_numpy(keep)],
     }
-    if flip:
-        image = image.flip(-1)
-        target["masks"] = target["masks"].flip(-1)
     target["boxes"] = boxes_of(target["masks"])
-    return image.contiguous(), target
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), target
 
 
 def instance_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -101,12 +100,17 @@ class CocoInstances(torch.utils.data.Dataset):
 
 
 def boxes_of(masks: torch.Tensor) -> torch.Tensor:
-    """Tight ``x1 y1 x2 y2`` boxes (float32, ``N x 4``) around ``N x H x W`` masks; x2, y2 exclusive."""
-    boxes = torch.zeros((len(masks), 4), dtype=torch.float32)
-    for i, mask in enumerate(masks):
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-    return boxes
+    """Tight ``x1 y1 x2 y2`` boxes (float32, ``N x 4``) around non-empty ``N x H x W`` masks; x2, y2
+    exclusive. From the rows and the columns each mask has a pixel in: two passes over all the masks (the
+    loader's threads build a sample's target with them), not a search for every pixel of every mask."""
+
+    def span(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first line with a pixel, and one past the last."""
+        found = lines.to(torch.uint8)
+        return found.argmax(dim=1), lines.shape[1] - found.flip(1).argmax(dim=1)
+
+    (y1, y2), (x1, x2) = span(masks.any(dim=2)), span(masks.any(dim=1))
+    return torch.stack([x1, y1, x2, y2], dim=1).float()
 
 
 def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:

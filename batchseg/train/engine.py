@@ -3,6 +3,7 @@ workers it speaks ``torch.distributed`` (losses averaged, validation shared), wh
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -94,16 +95,15 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     on_step: StepCallback | None = None,
 ) -> int:
-    """One pass over ``batches`` (stopping at ``max_steps``); returns the new global step.
+    """One pass over ``batches``, stopping at ``max_steps``; returns the new global step. An iterator of
+    batches is left where it stopped (no batch taken past ``max_steps``): the next call goes on from there.
 
     Raises ``FloatingPointError`` on a non-finite loss (averaged over the ranks when ``torch.distributed``
     is set up: every rank raises it at the same step, with the same message): training stops loudly
     instead of going on with weights that are already ruined. ``on_step`` is given the averaged losses.
     """
     model.train()
-    for images, targets in batches:
-        if step >= max_steps:
-            break
+    for images, targets in itertools.islice(batches, max(0, max_steps - step)):
         images = [on_device(image, device) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -16,6 +16,7 @@ from batchseg.errors import BatchsegError, ImageError
 from batchseg.io.images import decode_image
 from batchseg.io.loader import read_ahead
 from batchseg.io.reader import ImageReader
+from batchseg.train.config import TrainConfig
 from batchseg.train.data import Target, to_sample
 from batchseg.train.examples import Example
 
@@ -34,7 +35,8 @@ class TrainingLoader:
         threads: threads decoding images and building their masks, ``2 * batch_size`` samples ahead.
         flip: mirror each image with probability 1/2, drawn from (``seed``, epoch, image id): the same on
             a rerun, whatever the threads do.
-        pin_memory: page-lock the images (CUDA), so their copies to the device run asynchronously.
+        pin_memory: page-lock images and targets in the decoding threads (for CUDA), so that their
+            ``non_blocking`` copies to the device run asynchronously, off the training thread.
 
     An image that cannot be read or decoded is left out of its batch (counted in :attr:`unreadable`,
     logged); a batch left with no image takes the last readable one again, so every worker still takes
@@ -59,24 +61,48 @@ class TrainingLoader:
         self.pin_memory = pin_memory
         self.unreadable = 0
 
-    def batches(self, examples: Iterable[Example], batch_size: int, epoch: int = 0) -> Iterator[Batch]:
-        def fetch(example: Example) -> tuple[Example, Future[bytes]]:
-            return example, self.reader.fetch(example.uri)
+    @classmethod
+    def from_config(cls, config: TrainConfig, device: torch.device) -> TrainingLoader:
+        """A training worker's loader: ``--prefetch``, ``--loader-workers`` threads, ``--seed``'s flips,
+        pinned when the model is on a CUDA device."""
+        return cls(
+            config.storage_options,
+            prefetch=config.prefetch,
+            threads=config.loader_workers,
+            seed=config.seed,
+            pin_memory=device.type == "cuda",
+        )
 
-        def load(fetched: tuple[Example, Future[bytes]]) -> Sample | ImageError:
-            example, data = fetched
-            try:
-                pixels = decode_image(self.reader.result(data))
-            except ImageError as e:
-                return e
-            flip = self.flip and zlib.crc32(f"{self.seed}/{epoch}/{example.image_id}".encode()) % 2 == 1
-            image, target = to_sample(example, pixels, flip)
-            return (image.pin_memory() if self.pin_memory else image), target
+    def batches(self, examples: Iterable[tuple[int, Example]], batch_size: int) -> Iterator[Batch]:
+        """``examples`` (each with its epoch, which the flip is drawn from) cut into batches every
+        ``batch_size``: one stream may run through many epochs (an epoch of whole batches starts a batch).
+
+        The reads begin here, not at the first batch asked for: they wait on storage while the caller
+        still builds its model or trains on what came before."""
+
+        def fetch(item: tuple[int, Example]) -> tuple[int, Example, Future[bytes]]:
+            epoch, example = item
+            return epoch, example, self.reader.fetch(example.uri)
 
         loaded = read_ahead(
-            examples, fetch, load, self.pool, fetch_window=max(self.prefetch, 2 * batch_size),
+            examples, fetch, self._load, self.pool, fetch_window=max(self.prefetch, 2 * batch_size),
             decode_window=2 * batch_size,
         )  # fmt: skip
+        return self._batched(loaded, batch_size)
+
+    def _load(self, fetched: tuple[int, Example, Future[bytes]]) -> Sample | ImageError:
+        epoch, example, data = fetched
+        try:
+            pixels = decode_image(self.reader.result(data))
+        except ImageError as e:
+            return e
+        flip = self.flip and zlib.crc32(f"{self.seed}/{epoch}/{example.image_id}".encode()) % 2 == 1
+        image, target = to_sample(example, pixels, flip)
+        if self.pin_memory:
+            image, target = image.pin_memory(), {k: v.pin_memory() for k, v in target.items()}
+        return image, target
+
+    def _batched(self, loaded: Iterator[Sample | ImageError], batch_size: int) -> Iterator[Batch]:
         pending: deque[Sample | ImageError] = deque()
         last: Sample | None = None
         while True:

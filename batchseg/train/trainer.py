@@ -7,11 +7,13 @@ and restoring, and failure handling. Rerunning the same command resumes from the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,12 +33,11 @@ from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.log import to_stderr, unless_configured
 from batchseg.options import check
-from batchseg.segment.driver import check_ray_address, init_ray
 from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
-from batchseg.train.examples import TrainingSet, is_parquet, open_training_set
-from batchseg.train.loader import TrainingLoader
+from batchseg.train.examples import Example, TrainingSet, is_parquet, open_training_set
+from batchseg.train.loader import Batch, TrainingLoader
 from batchseg.train.parquet import check_selection, select_training_set
 from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
 
@@ -104,13 +105,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     assert config.annotations, "run_training sets it to the training set it wrote from --from-results"
     data = open_training_set(config.images, config.annotations, config.storage_options)
-    loader = TrainingLoader(
-        config.storage_options,
-        prefetch=config.prefetch,
-        threads=config.loader_workers,
-        seed=config.seed,
-        pin_memory=device.type == "cuda",
-    )
+    loader = TrainingLoader.from_config(config, device)
     model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
     bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
@@ -170,13 +165,13 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
             )
 
     every = config.checkpoint_every
+    batches = worker_batches(data, loader, config, progress, total, rank, world)
     while progress.images_seen < total:
         # to the end of the epoch, of the run or to the next --checkpoint-every step, whichever is first
         steps = progress.steps_to(total, world, config.batch_size)
         if every:
             steps = min(steps, every - progress.step % every)
         at["stretch"] = progress
-        batches = _epoch_batches(data, loader, config, progress, rank, world)
         window = {"start": time.time(), "images": 0}
         step = train_one_epoch(
             model,
@@ -298,19 +293,33 @@ def restore_training_state(
         scaler.load_state_dict(saved["scaler"])
 
 
-def _epoch_batches(
+def worker_batches(
     data: TrainingSet,
     loader: TrainingLoader,
     config: TrainConfig,
     progress: Progress,
+    total: int,
     rank: int,
     world: int,
-) -> Any:
-    """This worker's share of what remains of the epoch (:mod:`~batchseg.train.sampling`), in batches: on
-    resume, the positions already trained on (by any number of workers) are not read again."""
-    order = EpochOrder(data.chunk_sizes, config.seed, progress.epoch)
-    mine = positions(progress.share(rank, world, config.batch_size))
-    return loader.batches(examples_at(data, order, mine), config.batch_size, progress.epoch)
+) -> Iterator[Batch]:
+    """This worker's batches for the rest of the run: its share of what remains of this epoch
+    (:mod:`~batchseg.train.sampling`; on resume, the positions already trained on, by any number of workers,
+    are not read again), then its shares of the epochs after, until ``total`` images are seen. One stream
+    for the whole run: the next checkpoint window's and the next epoch's images are read while this one
+    trains, and none read ahead is dropped at a checkpoint. (A rank's share after a few steps is what was
+    left of its share before them: :meth:`Progress.advance` keeps each rank's part.)"""
+    batch = config.batch_size
+
+    def examples() -> Iterator[tuple[int, Example]]:
+        current = progress
+        while current.images_seen < total:
+            steps = current.steps_to(total, world, batch)
+            order = EpochOrder(data.chunk_sizes, config.seed, current.epoch)
+            mine = itertools.islice(positions(current.share(rank, world, batch)), steps * batch)
+            yield from ((current.epoch, example) for example in examples_at(data, order, mine))
+            current = current.advance(steps, world, batch)
+
+    return loader.batches(examples(), batch)
 
 
 def _validation(config: TrainConfig) -> CocoInstances | None:
@@ -336,6 +345,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     import pyarrow.fs
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from batchseg.segment.driver import check_ray_address, init_ray
 
     # Ray Train's print patch would send each progress line twice (log and stream); plain prints suffice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
