@@ -25,7 +25,7 @@ from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import CHECKPOINT_PREFIX, run_training
 from tests.processes import ray_worker_pids, wait_for
 
-EXAMPLES, BATCH, ITERATIONS, EVERY, WARMUP = 16, 2, 12, 2, 2
+EXAMPLES, BATCH, ITERATIONS, EVERY, WARMUP = 16, 2, 12, 3, 2
 PLANNED = 2  # --workers 1,2: --iterations counts steps of 2 workers
 TOTAL = ITERATIONS * BATCH * PLANNED  # 48 images, 3 epochs
 CHEAP = {"rois_per_image": 16, "min_sizes": (64,), "max_size": 96}

@@ -34,6 +34,7 @@ from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import check_inputs
 from tests.s3server import S3Server
+from tests.test_finetune import assert_trunk_frozen_as_started
 from tests.test_layers import modules_loaded_by
 from tests.test_render import Output, write_segment_output
 
@@ -306,8 +307,11 @@ def test_segment_select_with_sql_train_and_the_model_learns_from_the_instances_s
     ray_address: str, tmp_path: pathlib.Path
 ) -> None:
     """The shipped shapes model segments a small set; ``--where "score >= 0.9"`` keeps its confident
-    instances; a run of one epoch at one image a step on one worker takes one step per selected image, from
-    the training set holding exactly what the same SQL selects through ``batchseg query``."""
+    instances; a run of one epoch at one image a step on two workers takes a step per two selected images,
+    from the training set holding exactly what the same SQL selects through ``batchseg query``. The run
+    fine-tunes the model that made the labels (self-training), validated by both workers at the checkpoint:
+    ``model.pt`` says how its backbone trained, and the stages it froze are bit-identical to the file it
+    started from."""
     from batchseg.demo import SHAPES_MODEL
     from batchseg.segment.config import SegmentConfig
     from batchseg.train.trainer import run_training
@@ -332,12 +336,18 @@ def test_segment_select_with_sql_train_and_the_model_learns_from_the_instances_s
         output=str(run),
         epochs=1,
         batch_size=1,
-        workers=1,
+        workers=2,
         min_sizes=(64,),
         max_size=96,
+        weights=str(SHAPES_MODEL),
+        trainable_backbone_layers=2,
+        validation_images=data.images,
+        validation_annotations=data.annotations,
     )
     metrics = run_training(config)
-    assert metrics["step"] == images  # one epoch of one image a step: every selected image, once
+    assert metrics["step"] == math.ceil(images / 2)  # one epoch, an image a step per worker
+    assert metrics["images_seen"] == images  # every selected image, once
+    assert 0 <= metrics["segm_AP50"] <= 1
     assert metrics["training_set"] | {"made_from": None} == {
         "made_from": None,
         "images": images,
@@ -346,6 +356,8 @@ def test_segment_select_with_sql_train_and_the_model_learns_from_the_instances_s
     }
     assert in_training_set(str(run / DATA_FOLDER)) == want
     saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved["backbone"] == {"frozen_batchnorm": True, "trainable_layers": 2, "sync_batchnorm": False}
+    assert_trunk_frozen_as_started(saved["model"])
     assert tuple(saved["categories"]) == ParquetTrainingSet(str(run / DATA_FOLDER)).categories
     assert saved["categories"][1:] == ["circle", "square", "triangle"]
     assert saved["config"]["annotations"] == str(run / DATA_FOLDER) and saved["config"]["where"] == where
