@@ -242,21 +242,35 @@ def is_parquet(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return path.endswith(PARQUET_SUFFIXES) or fs.isdir(path)
 
 
+def check_images_for(
+    images: str | None, annotations: str, storage_options: dict[str, Any] | None = None
+) -> bool:
+    """Whether ``annotations`` is Parquet; :class:`BatchsegError` unless ``images`` is given exactly when
+    it is COCO JSON (a Parquet training set's rows hold their images' URIs)."""
+    parquet = is_parquet(annotations, storage_options)
+    if parquet and images:
+        raise BatchsegError(
+            f"--images is for a COCO JSON --annotations; the Parquet training set {annotations} has URIs"
+        )
+    if not parquet and not images:
+        raise BatchsegError(
+            f"--annotations {annotations} is COCO JSON: give --images, the folder of its file names"
+        )
+    return parquet
+
+
 def open_training_set(
     images: str | None, annotations: str, storage_options: dict[str, Any] | None = None
 ) -> TrainingSet:
     """The training set at ``annotations``: a Parquet training set (:class:`ParquetTrainingSet`), or a COCO
-    instances JSON whose file names are relative to ``images``. Raises :class:`BatchsegError` when it holds
-    no image with an instance to learn from."""
+    instances JSON whose file names are relative to ``images`` (:func:`check_images_for`). Raises
+    :class:`BatchsegError` when it holds no image with an instance to learn from."""
     data: TrainingSet
-    if is_parquet(annotations, storage_options):
+    if check_images_for(images, annotations, storage_options):
         data = ParquetTrainingSet(annotations, storage_options)
         problem = "no ok row has an instance with a mask"
     else:
-        if images is None:
-            raise BatchsegError(
-                f"{annotations} is COCO JSON: give --images, the folder its file names are in"
-            )
+        assert images is not None
         data = coco = CocoTrainingSet(images, annotations, storage_options)
         problem = coco.stats.summary()
     if not sum(data.chunk_sizes):

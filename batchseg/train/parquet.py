@@ -24,7 +24,7 @@ from batchseg.format.coco import to_rle
 from batchseg.format.records import INSTANCE, METADATA_KEY, SCHEMA, ok_row
 from batchseg.io import atomic, storage
 from batchseg.io.manifest import absolute_uri
-from batchseg.train.examples import CocoTrainingSet, Example
+from batchseg.train.examples import Example, open_training_set
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,7 @@ def coco_to_parquet(
     with job_errors(f"cannot write {output}"):
         if fs.exists(path):
             raise BatchsegError(f"--output {output} exists: give a new folder for the training set")
-    data = CocoTrainingSet(images, annotations, storage_options)
-    if not sum(data.chunk_sizes):
-        raise BatchsegError(f"{annotations}: no image has an instance to train on ({data.stats.summary()})")
+    data = open_training_set(images, annotations, storage_options)  # COCO JSON: one chunk
     made_from = {"coco": annotations, "images": images}
     writer = TrainingSetWriter(output, data.categories, made_from, storage_options, row_group_images)
     examples = data.read_chunk(0)

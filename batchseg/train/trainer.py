@@ -36,7 +36,7 @@ from batchseg.options import check
 from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
-from batchseg.train.examples import Example, TrainingSet, is_parquet, open_training_set
+from batchseg.train.examples import Example, TrainingSet, check_images_for, open_training_set
 from batchseg.train.loader import Batch, TrainingLoader
 from batchseg.train.parquet import check_selection, select_training_set
 from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
@@ -451,11 +451,7 @@ def check_inputs(config: TrainConfig) -> None:
             fs, path = storage.filesystem(uri, config.storage_options)
             if not fs.exists(path):
                 raise BatchsegError(f"--{name.replace('_', '-')} {uri} does not exist")
-    if config.annotations and is_parquet(config.annotations, config.storage_options) == bool(config.images):
-        raise BatchsegError(
-            f"--images is for a COCO JSON --annotations; the Parquet training set {config.annotations} has URIs"
-            if config.images
-            else f"--annotations {config.annotations} is COCO JSON: give --images, the folder of its file names"
-        )
+    if config.annotations:
+        check_images_for(config.images, config.annotations, config.storage_options)
     if config.from_results:  # before anything is written: a run folder made from another selection
         check_selection(config.from_results, config.where, config.output.rstrip("/"), config.storage_options)
