@@ -109,9 +109,7 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
     bare: torch.nn.Module = getattr(model, "module", model)  # the model inside DDP
-    examples = sum(data.chunk_sizes)
-    if not examples:
-        raise BatchsegError("the training set has no examples")
+    examples = sum(data.chunk_sizes)  # at least one: open_training_set refuses a set without any
     progress = Progress.start(examples)
     planned = worker_range(config.workers)[1]  # what --iterations counts steps of; a resume keeps its own
     resumed_from = 0
