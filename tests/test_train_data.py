@@ -275,8 +275,8 @@ def test_the_reads_begin_when_the_batches_are_made_not_at_the_first_asked_for(
     """So they wait on storage while the worker still builds its model or trains on what came before."""
     loader = TrainingLoader(prefetch=5, flip=False)
     asked: list[str] = []
-    fetch = loader.reader.fetch
-    monkeypatch.setattr(loader.reader, "fetch", lambda uri: asked.append(uri) or fetch(uri))
+    fetch = loader.images.reader.fetch
+    monkeypatch.setattr(loader.images.reader, "fetch", lambda uri: asked.append(uri) or fetch(uri))
     batches = loader.batches(epoch(shapes.examples), 2)
     assert asked == [e.uri for e in shapes.examples[:5]]
     assert [len(images) for images, _ in batches] == [2, 2, 2, 2, 1]

@@ -7,15 +7,14 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.io.images import decode_image
-from batchseg.io.loader import read_ahead
-from batchseg.io.reader import ImageReader
+from batchseg.io.loader import ImageLoader, read_ahead
 from batchseg.train.config import TrainConfig
 from batchseg.train.data import Target, to_sample
 from batchseg.train.examples import Example
@@ -53,9 +52,7 @@ class TrainingLoader:
         seed: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.reader = ImageReader(storage_options, in_flight=prefetch)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batchseg-train-decode")
-        self.prefetch = prefetch
+        self.images = ImageLoader(storage_options, prefetch=prefetch, threads=threads)  # segment's reads
         self.flip = flip
         self.seed = seed
         self.pin_memory = pin_memory
@@ -82,20 +79,20 @@ class TrainingLoader:
 
         def fetch(item: tuple[int, Example]) -> tuple[int, Example, Future[bytes]]:
             epoch, example = item
-            return epoch, example, self.reader.fetch(example.uri)
+            return epoch, example, self.images.reader.fetch(example.uri)
 
         loaded = read_ahead(
-            examples, fetch, self._load, self.pool, fetch_window=max(self.prefetch, 2 * batch_size),
-            decode_window=2 * batch_size,
+            examples, fetch, self._load, self.images.pool,
+            fetch_window=max(self.images.prefetch, 2 * batch_size), decode_window=2 * batch_size,
         )  # fmt: skip
         return self._batched(loaded, batch_size)
 
     def _load(self, fetched: tuple[int, Example, Future[bytes]]) -> Sample | ImageError:
         epoch, example, data = fetched
-        try:
-            pixels = decode_image(self.reader.result(data))
-        except ImageError as e:
-            return e
+        pixels = self.images.load(data)  # never an EncodedJpeg: the loader keeps no JPEG encoded
+        if isinstance(pixels, ImageError):
+            return pixels
+        assert isinstance(pixels, np.ndarray)
         flip = self.flip and zlib.crc32(f"{self.seed}/{epoch}/{example.image_id}".encode()) % 2 == 1
         image, target = to_sample(example, pixels, flip)
         if self.pin_memory:
