@@ -90,10 +90,10 @@ def is_ours(path: str) -> bool:
 # decided once the job runs, and recorded then (:meth:`OutputDir.add_settings`).
 COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size",
                    "max_instances", "max_pixels", "shard_size", "keep_columns", "precision", "decode",
-                   "device")  # fmt: skip
+                   "device", "tile", "tile_overlap")  # fmt: skip
 # What a key that an older batchseg did not write meant. Where it has no meaning here (older batchseg did
 # not record its precision, decode and device), the earlier value is unknown and any is taken.
-ABSENT: dict[str, Any] = {"keep_columns": {}}
+ABSENT: dict[str, Any] = {"keep_columns": {}, "tile": None, "tile_overlap": None}
 
 
 def _count(value: Any) -> bool:

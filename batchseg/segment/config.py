@@ -33,7 +33,10 @@ from batchseg.options import (
 if TYPE_CHECKING:
     from batchseg.io.manifest import Keep
 
-SMALL = MODELS["maskrcnn_small"]  # the defaults' exception, named in the help
+SMALL = MODELS["maskrcnn_small"]
+MAX_INSTANCES = 100  # --max-instances' default for an image the model takes whole
+MAX_TILED_INSTANCES = 10_000  # and for a tiled one, which can hold thousands (slides, scenes, mosaics)
+MIN_TILE = 32  # the smallest --tile: below it the backbone's coarsest maps (stride 32) have no pixel  # the defaults' exception, named in the help
 # "device" decodes JPEG batches with torchvision on the model's device; "torchvision" is its older name.
 ON_DEVICE = ("device", "torchvision")
 DECODERS = ("auto", "pil", *ON_DEVICE)
@@ -119,7 +122,33 @@ class SegmentConfig:
         default_text=f"the checkpoint's, else the model's own ({ModelSpec.max_size}, or {SMALL.max_size} for "
         f"{SMALL.name})",
     )
-    max_instances: int = option(100, "keep at most this many instances per image", check=at_least(1))
+    max_instances: int | None = option(
+        None,
+        "keep at most this many instances per image",
+        parse=int,
+        check=at_least(1),
+        default_text=f"{MAX_INSTANCES}, or {MAX_TILED_INSTANCES} for a tiled image",
+    )
+    tile: int | None = option(
+        None,
+        "cut an image larger than SIZE x SIZE into overlapping tiles of this size, each given the model's usual "
+        "resize (a tile near --min-size runs at native scale), tiles of one or many images sharing batches; "
+        "each image is still one row, its instances stitched in its own pixels (see README: Huge images); "
+        "tiled TIFFs are read window by window",
+        parse=int,
+        check=at_least(MIN_TILE),
+        metavar="SIZE",
+        default_text="off: every image resized whole",
+    )
+    tile_overlap: int | None = option(
+        None,
+        "pixels neighbouring tiles share; an object smaller than this is seen whole by some tile, a larger "
+        "one is merged from its parts",
+        parse=int,
+        check=at_least(0),
+        metavar="PIXELS",
+        default_text="a quarter of --tile",
+    )
     max_pixels: int = option(
         DEFAULT_MAX_PIXELS,
         "images with more pixels become 'too_large' error rows (decompression bombs)",
@@ -208,7 +237,27 @@ class SegmentConfig:
     storage_options: dict[str, Any] = option(help=STORAGE_OPTIONS_HELP, parse=json_object, factory=dict)
 
     def relations(self) -> list[tuple[bool, str]]:
-        return [resize_order(() if self.min_size is None else (self.min_size,), self.max_size, "--min-size")]
+        return [
+            resize_order(() if self.min_size is None else (self.min_size,), self.max_size, "--min-size"),
+            (self.tile_overlap is None or self.tile is not None, "--tile-overlap needs --tile"),
+            (
+                self.tile is None or self.overlap < self.tile,
+                f"--tile-overlap must be below --tile ({self.tile}), not {self.tile_overlap}",
+            ),
+        ]
+
+    @property
+    def overlap(self) -> int:
+        """The pixels neighbouring tiles share: ``--tile-overlap``, else a quarter of ``--tile``."""
+        if self.tile_overlap is not None:
+            return self.tile_overlap
+        return (self.tile or 0) // 4
+
+    def instances_per_image(self, tiled: bool) -> int:
+        """``--max-instances``, else its default for an image taken whole or tiled."""
+        if self.max_instances is not None:
+            return self.max_instances
+        return MAX_TILED_INSTANCES if tiled else MAX_INSTANCES
 
     @property
     def io_options(self) -> dict[str, Any]:

@@ -104,7 +104,7 @@ class ShardProcessor:
             mask_threshold=config.mask_threshold,
             min_size=config.min_size,
             max_size=config.max_size,
-            max_instances=config.max_instances,
+            max_instances=config.instances_per_image(tiled=False),
             device=device,
             precision=config.precision,
             storage_options=config.io_options,
