@@ -3,12 +3,20 @@ images through the shard processor with the shipped model: one row per image, in
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
+from PIL import Image, ImageDraw
 
+from batchseg.analysis.results import open_results
+from batchseg.analysis.verify import verify
+from batchseg.demo import SHAPES_MODEL
 from batchseg.inference.paste import encode_crops
 from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, starts
+from batchseg.segment.config import SegmentConfig
+from tests.segmenting import segment_in_process
 
 
 @pytest.mark.parametrize(
@@ -23,7 +31,7 @@ def test_tiles_are_full_size_overlap_enough_and_their_cores_cover_the_image_once
     seen = np.zeros((height, width), dtype=int)
     for tile in grid.tiles:
         assert (tile.height, tile.width) == (min(size, height), min(size, width))
-        assert 0 <= tile.top and tile.bottom <= height and 0 <= tile.left and tile.right <= width
+        assert tile.top >= 0 and tile.bottom <= height and tile.left >= 0 and tile.right <= width
         top, left, bottom, right = tile.core
         assert tile.top <= top < bottom <= tile.bottom and tile.left <= left < right <= tile.right
         owners[top:bottom, left:right] += 1
@@ -31,7 +39,7 @@ def test_tiles_are_full_size_overlap_enough_and_their_cores_cover_the_image_once
     assert (owners == 1).all()
     for axis, length in ((grid.rows, height), (grid.columns, width)):
         assert axis[0] == 0 and axis[-1] + min(size, length) == length
-        assert all(b - a <= size - overlap for a, b in zip(axis, axis[1:], strict=False))
+        assert all(b - a <= size - overlap for a, b in itertools.pairwise(axis))
     assert starts(100, 160, 48) == [0]
 
 
@@ -82,7 +90,7 @@ def stitched(grid: TileGrid, shapes: list[np.ndarray]) -> list[dict]:
                 pieces.append(Piece(tile.index, instance, (x1, y1, x2, y2), crop))
             else:
                 assert fate == DROP
-        stitcher.add(kept, pieces)
+        stitcher.add(tile, kept, pieces)
     return stitcher.instances()
 
 
@@ -113,3 +121,81 @@ def test_a_perfect_models_tiles_stitch_into_each_object_exactly_once() -> None:
             mask = shapes[instance["category_id"]]
             x1, y1, x2, y2 = box_of(mask)
             assert instance["bbox"] == [x1, y1, x2 - x1, y2 - y1]
+
+
+def scene(rng: np.random.Generator, side: int, count: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """A ``side x side`` picture of ``count`` shapes apart from each other, as the shipped model's training
+    images have them (a plain background, shapes 20 to 56 px across): its pixels and each shape's category
+    and mask."""
+    background, colours = rng.integers(0, 256, size=3), rng.integers(0, 256, size=(count, 3))
+    picture = Image.new("RGB", (side, side), tuple(int(v) for v in background))
+    draw = ImageDraw.Draw(picture)
+    shapes: list[tuple[int, np.ndarray]] = []
+    taken = np.zeros((side, side), dtype=bool)
+    while len(shapes) < count:
+        category, r = int(rng.integers(1, 4)), int(rng.integers(10, 29))
+        cx, cy = (int(v) for v in rng.integers(r, side - r, size=2))
+        if taken[max(cy - r - 4, 0) : cy + r + 5, max(cx - r - 4, 0) : cx + r + 5].any():
+            continue
+        layer = Image.new("1", (side, side), 0)
+        for target, fill in ((draw, tuple(int(v) for v in colours[len(shapes)])), (ImageDraw.Draw(layer), 1)):
+            if category == 1:
+                target.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            elif category == 2:
+                target.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            else:
+                target.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        mask = np.array(layer, dtype=bool)
+        taken |= mask
+        shapes.append((category, mask))
+    return np.array(picture), shapes
+
+
+SIDE = 336  # three tiles of 160 a side, sharing 48 (and more at the end)
+
+
+def test_a_huge_image_tiled_finds_its_objects_once_in_its_own_pixels(tmp_path) -> None:
+    """A scene three tiles wide with shapes everywhere, across tile borders too: the tiled row finds the
+    objects (matched to the truth by mask) as well as the model does on the scene at its native scale,
+    and none twice; its masks decode with plain pycocotools at the scene's size; verify passes. Images
+    that fit a tile get today's rows, unchanged."""
+    pixels, truth = scene(np.random.default_rng(2), SIDE, 24)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    (tmp_path / "scene.txt").write_text(str(tmp_path / "scene.png"))
+    small = [tmp_path / f"small{k}.png" for k in range(3)]
+    for k, path in enumerate(small):
+        Image.fromarray(pixels[k * 100 : k * 100 + 150, 40:190]).save(path)
+    (tmp_path / "small.txt").write_text("\n".join(str(p) for p in small))
+    model = {"weights": str(SHAPES_MODEL), "batch_size": 4}
+    tiling = {"tile": 160, "tile_overlap": 48}
+    native = SegmentConfig(
+        str(tmp_path / "scene.txt"), str(tmp_path / "native"), **model, min_size=SIDE, max_size=SIDE
+    )
+    tiled = SegmentConfig(str(tmp_path / "scene.txt"), str(tmp_path / "tiled"), **model, **tiling)
+    alone = SegmentConfig(str(tmp_path / "small.txt"), str(tmp_path / "alone"), **model)
+    small_tiled = SegmentConfig(str(tmp_path / "small.txt"), str(tmp_path / "small_tiled"), **model, **tiling)
+    for config in (native, tiled, alone, small_tiled):
+        segment_in_process(config)
+    assert (
+        open_results(small_tiled.output).to_table().to_pylist()
+        == open_results(alone.output).to_table().to_pylist()
+    )
+    assert verify(tiled.output).ok
+    (row,) = open_results(tiled.output).to_table().to_pylist()
+    assert (row["status"], row["width"], row["height"]) == ("ok", SIDE, SIDE)
+    found = row["instances"]
+    rles = [{"size": [SIDE, SIDE], "counts": i["rle"]} for i in found]
+    decoded = coco_mask.decode(rles)
+    assert decoded.shape == (SIDE, SIDE, len(found))
+    assert [int(d.sum()) for d in np.moveaxis(decoded, -1, 0)] == [i["area"] for i in found]
+    truths = [coco_mask.encode(np.asfortranarray(m.astype(np.uint8))) for _, m in truth]
+
+    def recall(instances: list[dict]) -> float:
+        masks = [{"size": [SIDE, SIDE], "counts": i["rle"]} for i in instances]
+        return float((coco_mask.iou(truths, masks, [0] * len(masks)).max(axis=1) >= 0.5).mean())
+
+    (whole,) = open_results(native.output).to_table().to_pylist()
+    assert recall(found) >= min(0.9, recall(whole["instances"])), (recall(found), recall(whole["instances"]))
+    among = coco_mask.iou(rles, rles, [0] * len(rles))
+    np.fill_diagonal(among, 0)
+    assert among.max() < 0.5, "an object found twice"

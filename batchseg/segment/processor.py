@@ -418,7 +418,7 @@ class ShardProcessor:
                 )
             for k, (kept, pieces) in zip(tiles, stitched, strict=True):
                 i, unit = batch[k]
-                if unit.of.stitcher.add(kept, pieces):
+                if unit.of.stitcher.add(unit.tile, kept, pieces):
                     rows[i] = ok_row(
                         shard.image_ids[i], shard.uris[i], *image_size(unit), unit.of.stitcher.instances()
                     )
