@@ -379,24 +379,33 @@ def big_instance(index: int) -> dict[str, Any]:
 def blend(index: int) -> tuple[int, ...]:
     """A mask pixel's colour over the background: the ``MASK_ALPHA`` blend of ``draw_overlay``."""
     colour = instance_colour(index)
-    return tuple(round(b * (1 - MASK_ALPHA) + c * MASK_ALPHA) for b, c in zip(BACKGROUND, colour, strict=True))
+    return tuple(
+        round(b * (1 - MASK_ALPHA) + c * MASK_ALPHA) for b, c in zip(BACKGROUND, colour, strict=True)
+    )
+
+
+def write_huge_images(
+    folder: pathlib.Path, suffixes: tuple[str, ...] = ("png", "tif")
+) -> dict[str, dict[str, Any]]:
+    """A 6000 x 4000 PNG and the same image as a tiled TIFF, and their rows (three instances far apart)."""
+    import tifffile
+
+    pixels = np.empty((BIG_H, BIG_W, 3), dtype=np.uint8)
+    pixels[...] = BACKGROUND
+    if "png" in suffixes:
+        Image.fromarray(pixels).save(folder / "scene.png", compress_level=1)
+    if "tif" in suffixes:
+        tifffile.imwrite(folder / "scene.tif", pixels, tile=(512, 512), compression="zlib", photometric="rgb")
+    instances = [big_instance(i) for i in range(len(FAR_APART))]
+    return {
+        suffix: ok_row(f"scene-{suffix}", str(folder / f"scene.{suffix}"), BIG_W, BIG_H, instances)
+        for suffix in suffixes
+    }
 
 
 @pytest.fixture(scope="module")
 def huge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """A 6000 x 4000 PNG and the same image as a tiled TIFF, and their rows (three instances far apart)."""
-    import tifffile
-
-    folder = tmp_path_factory.mktemp("huge")
-    pixels = np.empty((BIG_H, BIG_W, 3), dtype=np.uint8)
-    pixels[...] = BACKGROUND
-    Image.fromarray(pixels).save(folder / "scene.png", compress_level=1)
-    tifffile.imwrite(folder / "scene.tif", pixels, tile=(512, 512), compression="zlib", photometric="rgb")
-    instances = [big_instance(i) for i in range(len(FAR_APART))]
-    return {
-        suffix: ok_row(f"scene-{suffix}", str(folder / f"scene.{suffix}"), BIG_W, BIG_H, instances)
-        for suffix in ("png", "tif")
-    }
+    return write_huge_images(tmp_path_factory.mktemp("huge"))
 
 
 def test_rectangle_rle_is_encode_rle_of_the_rectangle() -> None:
@@ -429,7 +438,9 @@ def test_splash_of_a_huge_image(huge: dict[str, dict[str, Any]], tmp_path: pathl
     assert (splash[200:260, 100:250] == splash[200:260, 100:250, :1]).all(), "the rest turns grey"
 
 
-def test_a_region_shows_only_the_instances_inside_it(huge: dict[str, dict[str, Any]], tmp_path: pathlib.Path) -> None:
+def test_a_region_shows_only_the_instances_inside_it(
+    huge: dict[str, dict[str, Any]], tmp_path: pathlib.Path
+) -> None:
     (written,) = render_rows([huge["png"]], str(tmp_path), max_side=600, region=(4800, 3000, 1200, 1000))
     drawn = np.asarray(Image.open(written))
     assert drawn.shape == (500, 600, 3)  # scale 0.5
@@ -452,7 +463,10 @@ def test_drawing_a_huge_image_costs_its_picture_not_its_size(huge: dict[str, dic
     picture = np.empty((400, 600, 3), dtype=np.uint8)
     picture[...] = BACKGROUND
     # Besides the three, an instance nearly as large as the image: its crop is the whole picture.
-    instances = [*huge["png"]["instances"], big_instance(1) | {"rle": rectangle_rle(1, 1, BIG_W - 2, BIG_H - 2)}]
+    instances = [
+        *huge["png"]["instances"],
+        big_instance(1) | {"rle": rectangle_rle(1, 1, BIG_W - 2, BIG_H - 2)},
+    ]
     whole = View(BIG_W, BIG_H, (0, 0, BIG_W, BIG_H))
     tracemalloc.start()
     drawn = np.asarray(draw_overlay(picture, instances, view=whole))
@@ -464,7 +478,9 @@ def test_drawing_a_huge_image_costs_its_picture_not_its_size(huge: dict[str, dic
     assert peak < min(BIG_W * BIG_H * 3 // 4, 6 * picture.size * 4), peak
 
 
-def test_render_rows_of_small_images_is_unchanged_by_the_bound(output: Output, tmp_path: pathlib.Path) -> None:
+def test_render_rows_of_small_images_is_unchanged_by_the_bound(
+    output: Output, tmp_path: pathlib.Path
+) -> None:
     row = output.rows[0]
     (default,) = render_rows([row], str(tmp_path / "default"))
     (exact,) = render_rows([row], str(tmp_path / "exact"), max_side=max(row["width"], row["height"]))
@@ -482,7 +498,7 @@ def test_a_region_outside_every_image_is_refused_and_nothing_is_written(
     ok = sorted((r for r in output.rows if r["status"] == "ok"), key=lambda r: r["width"])
     narrow, wide = ok[0], ok[-1]
     assert narrow["width"] < wide["width"]
-    with pytest.raises(BatchsegError, match=r"region \(0, 0, 100000, 5\) lies outside every image drawn"):
+    with pytest.raises(BatchsegError, match=r"region \(0, 0, 100000, 5\) reaches beyond every image drawn"):
         render_rows(output.rows, str(tmp_path / "none"), region=(0, 0, 100_000, 5))
     assert not list((tmp_path / "none").iterdir())
     # Outside some images only: those are skipped, with the warning.
@@ -490,7 +506,7 @@ def test_a_region_outside_every_image_is_refused_and_nothing_is_written(
     written = render_rows([narrow, wide], str(tmp_path / "some"), region=(1, 0, wide["width"] - 1, 5))
     assert [pathlib.Path(p).name for p in written] == [f"{wide['image_id']}.png"]
     assert Image.open(written[0]).size == (wide["width"] - 1, 5)
-    assert "skipped 1 (1 region outside the image" in capsys.readouterr().err
+    assert "skipped 1 (1 region beyond the image" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 1 pixel"):
         render_rows(ok, str(tmp_path / "x"), max_side=0)
 
@@ -505,7 +521,10 @@ def test_a_region_outside_every_image_is_refused_and_nothing_is_written(
         (["--region=-1,0,10,10"], "argument --region: a region is LEFT,TOP,WIDTH,HEIGHT with"),
         (["--region", "0,0,10"], "argument --region: a region is LEFT,TOP,WIDTH,HEIGHT with"),
         (["--region", "nan,0,10,10"], "argument --region: expected numbers like LEFT,TOP,WIDTH,HEIGHT"),
-        (["--region", "0,0,100000,10"], "error: the region (0, 0, 100000, 10) lies outside every image drawn"),
+        (
+            ["--region", "0,0,100000,10"],
+            "error: the region (0, 0, 100000, 10) reaches beyond every image drawn",
+        ),
     ],
 )
 def test_render_refuses_bad_sizes_and_regions_with_one_line_and_writes_nothing(

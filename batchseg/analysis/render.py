@@ -300,7 +300,7 @@ def render_rows(
     displayed size is not the row's, that does not hold the region, or whose row does not fit it, is
     skipped; one warning sums up the skipped images. Raises ``ValueError`` for an unknown style, a
     ``max_side`` under 1 or an empty region, and ``BatchsegError`` when ``out_dir`` cannot be written or
-    the region lies outside every image (nothing is written then).
+    the region reaches beyond every image (nothing is written then).
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}: expected one of {', '.join(STYLES)}")
@@ -327,14 +327,14 @@ def render_rows(
             atomic.write(fs, storage.join(root, name), buffer.getvalue())
         written.append(storage.join(out_dir, name))
     if not written and skipped[_OUTSIDE] == sum(skipped.values()) > 0:
-        raise BatchsegError(f"the region {region} lies outside every image drawn, e.g. {first[_OUTSIDE]}")
+        raise BatchsegError(f"the region {region} reaches beyond every image drawn, e.g. {first[_OUTSIDE]}")
     if skipped:
         reasons = "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common())
         log.warning(f"render: wrote {len(written)} images, skipped {sum(skipped.values())} ({reasons})")
     return written
 
 
-_OUTSIDE = "region outside the image"
+_OUTSIDE = "region beyond the image"
 
 
 def check_picture_options(max_side: int, region: tuple[int, int, int, int] | None) -> None:

@@ -207,8 +207,7 @@ def _picture(row: dict[str, Any], storage_options: dict[str, Any] | None) -> _Pi
         size = _tile_size(width, height)
         picture = read_picture(row, storage_options, max(size))
         if isinstance(picture, str):
-            kind, _, detail = picture.partition(": ")
-            return f"unreadable ({detail.split(':')[0]})" if kind == "unreadable" else "size differs from its row"
+            return picture.split(":", 1)[0]  # "unreadable", "size differs"
         pixels, view = picture
         if (pixels.shape[1], pixels.shape[0]) != size:  # the preview's rounding of the shorter side
             pixels = np.array(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
