@@ -478,6 +478,20 @@ def test_drawing_a_huge_image_costs_its_picture_not_its_size(huge: dict[str, dic
     assert peak < min(BIG_W * BIG_H * 3 // 4, 6 * picture.size * 4), peak
 
 
+def test_a_scaled_down_picture_labels_only_objects_as_tall_as_a_label() -> None:
+    """Thousands of nuclei on a slide, shrunk, would be all labels: a small one gets its mask and box."""
+    picture = np.empty((400, 600, 3), dtype=np.uint8)
+    picture[...] = BACKGROUND
+    tiny = big_instance(0) | {"bbox": [3000.0, 1000.0, 30.0, 30.0], "rle": rectangle_rle(3000, 1000, 30, 30)}
+    drawn = np.asarray(draw_overlay(picture, [tiny], view=View(BIG_W, BIG_H, (0, 0, BIG_W, BIG_H))))
+    changed = np.argwhere((drawn != BACKGROUND).any(axis=2))
+    assert changed.min(axis=0).tolist() == [100, 300] and changed.max(axis=0).tolist() == [102, 302]
+    # At full size (a region of its own size), the same instance is labelled, as every instance always was.
+    region = View(BIG_W, BIG_H, (2900, 900, 600, 400))
+    drawn = np.asarray(draw_overlay(picture, [tiny], view=region))
+    assert (drawn != BACKGROUND).any(axis=2).sum() > 30 * 30 + 200
+
+
 def test_render_rows_of_small_images_is_unchanged_by_the_bound(
     output: Output, tmp_path: pathlib.Path
 ) -> None:

@@ -93,7 +93,8 @@ def draw_overlay(
 
     ``style="overlay"``: each mask blended with its colour (weight ``MASK_ALPHA``) and outlined in it,
     the box, the keypoints with v > 0 (and, for COCO's 17, the skeleton between them) and a
-    ``"category 0.93"`` label at the box's top-left. ``style="splash"``: pixels inside any mask (the
+    ``"category 0.93"`` label at the box's top-left (in a picture scaled down, only for a box at least as
+    tall as the label's text). ``style="splash"``: pixels inside any mask (the
     box, for a box-only instance) keep their colour, all others become their luminance, as grey RGB.
 
     Raises ``ValueError`` for an unknown style, pixels of another shape or dtype, or an RLE that does
@@ -140,10 +141,14 @@ def draw_overlay(
         if instance.get("keypoints") is not None:
             _draw_keypoints(draw, instance["keypoints"], instance_colour(index), line + 1)
     # Labels last, so that no other instance's box or mask covers one.
-    font = ImageFont.load_default(_font_size(width, height))
+    font_size = _font_size(width, height)
+    font = ImageFont.load_default(font_size)
+    scaled_down = width < view.region[2] or height < view.region[3]
     for index, instance in shown:
         box = _box(instance.get("bbox"), width, height)
-        if box is not None:
+        # A slide's thousands of small objects, shrunk, would be covered by their labels: there, only an
+        # object at least as tall as a label's text gets one.
+        if box is not None and not (scaled_down and box[3] - box[1] + 1 < font_size):
             _draw_label(draw, font, _label_text(instance), box, instance_colour(index), width, height)
     return image
 
