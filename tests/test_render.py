@@ -22,6 +22,7 @@ from batchseg.analysis.render import (
     render_rows,
     safe_name,
 )
+from batchseg.cli import main
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
@@ -504,6 +505,28 @@ def test_render_rows_of_small_images_is_unchanged_by_the_bound(
         np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
     (shrunk,) = render_rows([row], str(tmp_path / "shrunk"), max_side=max(row["width"], row["height"]) // 2)
     assert max(Image.open(shrunk).size) == max(row["width"], row["height"]) // 2
+
+
+def test_render_command_draws_a_region_at_max_side(
+    output: Output, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    argv = [
+        "render",
+        output.uri,
+        "--out",
+        str(out),
+        "--limit",
+        "1",
+        "--max-side",
+        "40",
+        "--region",
+        "10,5,60,30",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"1 images rendered to {out}"
+    (png,) = out.iterdir()
+    assert Image.open(png).size == (40, 20)
 
 
 def test_a_region_outside_every_image_is_refused_and_nothing_is_written(
