@@ -259,6 +259,27 @@ def test_splash_keeps_masks_in_colour_and_greys_the_rest(output: Output) -> None
     assert np.abs(outside[:, 0] - luma).max() <= 1
 
 
+def test_keypoints_and_boxes_move_and_scale_with_the_view() -> None:
+    """A person at (1100, 2100) of a 6000 x 4000 image, in a 100 x 100 picture of its region (1000, 2000,
+    200, 200): every point at ((x - 1000) / 2, (y - 2000) / 2)."""
+    figure = person(1100.0, 2100.0)
+    points = np.array(figure["keypoints"]).reshape(17, 3)
+    picture = np.full((100, 100, 3), GREY, dtype=np.uint8)
+    view = View(6000, 4000, (1000, 2000, 200, 200))
+    drawn = np.asarray(draw_overlay(picture, [figure], view=view)).astype(int)
+    colour = np.array(instance_colour(0))
+
+    def midpoint(a: int, b: int) -> tuple[int, int]:
+        x, y = (points[a, :2] + points[b, :2]) / 2
+        return round((y - 2000) / 2), round((x - 1000) / 2)
+
+    assert (drawn[midpoint(5, 11)] == colour).all(), "left shoulder - left hip"
+    assert (drawn[midpoint(6, 12)] == colour).all(), "right shoulder - right hip"
+    assert (drawn[50, 50] == colour).all() and (drawn[50, 64] == colour).all(), "the box's top corners"
+    # Below the box's top (its label is above it), nothing right of the box or below the ankles' dots.
+    assert (drawn[50:, 68:] == GREY).all() and (drawn[84:, :] == GREY).all()
+
+
 def test_bad_style_and_bad_pixels_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown style 'sparkle'"):
         draw_overlay(plain(), [], style="sparkle")
