@@ -5,18 +5,20 @@ bounded by the windows in flight, never by the image."""
 from __future__ import annotations
 
 import bisect
+import io
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, TypeVar, cast
 
 import fsspec
 import numpy as np
 from fsspec.utils import merge_offset_ranges
 
 from batchseg.errors import ImageError, StorageUnavailable, first_line
-from batchseg.io import retries, storage
+from batchseg.io import storage
 from batchseg.io.images import (
     DEFAULT_MAX_PIXELS,
     TIFF_SIGNATURES,
@@ -26,6 +28,8 @@ from batchseg.io.images import (
     tiff_samples_to_rgb,
 )
 from batchseg.io.reader import image_read_options, read_failure, read_image_bytes, refuse_special_file
+
+T = TypeVar("T")
 
 # File names read window by window when tiling (others are read and decoded whole).
 WINDOWED_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
@@ -175,26 +179,22 @@ class WindowedImage:
                     f"TIFF tile {i} lies past the end of the file ({at.offsets[i] + at.bytecounts[i]:,} > "
                     f"{self._size:,} bytes): truncated?",
                 )
-        starts = [at.offsets[i] for i in wanted]
-        ends = [at.offsets[i] + at.bytecounts[i] for i in wanted]
-        _, merged_starts, merged_ends = merge_offset_ranges(
-            [self._path] * len(wanted), starts, ends, max_gap=MERGE_GAP, sort=True
+        ranges = [(at.offsets[i], at.offsets[i] + at.bytecounts[i]) for i in wanted]
+        _, starts, ends = merge_offset_ranges(
+            [self._path] * len(ranges),
+            [r[0] for r in ranges],
+            [r[1] for r in ranges],
+            max_gap=MERGE_GAP,
+            sort=True,
         )
-        try:
-            blocks = retries.retrying(
-                lambda: self._fs.cat_ranges(
-                    [self._path] * len(merged_starts), merged_starts, merged_ends, on_error="raise"
-                ),
-                f"reading {self.uri}",
-            )
-        except StorageUnavailable:
-            raise
-        except Exception as e:
-            raise read_failure(e, self.uri) from e
+        merged = list(zip(starts, ends, strict=True))
+        blocks = _read_ranges(self._fs, self._path, merged, self.uri)
         found: dict[int, bytes] = {}
-        for i, start, end in zip(wanted, starts, ends, strict=True):
-            k = bisect.bisect_right(merged_starts, start) - 1  # the merged range that holds it
-            found[i] = blocks[k][start - merged_starts[k] : end - merged_starts[k]]
+        for i, (start, end) in zip(wanted, ranges, strict=True):
+            block_start, block_end = merged[
+                bisect.bisect_right(starts, start) - 1
+            ]  # the merged range holding it
+            found[i] = blocks[block_start, block_end][start - block_start : end - block_start]
         return [found.get(i) for i in indices]
 
     def _decode(self, at: _Level, index: int, data: bytes, level: int) -> np.ndarray:
@@ -237,51 +237,138 @@ def open_windowed(
 
 def _open(uri: str, storage_options: dict[str, Any] | None) -> WindowedImage | None:
     fs, path = storage.filesystem(uri, image_read_options(uri, storage_options))
+    file = None
     try:
         if storage.is_local(fs):
-            refuse_special_file(path, uri)
-        return retries.retrying(lambda: _read_header(uri, fs, path), f"reading {uri}")
+            try:
+                refuse_special_file(path, uri)
+            except OSError as e:  # e.g. no such file
+                raise read_failure(e, uri) from e
+        file = _HeaderFile(fs, path, uri)
+        if not file.start.startswith(TIFF_SIGNATURES):
+            return None
+        image = _read_header(uri, fs, path, file)
     except (ImageError, StorageUnavailable):
         raise
-    except OSError as e:  # the storage's answer (missing, refused); tifffile's own errors are ValueErrors
-        raise read_failure(e, uri) from e
     except Exception as e:
+        if file is not None and file.failure is not None:  # the storage's error, wrapped by tifffile
+            raise file.failure from e
         raise ImageError(
             "corrupt_image", f"cannot read TIFF header: {type(e).__name__}: {first_line(e)}"
         ) from e
+    if file.failure is not None:  # the storage's error, passed over by tifffile
+        raise file.failure
+    return image
 
 
-def _read_header(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> WindowedImage | None:
+class _HeaderFile(io.RawIOBase):
+    """``path`` as a read-only file for tifffile to parse the header from: range requests of whole blocks
+    of :data:`HEADER_BLOCK` (the last 32 kept), each retried on its own. A storage failure is kept in
+    ``failure`` (an :class:`ImageError` or :class:`StorageUnavailable`), whatever tifffile makes of it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, uri: str) -> None:
+        self._fs, self._path, self._uri = fs, path, uri
+        self.failure: ImageError | StorageUnavailable | None = None
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._position = 0
+        # A GET first, not a HEAD: a store that refuses the credentials says so only in the body of its
+        # answer (a HEAD has none); its first bytes tell a TIFF, and a small file's length is its size.
+        self.start = self._fetch(0, HEADER_BLOCK)
+        self._blocks[0] = self.start
+        self.size = len(self.start)
+        if self.size == HEADER_BLOCK:
+            self.size = self._retried(lambda: int(fs.size(path)))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = (0, self._position, self.size)[whence] + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self._position + len(buffer), self.size)
+        if end <= self._position:
+            return 0
+        first, last = self._position // HEADER_BLOCK, (end - 1) // HEADER_BLOCK
+        data = b"".join(self._block(b) for b in range(first, last + 1))
+        data = data[self._position - first * HEADER_BLOCK : end - first * HEADER_BLOCK]
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def _block(self, number: int) -> bytes:
+        if number not in self._blocks:
+            start = number * HEADER_BLOCK
+            self._blocks[number] = self._fetch(start, min(start + HEADER_BLOCK, self.size))
+            if len(self._blocks) > 32:  # a file with thousands of IFDs is parsed in bounded memory
+                self._blocks.popitem(last=False)
+        self._blocks.move_to_end(number)
+        return self._blocks[number]
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        return self._retried(
+            lambda: _read_ranges(self._fs, self._path, [(start, end)], self._uri)[start, end]
+        )
+
+    def _retried(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except (ImageError, StorageUnavailable) as e:
+            self.failure = e
+            raise
+        except Exception as e:
+            self.failure = read_failure(e, self._uri)
+            raise self.failure from e
+
+
+def _read_ranges(
+    fs: fsspec.AbstractFileSystem, path: str, ranges: list[tuple[int, int]], uri: str
+) -> dict[tuple[int, int], bytes]:
+    """:func:`batchseg.io.storage.read_ranges`, a failure for good as :func:`read_failure` says."""
+    try:
+        return storage.read_ranges(fs, path, ranges, f"reading {uri}")
+    except StorageUnavailable:
+        raise
+    except Exception as e:
+        raise read_failure(e, uri) from e
+
+
+def _read_header(
+    uri: str, fs: fsspec.AbstractFileSystem, path: str, file: _HeaderFile
+) -> WindowedImage | None:
     import tifffile  # here, not at the top: as in io.images
 
     # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error.
     tifffile_log = logging.getLogger("tifffile")
     if tifffile_log.level == logging.NOTSET:
         tifffile_log.setLevel(logging.CRITICAL)
-    with fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="blockcache") as file:
-        if not file.read(4).startswith(TIFF_SIGNATURES):
+    with tifffile.TiffFile(cast("IO[bytes]", file), name=path.rsplit("/", 1)[-1]) as tiff:
+        page = tiff.pages.first
+        layout = _layout(page)
+        if layout is None or page.tags.valueof(0x0112, 1) != 1:
             return None
-        file.seek(0)
-        with tifffile.TiffFile(file) as tiff:
-            page = tiff.pages.first
-            layout = _layout(page)
-            if layout is None or page.tags.valueof(0x0112, 1) != 1:
-                return None
-            if not page.is_tiled and len(page.dataoffsets) <= (
-                page.samplesperpixel if page.planarconfig == 2 else 1
-            ):
-                return None  # one strip: a window needs all of it
-            require_tiff_decoder(page)
-            levels = [_level(page)]
-            series = tiff.series[0]
-            if series.keyframe is page:
-                for smaller in series.levels[1:]:
-                    keyframe = smaller.keyframe
-                    if not isinstance(keyframe, tifffile.TiffPage) or _layout(keyframe) != layout:
-                        break
-                    require_tiff_decoder(keyframe)
-                    levels.append(_level(keyframe))
-            return WindowedImage(uri, fs, path, int(file.size), levels, layout, geo_of(page))
+        if not page.is_tiled and len(page.dataoffsets) <= (
+            page.samplesperpixel if page.planarconfig == 2 else 1
+        ):
+            return None  # one strip: a window needs all of it
+        require_tiff_decoder(page)
+        levels = [_level(page)]
+        series = tiff.series[0]
+        if series.keyframe is page:
+            for smaller in series.levels[1:]:
+                keyframe = smaller.keyframe
+                if not isinstance(keyframe, tifffile.TiffPage) or _layout(keyframe) != layout:
+                    break
+                require_tiff_decoder(keyframe)
+                levels.append(_level(keyframe))
+        return WindowedImage(uri, fs, path, file.size, levels, layout, geo_of(page))
 
 
 def _layout(page: Any) -> tuple[int, tuple[int, ...]] | None:
