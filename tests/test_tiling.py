@@ -4,19 +4,25 @@ images through the shard processor with the shipped model: one row per image, in
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
+import tifffile
 from PIL import Image, ImageDraw
 
 from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
 from batchseg.demo import SHAPES_MODEL
+from batchseg.errors import BatchsegError
 from batchseg.inference.paste import encode_crops
 from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, starts
+from batchseg.options import check
 from batchseg.segment.config import SegmentConfig
+from batchseg.segment.ray_data import Segmenter
 from tests.segmenting import segment_in_process
+from tests.tiffs import random_pixels, write_tiled
 
 
 @pytest.mark.parametrize(
@@ -194,8 +200,70 @@ def test_a_huge_image_tiled_finds_its_objects_once_in_its_own_pixels(tmp_path) -
         masks = [{"size": [SIDE, SIDE], "counts": i["rle"]} for i in instances]
         return float((coco_mask.iou(truths, masks, [0] * len(masks)).max(axis=1) >= 0.5).mean())
 
+    # The same scene as a tiled TIFF, read window by window: the same pixels, so the same row.
+    write_tiled(tmp_path / "scene.tif", pixels, tile=64)
+    (tmp_path / "tif.txt").write_text(str(tmp_path / "scene.tif"))
+    from_tiff = SegmentConfig(str(tmp_path / "tif.txt"), str(tmp_path / "from_tiff"), **model, **tiling)
+    segment_in_process(from_tiff)
+    (tif_row,) = open_results(from_tiff.output).to_table().to_pylist()
+    assert tif_row["instances"] == found
+    # Ray Data's Segmenter, given the scene's bytes, makes the same row.
+    segmenter = Segmenter(device="cpu", **model, **tiling)
+    table = segmenter({"bytes": np.array([(tmp_path / "scene.png").read_bytes()], dtype=object)})
+    assert table.column("instances").to_pylist() == [found]
     (whole,) = open_results(native.output).to_table().to_pylist()
     assert recall(found) >= min(0.9, recall(whole["instances"])), (recall(found), recall(whole["instances"]))
     among = coco_mask.iou(rles, rles, [0] * len(rles))
     np.fill_diagonal(among, 0)
     assert among.max() < 0.5, "an object found twice"
+
+
+def test_a_tiff_whose_tile_is_corrupt_is_its_own_error_row(tmp_path) -> None:
+    """A tile that cannot be decoded fails its image's row, in one line, and nothing else: the image after
+    it in the shard is segmented."""
+    path = write_tiled(tmp_path / "broken.tif", random_pixels(200, 200), tile=64)
+    with tifffile.TiffFile(path) as tiff:
+        offset, count = tiff.pages[0].dataoffsets[4], tiff.pages[0].databytecounts[4]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\x00garbage" * (count // 8) + b"\x00" * (count % 8)
+    path.write_bytes(bytes(data))
+    Image.fromarray(random_pixels(120, 90)).save(tmp_path / "fine.png")
+    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}")
+    config = SegmentConfig(str(tmp_path / "m.txt"), str(tmp_path / "out"), weights=str(SHAPES_MODEL), tile=96)
+    segment_in_process(config)
+    broken, fine = open_results(config.output).to_table().to_pylist()
+    assert (broken["status"], broken["width"], broken["height"]) == ("error", 200, 200)
+    assert broken["error"].startswith("corrupt_image: cannot decode TIFF tile 4 of level 0: ")
+    assert "\n" not in broken["error"]
+    assert fine["status"] == "ok"
+    assert verify(config.output).ok
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 31}, "--tile must be at least 32, not 31"),
+        ({"tile": -5}, "--tile must be at least 32, not -5"),
+        ({"tile": 64, "tile_overlap": 64}, "--tile-overlap must be below --tile (64), not 64"),
+        ({"tile": 64, "tile_overlap": -1}, "--tile-overlap must be at least 0, not -1"),
+        ({"tile_overlap": 8}, "--tile-overlap needs --tile"),
+        ({"tile": 64, "max_instances": 0}, "--max-instances must be at least 1, not 0"),
+    ],
+)
+def test_bad_tile_options_are_refused_in_one_line(options: dict, message: str) -> None:
+    with pytest.raises(BatchsegError, match=f"^{re.escape(message)}$"):
+        check(SegmentConfig("m.txt", "out", **options))
+
+
+def test_the_default_overlap_and_instances_per_image() -> None:
+    config = SegmentConfig("m.txt", "out", tile=512)
+    assert (
+        config.overlap,
+        config.instances_per_image(tiled=True),
+        config.instances_per_image(tiled=False),
+    ) == (
+        128,
+        10_000,
+        100,
+    )
+    assert SegmentConfig("m.txt", "out", tile=512, max_instances=7).instances_per_image(tiled=True) == 7
