@@ -228,10 +228,12 @@ def test_a_tiff_whose_tile_is_corrupt_is_its_own_error_row(tmp_path) -> None:
     data[offset : offset + count] = b"\x00garbage" * (count // 8) + b"\x00" * (count % 8)
     path.write_bytes(bytes(data))
     Image.fromarray(random_pixels(120, 90)).save(tmp_path / "fine.png")
-    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}")
+    small = write_tiled(tmp_path / "small.tif", random_pixels(90, 80), tile=32)  # fits a tile: read whole
+    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}\n{small}")
     config = SegmentConfig(str(tmp_path / "m.txt"), str(tmp_path / "out"), weights=str(SHAPES_MODEL), tile=96)
     segment_in_process(config)
-    broken, fine = open_results(config.output).to_table().to_pylist()
+    broken, fine, whole = open_results(config.output).to_table().to_pylist()
+    assert (whole["status"], whole["width"], whole["height"]) == ("ok", 80, 90)
     assert (broken["status"], broken["width"], broken["height"]) == ("error", 200, 200)
     assert broken["error"].startswith("corrupt_image: cannot decode TIFF tile 4 of level 0: ")
     assert "\n" not in broken["error"]

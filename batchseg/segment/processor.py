@@ -302,6 +302,15 @@ class ShardProcessor:
             return
         width, height = image_size(image)
         if width <= tile and height <= tile:
+            if isinstance(image, WindowedImage):  # a TIFF that fits a tile: read whole, as without --tile
+                windowed = image
+                try:
+                    image = windowed.read(0, 0, height, width)
+                except ImageError as error:
+                    rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, (width, height))
+                    return
+                finally:
+                    windowed.close()
             yield image
             return
         grid = TileGrid(height, width, tile, self.config.overlap)
