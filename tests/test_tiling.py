@@ -22,7 +22,7 @@ from batchseg.options import check
 from batchseg.segment.config import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
 from tests.segmenting import segment_in_process
-from tests.tiffs import random_pixels, write_tiled
+from tests.tiffs import geo_tags, random_pixels, write_tiled
 
 
 @pytest.mark.parametrize(
@@ -218,9 +218,9 @@ def test_a_huge_image_tiled_finds_its_objects_once_in_its_own_pixels(tmp_path) -
     assert among.max() < 0.5, "an object found twice"
 
 
-def test_a_tiff_whose_tile_is_corrupt_is_its_own_error_row(tmp_path) -> None:
-    """A tile that cannot be decoded fails its image's row, in one line, and nothing else: the image after
-    it in the shard is segmented."""
+def test_a_corrupt_tiff_tile_is_its_own_error_row_and_geotiffs_are_placed(tmp_path) -> None:
+    """A tile that cannot be decoded fails its image's row, in one line, and nothing else: the images after
+    it in the shard are segmented; GeoTIFFs' rows carry their placement on the map."""
     path = write_tiled(tmp_path / "broken.tif", random_pixels(200, 200), tile=64)
     with tifffile.TiffFile(path) as tiff:
         offset, count = tiff.pages[0].dataoffsets[4], tiff.pages[0].databytecounts[4]
@@ -228,12 +228,26 @@ def test_a_tiff_whose_tile_is_corrupt_is_its_own_error_row(tmp_path) -> None:
     data[offset : offset + count] = b"\x00garbage" * (count // 8) + b"\x00" * (count % 8)
     path.write_bytes(bytes(data))
     Image.fromarray(random_pixels(120, 90)).save(tmp_path / "fine.png")
-    small = write_tiled(tmp_path / "small.tif", random_pixels(90, 80), tile=32)  # fits a tile: read whole
-    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}\n{small}")
+    # A GeoTIFF that fits a tile (read whole), and one tiled: their rows say where they lie on the map.
+    small = write_tiled(tmp_path / "small.tif", random_pixels(90, 80), tile=32, extratags=geo_tags())
+    placed = write_tiled(
+        tmp_path / "placed.tif",
+        random_pixels(150, 260),
+        tile=32,
+        extratags=geo_tags(4326, origin=(12.5, 41.9), pixel=(0.001, 0.002), geographic=True),
+    )
+    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}\n{small}\n{placed}")
     config = SegmentConfig(str(tmp_path / "m.txt"), str(tmp_path / "out"), weights=str(SHAPES_MODEL), tile=96)
     segment_in_process(config)
-    broken, fine, whole = open_results(config.output).to_table().to_pylist()
+    broken, fine, whole, tiled = open_results(config.output).to_table().to_pylist()
     assert (whole["status"], whole["width"], whole["height"]) == ("ok", 80, 90)
+    assert (whole["geo_transform"], whole["crs"]) == (
+        [500_000.0, 10.0, 0.0, 4_600_000.0, 0.0, -10.0],
+        "EPSG:32633",
+    )
+    assert (tiled["status"], tiled["width"], tiled["height"]) == ("ok", 260, 150)
+    assert (tiled["geo_transform"], tiled["crs"]) == ([12.5, 0.001, 0.0, 41.9, 0.0, -0.002], "EPSG:4326")
+    assert (fine["geo_transform"], fine["crs"], broken["geo_transform"]) == (None, None, None)
     assert (broken["status"], broken["width"], broken["height"]) == ("error", 200, 200)
     assert broken["error"].startswith("corrupt_image: cannot decode TIFF tile 4 of level 0: ")
     assert "\n" not in broken["error"]

@@ -28,7 +28,7 @@ from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader, Loaded, read_ahead
 from batchseg.io.manifest import Shard
-from batchseg.io.windowed import WindowedImage
+from batchseg.io.windowed import Geo, WindowedImage
 from batchseg.segment.config import ON_DEVICE, SegmentConfig
 from batchseg.segment.job import Job
 
@@ -255,6 +255,7 @@ class ShardProcessor:
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
         given: set[int] = set()  # images handed to the model (a tiled one may span batches)
+        placed: dict[int, Geo] = {}  # the map placement of images read through io.windowed
 
         def run_batch() -> None:
             nonlocal batch
@@ -269,6 +270,8 @@ class ShardProcessor:
                 if isinstance(image, ImageError):
                     rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
                     continue
+                if isinstance(image, WindowedImage) and image.geo is not None:
+                    placed[i] = image.geo
                 for unit in self._units(shard, i, image, rows):
                     batch.append((i, unit))
                     if len(batch) == config.batch_size:
@@ -283,6 +286,9 @@ class ShardProcessor:
             self.encoding.clear()
         assert all(r is not None for r in rows)
         done: list[dict[str, Any]] = rows  # type: ignore[assignment]
+        for i, geo in placed.items():
+            if done[i]["status"] == "ok":
+                done[i] |= {"geo_transform": list(geo.transform), "crs": geo.crs}
         failed = [
             r["error"] for r in done if r["status"] == "error" and error_kind(r["error"]) in MODEL_FAILURES
         ]
