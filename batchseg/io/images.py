@@ -105,12 +105,7 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     remote-sensing software writes float, signed and many-channel samples that Pillow has no mode for.
     The size (pixels, and bytes of samples) is checked from the page's header before any pixel is
     decoded."""
-    import tifffile  # here, not at the top: 18 ms that every command importing this module would pay
-
-    # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error row.
-    tifffile_log = logging.getLogger("tifffile")
-    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
-        tifffile_log.setLevel(logging.CRITICAL)
+    tifffile = quiet_tifffile()
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages[0]
@@ -141,6 +136,18 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     image = _tiff_image(samples, photometric, extra)
     image.getexif()[0x0112] = orientation  # the TIFF's own Orientation tag, turned as any image's
     return _to_rgb_array(ImageOps.exif_transpose(image))
+
+
+def quiet_tifffile() -> Any:
+    """The tifffile module, imported here rather than at the top (18 ms that every command importing this
+    module would pay), its log quiet: it logs what is wrong with a damaged file on stderr, and here that is
+    the image's error row."""
+    import tifffile
+
+    tifffile_log = logging.getLogger("tifffile")
+    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
+        tifffile_log.setLevel(logging.CRITICAL)
+    return tifffile
 
 
 def require_tiff_decoder(page: Any) -> None:
