@@ -358,8 +358,8 @@ def _read_header(
             return None  # one strip: a window needs all of it
         require_tiff_decoder(page)
         levels = [_level(page)]
-        series = tiff.series[0]
-        if series.keyframe is page:
+        series = tiff.series[0] if _may_have_levels(tiff, page) else None
+        if series is not None and series.keyframe is page:
             for smaller in series.levels[1:]:
                 keyframe = smaller.keyframe
                 if not isinstance(keyframe, tifffile.TiffPage) or _layout(keyframe) != layout:
@@ -367,6 +367,18 @@ def _read_header(
                 require_tiff_decoder(keyframe)
                 levels.append(_level(keyframe))
         return WindowedImage(uri, fs, path, file.size, levels, layout, geo_of(page))
+
+
+def _may_have_levels(tiff: Any, page: Any) -> bool:
+    """Whether the file may hold pyramid levels: SubIFDs (OME-TIFF), an SVS, or a second page at reduced
+    resolution (a COG's overviews). Finding a file's series reads every IFD in it: a stack of a thousand
+    pages would cost a thousand range requests for nothing."""
+    if page.subifds or tiff.is_svs:
+        return True
+    try:
+        return bool(getattr(tiff.pages[1], "is_reduced", False))
+    except IndexError:
+        return False
 
 
 def _layout(page: Any) -> tuple[int, tuple[int, ...]] | None:
