@@ -47,6 +47,7 @@ def assert_windows_equal(image: WindowedImage, expected: np.ndarray) -> None:
         got = image.read(top, left, height, width)
         want = expected[top : top + height, left : left + width]
         assert got.dtype == np.uint8 and got.shape == want.shape, (top, left, got.shape, want.shape)
+        assert got.flags.c_contiguous and got.flags.writeable  # as decode_image gives its pixels
         assert np.array_equal(got, want), (top, left, height, width)
 
 

@@ -163,10 +163,20 @@ def require_tiff_decoder(page: Any) -> None:
 def tiff_samples_to_rgb(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> np.ndarray:
     """A TIFF's decoded ``height x width x samples`` array (photometric 0, 1 or 2, its ExtraSamples) as
     :func:`decode_image` gives it: ``height x width x 3`` uint8 RGB, alpha composited over white."""
-    return _to_rgb_array(_tiff_image(samples, photometric, extrasamples))
+    pixels, mode = _tiff_pixels(samples, photometric, extrasamples)
+    if mode == "RGB":  # what _to_rgb_array would make of it, without PIL's copies of a tile-sized window
+        return np.ascontiguousarray(pixels)
+    return _to_rgb_array(_image(pixels, mode))
 
 
 def _tiff_image(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> Image.Image:
+    return _image(*_tiff_pixels(samples, photometric, extrasamples))
+
+
+def _tiff_pixels(
+    samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]
+) -> tuple[np.ndarray, str]:
+    """uint8 RGB pixels and, where the TIFF has alpha, that too: ``(pixels, PIL mode)``."""
     if photometric == 2:
         pixels = _to_8_bit(samples[:, :, :3])
     else:  # MinIsWhite or MinIsBlack: channel 0 is the grey
@@ -175,9 +185,13 @@ def _tiff_image(samples: np.ndarray, photometric: int, extrasamples: tuple[int, 
     # ExtraSamples 1 and 2 are associated (premultiplied) and unassociated alpha; others are dropped.
     alpha = {1: "RGBa", 2: "RGBA"}.get(extrasamples[0]) if extrasamples else None
     if alpha:
-        pixels = np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])])
+        return np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])]), alpha
+    return pixels, "RGB"
+
+
+def _image(pixels: np.ndarray, mode: str) -> Image.Image:
     height, width = pixels.shape[:2]
-    return Image.frombytes(alpha or "RGB", (width, height), np.ascontiguousarray(pixels).tobytes())
+    return Image.frombytes(mode, (width, height), np.ascontiguousarray(pixels).tobytes())
 
 
 def _let_pil_open_up_to(max_pixels: int) -> None:
