@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image
 
 from batchseg.errors import CredentialsRejected, ImageError, StorageUnavailable
-from batchseg.io import retries
+from batchseg.io import retries, storage
 from batchseg.io.images import decode_image
 from batchseg.io.windowed import Geo, WindowedImage, geo_of, is_windowed, open_windowed, preview
 from tests.faults import FaultProxy
@@ -47,6 +47,7 @@ def assert_windows_equal(image: WindowedImage, expected: np.ndarray) -> None:
         got = image.read(top, left, height, width)
         want = expected[top : top + height, left : left + width]
         assert got.dtype == np.uint8 and got.shape == want.shape, (top, left, got.shape, want.shape)
+        assert got.flags.c_contiguous and got.flags.writeable  # as decode_image gives its pixels
         assert np.array_equal(got, want), (top, left, height, width)
 
 
@@ -155,6 +156,23 @@ def test_pyramid_levels_are_listed_and_read(tmp_path: pathlib.Path, style: str) 
     assert image.levels == ((200, 150), (100, 75), (50, 38))
     for level in (1, 2):
         assert np.array_equal(image.read(10, 20, 30, 200, level=level), halved(pixels, level)[10:40, 20:])
+
+
+def test_a_stack_of_pages_is_not_read_through_for_levels(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 pages of 88 KiB, each IFD before its tiles: looking for levels through all of them would read a
+    block of the file for each; the second page, at full resolution, says there are none."""
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as tiff:
+        for seed in range(30):
+            tiff.write(random_pixels(HEIGHT, WIDTH, seed=seed), tile=(64, 64), photometric="rgb")
+    requests = []
+    read_ranges = storage.read_ranges
+    monkeypatch.setattr(storage, "read_ranges", lambda *args: requests.append(args[2]) or read_ranges(*args))
+    image = opened(path)
+    assert image.levels == ((WIDTH, HEIGHT),) and requests == [[(0, 256 * 1024)]]
+    assert np.array_equal(image.read(0, 0, HEIGHT, WIDTH), whole(path))
 
 
 def test_a_preview_reads_the_smallest_level_large_enough(tmp_path: pathlib.Path) -> None:

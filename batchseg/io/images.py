@@ -105,12 +105,7 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     remote-sensing software writes float, signed and many-channel samples that Pillow has no mode for.
     The size (pixels, and bytes of samples) is checked from the page's header before any pixel is
     decoded."""
-    import tifffile  # here, not at the top: 18 ms that every command importing this module would pay
-
-    # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error row.
-    tifffile_log = logging.getLogger("tifffile")
-    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
-        tifffile_log.setLevel(logging.CRITICAL)
+    tifffile = quiet_tifffile()
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages[0]
@@ -143,6 +138,18 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     return _to_rgb_array(ImageOps.exif_transpose(image))
 
 
+def quiet_tifffile() -> Any:
+    """The tifffile module, imported here rather than at the top (18 ms that every command importing this
+    module would pay), its log quiet: it logs what is wrong with a damaged file on stderr, and here that is
+    the image's error row."""
+    import tifffile
+
+    tifffile_log = logging.getLogger("tifffile")
+    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
+        tifffile_log.setLevel(logging.CRITICAL)
+    return tifffile
+
+
 def require_tiff_decoder(page: Any) -> None:
     """Raise an :class:`ImageError` when the segments of ``page`` (a ``tifffile.TiffPage``) are compressed
     in a way no installed codec decodes (JPEG, JPEG 2000, WebP... need the imagecodecs package)."""
@@ -156,10 +163,20 @@ def require_tiff_decoder(page: Any) -> None:
 def tiff_samples_to_rgb(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> np.ndarray:
     """A TIFF's decoded ``height x width x samples`` array (photometric 0, 1 or 2, its ExtraSamples) as
     :func:`decode_image` gives it: ``height x width x 3`` uint8 RGB, alpha composited over white."""
-    return _to_rgb_array(_tiff_image(samples, photometric, extrasamples))
+    pixels, mode = _tiff_pixels(samples, photometric, extrasamples)
+    if mode == "RGB":  # what _to_rgb_array would make of it, without PIL's copies of a tile-sized window
+        return np.ascontiguousarray(pixels)
+    return _to_rgb_array(_image(pixels, mode))
 
 
 def _tiff_image(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> Image.Image:
+    return _image(*_tiff_pixels(samples, photometric, extrasamples))
+
+
+def _tiff_pixels(
+    samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]
+) -> tuple[np.ndarray, str]:
+    """uint8 RGB pixels and, where the TIFF has alpha, that too: ``(pixels, PIL mode)``."""
     if photometric == 2:
         pixels = _to_8_bit(samples[:, :, :3])
     else:  # MinIsWhite or MinIsBlack: channel 0 is the grey
@@ -168,9 +185,13 @@ def _tiff_image(samples: np.ndarray, photometric: int, extrasamples: tuple[int, 
     # ExtraSamples 1 and 2 are associated (premultiplied) and unassociated alpha; others are dropped.
     alpha = {1: "RGBa", 2: "RGBA"}.get(extrasamples[0]) if extrasamples else None
     if alpha:
-        pixels = np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])])
+        return np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])]), alpha
+    return pixels, "RGB"
+
+
+def _image(pixels: np.ndarray, mode: str) -> Image.Image:
     height, width = pixels.shape[:2]
-    return Image.frombytes(alpha or "RGB", (width, height), np.ascontiguousarray(pixels).tobytes())
+    return Image.frombytes(mode, (width, height), np.ascontiguousarray(pixels).tobytes())
 
 
 def _let_pil_open_up_to(max_pixels: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import io
-import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from batchseg.io.images import (
     TIFF_SIGNATURES,
     check_size,
     decode_image,
+    quiet_tifffile,
     require_tiff_decoder,
     tiff_samples_to_rgb,
 )
@@ -83,8 +83,8 @@ class _Level:
     planes: int  # 1, or SamplesPerPixel when the samples are stored in separate planes
     samples: int
     dtype: np.dtype[Any]
-    offsets: tuple[int, ...]
-    bytecounts: tuple[int, ...]
+    offsets: np.ndarray  # int64 (8 bytes a tile: a 100,000 px slide has some 170,000 tiles)
+    bytecounts: np.ndarray
     decode: Callable[..., Any]  # tifffile's decoder of one segment: (bytes, index) -> (array, ...)
     jpegtables: bytes | None
 
@@ -92,14 +92,17 @@ class _Level:
     def across(self) -> int:
         return math.ceil(self.width / self.segment_width)
 
+    @property
+    def down(self) -> int:
+        return math.ceil(self.height / self.segment_height)
+
     def segments(self, top: int, left: int, bottom: int, right: int) -> list[int]:
         """The indices (in the offsets) of the segments that hold rows ``top:bottom``, columns
         ``left:right``, every plane's."""
-        down = math.ceil(self.height / self.segment_height)
         rows = range(top // self.segment_height, (bottom - 1) // self.segment_height + 1)
         columns = range(left // self.segment_width, (right - 1) // self.segment_width + 1)
         return [
-            p * down * self.across + r * self.across + c
+            p * self.down * self.across + r * self.across + c
             for p in range(self.planes)
             for r in rows
             for c in columns
@@ -107,7 +110,7 @@ class _Level:
 
     def where(self, index: int) -> tuple[int, int, int]:
         """Segment ``index``'s plane and the image row and column of its top left pixel."""
-        plane, rest = divmod(index, math.ceil(self.height / self.segment_height) * self.across)
+        plane, rest = divmod(index, self.down * self.across)
         row, column = divmod(rest, self.across)
         return plane, row * self.segment_height, column * self.segment_width
 
@@ -160,42 +163,42 @@ class WindowedImage:
                 continue
             segment = self._decode(at, index, data, level)
             plane, row, column = at.where(index)
-            rows = slice(max(top, row), min(bottom, row + segment.shape[0]))
-            columns = slice(max(left, column), min(right, column + segment.shape[1]))
+            r0, r1 = max(top, row), min(bottom, row + segment.shape[0])
+            c0, c1 = max(left, column), min(right, column + segment.shape[1])
             channels = slice(plane, plane + 1) if at.planes > 1 else slice(None)
-            samples[
-                rows.start - top : rows.stop - top, columns.start - left : columns.stop - left, channels
-            ] = segment[rows.start - row : rows.stop - row, columns.start - column : columns.stop - column]
+            samples[r0 - top : r1 - top, c0 - left : c1 - left, channels] = segment[
+                r0 - row : r1 - row, c0 - column : c1 - column
+            ]
         return tiff_samples_to_rgb(samples, self._photometric, self._extrasamples)
 
     def _fetch(self, at: _Level, indices: list[int]) -> list[bytes | None]:
         """The encoded bytes of each segment in ``indices`` (None for an empty one), adjacent ones fetched
         together, transient failures retried."""
-        wanted = [i for i in indices if at.bytecounts[i]]
-        for i in wanted:
-            if at.offsets[i] + at.bytecounts[i] > self._size:
+        ranges = {
+            i: (int(at.offsets[i]), int(at.offsets[i] + at.bytecounts[i]))
+            for i in indices
+            if at.bytecounts[i]
+        }
+        for i, (_, end) in ranges.items():
+            if end > self._size:
                 raise ImageError(
                     "corrupt_image",
-                    f"TIFF tile {i} lies past the end of the file ({at.offsets[i] + at.bytecounts[i]:,} > "
-                    f"{self._size:,} bytes): truncated?",
+                    f"TIFF tile {i} lies past the end of the file ({end:,} > {self._size:,} bytes): truncated?",
                 )
-        ranges = [(at.offsets[i], at.offsets[i] + at.bytecounts[i]) for i in wanted]
         _, starts, ends = merge_offset_ranges(
             [self._path] * len(ranges),
-            [r[0] for r in ranges],
-            [r[1] for r in ranges],
+            [start for start, _ in ranges.values()],
+            [end for _, end in ranges.values()],
             max_gap=MERGE_GAP,
             sort=True,
         )
-        merged = list(zip(starts, ends, strict=True))
-        blocks = _read_ranges(self._fs, self._path, merged, self.uri)
-        found: dict[int, bytes] = {}
-        for i, (start, end) in zip(wanted, ranges, strict=True):
-            block_start, block_end = merged[
-                bisect.bisect_right(starts, start) - 1
-            ]  # the merged range holding it
-            found[i] = blocks[block_start, block_end][start - block_start : end - block_start]
-        return [found.get(i) for i in indices]
+        blocks = _read_ranges(self._fs, self._path, list(zip(starts, ends, strict=True)), self.uri)
+
+        def piece(start: int, end: int) -> bytes:
+            k = bisect.bisect_right(starts, start) - 1  # the merged range that holds it
+            return blocks[starts[k], ends[k]][start - starts[k] : end - starts[k]]
+
+        return [piece(*ranges[i]) if i in ranges else None for i in indices]
 
     def _decode(self, at: _Level, index: int, data: bytes, level: int) -> np.ndarray:
         """Segment ``index`` decoded: ``rows x columns x samples`` (of its plane)."""
@@ -343,12 +346,7 @@ def _read_ranges(
 def _read_header(
     uri: str, fs: fsspec.AbstractFileSystem, path: str, file: _HeaderFile
 ) -> WindowedImage | None:
-    import tifffile  # here, not at the top: as in io.images
-
-    # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error.
-    tifffile_log = logging.getLogger("tifffile")
-    if tifffile_log.level == logging.NOTSET:
-        tifffile_log.setLevel(logging.CRITICAL)
+    tifffile = quiet_tifffile()
     with tifffile.TiffFile(cast("IO[bytes]", file), name=path.rsplit("/", 1)[-1]) as tiff:
         page = tiff.pages.first
         layout = _layout(page)
@@ -360,8 +358,8 @@ def _read_header(
             return None  # one strip: a window needs all of it
         require_tiff_decoder(page)
         levels = [_level(page)]
-        series = tiff.series[0]
-        if series.keyframe is page:
+        series = tiff.series[0] if _may_have_levels(tiff, page) else None
+        if series is not None and series.keyframe is page:
             for smaller in series.levels[1:]:
                 keyframe = smaller.keyframe
                 if not isinstance(keyframe, tifffile.TiffPage) or _layout(keyframe) != layout:
@@ -369,6 +367,18 @@ def _read_header(
                 require_tiff_decoder(keyframe)
                 levels.append(_level(keyframe))
         return WindowedImage(uri, fs, path, file.size, levels, layout, geo_of(page))
+
+
+def _may_have_levels(tiff: Any, page: Any) -> bool:
+    """Whether the file may hold pyramid levels: SubIFDs (OME-TIFF), an SVS, or a second page at reduced
+    resolution (a COG's overviews). Finding a file's series reads every IFD in it: a stack of a thousand
+    pages would cost a thousand range requests for nothing."""
+    if page.subifds or tiff.is_svs:
+        return True
+    try:
+        return bool(getattr(tiff.pages[1], "is_reduced", False))
+    except IndexError:
+        return False
 
 
 def _layout(page: Any) -> tuple[int, tuple[int, ...]] | None:
@@ -399,8 +409,8 @@ def _level(page: Any) -> _Level:
         planes=page.samplesperpixel if page.planarconfig == 2 else 1,
         samples=page.samplesperpixel,
         dtype=page.dtype,
-        offsets=tuple(int(o) for o in page.dataoffsets),
-        bytecounts=tuple(int(b) for b in page.databytecounts),
+        offsets=np.asarray(page.dataoffsets, np.int64),
+        bytecounts=np.asarray(page.databytecounts, np.int64),
         decode=page.decode,
         jpegtables=page.jpegtables,
     )
