@@ -306,15 +306,17 @@ def test_a_broken_header_is_corrupt_image(tmp_path: pathlib.Path) -> None:
 
 def test_tiles_without_a_decoder_need_imagecodecs(tmp_path: pathlib.Path) -> None:
     """JPEG tiles (an SVS slide's) need imagecodecs, which batchseg does not require: the Compression tag
-    of a zlib file set to JPEG stands in for one."""
+    of a zlib file set to JPEG stands in for one. An image within --max-pixels is left to be decoded
+    whole (Pillow's libtiff reads LZW and JPEG tiles); a larger one, a slide, says what it needs."""
     path = write_tiled(tmp_path / "image.tif", random_pixels(HEIGHT, WIDTH))
     with tifffile.TiffFile(path) as tiff:
         value_at = tiff.pages.first.tags[259].offset + 8  # inline SHORT value of the classic TIFF tag
     data = bytearray(path.read_bytes())
     data[value_at : value_at + 2] = (7).to_bytes(2, "little")
     path.write_bytes(bytes(data))
+    assert open_windowed(str(path)) is None
     with pytest.raises(ImageError) as needs:
-        open_windowed(str(path))
+        open_windowed(str(path), max_pixels=HEIGHT * WIDTH - 1)
     assert str(needs.value) == "corrupt_image: TIFF compression JPEG needs the imagecodecs package"
 
 

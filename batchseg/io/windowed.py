@@ -229,16 +229,17 @@ def open_windowed(
 ) -> WindowedImage | None:
     """``uri`` opened for windowed reads (its header and tile index only), or None when it is better read
     whole (not a TIFF, or one stored as a single strip, or turned by an Orientation tag, or samples other
-    than grey or RGB, with or without alpha, of 8 or 16 bits or float32). Raises :class:`ImageError` for a
-    broken file, one over ``max_pixels`` (level 0's width * height) or compressed in a way no installed codec
-    decodes, and :class:`~batchseg.errors.StorageUnavailable` when storage stays unavailable."""
-    image = _open(uri, storage_options)
+    than grey or RGB, with or without alpha, of 8 or 16 bits or float32, or compressed in a way no installed
+    codec decodes while within ``max_pixels``: Pillow may decode it whole). Raises :class:`ImageError` for a
+    broken file, one over ``max_pixels`` (level 0's width * height: it bounds the tiles' work) or larger and
+    compressed in a way no installed codec decodes, and :class:`~batchseg.errors.StorageUnavailable` when storage stays unavailable."""
+    image = _open(uri, storage_options, max_pixels)
     if image is not None:
         check_size((image.width, image.height), max_pixels)
     return image
 
 
-def _open(uri: str, storage_options: dict[str, Any] | None) -> WindowedImage | None:
+def _open(uri: str, storage_options: dict[str, Any] | None, max_pixels: int) -> WindowedImage | None:
     fs, path = storage.filesystem(uri, image_read_options(uri, storage_options))
     file = None
     try:
@@ -250,7 +251,7 @@ def _open(uri: str, storage_options: dict[str, Any] | None) -> WindowedImage | N
         file = _HeaderFile(fs, path, uri)
         if not file.start.startswith(TIFF_SIGNATURES):
             return None
-        image = _read_header(uri, fs, path, file)
+        image = _read_header(uri, fs, path, file, max_pixels)
     except (ImageError, StorageUnavailable):
         raise
     except Exception as e:
@@ -344,7 +345,7 @@ def _read_ranges(
 
 
 def _read_header(
-    uri: str, fs: fsspec.AbstractFileSystem, path: str, file: _HeaderFile
+    uri: str, fs: fsspec.AbstractFileSystem, path: str, file: _HeaderFile, max_pixels: int
 ) -> WindowedImage | None:
     tifffile = quiet_tifffile()
     with tifffile.TiffFile(cast("IO[bytes]", file), name=path.rsplit("/", 1)[-1]) as tiff:
@@ -356,6 +357,11 @@ def _read_header(
             page.samplesperpixel if page.planarconfig == 2 else 1
         ):
             return None  # one strip: a window needs all of it
+        if (
+            page.compression not in tifffile.TIFF.DECOMPRESSORS
+            and page.imagewidth * page.imagelength <= max_pixels
+        ):
+            return None  # e.g. LZW or JPEG tiles without imagecodecs: Pillow (libtiff) decodes them whole
         require_tiff_decoder(page)
         levels = [_level(page)]
         series = tiff.series[0] if _may_have_levels(tiff, page) else None
