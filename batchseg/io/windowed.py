@@ -475,7 +475,7 @@ def preview(
     decoded whole (within ``max_pixels``) and then scaled. Raises :class:`ImageError`."""
     from PIL import Image
 
-    image = _open(uri, storage_options) if is_windowed(uri) else None
+    image = _open(uri, storage_options, max_pixels) if is_windowed(uri) else None
     if image is None:
         pixels = decode_image(read_image_bytes(uri, storage_options), max_pixels)
         if region is not None:
