@@ -144,7 +144,11 @@ def train_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) ->
     cluster.remove_node(workers.pop(0))
     workers.append(cluster.add_node(num_cpus=1))  # the autoscaler's replacement
     trainer.join(timeout=600)
-    return {"step": result.get("step"), "resumed_from": result.get("resumed_from"), "planned": TRAIN_ITERATIONS}
+    return {
+        "step": result.get("step"),
+        "resumed_from": result.get("resumed_from"),
+        "planned": TRAIN_ITERATIONS,
+    }
 
 
 SCENARIOS = {

@@ -167,7 +167,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(first_run: FirstR
 
 @pytest.mark.slow
 def test_two_workers_write_checkpoints_to_s3_and_register_them(first_run: FirstRun) -> None:
-    assert first_run.registered == [ITERATIONS - EVERY, ITERATIONS]  # one every EVERY steps, the 2 newest kept
+    assert first_run.registered == [ITERATIONS - EVERY, ITERATIONS]  # one every EVERY steps, 2 newest kept
     # a worker killed while reporting may leave a folder that Ray Train never registered: batchseg names its
     # checkpoint folders by step and removes those at the end, so the folders are the registered ones
     assert [int(name.rsplit("-", 1)[1]) for name in first_run.checkpoints] == first_run.registered
