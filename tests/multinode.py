@@ -123,8 +123,8 @@ def train_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) ->
         checkpoint_every=2,
         batch_size=2,
         max_failures=2,
-        # proposals and sizes of a quick step (the model's own are 64, 112 to 144 and 256): the loss lands
-        # after the first checkpoint with 18 steps to go either way
+        # a quick step (the model's own: 64 proposals, 112 to 144 pixels, up to 256): the node is lost
+        # after the first checkpoint (step 2) with 18 steps to go
         rois_per_image=16,
         min_sizes=(64,),
         max_size=96,
