@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as coco_mask
@@ -16,10 +17,13 @@ from batchseg.analysis.results import open_results
 from batchseg.analysis.verify import verify
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
+from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import encode_crops
 from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, starts
+from batchseg.io.manifest import Shard
 from batchseg.options import check
 from batchseg.segment.config import SegmentConfig
+from batchseg.segment.processor import ShardProcessor
 from batchseg.segment.ray_data import Segmenter
 from tests.segmenting import segment_in_process
 from tests.tiffs import geo_tags, random_pixels, write_tiled
@@ -283,3 +287,41 @@ def test_the_default_overlap_and_instances_per_image() -> None:
         100,
     )
     assert SegmentConfig("m.txt", "out", tile=512, max_instances=7).instances_per_image(tiled=True) == 7
+
+
+def test_a_tiled_image_in_the_model_shows_as_the_share_of_its_tiles_done(tmp_path, monkeypatch) -> None:
+    """The progress line counts a tiled image by its tiles done: a slide keeps an actor for hours."""
+    config = SegmentConfig("", "", weights=str(SHAPES_MODEL), tile=64, tile_overlap=0, batch_size=1)
+    processor = ShardProcessor(config, resolve_weights(config.weights, None, {}))
+    seen = []
+    add = Stitcher.add
+
+    def counting(stitcher: Stitcher, *args: Any) -> bool:
+        last = add(stitcher, *args)
+        seen.append(processor.images_in_progress)
+        return last
+
+    monkeypatch.setattr(Stitcher, "add", counting)
+    pixels = random_pixels(128, 256)  # 2 x 4 tiles
+    rows = processor.rows(Shard(0, ["a", "b"], ["a.png", "b.png"]), [pixels, pixels])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert seen == pytest.approx(
+        [
+            1 / 8,
+            2 / 8,
+            3 / 8,
+            4 / 8,
+            5 / 8,
+            6 / 8,
+            7 / 8,
+            1,
+            1 + 1 / 8,
+            1 + 2 / 8,
+            1 + 3 / 8,
+            1 + 4 / 8,
+            1 + 5 / 8,
+            1 + 6 / 8,
+            1 + 7 / 8,
+            2,
+        ]
+    )

@@ -130,7 +130,8 @@ class ShardProcessor:
         # (those handed to the model may still be in it).
         self.images_started = 0
         self.images_writing = 0  # images of shards the model is done with, being written
-        self.counting = threading.Lock()  # images_started and images_writing change together
+        self.counting = threading.Lock()  # images_started, images_writing and stitching change together
+        self.stitching: set[Stitcher] = set()  # tiled images of the current shard not yet stitched
         self.model_turn = threading.Lock()  # the model takes one shard at a time (see process)
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
@@ -150,11 +151,13 @@ class ShardProcessor:
         return cls(setup.config, setup.weights, device, setup.provenance, setup.state_dict)
 
     @property
-    def images_in_progress(self) -> int:
+    def images_in_progress(self) -> float:
         """Images of the shards this processor is working on (in the model, or being written), for the
-        progress line."""
+        progress line; a tiled image in the model counts by the share of its tiles done (a slide may take
+        an actor hours)."""
         with self.counting:
-            return self.images_started + self.images_writing
+            tiles_left = sum(s.remaining / len(s.grid.tiles) for s in self.stitching if not s.failed)
+            return self.images_started + self.images_writing - tiles_left
 
     @functools.cached_property
     def output(self) -> OutputDir:
@@ -230,6 +233,7 @@ class ShardProcessor:
             seconds, storage_retries = time.time() - start, retries.count() - retries_before
             with self.counting:
                 self.images_started, self.images_writing = 0, self.images_writing + len(rows)
+                self.stitching.clear()
         try:
             provenance = self.provenance | {
                 "shard": shard.index,
@@ -321,6 +325,8 @@ class ShardProcessor:
             return
         grid = TileGrid(height, width, tile, self.config.overlap)
         tiled = Tiled(grid, Stitcher(grid, self.config.instances_per_image(tiled=True)), image)
+        with self.counting:
+            self.stitching.add(tiled.stitcher)
         if not isinstance(image, WindowedImage):
             for t in grid.tiles:
                 yield TileOf(tile_pixels(image, t), t, tiled)
