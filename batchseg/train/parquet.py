@@ -21,7 +21,7 @@ from batchseg.analysis.query import connect, stream
 from batchseg.analysis.results import open_results
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.coco import to_rle
-from batchseg.format.records import INSTANCE, METADATA_KEY, SCHEMA, ok_row
+from batchseg.format.records import INSTANCE, METADATA_KEY, NEWER_COLUMNS, SCHEMA, ok_row
 from batchseg.io import atomic, storage
 from batchseg.io.manifest import absolute_uri
 from batchseg.train.examples import Example, open_training_set
@@ -241,6 +241,8 @@ def _as_images(table: pa.Table, starts: np.ndarray) -> pa.Table:
             "status": pa.array(["ok"] * n, pa.string()),
             "error": pa.nulls(n, pa.string()),
             "instances": pa.ListArray.from_arrays(offsets, instances),
+            # a training set's images are not placed on a map (the output's GeoTIFF placement is dropped)
+            **{name: pa.nulls(n, SCHEMA.field(name).type) for name in NEWER_COLUMNS},
         },
         schema=SCHEMA,
     )
