@@ -8,7 +8,15 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from batchseg.inference.paste import paste_batch_to_rle, paste_to_rle
+from batchseg.inference.paste import (
+    crop_columns,
+    encode_crops,
+    mask_crops,
+    paste_batch_to_rle,
+    paste_to_rle,
+    rle_strings,
+    run_lengths,
+)
 
 
 def standard(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[tuple[str, int]]:
@@ -125,3 +133,29 @@ def test_a_batch_of_images_of_different_sizes_encodes_as_each_image_alone() -> N
     for (masks, boxes), (height, width), encoded in zip(cases, sizes, got, strict=True):
         assert encoded == standard(masks, boxes, height, width)
     assert paste_batch_to_rle([], [], []) == []
+
+
+def test_tiles_encode_their_masks_at_the_full_images_size() -> None:
+    """A tile's masks, cut to the tile, give the run lengths of the full image's masks (which are never
+    made): equal to pycocotools on the tile's pasted masks placed into an empty full-size image."""
+    rng = np.random.default_rng(11)
+    for _ in range(80):
+        height, width = (int(v) for v in rng.integers(1, 90, size=2))
+        tile_h, tile_w = (int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1)))
+        top, left = int(rng.integers(0, height - tile_h + 1)), int(rng.integers(0, width - tile_w + 1))
+        masks, boxes = random_case(rng, tile_h, tile_w, n=6)
+        pasted = (paste_masks_in_image(masks, boxes, (tile_h, tile_w))[:, 0] > 0.5).numpy()
+        full = np.zeros((len(pasted), height, width), dtype=np.uint8)
+        full[:, top : top + tile_h, left : left + tile_w] = pasted
+        expected = [(coco_mask.encode(np.asfortranarray(m))["counts"].decode(), int(m.sum())) for m in full]
+        crops = crop_columns([masks], [boxes], [(tile_h, tile_w)], windows=[(top, left, height, width)])
+        assert rle_strings(run_lengths(crops))[0] == expected
+        # The same masks brought to the host as crops, then encoded there.
+        placed = [(t + top, le + left, m) for t, le, m in mask_crops(masks, boxes, (tile_h, tile_w))]
+        assert encode_crops(placed, height, width) == expected
+
+
+def test_crops_outside_their_image_are_refused() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        encode_crops([(5, 0, np.ones((4, 4), dtype=bool))], 8, 8)
+    assert encode_crops([], 8, 8) == []

@@ -89,11 +89,15 @@ class Runs:
     per_image: list[int]
 
 
+Window = tuple[int, int, int, int]  # top, left of an image within its canvas; the canvas's height, width
+
+
 def crop_columns(
     masks: Sequence[torch.Tensor],
     boxes: Sequence[torch.Tensor],
     sizes: Sequence[tuple[int, int]],
     threshold: float = 0.5,
+    windows: Sequence[Window | None] | None = None,
 ) -> Crops:
     """Each mask resized into its box exactly as torchvision pastes it, thresholded, and cut to its image,
     written into one sequence on the masks' device (see :class:`Crops`).
@@ -101,7 +105,9 @@ def crop_columns(
     ``masks[i]``, ``boxes[i]`` and ``sizes[i]`` are those of image ``i``, as :func:`paste_to_rle` takes
     them. Boxes may be on the host: the integer boxes, which size every crop, are needed there (one copy
     if they are on the device). One ``interpolate`` and one comparison per instance, as many as
-    torchvision's own paste launches.
+    torchvision's own paste launches. ``windows[i] = (top, left, height, width)`` says that image ``i`` is
+    a tile at ``(top, left)`` of a larger ``height x width`` image: its masks are cut to the tile, and their
+    run lengths are those of that image's full-size masks (which never exist); None: the image is its own.
     """
     per_image = [len(m) for m in masks]
     device = masks[0].device if masks else torch.device("cpu")
@@ -110,6 +116,12 @@ def crop_columns(
         return Crops(torch.zeros(0, dtype=torch.bool, device=device), nothing, nothing[0], per_image)
     padded, scale = expand_masks(torch.cat(list(masks)), padding=1)
     int_boxes = expand_boxes(torch.cat([b.float().cpu() for b in boxes]), scale).to(torch.int64).numpy()
+    placed = [
+        window or (0, 0, *size) for window, size in zip(windows or [None] * len(sizes), sizes, strict=True)
+    ]
+    top, left, canvas_height, canvas_width = (
+        np.repeat(np.array(values, dtype=np.int64), per_image) for values in zip(*placed, strict=True)
+    )
     height = np.repeat(np.array([h for h, _ in sizes], dtype=np.int64), per_image)
     width = np.repeat(np.array([w for _, w in sizes], dtype=np.int64), per_image)
     bx0, by0, bx1, by1 = int_boxes.T
@@ -117,26 +129,88 @@ def crop_columns(
     x1, y1 = np.minimum(bx1 + 1, width), np.minimum(by1 + 1, height)
     inside = (x1 > x0) & (y1 > y0)  # else the box lies outside the image: nothing to crop
     w, h = np.where(inside, x1 - x0, 0), np.where(inside, y1 - y0, 0)
+    column, offset, layout, hidden = _layout(x0 + left, y0 + top, w, h, canvas_height, canvas_width)
+    flat = torch.zeros(int(layout[1, -1]), dtype=torch.bool, device=device)
+    box_size = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)
+    cuts = np.stack([bx0, by0, *box_size, x0, y0, w, h, column, offset + 1])[:, inside].T.tolist()
+    for i, (box_left, box_top, box_w, box_h, x, y, crop_w, crop_h, step, first) in zip(
+        np.flatnonzero(inside).tolist(), cuts, strict=True
+    ):
+        crop = _resized(padded[i], box_w, box_h)[
+            y - box_top : y - box_top + crop_h, x - box_left : x - box_left + crop_w
+        ]
+        torch.gt(crop.T, threshold, out=flat.as_strided((crop_w, crop_h), (step, 1), first))
+    return Crops(flat, layout, hidden, per_image)
+
+
+def _resized(padded: torch.Tensor, box_w: int, box_h: int) -> torch.Tensor:
+    """One padded mask resized to its integer box's size, as torchvision's paste does (bilinear)."""
+    return F.interpolate(padded[None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _layout(
+    x0: np.ndarray, y0: np.ndarray, w: np.ndarray, h: np.ndarray, height: np.ndarray, width: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each crop's columns go in :class:`Crops`' ``flat``: crops ``w x h`` (0 x 0: nothing) at
+    ``(x0, y0)`` of images ``height x width``. Returns each crop's column step and block offset, the
+    ``layout`` and ``hidden`` of :class:`Crops`."""
     # A crop as tall as its image is contiguous in COCO order: one segment, so that ones running from a
     # column's bottom into the next column's top stay one run.
-    tall = inside & (h == height)
+    tall = (h > 0) & (h == height)
     column = np.where(tall, h, h + 2)  # from one column's first pixel to the next one's in ``flat``
     segment = np.where(tall, w * h + 2, h + 2)
     block = np.where(tall, w * h + 2, w * (h + 2))
     end = np.cumsum(block)
     offset = end - block
-    hidden = end[inside & (y1 == height) & (x1 == width)] - 1
-    flat = torch.zeros(int(end[-1]), dtype=torch.bool, device=device)
-    box_size = np.maximum(bx1 - bx0 + 1, 1), np.maximum(by1 - by0 + 1, 1)
-    places = np.stack([bx0, by0, *box_size, x0, y0, w, h, column, offset + 1])[:, inside].T.tolist()
-    for i, (left, top, box_w, box_h, x, y, crop_w, crop_h, step, first) in zip(
-        np.flatnonzero(inside).tolist(), places, strict=True
-    ):
-        resized = F.interpolate(padded[i : i + 1], size=(box_h, box_w), mode="bilinear", align_corners=False)
-        crop = resized[0, 0, y - top : y - top + crop_h, x - left : x - left + crop_w]
-        torch.gt(crop.T, threshold, out=flat.as_strided((crop_w, crop_h), (step, 1), first))
+    hidden = end[(h > 0) & (y0 + h == height) & (x0 + w == width)] - 1
     layout = np.stack([offset, end, segment, x0 * height + y0, height, height * width])
-    return Crops(flat, layout, hidden, per_image)
+    return column, offset, layout, hidden
+
+
+def mask_crops(
+    masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> list[tuple[int, int, np.ndarray]]:
+    """One image's thresholded masks, each cut to its box within the image, on the host: ``(top, left,
+    mask)`` per instance, ``mask`` a bool array, as :func:`crop_columns` cuts them (empty when the box
+    lies outside the image)."""
+    if not len(masks):
+        return []
+    padded, scale = expand_masks(masks, padding=1)
+    int_boxes = expand_boxes(boxes.float().cpu(), scale).to(torch.int64).tolist()
+    height, width = size
+    crops = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes, strict=True):
+        x0, y0 = max(bx0, 0), max(by0, 0)
+        x1, y1 = min(bx1 + 1, width), min(by1 + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            crops.append((y0, x0, np.zeros((0, 0), dtype=bool)))
+            continue
+        resized = _resized(mask, max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1))
+        crop = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        crops.append((y0, x0, (crop > threshold).cpu().numpy()))
+    return crops
+
+
+def encode_crops(crops: Sequence[tuple[int, int, np.ndarray]], height: int, width: int) -> list[Encoded]:
+    """COCO compressed RLE counts and area of ``height x width`` masks each given by a crop: ``(top, left,
+    mask)``, ``mask`` a bool array lying inside the image (on the host). The full-size masks never exist;
+    the result equals pycocotools' encoding of each."""
+    if not crops:
+        return []
+    top, left = (np.array(v, dtype=np.int64) for v in zip(*[(t, le) for t, le, _ in crops], strict=True))
+    h = np.array([m.shape[0] if m.size else 0 for _, _, m in crops], dtype=np.int64)
+    w = np.array([m.shape[1] if m.size else 0 for _, _, m in crops], dtype=np.int64)
+    if np.any(top + h > height) or np.any(left + w > width) or np.any(top < 0) or np.any(left < 0):
+        raise ValueError("a crop lies outside its image")
+    n = len(crops)
+    canvas_h, canvas_w = np.full(n, height, dtype=np.int64), np.full(n, width, dtype=np.int64)
+    column, offset, layout, hidden = _layout(left, top, w, h, canvas_h, canvas_w)
+    flat = np.zeros(int(layout[1, -1]), dtype=bool)
+    for (_, _, mask), step, first in zip(crops, column.tolist(), (offset + 1).tolist(), strict=True):
+        if mask.size:
+            np.lib.stride_tricks.as_strided(flat[first:], mask.T.shape, (step, 1), writeable=True)[:] = mask.T
+    runs = run_lengths(Crops(torch.from_numpy(flat), layout, hidden, [n]))
+    return rle_strings(runs)[0]
 
 
 def run_lengths(crops: Crops) -> Runs:

@@ -11,8 +11,9 @@ import torch
 from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 from batchseg.inference.models import WeightsInfo, build_model, load_state_dict
-from batchseg.inference.paste import Runs, crop_columns, rle_strings, run_lengths
+from batchseg.inference.paste import Runs, crop_columns, mask_crops, rle_strings, run_lengths
 from batchseg.inference.precision import AUTOCAST_DTYPES, keep_boxes_float32, resolve_precision
+from batchseg.inference.tiling import KEEP, PIECE, Piece, Tile, TileGrid
 
 Detections = tuple[dict[str, torch.Tensor], int, int]  # one image's raw outputs, height, width
 
@@ -129,15 +130,7 @@ class Predictor:
         if not detections:
             return HostDetections(np.zeros((0, 6), dtype=np.float32), [], None, keypoints=False)
         outputs = [out for out, _, _ in detections]
-        per_image = [len(out["boxes"]) for out in outputs]
-        keypoints = "keypoints" in outputs[0]
-        # Labels travel as float32 beside the boxes and scores: exact for any label below 2**24.
-        fields = [
-            [out["boxes"].float(), out["scores"].float()[:, None], out["labels"].float()[:, None]]
-            + ([out["keypoints"].float().flatten(1)] if keypoints else [])
-            for out in outputs
-        ]
-        table = torch.cat([torch.cat(f, dim=1) for f in fields]).cpu().numpy()
+        table, per_image, keypoints = _table(outputs)
         runs = None
         if "masks" in outputs[0]:
             boxes = torch.from_numpy(table[:, :4]).split(per_image)
@@ -145,6 +138,75 @@ class Predictor:
             masks = [out["masks"].float() for out in outputs]
             runs = run_lengths(crop_columns(masks, boxes, sizes, self.mask_threshold))
         return HostDetections(table, per_image, runs, keypoints)
+
+    @torch.inference_mode()
+    def describe_tiles(
+        self, detections: list[Detections], tiles: Sequence[tuple[TileGrid, Tile]]
+    ) -> list[tuple[list[dict[str, Any]], list[Piece]]]:
+        """Raw detections of tiles (``tiles[i]``: the grid and tile of ``detections[i]``), in their images'
+        pixels: for each tile, the instances it keeps whole, their masks encoded at the image's full size,
+        and its pieces of larger objects, their masks on the host (:meth:`TileGrid.fates`). The same two
+        device-to-host copies as :meth:`to_host`, and one per tile with pieces."""
+        if not detections:
+            return []
+        outputs = [out for out, _, _ in detections]
+        table, per_image, keypoints = _table(outputs)
+        at_tile = table.copy()  # boxes in the tile's pixels, for the masks' paste
+        bounds = np.cumsum([0, *per_image])
+        fates = []
+        for (grid, tile), start, end in zip(tiles, bounds[:-1], bounds[1:], strict=True):
+            placed = table[start:end]  # a view: the table moves to the image's pixels
+            placed[:, [0, 2]] += tile.left
+            placed[:, [1, 3]] += tile.top
+            if keypoints:
+                placed[:, 6::3] += tile.left
+                placed[:, 7::3] += tile.top
+            fates.append(grid.fates(tile, placed))
+        kept = [np.flatnonzero(f == KEEP) for f in fates]
+        cut = [np.flatnonzero(f == PIECE) for f in fates]
+        runs = None
+        masked = "masks" in outputs[0]
+        if masked:
+            runs = run_lengths(
+                crop_columns(
+                    [
+                        out["masks"][torch.from_numpy(k).to(out["masks"].device)].float()
+                        for out, k in zip(outputs, kept, strict=True)
+                    ],
+                    [
+                        torch.from_numpy(at_tile[start + k, :4])
+                        for start, k in zip(bounds, kept, strict=False)
+                    ],
+                    [(height, width) for _, height, width in detections],
+                    self.mask_threshold,
+                    [(tile.top, tile.left, grid.height, grid.width) for grid, tile in tiles],
+                )
+            )
+        rows = [table[start + k] for start, k in zip(bounds, kept, strict=False)]
+        whole = self.instances(HostDetections(np.concatenate(rows), [len(k) for k in kept], runs, keypoints))
+        results = []
+        for i, ((_, tile), k) in enumerate(zip(tiles, cut, strict=True)):
+            start = int(bounds[i])
+            dicts = self.instances(HostDetections(table[start + k], [len(k)], None, keypoints))[0]
+            crops: list[tuple[int, int, np.ndarray] | None] = [None] * len(k)
+            if masked and len(k):
+                out, height, width = detections[i]
+                index = torch.from_numpy(k).to(out["masks"].device)
+                crops = [
+                    (top + tile.top, left + tile.left, mask)
+                    for top, left, mask in mask_crops(
+                        out["masks"][index].float(),
+                        torch.from_numpy(at_tile[start + k, :4]),
+                        (height, width),
+                        self.mask_threshold,
+                    )
+                ]
+            pieces = []
+            for instance, j, crop in zip(dicts, k.tolist(), crops, strict=True):
+                x1, y1, x2, y2 = table[start + j, :4].tolist()
+                pieces.append(Piece(tile.index, instance, (x1, y1, x2, y2), crop))
+            results.append((whole[i], pieces))
+        return results
 
     def instances(self, detections: HostDetections) -> list[list[dict[str, Any]]]:
         """Each image's instances, dicts with the fields of :data:`batchseg.format.records.INSTANCE`, boxes
@@ -200,3 +262,17 @@ class Predictor:
             if "keypoints" in detection:
                 detection["keypoints"] = resize_keypoints(detection["keypoints"], resized, original)
         return detections
+
+
+def _table(outputs: list[dict[str, torch.Tensor]]) -> tuple[np.ndarray, list[int], bool]:
+    """A batch's boxes, scores, labels (and keypoints) on the host in one copy (see :class:`HostDetections`),
+    each image's count of rows, and whether there are keypoints."""
+    per_image = [len(out["boxes"]) for out in outputs]
+    keypoints = "keypoints" in outputs[0]
+    # Labels travel as float32 beside the boxes and scores: exact for any label below 2**24.
+    fields = [
+        [out["boxes"].float(), out["scores"].float()[:, None], out["labels"].float()[:, None]]
+        + ([out["keypoints"].float().flatten(1)] if keypoints else [])
+        for out in outputs
+    ]
+    return torch.cat([torch.cat(f, dim=1) for f in fields]).cpu().numpy(), per_image, keypoints

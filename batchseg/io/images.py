@@ -216,10 +216,13 @@ class EncodedJpeg:
     orientation: int
 
 
-def jpeg_orientation(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
+def jpeg_orientation(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> int | None:
     """The EXIF orientation (1-8) of a JPEG that ``torchvision.io.decode_jpeg`` can decode as
-    :func:`decode_image` would (baseline RGB or grey, within ``max_pixels``), read from its header
-    alone; None for anything else, which then goes through :func:`decode_image`."""
+    :func:`decode_image` would (baseline RGB or grey, within ``max_pixels``, and both sides within
+    ``max_side`` when given: a larger one is tiled from host pixels), read from its header alone; None for
+    anything else, which then goes through :func:`decode_image`."""
     if not data.startswith(b"\xff\xd8"):
         return None
     try:
@@ -228,6 +231,8 @@ def jpeg_orientation(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int |
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
+                    return None
+                if max_side is not None and max(width, height) > max_side:
                     return None
                 orientation = image.getexif().get(0x0112, 1)
     except Exception:

@@ -11,7 +11,8 @@ import numpy as np
 
 from batchseg.errors import ImageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, EncodedJpeg, decode_image, jpeg_orientation
-from batchseg.io.reader import ImageReader
+from batchseg.io.reader import ImageReader, read_image_bytes
+from batchseg.io.windowed import WindowedImage, is_windowed, open_windowed
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -60,7 +61,7 @@ def read_ahead(
     return in_order()
 
 
-Loaded = np.ndarray | EncodedJpeg | ImageError
+Loaded = np.ndarray | EncodedJpeg | WindowedImage | ImageError
 
 
 class ImageLoader:
@@ -75,6 +76,9 @@ class ImageLoader:
         keep_jpegs: leave a plain JPEG encoded (:class:`EncodedJpeg`: its header and EXIF orientation
             checked) for ``torchvision.io.decode_jpeg``; everything else is decoded with PIL.
         max_pixels: larger images become ``too_large`` errors, found from the header.
+        tile: with ``--tile``, a TIFF is opened for windowed reads (:class:`WindowedImage`, its windows read
+            later, by the caller) instead of being read and decoded whole, and a JPEG larger than a tile is
+            decoded here rather than left encoded.
 
     Each image gives its pixels (H x W x 3 uint8 as displayed), an :class:`EncodedJpeg`, or the
     :class:`ImageError` that stands for it in its row; storage that stays unavailable raises
@@ -90,7 +94,10 @@ class ImageLoader:
         decode_ahead: int = 8,
         keep_jpegs: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        tile: int | None = None,
     ) -> None:
+        self.storage_options = storage_options
+        self.tile = tile
         self.reader = ImageReader(storage_options, in_flight=prefetch)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="batchseg-decode")
         self.prefetch = prefetch
@@ -101,17 +108,27 @@ class ImageLoader:
     def __call__(self, uris: Iterable[str]) -> Iterator[Loaded]:
         return read_ahead(
             uris,
-            self.reader.fetch,
+            self.fetch,
             self.load,
             self.pool,
             fetch_window=max(self.prefetch, self.decode_ahead),
             decode_window=self.decode_ahead,
         )
 
-    def load(self, fetched: Future[bytes]) -> Loaded:
+    def fetch(self, uri: str) -> Future[bytes] | str:
+        """The read of ``uri`` begun; a TIFF to be read window by window is left for :meth:`load`."""
+        return uri if self.tile is not None and is_windowed(uri) else self.reader.fetch(uri)
+
+    def load(self, fetched: Future[bytes] | str) -> Loaded:
         try:
-            data = self.reader.result(fetched)
-            if self.keep_jpegs and (orientation := jpeg_orientation(data, self.max_pixels)):
+            if isinstance(fetched, str):
+                windowed = open_windowed(fetched, self.storage_options, self.max_pixels)
+                if windowed is not None:
+                    return windowed
+                data = read_image_bytes(fetched, self.storage_options)
+            else:
+                data = self.reader.result(fetched)
+            if self.keep_jpegs and (orientation := jpeg_orientation(data, self.max_pixels, self.tile)):
                 return EncodedJpeg(data, orientation)
             return decode_image(data, self.max_pixels)
         except ImageError as e:

@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +23,12 @@ from batchseg.format.output import OutputDir, ShardRecord
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo, load_state_dict
 from batchseg.inference.predictor import Predictor
+from batchseg.inference.tiling import Stitcher, Tile, TileGrid
 from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
-from batchseg.io.loader import ImageLoader, Loaded
+from batchseg.io.loader import ImageLoader, Loaded, read_ahead
 from batchseg.io.manifest import Shard
+from batchseg.io.windowed import WindowedImage
 from batchseg.segment.config import ON_DEVICE, SegmentConfig
 from batchseg.segment.job import Job
 
@@ -104,12 +106,15 @@ class ShardProcessor:
             mask_threshold=config.mask_threshold,
             min_size=config.min_size,
             max_size=config.max_size,
-            max_instances=config.instances_per_image(tiled=False),
+            max_instances=config.instances_per_image(tiled=config.tile is not None),
             device=device,
             precision=config.precision,
             storage_options=config.io_options,
             state_dict=state_dict,
         )
+        # With --tile, the model keeps a tiled image's many instances per tile; an image taken whole keeps
+        # its own number (the model's are best first: the same as the model keeping that many).
+        self.whole_limit = config.instances_per_image(tiled=False)
         # JPEGs are decoded in batches on the model's device (nvJPEG on a GPU); everything else with PIL.
         self.decode_on_device = config.decode in ON_DEVICE or (config.decode == "auto" and device != "cpu")
         self.loader = ImageLoader(
@@ -119,6 +124,7 @@ class ShardProcessor:
             decode_ahead=2 * config.batch_size,
             keep_jpegs=self.decode_on_device,
             max_pixels=config.max_pixels,
+            tile=config.tile,
         )
         # Images of the current shard handed to the model or made error rows, for the progress line
         # (those handed to the model may still be in it).
@@ -248,20 +254,27 @@ class ShardProcessor:
         config = self.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
-        given = 0  # images handed to the model
+        given: set[int] = set()  # images handed to the model (a tiled one may span batches)
+
+        def run_batch() -> None:
+            nonlocal batch
+            decoded = self._decode_on_device(shard, batch, rows)
+            given.update(i for i, _ in decoded)
+            self._predict(shard, decoded, rows)
+            batch = []
+
         try:
             for i, image in enumerate(self.loader(shard.uris) if images is None else images):
+                self.images_started += 1
                 if isinstance(image, ImageError):
                     rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
-                    self.images_started += 1
-                else:
-                    batch.append((i, image))
-                if len(batch) == config.batch_size or (i == len(shard) - 1 and batch):
-                    self.images_started += len(batch)
-                    decoded = self._decode_on_device(shard, batch, rows)
-                    given += len(decoded)
-                    self._predict(shard, decoded, rows)
-                    batch = []
+                    continue
+                for unit in self._units(shard, i, image, rows):
+                    batch.append((i, unit))
+                    if len(batch) == config.batch_size:
+                        run_batch()
+            if batch:
+                run_batch()
             self._encoded(keep=0)
         finally:  # on an error, no encoder thread may go on filling these rows or holding device memory
             for pending in self.encoding:
@@ -273,11 +286,49 @@ class ShardProcessor:
         failed = [
             r["error"] for r in done if r["status"] == "error" and error_kind(r["error"]) in MODEL_FAILURES
         ]
-        if too_many_failures(len(failed), given):
+        if too_many_failures(len(failed), len(given)):
             raise ModelFailed(
-                f"the model failed on {len(failed)} of the {given} images it was given (the first: {failed[0]})"
+                f"the model failed on {len(failed)} of the {len(given)} images it was given (the first: {failed[0]})"
             )
         return done
+
+    def _units(self, shard: Shard, i: int, image: Any, rows: list[dict[str, Any] | None]) -> Iterator[Any]:
+        """What the model is given for image ``i``: the image itself, or with ``--tile`` and an image larger
+        than a tile, its tiles (:class:`TileOf`), cut from its pixels or read window by window (in the
+        loader's threads, a few batches ahead). A window that cannot be read fails its image's row."""
+        tile = self.config.tile
+        if tile is None or isinstance(image, EncodedJpeg):  # the loader decodes large JPEGs when tiling
+            yield image
+            return
+        width, height = image_size(image)
+        if width <= tile and height <= tile:
+            yield image
+            return
+        grid = TileGrid(height, width, tile, self.config.overlap)
+        tiled = Tiled(grid, Stitcher(grid, self.config.instances_per_image(tiled=True)), image)
+        if not isinstance(image, WindowedImage):
+            for t in grid.tiles:
+                yield TileOf(tile_pixels(image, t), t, tiled)
+            return
+        windows = read_ahead(
+            grid.tiles,
+            lambda t: t,
+            lambda t: image.read(t.top, t.left, t.height, t.width),
+            self.loader.pool,
+            fetch_window=2 * self.config.batch_size,
+            decode_window=2 * self.config.batch_size,
+        )
+        try:
+            for t in grid.tiles:
+                try:
+                    pixels = next(windows)
+                except ImageError as error:
+                    if tiled.stitcher.fail():
+                        rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, (width, height))
+                    return
+                yield TileOf(pixels, t, tiled)
+        finally:
+            image.close()
 
     def _predict(self, shard: Shard, batch: list[tuple[int, Any]], rows: list[dict[str, Any] | None]) -> int:
         """The model on ``batch``; its rows are filled now, or on a GPU by an encoder thread while the device
@@ -288,7 +339,7 @@ class ShardProcessor:
         shard at once (:class:`DeviceError`), and so does a batch whose images mostly fail alone too."""
         kind, message = None, ""
         try:
-            detections = self.predictor.detect([image for _, image in batch])
+            detections = self.predictor.detect([pixels_of(image) for _, image in batch])
         except Exception as e:
             if is_device_error(e):
                 raise device_error(e) from e
@@ -299,9 +350,10 @@ class ShardProcessor:
             free_device_cache(self.device)
             if len(batch) == 1:
                 i, image = batch[0]
-                rows[i] = error_row(
-                    shard.image_ids[i], shard.uris[i], ImageError(kind, message), image_size(image)
-                )
+                if not isinstance(image, TileOf) or image.of.stitcher.fail():
+                    rows[i] = error_row(
+                        shard.image_ids[i], shard.uris[i], ImageError(kind, message), image_size(image)
+                    )
                 return 1
             failed = sum(self._predict(shard, [item], rows) for item in batch)
             if too_many_failures(failed, len(batch)):
@@ -346,7 +398,12 @@ class ShardProcessor:
         memory for the whole batch, its images are encoded one by one; one that still does not fit is an
         ``out_of_memory`` row. A device error raises :class:`DeviceError`; any other error fails the shard."""
         try:
-            described = self.predictor.describe(detections)
+            whole = [k for k, (_, image) in enumerate(batch) if not isinstance(image, TileOf)]
+            tiles = [k for k, (_, image) in enumerate(batch) if isinstance(image, TileOf)]
+            described = self.predictor.describe([detections[k] for k in whole])
+            stitched = self.predictor.describe_tiles(
+                [detections[k] for k in tiles], [(batch[k][1].of.grid, batch[k][1].tile) for k in tiles]
+            )
         except Exception as e:
             if is_device_error(e):
                 raise device_error(e) from e
@@ -354,14 +411,24 @@ class ShardProcessor:
                 raise
             message = f"encoding its masks ran out of memory: {type(e).__name__}: {first_line(e)}"
         else:
-            for (i, image), instances in zip(batch, described, strict=True):
-                rows[i] = ok_row(shard.image_ids[i], shard.uris[i], *image_size(image), instances)
+            for k, instances in zip(whole, described, strict=True):
+                i, image = batch[k]
+                rows[i] = ok_row(
+                    shard.image_ids[i], shard.uris[i], *image_size(image), instances[: self.whole_limit]
+                )
+            for k, (kept, pieces) in zip(tiles, stitched, strict=True):
+                i, unit = batch[k]
+                if unit.of.stitcher.add(kept, pieces):
+                    rows[i] = ok_row(
+                        shard.image_ids[i], shard.uris[i], *image_size(unit), unit.of.stitcher.instances()
+                    )
             return
         free_device_cache(self.device)  # out of the except block: see _predict
         if len(batch) == 1:
             i, image = batch[0]
-            error = ImageError("out_of_memory", message)
-            rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
+            if not isinstance(image, TileOf) or image.of.stitcher.fail():
+                error = ImageError("out_of_memory", message)
+                rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, image_size(image))
             return
         for item, detection in zip(batch, detections, strict=True):
             self._fill(shard, [item], [detection], rows)
@@ -443,8 +510,43 @@ def _beside_the_model(work: Callable[[], None], forward_done: Any, tensors: list
         work()
 
 
-def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
-    """(width, height) of H x W x 3 pixels (numpy) or 3 x H x W pixels (torch)."""
+@dataclass(frozen=True)
+class Tiled:
+    """An image taken in tiles: its grid, the stitcher gathering its tiles' instances, and its pixels
+    (decoded whole, or a :class:`WindowedImage`)."""
+
+    grid: TileGrid
+    stitcher: Stitcher
+    image: Any
+
+
+@dataclass(frozen=True)
+class TileOf:
+    """One tile's pixels, which tile it is, and the image it belongs to."""
+
+    pixels: np.ndarray | torch.Tensor
+    tile: Tile
+    of: Tiled
+
+
+def tile_pixels(image: np.ndarray | torch.Tensor, tile: Tile) -> np.ndarray | torch.Tensor:
+    """``tile``'s window of pixels decoded whole (a view, not a copy)."""
+    rows, columns = slice(tile.top, tile.bottom), slice(tile.left, tile.right)
+    return image[:, rows, columns] if isinstance(image, torch.Tensor) else image[rows, columns]
+
+
+def pixels_of(image: Any) -> np.ndarray | torch.Tensor:
+    """What the model is given for one batch item: a tile's pixels, or an image's."""
+    return image.pixels if isinstance(image, TileOf) else image
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of H x W x 3 pixels (numpy), 3 x H x W pixels (torch), a windowed image, or the
+    whole image a tile belongs to."""
+    if isinstance(image, TileOf):
+        return image.of.grid.width, image.of.grid.height
+    if isinstance(image, WindowedImage):
+        return image.width, image.height
     if isinstance(image, torch.Tensor):
         return int(image.shape[-1]), int(image.shape[-2])
     return int(image.shape[1]), int(image.shape[0])

@@ -1,0 +1,293 @@
+"""Huge images in tiles: the grid of overlapping tiles, which tile owns each instance, and one image's tiles
+stitched back into its instances (the model sees each tile as an image).
+
+The rule (StarDist's, for ``predict_instances_big``, extended to objects larger than the overlap): every
+tile has a *core*, the part of the image nearer to it than to its neighbours (cores split each overlap at
+its middle, so they cover the image exactly once). A detection whose box touches no inner edge of its tile
+was seen whole; it is kept by the tile whose core holds its box's centre, so an object seen whole by two
+tiles is kept once. (If a tile sees a box whole, so does the tile whose core holds its centre: the box lies
+on the centre's side of the overlap's middle, within the overlap.) A detection cut by an inner edge is
+dropped when another tile holds its whole box and reaches past each edge that cut it: that tile sees more
+of the object (all of it, or a larger part). The cut parts no tile sees more of are the pieces of objects
+larger than the overlap; pieces from neighbouring tiles whose masks (boxes, for a box-only model) agree
+where both tiles see them are merged into one instance. Only boxes decide ownership, so it costs nothing
+per pixel; masks are compared for the few pieces only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchseg.inference.paste import encode_crops
+
+# A box this close (pixels) to an inner edge of its tile is taken as cut by it: a box the model draws at
+# an object that leaves the tile ends on the edge, give or take its regression's fraction of a pixel.
+EDGE = 2.0
+# Two pieces are one object when their masks' intersection over union, where both tiles see, is at least
+# this: parts of one object agree pixel for pixel there; neighbouring objects barely overlap.
+MERGE_IOU = 0.5
+
+KEEP, DROP, PIECE = 0, 1, 2  # a detection's fate (TileGrid.fates)
+
+Crop = tuple[int, int, np.ndarray]  # top, left (image pixels) and a bool mask
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A window of the image (``top, left, height, width``, in its pixels) and the part of the image it
+    owns, ``core = (top, left, bottom, right)`` (bottom and right exclusive)."""
+
+    index: int
+    top: int
+    left: int
+    height: int
+    width: int
+    core: tuple[int, int, int, int]
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.height
+
+    @property
+    def right(self) -> int:
+        return self.left + self.width
+
+
+def starts(length: int, size: int, overlap: int) -> list[int]:
+    """Where tiles of ``size`` start along an axis of ``length`` pixels, neighbours sharing at least
+    ``overlap``; the last one is moved back to end at the edge (so every tile is full size) and then
+    shares more. One tile (at 0) when the axis fits it."""
+    if length <= size:
+        return [0]
+    step = size - overlap
+    count = -(-(length - size) // step) + 1
+    return [min(i * step, length - size) for i in range(count)]
+
+
+def _cores(first: list[int], size: int, length: int) -> list[tuple[int, int]]:
+    """Each tile's owned span along an axis: from the middle of its overlap with the one before to the
+    middle of its overlap with the one after."""
+    size = min(size, length)
+    cuts = [0] + [(a + size + b) // 2 for a, b in itertools.pairwise(first)] + [length]
+    return list(itertools.pairwise(cuts))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of a ``height x width`` image, row by row (see :func:`starts`)."""
+
+    height: int
+    width: int
+    size: int
+    overlap: int
+    rows: tuple[int, ...] = field(init=False)
+    columns: tuple[int, ...] = field(init=False)
+    tiles: tuple[Tile, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        rows, columns = (
+            starts(self.height, self.size, self.overlap),
+            starts(self.width, self.size, self.overlap),
+        )
+        row_cores, column_cores = _cores(rows, self.size, self.height), _cores(columns, self.size, self.width)
+        h, w = min(self.size, self.height), min(self.size, self.width)
+        tiles = [
+            Tile(r * len(columns) + c, top, left, h, w, (core_top, core_left, core_bottom, core_right))
+            for r, (top, (core_top, core_bottom)) in enumerate(zip(rows, row_cores, strict=True))
+            for c, (left, (core_left, core_right)) in enumerate(zip(columns, column_cores, strict=True))
+        ]
+        object.__setattr__(self, "rows", tuple(rows))
+        object.__setattr__(self, "columns", tuple(columns))
+        object.__setattr__(self, "tiles", tuple(tiles))
+
+    def neighbours(self, tile: Tile) -> list[Tile]:
+        """The other tiles that share pixels with ``tile``."""
+        h, w = tile.height, tile.width
+        rows = [r for r, top in enumerate(self.rows) if top < tile.bottom and top + h > tile.top]
+        columns = [c for c, left in enumerate(self.columns) if left < tile.right and left + w > tile.left]
+        return [
+            self.tiles[r * len(self.columns) + c]
+            for r in rows
+            for c in columns
+            if r * len(self.columns) + c != tile.index
+        ]
+
+    def fates(self, tile: Tile, boxes: np.ndarray) -> np.ndarray:
+        """:data:`KEEP`, :data:`DROP` or :data:`PIECE` for each of ``tile``'s detections, whose ``boxes``
+        (``N x 4``, ``x1 y1 x2 y2``) are in the image's pixels (see the module's rule)."""
+        x1, y1, x2, y2 = boxes[:, :4].T
+        cut = {
+            "left": (tile.left > 0) & (x1 <= tile.left + EDGE),
+            "right": (tile.right < self.width) & (x2 >= tile.right - EDGE),
+            "top": (tile.top > 0) & (y1 <= tile.top + EDGE),
+            "bottom": (tile.bottom < self.height) & (y2 >= tile.bottom - EDGE),
+        }
+        any_cut = cut["left"] | cut["right"] | cut["top"] | cut["bottom"]
+        core_top, core_left, core_bottom, core_right = tile.core
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        owned = (core_left <= cx) & (cx < core_right) & (core_top <= cy) & (cy < core_bottom)
+        seen_better = np.zeros(len(boxes), dtype=bool)
+        for other in self.neighbours(tile) if any_cut.any() else []:
+            holds = (other.left <= x1) & (x2 <= other.right) & (other.top <= y1) & (y2 <= other.bottom)
+            past = (
+                (~cut["left"] | (other.left < tile.left))
+                & (~cut["right"] | (other.right > tile.right))
+                & (~cut["top"] | (other.top < tile.top))
+                & (~cut["bottom"] | (other.bottom > tile.bottom))
+            )
+            seen_better |= holds & past
+        return np.where(any_cut, np.where(seen_better, DROP, PIECE), np.where(owned, KEEP, DROP))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A detection cut by its tile that no other tile sees more of: its instance (box and keypoints in the
+    image's pixels; ``rle`` and ``area`` still to be made), its box, and its mask cut to the tile (None for
+    a box-only model)."""
+
+    tile: int
+    instance: dict[str, Any]
+    box: tuple[float, float, float, float]
+    mask: Crop | None
+
+
+class Stitcher:
+    """One tiled image's instances, gathered tile by tile (from any thread), then stitched: the instances
+    kept whole, and the pieces merged (:func:`merge_pieces`); the best ``limit`` by score."""
+
+    def __init__(self, grid: TileGrid, limit: int) -> None:
+        self.grid = grid
+        self.limit = limit
+        self.kept: list[dict[str, Any]] = []
+        self.pieces: list[Piece] = []
+        self.remaining = len(grid.tiles)
+        self.failed = False
+        self.lock = threading.Lock()
+
+    def add(self, kept: list[dict[str, Any]], pieces: list[Piece]) -> bool:
+        """One tile's results; whether it was the image's last one (and none failed): then it is time for
+        :meth:`instances`."""
+        with self.lock:
+            self.kept.extend(kept)
+            self.pieces.extend(pieces)
+            self.remaining -= 1
+            return self.remaining == 0 and not self.failed
+
+    def fail(self) -> bool:
+        """Mark the image failed (one of its tiles could not be read or run); whether it was the first
+        failure, which gives the image its error row."""
+        with self.lock:
+            first, self.failed = not self.failed, True
+            return first
+
+    def instances(self) -> list[dict[str, Any]]:
+        """The image's instances, best score first, at most ``limit``."""
+        merged = merge_pieces(self.pieces, self.grid)
+        return sorted(self.kept + merged, key=lambda i: -i["score"])[: self.limit]
+
+
+def merge_pieces(pieces: Sequence[Piece], grid: TileGrid) -> list[dict[str, Any]]:
+    """The instances of ``pieces``: those of neighbouring tiles that show one object (:data:`MERGE_IOU`
+    where both tiles see) are merged into one, with the union of their masks and boxes, the best score, and
+    the category and keypoints of the largest piece. Masks are encoded at the image's size from crops."""
+    parent = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_tile: dict[int, list[int]] = {}
+    for i, piece in enumerate(pieces):
+        by_tile.setdefault(piece.tile, []).append(i)
+    for tile_index, members in by_tile.items():
+        tile = grid.tiles[tile_index]
+        for other in grid.neighbours(tile):
+            if other.index < tile_index:
+                continue  # each pair of tiles once
+            window = (max(tile.top, other.top), max(tile.left, other.left),
+                      min(tile.bottom, other.bottom), min(tile.right, other.right))  # fmt: skip
+            for i in members:
+                for j in by_tile.get(other.index, []):
+                    if _agreement(pieces[i], pieces[j], window) >= MERGE_IOU:
+                        parent[root(i)] = root(j)
+    groups: dict[int, list[Piece]] = {}
+    for i, piece in enumerate(pieces):
+        groups.setdefault(root(i), []).append(piece)
+    merged = [_merged(group) for group in groups.values()]
+    masks = [mask for _, mask in merged if mask is not None]
+    if len(masks) == len(merged):
+        for (instance, _), (rle, area) in zip(
+            merged,
+            encode_crops(masks, grid.height, grid.width),
+            strict=True,
+        ):
+            instance["rle"], instance["area"] = rle, area
+    return [instance for instance, _ in merged]
+
+
+def _agreement(a: Piece, b: Piece, window: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two pieces' masks (boxes, without masks) within ``window`` (top, left,
+    bottom, right)."""
+    if a.mask is None or b.mask is None:
+        boxes = [_clip(p.box, window) for p in (a, b)]
+        inter = _area((max(boxes[0][0], boxes[1][0]), max(boxes[0][1], boxes[1][1]),
+                       min(boxes[0][2], boxes[1][2]), min(boxes[0][3], boxes[1][3])))  # fmt: skip
+        union = _area(boxes[0]) + _area(boxes[1]) - inter
+        return inter / union if union > 0 else 0.0
+    planes = [_in_window(a.mask, window), _in_window(b.mask, window)]
+    union = int(np.logical_or(*planes).sum())
+    return int(np.logical_and(*planes).sum()) / union if union else 0.0
+
+
+def _clip(box: tuple[float, float, float, float], window: tuple[int, int, int, int]) -> tuple[float, ...]:
+    top, left, bottom, right = window
+    return (max(box[0], left), max(box[1], top), min(box[2], right), min(box[3], bottom))
+
+
+def _area(box: tuple[float, ...]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def _in_window(crop: Crop, window: tuple[int, int, int, int]) -> np.ndarray:
+    """A crop's pixels placed into ``window`` (top, left, bottom, right): a bool array of its size."""
+    top, left, bottom, right = window
+    plane = np.zeros((max(bottom - top, 0), max(right - left, 0)), dtype=bool)
+    y, x, mask = crop
+    y0, x0 = max(y, top), max(x, left)
+    y1, x1 = min(y + mask.shape[0], bottom), min(x + mask.shape[1], right)
+    if y1 > y0 and x1 > x0:
+        plane[y0 - top : y1 - top, x0 - left : x1 - left] = mask[y0 - y : y1 - y, x0 - x : x1 - x]
+    return plane
+
+
+def _merged(group: list[Piece]) -> tuple[dict[str, Any], Crop | None]:
+    """One instance from the pieces of one object (a group of one: that piece), and its mask."""
+    largest = max(group, key=lambda p: int(p.mask[2].sum()) if p.mask is not None else _area(p.box))
+    x1 = min(p.box[0] for p in group)
+    y1 = min(p.box[1] for p in group)
+    x2 = max(p.box[2] for p in group)
+    y2 = max(p.box[3] for p in group)
+    instance = dict(largest.instance)
+    instance["score"] = max(p.instance["score"] for p in group)
+    instance["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+    if largest.mask is None:
+        instance["area"] = round((x2 - x1) * (y2 - y1))
+        return instance, None
+    masks = [p.mask for p in group if p.mask is not None and p.mask[2].size]
+    if not masks:
+        return instance, (int(y1), int(x1), np.zeros((0, 0), dtype=bool))
+    top, left = min(m[0] for m in masks), min(m[1] for m in masks)
+    bottom = max(m[0] + m[2].shape[0] for m in masks)
+    right = max(m[1] + m[2].shape[1] for m in masks)
+    union = np.zeros((bottom - top, right - left), dtype=bool)
+    for y, x, mask in masks:
+        union[y - top : y - top + mask.shape[0], x - left : x - left + mask.shape[1]] |= mask
+    return instance, (top, left, union)
