@@ -20,7 +20,6 @@ are those a job writes. Usage: python bench/tiles.py [--images 64] [--side 1280]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import statistics
@@ -40,7 +39,9 @@ from batchseg import log
 from batchseg.analysis.evaluate import evaluate_output
 from batchseg.analysis.results import Results
 from batchseg.demo import HELD_OUT_SEED, SHAPES_MODEL
+from batchseg.inference.tiling import TileGrid
 from batchseg.io.manifest import iter_shards, plan_shards
+from batchseg.io.windowed import open_windowed
 from batchseg.segment.config import SegmentConfig
 from batchseg.segment.job import prepare_job
 from batchseg.segment.processor import ShardProcessor
@@ -49,25 +50,6 @@ from tests.segmenting import assert_same_rows, segment_in_process
 
 GOALS = {"ap_ratio": 0.95, "cost_ratio": 0.9}
 TIFF_TILE = 256
-
-
-def tiling_available() -> bool:
-    """Whether this checkout tiles (``--tile`` is declared before the processor honours it)."""
-    return importlib.util.find_spec("batchseg.inference.tiling") is not None
-
-
-def tile_windows(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """``(top, left)`` of each ``tile`` x ``tile`` window, row by row: a stride of ``tile - overlap``, the
-    last window of a row or column moved back to end at the image's edge (#24's rule), so all are full."""
-
-    def starts(length: int) -> list[int]:
-        if length <= tile:
-            return [0]
-        stride = tile - overlap
-        points = list(range(0, length - tile, stride))
-        return [*points, length - tile]
-
-    return [(top, left) for top in starts(height) for left in starts(width)]
 
 
 def write_manifest(path: pathlib.Path, names: list[str]) -> str:
@@ -124,10 +106,9 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
         ),
     ]
     tiled = {"tile": args.tile, "tile_overlap": args.overlap}
-    if tiling_available():
-        runs.append(
-            (f"the scene with --tile {args.tile} --tile-overlap {args.overlap}", "png", "scene_truth", tiled)
-        )
+    runs.append(
+        (f"the scene with --tile {args.tile} --tile-overlap {args.overlap}", "png", "scene_truth", tiled)
+    )
     figures: dict[str, float] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     for label, manifest, truth, changes in runs:
@@ -144,8 +125,8 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
     for label, _, _, _ in runs[1:]:
         goal = f" (goal: at least {GOALS['ap_ratio']})" if "--tile" in label else ""
         print(f"[quality] {label}: {figures[label] / baseline:.3f} of one by one{goal}", flush=True)
-    if not tiling_available():
-        print("[quality] this checkout does not tile yet (no batchseg.inference.tiling): tiled runs left out")
+    if not windowed_reads(files["tif"]):
+        print("[quality] this checkout has no windowed TIFF reads yet (io.windowed): the TIFF's run left out")
         return
     _, tif_rows = segmented(files["tif"], str(folder / "out-tif"), files["scene_truth"], **tiled)
     png_rows = rows[runs[-1][0]]
@@ -157,46 +138,48 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
     )
 
 
-def rows_per_second(processor: ShardProcessor, manifest: str, repeat: int) -> float:
-    """The median wall seconds of the processor's rows for the manifest's one shard (read, decode, model,
-    masks to RLE; the model already loaded), over ``repeat`` runs."""
-    plan = plan_shards(manifest, 10_000)
-    (shard,) = iter_shards(plan)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        processor.rows(shard)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def windowed_reads(manifest: str) -> bool:
+    """Whether this checkout reads TIFFs window by window (``io.windowed`` was declared before it was
+    filled in)."""
+    tif = str(pathlib.Path(manifest).with_name("scene.tif"))
+    try:
+        image = open_windowed(tif)
+    except NotImplementedError:
+        return False
+    assert image is not None, f"{tif} is tiled: it must be read window by window"
+    image.close()
+    return True
 
 
 def cost(folder: pathlib.Path, scene: Scene, files: dict[str, str], args: argparse.Namespace) -> None:
-    """Tiles/s of the tiled scene and of its tiles as separate images."""
+    """Tiles/s of the tiled scene and of its tiles cut out as separate images, through the shard
+    processor's ``rows`` (read, decode, model, masks to RLE, stitching; the model loaded before), timed in
+    turns so that both meet the same load on a shared machine; the median of ``--repeat``."""
     height, width = scene.pixels.shape[:2]
-    windows = tile_windows(height, width, args.tile, args.overlap)
+    tiles = TileGrid(height, width, args.tile, args.overlap).tiles
     names = []
-    for i, (top, left) in enumerate(windows):
-        names.append(f"tile-{i:04d}.png")
-        Image.fromarray(scene.pixels[top : top + args.tile, left : left + args.tile]).save(folder / names[-1])
+    for t in tiles:
+        names.append(f"tile-{t.index:04d}.png")
+        Image.fromarray(scene.pixels[t.top : t.bottom, t.left : t.right]).save(folder / names[-1])
     separate = config(write_manifest(folder / "tiles.csv", names), str(folder / "out-cost"))
-    processor = ShardProcessor.for_job(prepare_job(separate))
-    seconds = {"separate": rows_per_second(processor, separate.manifest, args.repeat)}
-    if tiling_available():
-        tiled = replace(separate, manifest=files["png"], tile=args.tile, tile_overlap=args.overlap)
-        processor = ShardProcessor.for_job(prepare_job(tiled))
-        seconds["tiled"] = rows_per_second(processor, tiled.manifest, args.repeat)
-    rates = {k: len(windows) / v for k, v in seconds.items()}
+    tiled = replace(separate, manifest=files["png"], tile=args.tile, tile_overlap=args.overlap)
+    work = {}
+    for name, job in (("separate", separate), ("tiled", tiled)):
+        (shard,) = iter_shards(plan_shards(job.manifest, len(names)))
+        work[name] = (ShardProcessor.for_job(prepare_job(job)), shard)
+    seconds: dict[str, list[float]] = {"separate": [], "tiled": []}
+    for _ in range(args.repeat):
+        for name, (processor, shard) in work.items():
+            start = time.perf_counter()
+            processor.rows(shard)
+            seconds[name].append(time.perf_counter() - start)
+    rates = {k: len(tiles) / statistics.median(v) for k, v in seconds.items()}
     print(
-        f"[cost] {len(windows)} tiles of {args.tile} px (overlap {args.overlap}) as separate images: "
-        f"{rates['separate']:.1f} tiles/s (median of {args.repeat})",
+        f"[cost] {len(tiles)} tiles of {args.tile} px (overlap {args.overlap}), median of {args.repeat}: as "
+        f"separate images {rates['separate']:.1f} tiles/s, by --tile {rates['tiled']:.1f} tiles/s; ratio "
+        f"{rates['tiled'] / rates['separate']:.3f} (goal: at least {GOALS['cost_ratio']})",
         flush=True,
     )
-    if "tiled" in rates:
-        print(
-            f"[cost] the same tiles by --tile: {rates['tiled']:.1f} tiles/s; ratio {rates['tiled'] / rates['separate']:.3f}"
-            f" (goal: at least {GOALS['cost_ratio']})",
-            flush=True,
-        )
 
 
 def main() -> None:
@@ -210,15 +193,21 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=160)
     parser.add_argument("--overlap", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each cost figure (the median)")
+    parser.add_argument(
+        "--shapes-only",
+        action="store_true",
+        help="paste only the images' shapes, not their backgrounds (rectangles a model of shapes may take for squares)",
+    )
     parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args()
-    scene = draw_scene(np.random.default_rng(args.seed), args.images, args.side)
+    scene = draw_scene(np.random.default_rng(args.seed), args.images, args.side, whole=not args.shapes_only)
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         files = write_scene(folder, scene)
         print(
             f"scene: {args.images} shapes images on {args.side} x {args.side} px (seed {args.seed}), "
-            f"{sum(len(p.instances) for _, _, p in scene.parts)} instances",
+            f"{sum(len(p.instances) for _, _, p in scene.parts)} instances"
+            f"{', shapes only (no backgrounds)' if args.shapes_only else ', each image whole'}",
             flush=True,
         )
         quality(folder, files, args)

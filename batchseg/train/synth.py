@@ -160,11 +160,14 @@ class Scene:
         return {"images": images, "annotations": annotations, "categories": coco_categories()}
 
 
-def draw_scene(rng: np.random.Generator, images: int = 64, side: int = 1280, size: int = 128) -> Scene:
+def draw_scene(
+    rng: np.random.Generator, images: int = 64, side: int = 1280, size: int = 128, whole: bool = True
+) -> Scene:
     """``images`` shapes images (:func:`draw_shapes` of ``size``) pasted at random offsets that never
     overlap onto a ``side`` x ``side`` background of one random colour, as the shapes images' own are:
     each image in its own cell of a square grid, at a random place inside it (the cells must hold the
-    largest image, ``size * 5 // 4``)."""
+    largest image, ``size * 5 // 4``). ``whole``: each image pasted whole, its background a rectangle on
+    the scene's (which a model of shapes may take for a square); else only its shapes' pixels."""
     per_row = int(np.ceil(np.sqrt(images)))
     cell = side // per_row
     if cell < size * 5 // 4:
@@ -178,6 +181,11 @@ def draw_scene(rng: np.random.Generator, images: int = 64, side: int = 1280, siz
         row, column = divmod(index, per_row)
         top = row * cell + int(rng.integers(0, cell - height, endpoint=True))
         left = column * cell + int(rng.integers(0, cell - width, endpoint=True))
-        pixels[top : top + height, left : left + width] = part.pixels
+        window = pixels[top : top + height, left : left + width]
+        if whole:
+            window[:] = part.pixels
+        else:
+            shapes = np.any([mask for _, mask in part.instances], axis=0)
+            window[shapes] = part.pixels[shapes]
         parts.append((top, left, part))
     return Scene(pixels, parts)
