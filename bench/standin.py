@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def stand_in(instances: int) -> Any:
+def stand_in(instances: int, inset: int = 0) -> Any:
     """The worker setup hook: ``Predictor.forward`` gives ``instances`` fixed detections per image, each
-    mask filling its box (a trained head on solid objects), without running the model."""
+    mask filling its box (a trained head on solid objects), without running the model. The first box's
+    corner is at ``(inset, inset)``: at 0 it touches the image's top-left edges (on a tile: an object cut
+    by the tile's edge, a piece to stitch); a few pixels in, every box lies inside."""
 
     def setup() -> None:
         import torch
@@ -19,7 +21,7 @@ def stand_in(instances: int) -> Any:
             for image in images:
                 h, w = int(image.shape[-2]), int(image.shape[-1])
                 k = torch.arange(instances, dtype=torch.float32)
-                x0, y0 = (k * 7) % max(1, w // 2), (k * 5) % max(1, h // 2)
+                x0, y0 = inset + (k * 7) % max(1, w // 2), inset + (k * 5) % max(1, h // 2)
                 boxes = torch.stack([x0, y0, (x0 + w / 3).clamp(max=w), (y0 + h / 3).clamp(max=h)], dim=1)
                 out.append(
                     {

@@ -115,7 +115,7 @@ def status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def segment_one(tiff: str, output: str, tile: int, overlap: int, instances: int) -> None:
+def segment_one(tiff: str, output: str, tile: int, overlap: int, instances: int, inset: int) -> None:
     """The child: ``tiff`` segmented as a job of one image by the shard processor (the model stood in);
     prints its figures as one JSON line."""
     from batchseg.demo import SHAPES_MODEL
@@ -127,7 +127,7 @@ def segment_one(tiff: str, output: str, tile: int, overlap: int, instances: int)
     from batchseg.segment.processor import ShardProcessor
     from bench.standin import stand_in
 
-    stand_in(instances)()
+    stand_in(instances, inset)()
     manifest = pathlib.Path(output).with_suffix(".csv")
     manifest.write_text(f"uri,image_id\n{tiff},huge\n")
     config = SegmentConfig(
@@ -170,11 +170,18 @@ def main() -> None:
     parser.add_argument("--tiff-tile", type=int, default=256, help="the TIFF's own tiles")
     parser.add_argument("--spacing", type=int, default=1000, help="about one shape per SPACING x SPACING px")
     parser.add_argument("--instances", type=int, default=5, help="stand-in detections per tile")
+    parser.add_argument(
+        "--inset",
+        type=int,
+        default=0,
+        help="the stand-in's first box this far from the tile's corner (0: it touches two inner edges, so every "
+        "inner tile gives a piece to stitch; 16: no box touches an edge)",
+    )
     parser.add_argument("--workdir", default=None, help="keep the TIFFs here (default: a temporary folder)")
     parser.add_argument("--child", nargs=2, metavar=("TIFF", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        segment_one(*args.child, args.tile, args.overlap, args.instances)
+        segment_one(*args.child, args.tile, args.overlap, args.instances, args.inset)
         return
     with tempfile.TemporaryDirectory() as scratch:
         folder = pathlib.Path(args.workdir or scratch)
