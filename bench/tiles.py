@@ -15,6 +15,7 @@ least 0.9).
 
 Every run goes through the shard processor in this process (``tests/segmenting.py``), without Ray: the rows
 are those a job writes. Usage: python bench/tiles.py [--images 64] [--side 1280] [--tile 160] [--overlap 48]
+[--shapes-only] [--only quality|cost] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def main() -> None:
         action="store_true",
         help="paste only the images' shapes, not their backgrounds (rectangles a model of shapes may take for squares)",
     )
-    parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--only", choices=("quality", "cost"), help="run only this part")
     args = parser.parse_args()
     scene = draw_scene(np.random.default_rng(args.seed), args.images, args.side, whole=not args.shapes_only)
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,8 +211,9 @@ def main() -> None:
             f"{', shapes only (no backgrounds)' if args.shapes_only else ', each image whole'}",
             flush=True,
         )
-        quality(folder, files, args)
-        if not args.skip_cost:
+        if args.only != "cost":
+            quality(folder, files, args)
+        if args.only != "quality":
             cost(folder, scene, files, args)
 
 
