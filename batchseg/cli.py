@@ -25,6 +25,18 @@ _fraction = options.checked(
 )
 
 
+def _region(text: str) -> tuple[int, int, int, int]:
+    """An argparse type: ``LEFT,TOP,WIDTH,HEIGHT`` in image pixels (``render.check_picture_options``)."""
+    from batchseg.analysis.render import check_picture_options
+
+    region = options.numbers(int, "LEFT,TOP,WIDTH,HEIGHT e.g. 0,0,2048,2048")(text)
+    try:
+        check_picture_options(1, region)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return (region[0], region[1], region[2], region[3])
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from batchseg.segment.config import SegmentConfig
     from batchseg.segment.driver import run_segment
@@ -134,7 +146,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from batchseg.analysis.render import render_rows
 
     rows = ok_images(args.output, args.where, args.limit, args.storage_options)
-    written = render_rows(rows, args.out, args.style, args.storage_options)
+    written = render_rows(rows, args.out, args.style, args.storage_options, args.max_side, args.region)
     print(f"{len(written)} images rendered to {args.out}")
     return 0
 
@@ -228,6 +240,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from batchseg.analysis.render import DEFAULT_MAX_SIDE
+
     parser = _Parser(prog="batchseg", description="Mask R-CNN over large image archives, on Ray.")
     parser.add_argument("--version", action="version", version=f"batchseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["overlay", "splash"],
         default="overlay",
         help="splash: objects keep their colour, the rest turns grey",
+    )
+    render.add_argument(
+        "--max-side",
+        type=_at_least(1),
+        default=DEFAULT_MAX_SIDE,
+        metavar="PIXELS",
+        help=f"draw a larger image (or region) scaled down to this many pixels on its longer side, read from "
+        f"a pyramid level where the file has one (default {DEFAULT_MAX_SIDE})",
+    )
+    render.add_argument(
+        "--region",
+        type=_region,
+        default=None,
+        metavar="LEFT,TOP,WIDTH,HEIGHT",
+        help="draw only this part of each image (in its full-size pixels; instances outside it are left out)",
     )
     _storage_options(render)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -14,6 +15,13 @@ from tests.s3server import S3Server, running_s3
 # The suite's time budget guards itself: a test gets TIMEOUT seconds (pyproject.toml), one marked slow
 # SLOW_TIMEOUT, and no test may ask for more than its budget with its own timeout marker.
 TIMEOUT, SLOW_TIMEOUT = 120, 300
+
+# Ray Train's controller polls its workers every 2 s by default and takes one report from each per poll; a
+# worker's second report waits for the first to be taken (a queue of one). A test run checkpoints every
+# second or so: 15 checkpoints cost 30 s of waiting, and each end and each lost worker waits for the next
+# poll. Ray Train passes this setting on to its controllers and workers; the multi-node cluster's process
+# (tests/multinode.py) inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,8 @@ Faults:
         there is no body), then the connection closed.
 
 ``GET /__faults__`` on the proxy answers the counts so far (JSON: ``requests``, one count per kind, and
-``faulted``: each fault started, as its kind, method and target).
+``faulted``: each fault started, as its kind, method and target; ``body_bytes``: the bytes of the response
+bodies passed on whole, what a client read from the store).
 Run as ``python -m tests.faults PORT UPSTREAM_PORT EVERY KINDS REPEAT ONLY STALL_S``, or with
 :class:`FaultProxy`.
 """
@@ -135,6 +136,7 @@ class Faults:
         self.requests = self.eligible = 0
         self.repeating: dict[str, tuple[str, int]] = {}  # "METHOD target": (kind, requests left)
         self.faulted: list[str] = []
+        self.body_bytes = 0
 
     def fault_for(self, request_line: str) -> str | None:
         """The fault this request gets, if any (counted as made)."""
@@ -180,7 +182,12 @@ async def _connection(
                 client_writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = await read_body(client_reader, request)
             if request.start.startswith("GET /__faults__"):
-                report = {"requests": faults.requests, **faults.counts, "faulted": faults.faulted}
+                report = {
+                    "requests": faults.requests,
+                    **faults.counts,
+                    "faulted": faults.faulted,
+                    "body_bytes": faults.body_bytes,
+                }
                 answer = json.dumps(report).encode()
                 client_writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
@@ -208,6 +215,7 @@ async def _connection(
                     await asyncio.wait_for(client_reader.read(), stall)  # until the client gives up
                 return
             if kind is None:
+                faults.body_bytes += len(response.body)
                 client_writer.write(response.head + response.body)
                 await client_writer.drain()
                 continue

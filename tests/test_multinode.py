@@ -78,5 +78,5 @@ def test_a_killed_driver_is_resumed_redoing_at_most_the_shards_in_flight(scenari
 
 def test_a_node_lost_during_training_is_restored_from_the_last_checkpoint(scenario: Scenario) -> None:
     outcome = scenario("train-node-loss")
-    assert outcome["step"] == 30
+    assert outcome["step"] == outcome["planned"]  # the run went on to its planned end
     assert outcome["resumed_from"] >= 2

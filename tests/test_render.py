@@ -16,18 +16,21 @@ from PIL import Image
 from batchseg.analysis.render import (
     COCO_SKELETON,
     MASK_ALPHA,
+    View,
     draw_overlay,
     instance_colour,
     render_rows,
     safe_name,
 )
-from batchseg.errors import ImageError
+from batchseg.cli import main
+from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.output import shard_object
 from batchseg.format.records import error_row, ok_row, to_parquet
-from batchseg.format.rle import decode_rle, encode_rle
+from batchseg.format.rle import compress_counts, decode_rle, encode_rle
 from batchseg.io import storage
 from batchseg.io.images import decode_image
 from batchseg.train.synth import SynthDataset, write_dataset
+from tests.refusals import refusal
 
 # --- a segmentation output made without Ray or a model: ground truth as predictions --------------------
 
@@ -256,6 +259,27 @@ def test_splash_keeps_masks_in_colour_and_greys_the_rest(output: Output) -> None
     assert np.abs(outside[:, 0] - luma).max() <= 1
 
 
+def test_keypoints_and_boxes_move_and_scale_with_the_view() -> None:
+    """A person at (1100, 2100) of a 6000 x 4000 image, in a 100 x 100 picture of its region (1000, 2000,
+    200, 200): every point at ((x - 1000) / 2, (y - 2000) / 2)."""
+    figure = person(1100.0, 2100.0)
+    points = np.array(figure["keypoints"]).reshape(17, 3)
+    picture = np.full((100, 100, 3), GREY, dtype=np.uint8)
+    view = View(6000, 4000, (1000, 2000, 200, 200))
+    drawn = np.asarray(draw_overlay(picture, [figure], view=view)).astype(int)
+    colour = np.array(instance_colour(0))
+
+    def midpoint(a: int, b: int) -> tuple[int, int]:
+        x, y = (points[a, :2] + points[b, :2]) / 2
+        return round((y - 2000) / 2), round((x - 1000) / 2)
+
+    assert (drawn[midpoint(5, 11)] == colour).all(), "left shoulder - left hip"
+    assert (drawn[midpoint(6, 12)] == colour).all(), "right shoulder - right hip"
+    assert (drawn[50, 50] == colour).all() and (drawn[50, 64] == colour).all(), "the box's top corners"
+    # Below the box's top (its label is above it), nothing right of the box or below the ankles' dots.
+    assert (drawn[50:, 68:] == GREY).all() and (drawn[84:, :] == GREY).all()
+
+
 def test_bad_style_and_bad_pixels_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown style 'sparkle'"):
         draw_overlay(plain(), [], style="sparkle")
@@ -345,3 +369,225 @@ def test_render_rows_names_files_after_safe_ids(output: Output, tmp_path: pathli
     assert pathlib.Path(written).parent == tmp_path / "named"
     assert pathlib.Path(written).name == f"{safe_name('photos/2024/cat 1.jpg')}.png"
     assert Image.open(io.BytesIO(pathlib.Path(written).read_bytes())).size == (row["width"], row["height"])
+
+
+# --- huge images: a bounded picture, masks decoded for its pixels only ------------------------------------
+
+BIG_W, BIG_H = 6000, 4000
+BACKGROUND = (60, 120, 180)  # not grey, so that splash's grey shows
+# Instances far apart (x, y, width, height in image pixels): top-left, bottom-right, middle.
+FAR_APART = [(100, 100, 400, 300), (5200, 3300, 600, 500), (2900, 1900, 200, 200)]
+
+
+def rectangle_rle(x: int, y: int, w: int, h: int, width: int = BIG_W, height: int = BIG_H) -> str:
+    """The COCO RLE of a filled rectangle, from its runs: never a full-size mask, even in the test."""
+    runs = [x * height + y] + [h, height - h] * (w - 1) + [h, height - y - h + (width - x - w) * height]
+    return compress_counts(np.array(runs))
+
+
+def big_instance(index: int) -> dict[str, Any]:
+    x, y, w, h = FAR_APART[index]
+    return {
+        "category_id": 2,
+        "category": "square",
+        "score": 0.9,
+        "bbox": [float(x), float(y), float(w), float(h)],
+        "area": w * h,
+        "rle": rectangle_rle(x, y, w, h),
+        "keypoints": None,
+    }
+
+
+def blend(index: int) -> tuple[int, ...]:
+    """A mask pixel's colour over the background: the ``MASK_ALPHA`` blend of ``draw_overlay``."""
+    colour = instance_colour(index)
+    return tuple(
+        round(b * (1 - MASK_ALPHA) + c * MASK_ALPHA) for b, c in zip(BACKGROUND, colour, strict=True)
+    )
+
+
+def write_huge_images(
+    folder: pathlib.Path, suffixes: tuple[str, ...] = ("png", "tif")
+) -> dict[str, dict[str, Any]]:
+    """A 6000 x 4000 PNG and the same image as a tiled TIFF, and their rows (three instances far apart)."""
+    import tifffile
+
+    pixels = np.empty((BIG_H, BIG_W, 3), dtype=np.uint8)
+    pixels[...] = BACKGROUND
+    if "png" in suffixes:
+        Image.fromarray(pixels).save(folder / "scene.png", compress_level=1)
+    if "tif" in suffixes:
+        tifffile.imwrite(folder / "scene.tif", pixels, tile=(512, 512), compression="zlib", photometric="rgb")
+    instances = [big_instance(i) for i in range(len(FAR_APART))]
+    return {
+        suffix: ok_row(f"scene-{suffix}", str(folder / f"scene.{suffix}"), BIG_W, BIG_H, instances)
+        for suffix in suffixes
+    }
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    return write_huge_images(tmp_path_factory.mktemp("huge"))
+
+
+def test_rectangle_rle_is_encode_rle_of_the_rectangle() -> None:
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:12, 30:47] = True
+    assert rectangle_rle(30, 5, 17, 7, 60, 40) == encode_rle(mask)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_a_huge_image_is_drawn_at_the_bounded_size_with_each_instance_at_its_scaled_place(
+    huge: dict[str, dict[str, Any]], suffix: str, tmp_path: pathlib.Path
+) -> None:
+    (written,) = render_rows([huge[suffix]], str(tmp_path), max_side=600)
+    drawn = np.asarray(Image.open(written))
+    assert drawn.shape == (400, 600, 3)  # scale 0.1
+    for index, (x, y, w, h) in enumerate(FAR_APART):
+        # The middle of the box's lower half, in picture pixels (a label may lie inside its top): the blend.
+        x0, y0, x1, y1 = (round(v / 10) for v in (x + w / 4, y + h / 2, x + 3 * w / 4, y + 3 * h / 4))
+        assert (drawn[y0:y1, x0:x1] == blend(index)).all(), index
+        # Its outline (and box) in its own colour, at the box's scaled edges.
+        assert (drawn[(y + h // 2) // 10, x // 10] == instance_colour(index)).all(), index
+    assert (drawn[200:260, 100:250] == BACKGROUND).all(), "nothing drawn between the instances"
+
+
+def test_splash_of_a_huge_image(huge: dict[str, dict[str, Any]], tmp_path: pathlib.Path) -> None:
+    (written,) = render_rows([huge["tif"]], str(tmp_path), "splash", max_side=600)
+    splash = np.asarray(Image.open(written))
+    assert splash.shape == (400, 600, 3)
+    assert (splash[330:380, 520:580] == BACKGROUND).all(), "instance 1 keeps its colour"
+    assert (splash[200:260, 100:250] == splash[200:260, 100:250, :1]).all(), "the rest turns grey"
+
+
+def test_a_region_shows_only_the_instances_inside_it(
+    huge: dict[str, dict[str, Any]], tmp_path: pathlib.Path
+) -> None:
+    (written,) = render_rows([huge["png"]], str(tmp_path), max_side=600, region=(4800, 3000, 1200, 1000))
+    drawn = np.asarray(Image.open(written))
+    assert drawn.shape == (500, 600, 3)  # scale 0.5
+    assert (drawn[200:350, 250:450] == blend(1)).all()  # instance 1: 5200..5800 x 3300..3800
+    assert (drawn[160, 200] == instance_colour(1)).all()  # its outline, on its left edge
+    for other in (0, 2):  # outside the region: no mask, box, outline or label of theirs
+        assert not (drawn == instance_colour(other)).all(axis=2).any()
+        assert not (drawn == blend(other)).all(axis=2).any()
+    # A small region is drawn at full size: the instance is cut at the region's right and bottom edges.
+    (small,) = render_rows([huge["tif"]], str(tmp_path / "small"), region=(5100, 3200, 300, 200))
+    drawn = np.asarray(Image.open(small))
+    assert drawn.shape == (200, 300, 3)
+    assert (drawn[105:195, 105:295] == blend(1)).all() and (drawn[:80, :] == BACKGROUND).all()
+    assert (drawn[150, 100] == instance_colour(1)).all() and (drawn[199, 200] == instance_colour(1)).all()
+
+
+def test_drawing_a_huge_image_costs_its_picture_not_its_size(huge: dict[str, dict[str, Any]]) -> None:
+    import tracemalloc
+
+    picture = np.empty((400, 600, 3), dtype=np.uint8)
+    picture[...] = BACKGROUND
+    # Besides the three, an instance nearly as large as the image: its crop is the whole picture.
+    instances = [
+        *huge["png"]["instances"],
+        big_instance(1) | {"rle": rectangle_rle(1, 1, BIG_W - 2, BIG_H - 2)},
+    ]
+    whole = View(BIG_W, BIG_H, (0, 0, BIG_W, BIG_H))
+    tracemalloc.start()
+    drawn = np.asarray(draw_overlay(picture, instances, view=whole))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert drawn.shape == (400, 600, 3) and (drawn[26:31, 20:40] != BACKGROUND).any(axis=2).all()
+    # A full-size mask alone is BIG_W * BIG_H bytes (24 MB), the pixels 3 times that; drawing costs a few
+    # float copies of the picture (2.9 MB each), whatever the image's size.
+    assert peak < min(BIG_W * BIG_H * 3 // 4, 6 * picture.size * 4), peak
+
+
+def test_a_scaled_down_picture_labels_only_objects_as_tall_as_a_label() -> None:
+    """Thousands of nuclei on a slide, shrunk, would be all labels: a small one gets its mask and box."""
+    picture = np.empty((400, 600, 3), dtype=np.uint8)
+    picture[...] = BACKGROUND
+    tiny = big_instance(0) | {"bbox": [3000.0, 1000.0, 30.0, 30.0], "rle": rectangle_rle(3000, 1000, 30, 30)}
+    drawn = np.asarray(draw_overlay(picture, [tiny], view=View(BIG_W, BIG_H, (0, 0, BIG_W, BIG_H))))
+    changed = np.argwhere((drawn != BACKGROUND).any(axis=2))
+    assert changed.min(axis=0).tolist() == [100, 300] and changed.max(axis=0).tolist() == [102, 302]
+    # At full size (a region of its own size), the same instance is labelled, as every instance always was.
+    region = View(BIG_W, BIG_H, (2900, 900, 600, 400))
+    drawn = np.asarray(draw_overlay(picture, [tiny], view=region))
+    assert (drawn != BACKGROUND).any(axis=2).sum() > 30 * 30 + 200
+
+
+def test_render_rows_of_small_images_is_unchanged_by_the_bound(
+    output: Output, tmp_path: pathlib.Path
+) -> None:
+    row = output.rows[0]
+    (default,) = render_rows([row], str(tmp_path / "default"))
+    (exact,) = render_rows([row], str(tmp_path / "exact"), max_side=max(row["width"], row["height"]))
+    pixels = decode_image(pathlib.Path(row["uri"]).read_bytes())
+    expected = np.asarray(draw_overlay(pixels, row["instances"]))
+    for path in (default, exact):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
+    (shrunk,) = render_rows([row], str(tmp_path / "shrunk"), max_side=max(row["width"], row["height"]) // 2)
+    assert max(Image.open(shrunk).size) == max(row["width"], row["height"]) // 2
+
+
+def test_render_command_draws_a_region_at_max_side(
+    output: Output, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cli"
+    argv = [
+        "render",
+        output.uri,
+        "--out",
+        str(out),
+        "--limit",
+        "1",
+        "--max-side",
+        "40",
+        "--region",
+        "10,5,60,30",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"1 images rendered to {out}"
+    (png,) = out.iterdir()
+    assert Image.open(png).size == (40, 20)
+
+
+def test_a_region_outside_every_image_is_refused_and_nothing_is_written(
+    output: Output, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok = sorted((r for r in output.rows if r["status"] == "ok"), key=lambda r: r["width"])
+    narrow, wide = ok[0], ok[-1]
+    assert narrow["width"] < wide["width"]
+    with pytest.raises(BatchsegError, match=r"region \(0, 0, 100000, 5\) reaches beyond every image drawn"):
+        render_rows(output.rows, str(tmp_path / "none"), region=(0, 0, 100_000, 5))
+    assert not list((tmp_path / "none").iterdir())
+    # Outside some images only: those are skipped, with the warning.
+    capsys.readouterr()
+    written = render_rows([narrow, wide], str(tmp_path / "some"), region=(1, 0, wide["width"] - 1, 5))
+    assert [pathlib.Path(p).name for p in written] == [f"{wide['image_id']}.png"]
+    assert Image.open(written[0]).size == (wide["width"] - 1, 5)
+    assert "skipped 1 (1 region beyond the image" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1 pixel"):
+        render_rows(ok, str(tmp_path / "x"), max_side=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-side", "0"], "argument --max-side: must be at least 1, not 0"),
+        (["--max-side", "-5"], "argument --max-side: must be at least 1, not -5"),
+        (["--max-side", "nan"], "argument --max-side: expected a whole number, not 'nan'"),
+        (["--region", "0,0,0,10"], "argument --region: a region is LEFT,TOP,WIDTH,HEIGHT with"),
+        (["--region=-1,0,10,10"], "argument --region: a region is LEFT,TOP,WIDTH,HEIGHT with"),
+        (["--region", "0,0,10"], "argument --region: a region is LEFT,TOP,WIDTH,HEIGHT with"),
+        (["--region", "nan,0,10,10"], "argument --region: expected numbers like LEFT,TOP,WIDTH,HEIGHT"),
+        (
+            ["--region", "0,0,100000,10"],
+            "error: the region (0, 0, 100000, 10) reaches beyond every image drawn",
+        ),
+    ],
+)
+def test_render_refuses_bad_sizes_and_regions_with_one_line_and_writes_nothing(
+    output: Output, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    out = tmp_path / "rendered"
+    assert message in refusal(["render", output.uri, "--out", str(out), *argv], capsys)
+    assert not out.exists() or not list(out.iterdir())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import pathlib
 import re
 import shutil
@@ -13,9 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batchseg.analysis.render import instance_colour
 from batchseg.analysis.report import build_report
 from batchseg.errors import BatchsegError
-from tests.test_render import ERROR_URI_SUFFIX, Output, write_segment_output
+from tests.test_diff import write_output
+from tests.test_render import (
+    BACKGROUND,
+    ERROR_URI_SUFFIX,
+    FAR_APART,
+    Output,
+    blend,
+    write_huge_images,
+    write_segment_output,
+)
 
 CHART = re.compile(r'<img class="chart" alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')
 TILE = re.compile(r'<figure><img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">')
@@ -127,3 +139,37 @@ def test_report_opens_offline_in_headless_chromium(output: Output, tmp_path: pat
     assert len(colours) > 500, "charts and photos drawn, not just text"
     assert pixels.std() > 20
     assert (pixels < 200).any(axis=2).mean() > 0.05, "a good part of the page is not white"
+
+
+def pictures(page: str, alt: str) -> list[np.ndarray]:
+    """The page's embedded PNGs whose alt text starts with ``alt``, decoded."""
+    found = re.findall(rf'<img alt="{alt}[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(data)))) for data in found]
+
+
+def test_report_draws_a_huge_image_at_its_tile_size_and_compares_it(tmp_path: pathlib.Path) -> None:
+    """A 6000 x 4000 TIFF in the gallery and in the compared pairs, drawn from a picture of the tile's
+    size: masks decoded for its pixels only, each instance at its scaled place."""
+    new_row = write_huge_images(tmp_path, ("tif",))["tif"]
+    old_row = new_row | {"instances": new_row["instances"][:2]}  # instance 2 added in new
+    new = write_output(tmp_path / "new", [[new_row]], 0.5)
+    old = write_output(tmp_path / "old", [[old_row]], 0.5)
+    out = tmp_path / "report.html"
+    result = build_report(new, str(out), gallery=1, compare=old)
+    assert result["gallery"] == 1 and result["compare"]["pairs"] == 1
+    page = out.read_text(encoding="utf-8")
+    (tile,) = pictures(page, new_row["image_id"])
+    (before,) = pictures(page, "old ")
+    (after,) = pictures(page, "new ")
+    scale = 320 / 6000  # the tile's 320 px width
+    for picture in (tile, before, after):
+        assert picture.shape == (213, 320, 3)
+        x, y, w, h = FAR_APART[1]
+        col, row = round((x + w / 2) * scale), round((y + 3 * h / 4) * scale)
+        assert np.abs(picture[row, col].astype(int) - blend(1)).max() <= 1
+        # Instance 0 is 21 x 16 px here, mostly under its label: its colour shows inside its box.
+        assert (picture[5:22, 5:27] == instance_colour(0)).all(axis=2).sum() > 20
+    x, y, w, h = FAR_APART[2]
+    col, row = round((x + w / 2) * scale), round((y + h / 2) * scale)
+    assert np.abs(after[row, col].astype(int) - blend(2)).max() <= 1
+    assert np.abs(before[row, col].astype(int) - BACKGROUND).max() <= 1

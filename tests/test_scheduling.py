@@ -244,6 +244,8 @@ def test_progress_line_counts_rate_and_eta() -> None:
     assert not progress.due(), "a line resets the interval"
     assert (progress.images, progress.shards, progress.errors) == (100, 1, 2)
     assert Progress(10, clock=lambda: 0.0).line() == "0/10 images (0.0%) | 0.00 img/s | 0 errors | ETA ?"
+    # A tiled image in progress counts by its share of tiles done.
+    assert Progress(2, clock=lambda: 0.0).line(partial=0.43).startswith("0.4/2 images (20.0%)")
     progress.shard_failures, progress.actors_replaced = 3, 1
     assert (
         progress.line()

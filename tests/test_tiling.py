@@ -3,12 +3,30 @@ images through the shard processor with the shipped model: one row per image, in
 
 from __future__ import annotations
 
+import itertools
+import re
+from typing import Any
+
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
+import tifffile
+from PIL import Image, ImageDraw
 
+from batchseg.analysis.results import open_results
+from batchseg.analysis.verify import verify
+from batchseg.demo import SHAPES_MODEL
+from batchseg.errors import BatchsegError
+from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import encode_crops
 from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, starts
+from batchseg.io.manifest import Shard
+from batchseg.options import check
+from batchseg.segment.config import SegmentConfig
+from batchseg.segment.processor import ShardProcessor
+from batchseg.segment.ray_data import Segmenter
+from tests.segmenting import segment_in_process
+from tests.tiffs import geo_tags, random_pixels, write_tiled
 
 
 @pytest.mark.parametrize(
@@ -23,7 +41,7 @@ def test_tiles_are_full_size_overlap_enough_and_their_cores_cover_the_image_once
     seen = np.zeros((height, width), dtype=int)
     for tile in grid.tiles:
         assert (tile.height, tile.width) == (min(size, height), min(size, width))
-        assert 0 <= tile.top and tile.bottom <= height and 0 <= tile.left and tile.right <= width
+        assert tile.top >= 0 and tile.bottom <= height and tile.left >= 0 and tile.right <= width
         top, left, bottom, right = tile.core
         assert tile.top <= top < bottom <= tile.bottom and tile.left <= left < right <= tile.right
         owners[top:bottom, left:right] += 1
@@ -31,7 +49,7 @@ def test_tiles_are_full_size_overlap_enough_and_their_cores_cover_the_image_once
     assert (owners == 1).all()
     for axis, length in ((grid.rows, height), (grid.columns, width)):
         assert axis[0] == 0 and axis[-1] + min(size, length) == length
-        assert all(b - a <= size - overlap for a, b in zip(axis, axis[1:], strict=False))
+        assert all(b - a <= size - overlap for a, b in itertools.pairwise(axis))
     assert starts(100, 160, 48) == [0]
 
 
@@ -82,7 +100,7 @@ def stitched(grid: TileGrid, shapes: list[np.ndarray]) -> list[dict]:
                 pieces.append(Piece(tile.index, instance, (x1, y1, x2, y2), crop))
             else:
                 assert fate == DROP
-        stitcher.add(kept, pieces)
+        stitcher.add(tile, kept, pieces)
     return stitcher.instances()
 
 
@@ -113,3 +131,197 @@ def test_a_perfect_models_tiles_stitch_into_each_object_exactly_once() -> None:
             mask = shapes[instance["category_id"]]
             x1, y1, x2, y2 = box_of(mask)
             assert instance["bbox"] == [x1, y1, x2 - x1, y2 - y1]
+
+
+def scene(rng: np.random.Generator, side: int, count: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """A ``side x side`` picture of ``count`` shapes apart from each other, as the shipped model's training
+    images have them (a plain background, shapes 20 to 56 px across): its pixels and each shape's category
+    and mask."""
+    background, colours = rng.integers(0, 256, size=3), rng.integers(0, 256, size=(count, 3))
+    picture = Image.new("RGB", (side, side), tuple(int(v) for v in background))
+    draw = ImageDraw.Draw(picture)
+    shapes: list[tuple[int, np.ndarray]] = []
+    taken = np.zeros((side, side), dtype=bool)
+    while len(shapes) < count:
+        category, r = int(rng.integers(1, 4)), int(rng.integers(10, 29))
+        cx, cy = (int(v) for v in rng.integers(r, side - r, size=2))
+        if taken[max(cy - r - 4, 0) : cy + r + 5, max(cx - r - 4, 0) : cx + r + 5].any():
+            continue
+        layer = Image.new("1", (side, side), 0)
+        for target, fill in ((draw, tuple(int(v) for v in colours[len(shapes)])), (ImageDraw.Draw(layer), 1)):
+            if category == 1:
+                target.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            elif category == 2:
+                target.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+            else:
+                target.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        mask = np.array(layer, dtype=bool)
+        taken |= mask
+        shapes.append((category, mask))
+    return np.array(picture), shapes
+
+
+SIDE = 336  # three tiles of 160 a side, sharing 48 (and more at the end)
+
+
+def test_a_huge_image_tiled_finds_its_objects_once_in_its_own_pixels(tmp_path) -> None:
+    """A scene three tiles wide with shapes everywhere, across tile borders too: the tiled row finds the
+    objects (matched to the truth by mask) as well as the model does on the scene at its native scale,
+    and none twice; its masks decode with plain pycocotools at the scene's size; verify passes. Images
+    that fit a tile get today's rows, unchanged."""
+    pixels, truth = scene(np.random.default_rng(2), SIDE, 24)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    (tmp_path / "scene.txt").write_text(str(tmp_path / "scene.png"))
+    small = [tmp_path / f"small{k}.png" for k in range(3)]
+    for k, path in enumerate(small):
+        Image.fromarray(pixels[k * 100 : k * 100 + 150, 40:190]).save(path)
+    (tmp_path / "small.txt").write_text("\n".join(str(p) for p in small))
+    model = {"weights": str(SHAPES_MODEL), "batch_size": 4}
+    tiling = {"tile": 160, "tile_overlap": 48}
+    native = SegmentConfig(
+        str(tmp_path / "scene.txt"), str(tmp_path / "native"), **model, min_size=SIDE, max_size=SIDE
+    )
+    tiled = SegmentConfig(str(tmp_path / "scene.txt"), str(tmp_path / "tiled"), **model, **tiling)
+    alone = SegmentConfig(str(tmp_path / "small.txt"), str(tmp_path / "alone"), **model)
+    small_tiled = SegmentConfig(str(tmp_path / "small.txt"), str(tmp_path / "small_tiled"), **model, **tiling)
+    for config in (native, tiled, alone, small_tiled):
+        segment_in_process(config)
+    assert (
+        open_results(small_tiled.output).to_table().to_pylist()
+        == open_results(alone.output).to_table().to_pylist()
+    )
+    assert verify(tiled.output).ok
+    (row,) = open_results(tiled.output).to_table().to_pylist()
+    assert (row["status"], row["width"], row["height"]) == ("ok", SIDE, SIDE)
+    found = row["instances"]
+    rles = [{"size": [SIDE, SIDE], "counts": i["rle"]} for i in found]
+    decoded = coco_mask.decode(rles)
+    assert decoded.shape == (SIDE, SIDE, len(found))
+    assert [int(d.sum()) for d in np.moveaxis(decoded, -1, 0)] == [i["area"] for i in found]
+    truths = [coco_mask.encode(np.asfortranarray(m.astype(np.uint8))) for _, m in truth]
+
+    def recall(instances: list[dict]) -> float:
+        masks = [{"size": [SIDE, SIDE], "counts": i["rle"]} for i in instances]
+        return float((coco_mask.iou(truths, masks, [0] * len(masks)).max(axis=1) >= 0.5).mean())
+
+    # The same scene as a tiled TIFF, read window by window: the same pixels, so the same row.
+    write_tiled(tmp_path / "scene.tif", pixels, tile=64)
+    (tmp_path / "tif.txt").write_text(str(tmp_path / "scene.tif"))
+    from_tiff = SegmentConfig(str(tmp_path / "tif.txt"), str(tmp_path / "from_tiff"), **model, **tiling)
+    segment_in_process(from_tiff)
+    (tif_row,) = open_results(from_tiff.output).to_table().to_pylist()
+    assert tif_row["instances"] == found
+    # Ray Data's Segmenter, given the scene's bytes, makes the same row.
+    segmenter = Segmenter(device="cpu", **model, **tiling)
+    table = segmenter({"bytes": np.array([(tmp_path / "scene.png").read_bytes()], dtype=object)})
+    assert table.column("instances").to_pylist() == [found]
+    (whole,) = open_results(native.output).to_table().to_pylist()
+    assert recall(found) >= min(0.9, recall(whole["instances"])), (recall(found), recall(whole["instances"]))
+    among = coco_mask.iou(rles, rles, [0] * len(rles))
+    np.fill_diagonal(among, 0)
+    assert among.max() < 0.5, "an object found twice"
+
+
+def test_a_corrupt_tiff_tile_is_its_own_error_row_and_geotiffs_are_placed(tmp_path) -> None:
+    """A tile that cannot be decoded fails its image's row, in one line, and nothing else: the images after
+    it in the shard are segmented; GeoTIFFs' rows carry their placement on the map."""
+    path = write_tiled(tmp_path / "broken.tif", random_pixels(200, 200), tile=64)
+    with tifffile.TiffFile(path) as tiff:
+        offset, count = tiff.pages[0].dataoffsets[4], tiff.pages[0].databytecounts[4]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = b"\x00garbage" * (count // 8) + b"\x00" * (count % 8)
+    path.write_bytes(bytes(data))
+    Image.fromarray(random_pixels(120, 90)).save(tmp_path / "fine.png")
+    # A GeoTIFF that fits a tile (read whole), and one tiled: their rows say where they lie on the map.
+    small = write_tiled(tmp_path / "small.tif", random_pixels(90, 80), tile=32, extratags=geo_tags())
+    placed = write_tiled(
+        tmp_path / "placed.tif",
+        random_pixels(150, 260),
+        tile=32,
+        extratags=geo_tags(4326, origin=(12.5, 41.9), pixel=(0.001, 0.002), geographic=True),
+    )
+    (tmp_path / "m.txt").write_text(f"{path}\n{tmp_path / 'fine.png'}\n{small}\n{placed}")
+    config = SegmentConfig(str(tmp_path / "m.txt"), str(tmp_path / "out"), weights=str(SHAPES_MODEL), tile=96)
+    segment_in_process(config)
+    broken, fine, whole, tiled = open_results(config.output).to_table().to_pylist()
+    assert (whole["status"], whole["width"], whole["height"]) == ("ok", 80, 90)
+    assert (whole["geo_transform"], whole["crs"]) == (
+        [500_000.0, 10.0, 0.0, 4_600_000.0, 0.0, -10.0],
+        "EPSG:32633",
+    )
+    assert (tiled["status"], tiled["width"], tiled["height"]) == ("ok", 260, 150)
+    assert (tiled["geo_transform"], tiled["crs"]) == ([12.5, 0.001, 0.0, 41.9, 0.0, -0.002], "EPSG:4326")
+    assert (fine["geo_transform"], fine["crs"], broken["geo_transform"]) == (None, None, None)
+    assert (broken["status"], broken["width"], broken["height"]) == ("error", 200, 200)
+    assert broken["error"].startswith("corrupt_image: cannot decode TIFF tile 4 of level 0: ")
+    assert "\n" not in broken["error"]
+    assert fine["status"] == "ok"
+    assert verify(config.output).ok
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 31}, "--tile must be at least 32, not 31"),
+        ({"tile": -5}, "--tile must be at least 32, not -5"),
+        ({"tile": 64, "tile_overlap": 64}, "--tile-overlap must be below --tile (64), not 64"),
+        ({"tile": 64, "tile_overlap": -1}, "--tile-overlap must be at least 0, not -1"),
+        ({"tile_overlap": 8}, "--tile-overlap needs --tile"),
+        ({"tile": 64, "max_instances": 0}, "--max-instances must be at least 1, not 0"),
+    ],
+)
+def test_bad_tile_options_are_refused_in_one_line(options: dict, message: str) -> None:
+    with pytest.raises(BatchsegError, match=f"^{re.escape(message)}$"):
+        check(SegmentConfig("m.txt", "out", **options))
+
+
+def test_the_default_overlap_and_instances_per_image() -> None:
+    config = SegmentConfig("m.txt", "out", tile=512)
+    assert (
+        config.overlap,
+        config.instances_per_image(tiled=True),
+        config.instances_per_image(tiled=False),
+    ) == (
+        128,
+        10_000,
+        100,
+    )
+    assert SegmentConfig("m.txt", "out", tile=512, max_instances=7).instances_per_image(tiled=True) == 7
+
+
+def test_a_tiled_image_in_the_model_shows_as_the_share_of_its_tiles_done(tmp_path, monkeypatch) -> None:
+    """The progress line counts a tiled image by its tiles done: a slide keeps an actor for hours."""
+    config = SegmentConfig("", "", weights=str(SHAPES_MODEL), tile=64, tile_overlap=0, batch_size=1)
+    processor = ShardProcessor(config, resolve_weights(config.weights, None, {}))
+    seen = []
+    add = Stitcher.add
+
+    def counting(stitcher: Stitcher, *args: Any) -> bool:
+        last = add(stitcher, *args)
+        seen.append(processor.images_in_progress)
+        return last
+
+    monkeypatch.setattr(Stitcher, "add", counting)
+    pixels = random_pixels(128, 256)  # 2 x 4 tiles
+    rows = processor.rows(Shard(0, ["a", "b"], ["a.png", "b.png"]), [pixels, pixels])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert seen == pytest.approx(
+        [
+            1 / 8,
+            2 / 8,
+            3 / 8,
+            4 / 8,
+            5 / 8,
+            6 / 8,
+            7 / 8,
+            1,
+            1 + 1 / 8,
+            1 + 2 / 8,
+            1 + 3 / 8,
+            1 + 4 / 8,
+            1 + 5 / 8,
+            1 + 6 / 8,
+            1 + 7 / 8,
+            2,
+        ]
+    )

@@ -46,15 +46,15 @@ def short_run(shapes: Any, output: pathlib.Path, **changes: Any) -> TrainConfig:
 # checkpoint (Ray Train restores both from it), then the same command with more iterations (a resume).
 RECIPE: dict[str, Any] = {
     "betas": (0.9, 0.99),
-    "rois_per_image": 16,
-    "precision": "bf16",
+    "rois_per_image": 8,  # (the model's: 64) bf16 is emulated on CPUs without it, ~10x slower than fp32,
+    "precision": "bf16",  # and its steps cost by the proposal: ~1.7 s an image at 8 here, ~4 s at 16
     "warmup_iterations": 2,
     "min_sizes": (80, 96),  # the last is what evaluation, then segment, resize to
     "max_size": 128,
 }
-# Steps are cheap here (~0.15 s for 2 x 2 images of 96 pixels on a quiet machine), a start is not: the kill
-# lands after the first checkpoint (step 4) with 12 steps and 3 checkpoints to go, so it lands mid-run.
-ITERATIONS, EVERY = 16, 4
+# A start costs more than a step: the kill lands after the first checkpoint (step 2, registered at the Ray
+# Train controller's next poll, every 0.2 s in tests: conftest.py) with 6 steps and 3 checkpoints to go.
+ITERATIONS, EVERY = 8, 2
 RUN = "out/runs/killed"  # bucket/prefix of the run folder
 
 
@@ -110,7 +110,7 @@ def first_run(ray_address: str, s3: S3Server) -> FirstRun:
         workers=2,
         iterations=ITERATIONS,
         checkpoint_every=EVERY,
-        batch_size=2,
+        batch_size=1,  # an image a step: emulated bf16's cost (above)
         max_failures=1,
         storage_options=s3.options(),
         **RECIPE,
@@ -167,7 +167,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(first_run: FirstR
 
 @pytest.mark.slow
 def test_two_workers_write_checkpoints_to_s3_and_register_them(first_run: FirstRun) -> None:
-    assert first_run.registered == [ITERATIONS - EVERY, ITERATIONS]  # one every 4 steps, the 2 newest kept
+    assert first_run.registered == [ITERATIONS - EVERY, ITERATIONS]  # one every EVERY steps, 2 newest kept
     # a worker killed while reporting may leave a folder that Ray Train never registered: batchseg names its
     # checkpoint folders by step and removes those at the end, so the folders are the registered ones
     assert [int(name.rsplit("-", 1)[1]) for name in first_run.checkpoints] == first_run.registered
@@ -382,7 +382,8 @@ def test_bf16_on_a_cpu_runs_the_forward_pass_in_bfloat16_and_keeps_fp32_weights_
     cpu = torch.device("cpu")
     assert [autocast_dtype(p, cpu) for p in ("bf16", "auto", "fp32")] == [torch.bfloat16, None, None]
     data = CocoInstances(shapes.images, shapes.annotations)
-    config = short_run(shapes, tmp_path, precision="bf16")
+    # few proposals and small images: emulated bf16 (RECIPE above) makes each of them costly
+    config = short_run(shapes, tmp_path, precision="bf16", rois_per_image=8, min_sizes=(64,), max_size=96)
     model = train_model(resolve_weights("none", "maskrcnn_small"), data.categories, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dtypes: list[torch.dtype] = []

@@ -9,15 +9,16 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from batchseg.errors import job_errors
-from batchseg.format.rle import decode_rle
+from batchseg.errors import BatchsegError, job_errors
+from batchseg.format.rle import decode_window
 from batchseg.io import atomic, storage
-from batchseg.io.images import decode_image
+from batchseg.io.windowed import preview
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ COCO_SKELETON: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 """The 19 limbs of COCO's person keypoints (nose, eyes, ears, shoulders, elbows, wrists, hips, knees,
 ankles), as pairs of 0-based keypoint indices: COCO's ``skeleton`` with 1 subtracted."""
+
+DEFAULT_MAX_SIDE = 4096
+"""The longest side of a drawn picture unless told otherwise: a larger image (a slide, a satellite scene) is
+drawn scaled down to it, from a pyramid level where its file has one, and with its masks sampled at that
+scale; a photo up to 4096 px a side (a 12 MP camera's 4032 x 3024) is drawn at full size, as always."""
 
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -47,84 +53,142 @@ def instance_colour(index: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def draw_overlay(pixels: np.ndarray, instances: list[dict[str, Any]], style: str = "overlay") -> Image.Image:
+@dataclass(frozen=True)
+class View:
+    """What a picture shows of an image: its ``region`` ``(left, top, width, height)``, in the pixels of the
+    ``width x height`` image its row describes, stretched over the whole picture (each axis by its own
+    scale, picture pixels per image pixel)."""
+
+    width: int
+    height: int
+    region: tuple[int, int, int, int]
+
+    @classmethod
+    def whole(cls, width: int, height: int) -> View:
+        return cls(width, height, (0, 0, width, height))
+
+    def shows(self, instance: dict[str, Any]) -> bool:
+        """Whether ``instance`` is drawn: a region leaves out instances whose box lies wholly outside it,
+        while the whole image draws every instance, as it always has (a box off the image at its edge)."""
+        bbox = instance.get("bbox")
+        if self.region == (0, 0, self.width, self.height) or bbox is None or len(bbox) != 4:
+            return True
+        left, top, width, height = self.region
+        x, y, w, h = (float(v) for v in bbox)
+        return x < left + width and x + w > left and y < top + height and y + h > top
+
+
+def draw_overlay(
+    pixels: np.ndarray, instances: list[dict[str, Any]], style: str = "overlay", view: View | None = None
+) -> Image.Image:
     """Draw one row's ``instances`` onto its image; returns a new RGB image of the same size.
 
     ``pixels`` is the image as displayed, ``(height, width, 3)`` ``uint8`` RGB (``images.decode_image``);
     it is not modified. ``instances`` are the row's structs (``records.INSTANCE``): ``bbox`` is
     ``[x, y, width, height]`` in pixels, ``rle`` COCO compressed RLE counts for a ``height x width``
     mask (or None for box-only models), ``keypoints`` flat ``x, y, v`` triplets in pixels (or None).
-    The i-th instance is drawn in ``instance_colour(i)``.
+    The i-th instance is drawn in ``instance_colour(i)``. ``view`` says which part of the row's image
+    ``pixels`` show, scaled to their size (default: all of it, at full size); masks are then decoded for
+    the picture's pixels only (``rle.decode_window``), and boxes, keypoints and labels moved and scaled.
 
     ``style="overlay"``: each mask blended with its colour (weight ``MASK_ALPHA``) and outlined in it,
     the box, the keypoints with v > 0 (and, for COCO's 17, the skeleton between them) and a
-    ``"category 0.93"`` label at the box's top-left. ``style="splash"``: pixels inside any mask (the
+    ``"category 0.93"`` label at the box's top-left (in a picture scaled down, only for a box at least as
+    tall as the label's text). ``style="splash"``: pixels inside any mask (the
     box, for a box-only instance) keep their colour, all others become their luminance, as grey RGB.
 
     Raises ``ValueError`` for an unknown style, pixels of another shape or dtype, or an RLE that does
-    not cover ``height x width`` pixels.
+    not cover the row's ``height x width`` pixels.
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}: expected one of {', '.join(STYLES)}")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"pixels must be (height, width, 3) uint8, not {pixels.shape} {pixels.dtype}")
     height, width = pixels.shape[:2]
+    view = view or View.whole(width, height)
+    shown = [(index, _placed(i, view, width, height)) for index, i in enumerate(instances) if view.shows(i)]
     if style == "splash":
-        return Image.fromarray(_splash(pixels, instances))
+        return Image.fromarray(_splash(pixels, shown, view))
     line = 1 if max(height, width) < 600 else 2  # a 2 px line vanishes less when a big image is shrunk
     blended = pixels.astype(np.float32)
-    # Masks are decoded one at a time and only their edges kept (as flat pixel indices): a hundred
-    # full-size masks of a large photo would not fit in memory together.
-    outlines: list[np.ndarray] = []
-    for index, instance in enumerate(instances):
-        mask = _mask(instance, height, width)
-        if mask is None:
-            outlines.append(np.zeros(0, dtype=np.intp))
+    # Masks are decoded one at a time, for the picture's pixels within their extent only, and only their
+    # edges kept (as flat pixel indices): a hundred masks at the picture's size would not fit together.
+    outlines: list[tuple[int, np.ndarray]] = []
+    for index, instance in shown:
+        window = _mask(instance, view, height, width)
+        if window is None:
             continue
+        mask, y0, x0 = window
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size == 0:
-            outlines.append(np.zeros(0, dtype=np.intp))
             continue
-        # Work inside the mask's extent: a small object in a large photo costs what the object does.
-        y0, x0 = int(rows[0]), int(cols[0])
-        mask = mask[y0 : rows[-1] + 1, x0 : cols[-1] + 1]
-        region = blended[y0 : rows[-1] + 1, x0 : cols[-1] + 1]
+        mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        y0, x0 = y0 + int(rows[0]), x0 + int(cols[0])
+        region = blended[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
         colour = np.asarray(instance_colour(index), dtype=np.float32)
         region[mask] = region[mask] * (1.0 - MASK_ALPHA) + colour * MASK_ALPHA
         ys, xs = np.nonzero(_boundary(mask, line))
-        outlines.append((ys + y0) * width + (xs + x0))
+        outlines.append((index, (ys + y0) * width + (xs + x0)))
     flat = blended.reshape(-1, 3)
-    for index, edge in enumerate(outlines):  # after every blend, so a later mask cannot fade an outline
+    for index, edge in outlines:  # after every blend, so a later mask cannot fade an outline
         flat[edge] = instance_colour(index)
-    image = Image.fromarray(np.rint(blended).astype(np.uint8))
+    # Rounded in place: a 4096 px picture is 200 MB as float32, and the copy would be as much again.
+    image = Image.fromarray(np.rint(blended, out=blended).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for index, instance in enumerate(instances):
+    for index, instance in shown:
         box = _box(instance.get("bbox"), width, height)
         if box is not None:
             draw.rectangle(box, outline=instance_colour(index), width=line)
         if instance.get("keypoints") is not None:
             _draw_keypoints(draw, instance["keypoints"], instance_colour(index), line + 1)
     # Labels last, so that no other instance's box or mask covers one.
-    font = ImageFont.load_default(_font_size(width, height))
-    for index, instance in enumerate(instances):
+    font_size = _font_size(width, height)
+    font = ImageFont.load_default(font_size)
+    scaled_down = width < view.region[2] or height < view.region[3]
+    for index, instance in shown:
         box = _box(instance.get("bbox"), width, height)
-        if box is not None:
+        # A slide's thousands of small objects, shrunk, would be covered by their labels: there, only an
+        # object at least as tall as a label's text gets one.
+        if box is not None and not (scaled_down and box[3] - box[1] + 1 < font_size):
             _draw_label(draw, font, _label_text(instance), box, instance_colour(index), width, height)
     return image
 
 
-def _mask(instance: dict[str, Any], height: int, width: int) -> np.ndarray | None:
+def _placed(instance: dict[str, Any], view: View, width: int, height: int) -> dict[str, Any]:
+    """``instance`` with its box and keypoints moved into a ``width x height`` picture of ``view``."""
+    left, top, region_w, region_h = view.region
+    sx, sy = width / region_w, height / region_h
+    placed = dict(instance)
+    bbox = instance.get("bbox")
+    if bbox is not None and len(bbox) == 4:
+        x, y, w, h = (float(v) for v in bbox)
+        placed["bbox"] = [(x - left) * sx, (y - top) * sy, w * sx, h * sy]
+    if instance.get("keypoints") is not None:
+        points = np.asarray(instance["keypoints"], dtype=np.float64)
+        points = points[: len(points) // 3 * 3].reshape(-1, 3)
+        placed["keypoints"] = np.column_stack(
+            ((points[:, 0] - left) * sx, (points[:, 1] - top) * sy, points[:, 2])
+        ).ravel()
+    return placed
+
+
+def _mask(
+    instance: dict[str, Any], view: View, height: int, width: int
+) -> tuple[np.ndarray, int, int] | None:
+    """The instance's mask in a ``height x width`` picture of ``view``: ``rle.decode_window``'s crop and its
+    place, or None for a box-only instance."""
     rle = instance.get("rle")
-    return None if rle is None else decode_rle(rle, height, width)
+    return None if rle is None else decode_window(rle, view.height, view.width, view.region, (height, width))
 
 
-def _splash(pixels: np.ndarray, instances: list[dict[str, Any]]) -> np.ndarray:
+def _splash(pixels: np.ndarray, shown: list[tuple[int, dict[str, Any]]], view: View) -> np.ndarray:
     height, width = pixels.shape[:2]
     keep = np.zeros((height, width), dtype=bool)
-    for instance in instances:
-        mask = _mask(instance, height, width)
-        if mask is not None:
-            keep |= mask
+    for _, instance in shown:
+        window = _mask(instance, view, height, width)
+        if window is not None:
+            mask, y0, x0 = window
+            keep[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] |= mask
         else:  # a box-only model's instance: its box is the best "inside" there is
             box = _box(instance.get("bbox"), width, height)
             if box is not None:
@@ -229,18 +293,24 @@ def render_rows(
     out_dir: str,
     style: str = "overlay",
     storage_options: dict[str, Any] | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    region: tuple[int, int, int, int] | None = None,
 ) -> list[str]:
     """Draw each ``ok`` row onto its image (read again from the row's ``uri``) and write
     ``<out_dir>/<safe_name(image_id)>.png``; returns the URIs written, in row order.
 
     ``rows`` are output rows as dicts (``records.SCHEMA``; at least image_id, uri, width, height, status,
-    instances); ``out_dir`` is any fsspec URI. Error rows are skipped. An image that cannot be read or
-    decoded, whose displayed size is not the row's, or whose row does not fit it, is skipped; one warning
-    sums up the skipped images. Raises ``ValueError`` for an unknown style and ``BatchsegError`` when
-    ``out_dir`` cannot be written.
+    instances); ``out_dir`` is any fsspec URI. Each picture shows the image, or its ``region`` ``(left,
+    top, width, height)`` in image pixels, scaled down so that its longer side is at most ``max_side``
+    (:func:`read_picture`). Error rows are skipped. An image that cannot be read or decoded, whose
+    displayed size is not the row's, that does not hold the region, or whose row does not fit it, is
+    skipped; one warning sums up the skipped images. Raises ``ValueError`` for an unknown style, a
+    ``max_side`` under 1 or an empty region, and ``BatchsegError`` when ``out_dir`` cannot be written or
+    the region reaches beyond every image (nothing is written then).
     """
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}: expected one of {', '.join(STYLES)}")
+    check_picture_options(max_side, region)
     fs, root = storage.filesystem(out_dir, storage_options)
     if storage.is_local(fs):
         with job_errors(f"cannot write to {out_dir}"):
@@ -251,7 +321,7 @@ def render_rows(
     for row in rows:
         if row.get("status") != "ok":
             continue
-        image, reason = _render_row(row, style, storage_options)
+        image, reason = _render_row(row, style, storage_options, max_side, region)
         if image is None:
             skipped[reason.split(":", 1)[0]] += 1
             first.setdefault(reason.split(":", 1)[0], f"{row.get('uri')}: {reason}")
@@ -262,26 +332,75 @@ def render_rows(
         with job_errors(f"cannot write {storage.join(out_dir, name)}"):
             atomic.write(fs, storage.join(root, name), buffer.getvalue())
         written.append(storage.join(out_dir, name))
+    if not written and skipped[_OUTSIDE] == sum(skipped.values()) > 0:
+        raise BatchsegError(f"the region {region} reaches beyond every image drawn, e.g. {first[_OUTSIDE]}")
     if skipped:
         reasons = "; ".join(f"{n} {reason}, e.g. {first[reason]}" for reason, n in skipped.most_common())
         log.warning(f"render: wrote {len(written)} images, skipped {sum(skipped.values())} ({reasons})")
     return written
 
 
+_OUTSIDE = "region beyond the image"
+
+
+def check_picture_options(max_side: int, region: tuple[int, int, int, int] | None) -> None:
+    """Refuse a ``max_side`` under 1, or a region with a negative corner or no width or height
+    (``ValueError``, one line); whether the region lies inside an image is each image's own question."""
+    if not max_side >= 1:
+        raise ValueError(f"the longest side of a picture must be at least 1 pixel, not {max_side}")
+    if region is not None and (len(region) != 4 or min(region[:2]) < 0 or min(region[2:]) < 1):
+        raise ValueError(
+            f"a region is LEFT,TOP,WIDTH,HEIGHT with LEFT and TOP at least 0 and WIDTH and HEIGHT at "
+            f"least 1, not {region}"
+        )
+
+
+def read_picture(
+    row: dict[str, Any],
+    storage_options: dict[str, Any] | None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    region: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, View] | str:
+    """``row``'s image, or its ``region`` ``(left, top, width, height)`` in image pixels, as a picture whose
+    longer side is at most ``max_side`` (``io.windowed.preview``: a pyramid level where the file has one,
+    never the whole image at full size then), and the :class:`View` it shows, for :func:`draw_overlay`;
+    or why it cannot be drawn (``"<reason>: <detail>"``). An image that fits ``max_side`` is decoded whole
+    at full size, as it always was. Never raises for one image."""
+    width, height = int(row["width"]), int(row["height"])
+    shown = region or (0, 0, width, height)
+    left, top, region_w, region_h = shown
+    if left + region_w > width or top + region_h > height:
+        return f"{_OUTSIDE}: the image is {width}x{height} pixels"
+    try:
+        pixels, scale = preview(row["uri"], storage_options, max_side, region)
+    except Exception as e:  # missing, unreadable, corrupt or storage gone: this image alone is skipped
+        return f"unreadable: {type(e).__name__}: {e}"
+    shape = (pixels.shape[1], pixels.shape[0])
+    if scale == 1 and region is None and shape != (width, height):
+        return f"size differs: the image is {shape[0]}x{shape[1]} now, the row says {width}x{height}"
+    # A picture scaled down from an image of another size than the row's has other proportions.
+    expected = (region_w * scale, region_h * scale)
+    if max(abs(shape[0] - expected[0]), abs(shape[1] - expected[1])) > (0 if scale == 1 else 1):
+        return (
+            f"size differs: the picture of {shown} is {shape[0]}x{shape[1]}, not {expected[0]:.0f}x"
+            f"{expected[1]:.0f}: the image is not {width}x{height} as the row says"
+        )
+    return pixels, View(width, height, shown)
+
+
 def _render_row(
-    row: dict[str, Any], style: str, storage_options: dict[str, Any] | None
+    row: dict[str, Any],
+    style: str,
+    storage_options: dict[str, Any] | None,
+    max_side: int,
+    region: tuple[int, int, int, int] | None,
 ) -> tuple[Image.Image | None, str]:
     """The drawn image, or None and why not (``"<reason>: <detail>"``); never raises for one image."""
+    picture = read_picture(row, storage_options, max_side, region)
+    if isinstance(picture, str):
+        return None, picture
+    pixels, view = picture
     try:
-        pixels = decode_image(storage.read_bytes(row["uri"], storage_options))
-    except Exception as e:  # missing, unreadable, corrupt or storage gone: this image alone is skipped
-        return None, f"unreadable: {type(e).__name__}: {e}"
-    height, width = pixels.shape[:2]
-    if (width, height) != (row.get("width"), row.get("height")):
-        return None, (
-            f"size differs: the image is {width}x{height} now, the row says {row.get('width')}x{row.get('height')}"
-        )
-    try:
-        return draw_overlay(pixels, list(row.get("instances") or []), style), ""
+        return draw_overlay(pixels, list(row.get("instances") or []), style, view), ""
     except ValueError as e:  # an RLE that does not fit: the row, not this renderer, is wrong
         return None, f"bad instances: {e}"

@@ -25,7 +25,7 @@ from PIL import Image
 
 from batchseg import __version__
 from batchseg.analysis.diff import Diff, ImageDiff, diff_outputs
-from batchseg.analysis.render import draw_overlay
+from batchseg.analysis.render import DEFAULT_MAX_SIDE, View, draw_overlay, read_picture
 from batchseg.analysis.results import Results
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE
@@ -183,33 +183,57 @@ def build_report(
     }
 
 
+_Picture = tuple[np.ndarray, View | None]  # an image whole at full size (no view), or a picture of it
+
+
 def _tile(row: dict[str, Any], storage_options: dict[str, Any] | None) -> bytes | str:
     """One gallery image as PNG bytes, drawn at the size it is shown; or why it could not be."""
-    pixels = _pixels(row, storage_options)
-    return pixels if isinstance(pixels, str) else _drawn(pixels, row)
+    picture = _picture(row, storage_options)
+    return picture if isinstance(picture, str) else _drawn(picture, row)
 
 
-def _pixels(row: dict[str, Any], storage_options: dict[str, Any] | None) -> np.ndarray | str:
-    """A row's image as displayed (``height x width x 3`` uint8), or why it cannot be drawn."""
+def _tile_size(width: int, height: int) -> tuple[int, int]:
+    """The ``(width, height)`` a ``width x height`` image is shown at in the gallery."""
+    scale = min(TILE_WIDTH / width, TILE_HEIGHT / height, TILE_MAX_UPSCALE)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _picture(row: dict[str, Any], storage_options: dict[str, Any] | None) -> _Picture | str:
+    """A row's image as displayed (``height x width x 3`` uint8, no view); or, for an image larger than
+    ``render.DEFAULT_MAX_SIDE`` (a slide, a satellite scene), a picture at its tile's size, read from a
+    pyramid level where the file has one, and the view it shows; or why it cannot be drawn."""
+    width, height = row["width"], row["height"]
+    if max(width, height) > DEFAULT_MAX_SIDE:
+        size = _tile_size(width, height)
+        picture = read_picture(row, storage_options, max(size))
+        if isinstance(picture, str):
+            return picture.split(":", 1)[0]  # "unreadable", "size differs"
+        pixels, view = picture
+        if (pixels.shape[1], pixels.shape[0]) != size:  # the preview's rounding of the shorter side
+            pixels = np.array(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+        return pixels, view
     try:
         pixels = decode_image(storage.read_bytes(row["uri"], storage_options))
     except Exception as e:
         return f"unreadable ({type(e).__name__})"
-    if (pixels.shape[1], pixels.shape[0]) != (row["width"], row["height"]):
+    if (pixels.shape[1], pixels.shape[0]) != (width, height):
         return "size differs from its row"
-    return pixels
+    return pixels, None
 
 
-def _drawn(pixels: np.ndarray, row: dict[str, Any]) -> bytes | str:
-    """``row``'s instances drawn over ``pixels`` (``render.draw_overlay``) at the size a tile is shown, as
-    PNG bytes; or why they could not be."""
+def _drawn(picture: _Picture, row: dict[str, Any]) -> bytes | str:
+    """``row``'s instances drawn over the ``picture`` (``render.draw_overlay``) at the size a tile is shown,
+    as PNG bytes; or why they could not be."""
+    pixels, view = picture
     height, width = pixels.shape[:2]
-    scale = min(TILE_WIDTH / width, TILE_HEIGHT / height, TILE_MAX_UPSCALE)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     try:
-        instances = [_scaled(i, height, width, size) for i in row["instances"]]
-        small = np.array(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
-        image = draw_overlay(small, instances)
+        if view is not None:  # already at the tile's size: masks decoded for its pixels only
+            image = draw_overlay(pixels, row["instances"], view=view)
+        else:
+            size = _tile_size(width, height)
+            instances = [_scaled(i, height, width, size) for i in row["instances"]]
+            small = np.array(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+            image = draw_overlay(small, instances)
     except ValueError:
         return "instances do not fit the image"
     buffer = io.BytesIO()
@@ -240,9 +264,9 @@ def _pairs(diff: Diff, storage_options: dict[str, Any] | None) -> tuple[list[_Pa
     failures: Counter[str] = Counter()
     for image in diff.top:
         old_row, new_row = _matched_first(image)
-        pixels = _pixels(new_row, storage_options)
-        old = pixels if isinstance(pixels, str) else _drawn(pixels, old_row)
-        new = pixels if isinstance(pixels, str) else _drawn(pixels, new_row)
+        picture = _picture(new_row, storage_options)
+        old = picture if isinstance(picture, str) else _drawn(picture, old_row)
+        new = picture if isinstance(picture, str) else _drawn(picture, new_row)
         if isinstance(old, bytes) and isinstance(new, bytes):
             pairs.append((image, old, new))
         else:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE, OutputDir
-from batchseg.format.records import SCHEMA, output_schema, read_provenance
+from batchseg.format.records import NEWER_COLUMNS, SCHEMA, output_schema, read_provenance
 from batchseg.format.rle import decode_rle
 from batchseg.io import retries, storage
 
@@ -202,7 +202,7 @@ class Results:
 def check_columns(names: list[str], shard: str) -> None:
     """Refuse a ``part-NNNNNN.parquet`` another tool wrote (``shard`` names it in the message): it lacks
     columns of :data:`~batchseg.format.records.SCHEMA`."""
-    missing = [name for name in SCHEMA.names if name not in names]
+    missing = [name for name in SCHEMA.names if name not in names and name not in NEWER_COLUMNS]
     if missing:
         raise BatchsegError(f"{shard} is not a batchseg shard: it has no column {', '.join(missing)}")
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.format.output import JOB_FILE, OutputDir, ShardObject, ShardRecord, shard_name, shard_object
-from batchseg.format.records import SCHEMA
+from batchseg.format.records import NEWER_COLUMNS, SCHEMA
 from batchseg.io.manifest import Plan, Shard, iter_shards, plan_shards
 
 
@@ -132,8 +132,10 @@ def _check_object(
         problems.append(f"{name}: {e}")
         return []
     others = {f.name: str(f.type) for f in schema if f.name not in SCHEMA.names}
+    # An older batchseg's shard lacks the newer columns (NEWER_COLUMNS); it has every other one.
+    expected = pa.schema(f for f in SCHEMA if f.name in schema.names or f.name not in NEWER_COLUMNS)
     if (
-        not pa.schema(schema.field(n) for n in SCHEMA.names if n in schema.names).equals(SCHEMA)
+        not pa.schema(schema.field(n) for n in SCHEMA.names if n in schema.names).equals(expected)
         or others != kept
     ):
         problems.append(f"{name}: its columns are not batchseg's")

@@ -32,8 +32,15 @@ SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
         pa.field("error", pa.string()),  # "<kind>: <message>", null when ok
         pa.field("instances", pa.list_(INSTANCE)),  # null on error rows, [] when nothing was found
+        # Where a geo-referenced TIFF read with --tile lies on the map (io.windowed.Geo): pixel (col, row)
+        # -> map (x, y) in GDAL's order x0, dx, rx, y0, ry, dy; and its CRS, e.g. "EPSG:32633". Else null.
+        pa.field("geo_transform", pa.list_(pa.float64())),
+        pa.field("crs", pa.string()),
     ]
 )
+# Columns that outputs of an older batchseg lack: readers take a shard without them as one whose rows
+# have them null.
+NEWER_COLUMNS = ("geo_transform", "crs")
 METADATA_KEY = b"batchseg"
 # Names a kept manifest column may not have: the row's own columns, and the instance fields the
 # ``instances`` view puts beside it.
@@ -53,6 +60,7 @@ def output_schema(kept: pa.Schema | None = None) -> pa.Schema:
 def ok_row(
     image_id: str, uri: str, width: int, height: int, instances: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    """An image's row, without a map placement (the segment processor adds one where it has it)."""
     return {
         "image_id": image_id,
         "uri": uri,
@@ -61,6 +69,8 @@ def ok_row(
         "status": "ok",
         "error": None,
         "instances": instances,
+        "geo_transform": None,
+        "crs": None,
     }
 
 
@@ -77,6 +87,8 @@ def error_row(
         "status": "error",
         "error": str(error),
         "instances": None,
+        "geo_transform": None,
+        "crs": None,
     }
 
 

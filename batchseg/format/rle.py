@@ -111,3 +111,72 @@ def decode_rle(counts: str, height: int, width: int) -> np.ndarray:
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
     return np.repeat(values, runs).reshape((width, height)).T
+
+
+def sample_points(start: int, length: int, samples: int) -> np.ndarray:
+    """The pixels under the centres of ``samples`` output pixels spread evenly over ``length`` pixels from
+    ``start``: output pixel ``i`` shows pixel ``start + floor((i + 0.5) * length / samples)`` (int64, never
+    decreasing; ``start + i`` when ``samples == length``). Exact integer arithmetic, so no pixel is
+    missed or repeated by rounding."""
+    i = np.arange(samples, dtype=np.int64)
+    return start + ((2 * i + 1) * length) // (2 * samples)
+
+
+# Sampled pixels handled per block: the lookups' int64 temporaries stay near 16 MB for any mask.
+_WINDOW_BLOCK = 1 << 21
+
+
+def decode_window(
+    counts: str,
+    height: int,
+    width: int,
+    region: tuple[int, int, int, int],
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, int, int]:
+    """A ``height x width`` mask (COCO compressed RLE ``counts``) as a picture of ``shape`` ``(rows,
+    columns)`` pixels shows its ``region`` ``(left, top, width, height)``: picture pixel ``(r, c)`` is the
+    mask pixel under its centre, ``(sample_points(top, region height, rows)[r], sample_points(left,
+    region width, columns)[c])`` (nearest-neighbour; the identity when ``shape`` is the region's size).
+
+    Returns ``(crop, row, column)``: the ``bool`` picture pixels from ``(row, column)`` that the mask's
+    extent covers; every picture pixel outside the crop is background, and the crop is empty (0 x 0) when
+    the mask lies outside the region. Only the crop is computed, from the runs: neither the mask nor the
+    whole picture is ever allocated, so a 100,000 x 100,000 slide's mask costs what its crop does.
+    Raises ``ValueError`` when the runs do not cover ``height x width``, or the region or shape is not
+    inside the mask or is empty."""
+    left, top, region_w, region_h = region
+    rows, cols = shape
+    if min(region_w, region_h, rows, cols) < 1 or left < 0 or top < 0:
+        raise ValueError(f"an empty or negative region {region} or picture shape {shape}")
+    if left + region_w > width or top + region_h > height:
+        raise ValueError(f"the region {region} is not inside the {height}x{width} mask")
+    runs = decompress_counts(counts)
+    if int(runs.sum()) != height * width:
+        raise ValueError(f"RLE covers {int(runs.sum())} pixels, expected {height}x{width}")
+    # Foreground runs as [start, end) over COCO's column-major pixel index (x * height + y).
+    ends = np.cumsum(runs)
+    starts, ends = (ends - runs)[1::2], ends[1::2]
+    starts, ends = starts[ends > starts], ends[ends > starts]
+    empty = np.zeros((0, 0), dtype=bool), 0, 0
+    if not len(starts):
+        return empty
+    first_col, last_col = starts[0] // height, (ends[-1] - 1) // height
+    # A run that crosses into the next column covers the first row of one and the last row of the other.
+    crosses = bool((starts // height != (ends - 1) // height).any())
+    top_row = 0 if crosses else int((starts % height).min())
+    bottom_row = height - 1 if crosses else int(((ends - 1) % height).max())
+    ys, xs = sample_points(top, region_h, rows), sample_points(left, region_w, cols)
+    r0, r1 = np.searchsorted(ys, top_row), np.searchsorted(ys, bottom_row, side="right")
+    c0, c1 = np.searchsorted(xs, first_col), np.searchsorted(xs, last_col, side="right")
+    if r0 >= r1 or c0 >= c1:
+        return empty
+    ys, xs = ys[r0:r1], xs[c0:c1]
+    crop = np.empty((len(xs), len(ys)), dtype=bool)  # column-major, as the runs are
+    step = max(1, _WINDOW_BLOCK // len(ys))
+    for block in range(0, len(xs), step):
+        # Ascending pixel indices: the run each falls in (the last starting at or before it) holds it or not.
+        pixels = (xs[block : block + step, None] * height + ys[None, :]).ravel()
+        run = np.searchsorted(starts, pixels, side="right") - 1
+        inside = (run >= 0) & (pixels < ends[np.maximum(run, 0)])
+        crop[block : block + step] = inside.reshape(-1, len(ys))
+    return crop.T, int(r0), int(c0)

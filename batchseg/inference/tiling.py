@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torchvision.ops import batched_nms
 
 from batchseg.inference.paste import encode_crops
 
@@ -32,6 +34,10 @@ EDGE = 2.0
 # Two pieces are one object when their masks' intersection over union, where both tiles see, is at least
 # this: parts of one object agree pixel for pixel there; neighbouring objects barely overlap.
 MERGE_IOU = 0.5
+
+# The overlap of two boxes of one category above which they are one object: torchvision's detection
+# models' own (``box_nms_thresh``), applied across tiles as each model applies it within one.
+NMS_IOU = 0.5
 
 KEEP, DROP, PIECE = 0, 1, 2  # a detection's fate (TileGrid.fates)
 
@@ -166,15 +172,19 @@ class Stitcher:
         self.limit = limit
         self.kept: list[dict[str, Any]] = []
         self.pieces: list[Piece] = []
+        self.near: list[int] = []  # kept instances whose box reaches into a neighbour's core
         self.remaining = len(grid.tiles)
         self.failed = False
         self.lock = threading.Lock()
 
-    def add(self, kept: list[dict[str, Any]], pieces: list[Piece]) -> bool:
+    def add(self, tile: Tile, kept: list[dict[str, Any]], pieces: list[Piece]) -> bool:
         """One tile's results; whether it was the image's last one (and none failed): then it is time for
         :meth:`instances`."""
         with self.lock:
             self.kept.extend(kept)
+            self.near.extend(
+                i for i, instance in enumerate(kept, len(self.kept) - len(kept)) if self._near(tile, instance)
+            )
             self.pieces.extend(pieces)
             self.remaining -= 1
             return self.remaining == 0 and not self.failed
@@ -187,9 +197,36 @@ class Stitcher:
             return first
 
     def instances(self) -> list[dict[str, Any]]:
-        """The image's instances, best score first, at most ``limit``."""
+        """The image's instances, best score first, at most ``limit``.
+
+        One object seen whole by two tiles is kept by both when the two boxes the model drew for it put
+        its centre on either side of the cores' border (a fraction of a pixel may do). Among the kept
+        instances whose boxes reach into a neighbour's core (the only ones that can be kept twice), the
+        model's own rule then applies across tiles: of boxes of one category overlapping by more than
+        ``NMS_IOU``, the best is kept, as the model keeps one within a tile."""
+        drop = set(self.near) - set(self._best(self.near))
+        kept = [instance for i, instance in enumerate(self.kept) if i not in drop]
         merged = merge_pieces(self.pieces, self.grid)
-        return sorted(self.kept + merged, key=lambda i: -i["score"])[: self.limit]
+        return sorted(kept + merged, key=lambda i: -i["score"])[: self.limit]
+
+    def _near(self, tile: Tile, instance: dict[str, Any]) -> bool:
+        x, y, w, h = instance["bbox"]
+        return any(
+            x < right and x + w > left and y < bottom and y + h > top
+            for top, left, bottom, right in (other.core for other in self.grid.neighbours(tile))
+        )
+
+    def _best(self, indices: list[int]) -> list[int]:
+        """Of the kept instances ``indices``, those torchvision's batched NMS keeps."""
+        if not indices:
+            return []
+        chosen = [self.kept[i] for i in indices]
+        boxes = torch.tensor(
+            [[x, y, x + w, y + h] for x, y, w, h in (i["bbox"] for i in chosen)], dtype=torch.float32
+        )
+        scores = torch.tensor([i["score"] for i in chosen], dtype=torch.float32)
+        labels = torch.tensor([i["category_id"] for i in chosen])
+        return [indices[k] for k in batched_nms(boxes, scores, labels, NMS_IOU).tolist()]
 
 
 def merge_pieces(pieces: Sequence[Piece], grid: TileGrid) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # Little- and big-endian, classic and BigTIFF.
-_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # A TIFF may hold hundreds of samples a pixel (hyperspectral images): max_pixels alone would let one
 # decode to many times the memory of a four-sample image as large. Four float samples a pixel at most.
 _TIFF_BYTES_PER_PIXEL = 16
@@ -52,7 +52,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         return _decode_with_pil(data, max_pixels)
     except ImageError as error:
-        if error.kind == "too_large" or not data.startswith(_TIFF_SIGNATURES):
+        if error.kind == "too_large" or not data.startswith(TIFF_SIGNATURES):
             raise
         refused = error
     return _decode_tiff(data, max_pixels, refused)
@@ -66,7 +66,7 @@ def _decode_with_pil(data: bytes, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                _check_size(image.size, max_pixels)
+                check_size(image.size, max_pixels)
                 if _pil_misreads(image):
                     raise ImageError(
                         "corrupt_image", "Pillow reads planar samples wider than 8 bits as bytes"
@@ -105,17 +105,12 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     remote-sensing software writes float, signed and many-channel samples that Pillow has no mode for.
     The size (pixels, and bytes of samples) is checked from the page's header before any pixel is
     decoded."""
-    import tifffile  # here, not at the top: 18 ms that every command importing this module would pay
-
-    # tifffile logs what is wrong with a damaged file on stderr; here that is the image's error row.
-    tifffile_log = logging.getLogger("tifffile")
-    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
-        tifffile_log.setLevel(logging.CRITICAL)
+    tifffile = quiet_tifffile()
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages[0]
             assert isinstance(page, tifffile.TiffPage)  # the first page is never a TiffFrame
-            _check_size((page.imagewidth, page.imagelength), max_pixels)
+            check_size((page.imagewidth, page.imagelength), max_pixels)
             if page.nbytes > _TIFF_BYTES_PER_PIXEL * max_pixels:
                 raise ImageError(
                     "too_large",
@@ -125,9 +120,7 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
                 )
             photometric, extra = int(page.photometric), page.extrasamples
             orientation = page.tags.valueof(0x0112, 1)
-            if page.compression not in tifffile.TIFF.DECOMPRESSORS:
-                name = getattr(page.compression, "name", page.compression)
-                raise ImageError("corrupt_image", f"TIFF compression {name} needs the imagecodecs package")
+            require_tiff_decoder(page)
             if photometric not in (0, 1, 2) or (photometric == 2 and page.samplesperpixel < 3):
                 name = getattr(page.photometric, "name", photometric)
                 raise ImageError("corrupt_image", f"TIFF {name} images are not supported")
@@ -140,19 +133,65 @@ def _decode_tiff(data: bytes, max_pixels: int, refused: ImageError) -> np.ndarra
     except Exception as exc:
         raise ImageError("corrupt_image", f"cannot decode TIFF: {type(exc).__name__}: {exc}") from None
     samples = np.moveaxis(planes, 0, -1).reshape(*planes.shape[1:3], -1)  # height, width, samples
+    image = _tiff_image(samples, photometric, extra)
+    image.getexif()[0x0112] = orientation  # the TIFF's own Orientation tag, turned as any image's
+    return _to_rgb_array(ImageOps.exif_transpose(image))
+
+
+def quiet_tifffile() -> Any:
+    """The tifffile module, imported here rather than at the top (18 ms that every command importing this
+    module would pay), its log quiet: it logs what is wrong with a damaged file on stderr, and here that is
+    the image's error row."""
+    import tifffile
+
+    tifffile_log = logging.getLogger("tifffile")
+    if tifffile_log.level == logging.NOTSET:  # unless someone chose otherwise
+        tifffile_log.setLevel(logging.CRITICAL)
+    return tifffile
+
+
+def require_tiff_decoder(page: Any) -> None:
+    """Raise an :class:`ImageError` when the segments of ``page`` (a ``tifffile.TiffPage``) are compressed
+    in a way no installed codec decodes (JPEG, JPEG 2000, WebP... need the imagecodecs package)."""
+    import tifffile
+
+    if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+        name = getattr(page.compression, "name", page.compression)
+        raise ImageError("corrupt_image", f"TIFF compression {name} needs the imagecodecs package")
+
+
+def tiff_samples_to_rgb(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> np.ndarray:
+    """A TIFF's decoded ``height x width x samples`` array (photometric 0, 1 or 2, its ExtraSamples) as
+    :func:`decode_image` gives it: ``height x width x 3`` uint8 RGB, alpha composited over white."""
+    pixels, mode = _tiff_pixels(samples, photometric, extrasamples)
+    if mode == "RGB":  # what _to_rgb_array would make of it, without PIL's copies of a tile-sized window
+        return np.ascontiguousarray(pixels)
+    return _to_rgb_array(_image(pixels, mode))
+
+
+def _tiff_image(samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> Image.Image:
+    return _image(*_tiff_pixels(samples, photometric, extrasamples))
+
+
+def _tiff_pixels(
+    samples: np.ndarray, photometric: int, extrasamples: tuple[int, ...]
+) -> tuple[np.ndarray, str]:
+    """uint8 RGB pixels and, where the TIFF has alpha, that too: ``(pixels, PIL mode)``."""
     if photometric == 2:
         pixels = _to_8_bit(samples[:, :, :3])
     else:  # MinIsWhite or MinIsBlack: channel 0 is the grey
         grey = _to_8_bit(samples[:, :, 0])
         pixels = np.repeat((255 - grey if photometric == 0 else grey)[:, :, None], 3, axis=2)
     # ExtraSamples 1 and 2 are associated (premultiplied) and unassociated alpha; others are dropped.
-    alpha = {1: "RGBa", 2: "RGBA"}.get(extra[0]) if extra else None
+    alpha = {1: "RGBa", 2: "RGBA"}.get(extrasamples[0]) if extrasamples else None
     if alpha:
-        pixels = np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])])
+        return np.dstack([pixels, _to_8_bit(samples[:, :, 3 if photometric == 2 else 1])]), alpha
+    return pixels, "RGB"
+
+
+def _image(pixels: np.ndarray, mode: str) -> Image.Image:
     height, width = pixels.shape[:2]
-    image = Image.frombytes(alpha or "RGB", (width, height), np.ascontiguousarray(pixels).tobytes())
-    image.getexif()[0x0112] = orientation  # the TIFF's own Orientation tag, turned as any image's
-    return _to_rgb_array(ImageOps.exif_transpose(image))
+    return Image.frombytes(mode, (width, height), np.ascontiguousarray(pixels).tobytes())
 
 
 def _let_pil_open_up_to(max_pixels: int) -> None:
@@ -166,7 +205,8 @@ def _let_pil_open_up_to(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+def check_size(size: tuple[int, int], max_pixels: int) -> None:
+    """Raise ``too_large`` when ``size = (width, height)`` has more than ``max_pixels`` pixels."""
     width, height = size
     if width * height > max_pixels:
         raise ImageError(

@@ -28,7 +28,7 @@ def read_image_bytes(uri: str, storage_options: dict[str, Any] | None = None) ->
 def _read_image(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     try:
         if storage.is_local(fs):
-            _refuse_special_file(path, uri)
+            refuse_special_file(path, uri)
         return retries.retrying(lambda: fs.cat_file(path), f"reading {uri}")
     except (StorageUnavailable, ImageError):
         raise
@@ -40,7 +40,7 @@ _SPECIAL_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCH
                   stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
-def _refuse_special_file(path: str, uri: str) -> None:
+def refuse_special_file(path: str, uri: str) -> None:
     """Raise an :class:`ImageError` if ``path`` is a FIFO, socket or device, found before opening it: opening
     a FIFO waits for a writer, forever, and reading a device may never end either."""
     kind = _SPECIAL_FILES.get(stat.S_IFMT(os.stat(path).st_mode))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -89,16 +90,39 @@ def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], what: str) -> dic
     as :class:`batchseg.io.retries.Backoff` says. Only the paths that failed are read again: tried all or
     nothing, a thousand objects from a store that fails one request in a thousand would come back a third
     of the time."""
-    contents: dict[str, bytes] = {}
+    return _each_retried(paths, lambda left: fs.cat(left, on_error="return"), what)
+
+
+def read_ranges(
+    fs: fsspec.AbstractFileSystem, path: str, ranges: list[tuple[int, int]], what: str
+) -> dict[tuple[int, int], bytes]:
+    """The bytes of each ``(start, end)`` range of ``path`` (object stores fetch them concurrently, a range
+    request each), retried as :func:`read_many` retries (only the ranges that failed)."""
+
+    def fetch(left: list[tuple[int, int]]) -> dict[tuple[int, int], bytes | Exception]:
+        answers = fs.cat_ranges(
+            [path] * len(left), [r[0] for r in left], [r[1] for r in left], on_error="return"
+        )
+        return dict(zip(left, answers, strict=True))
+
+    return _each_retried(ranges, fetch, what)
+
+
+K = TypeVar("K")
+
+
+def _each_retried(keys: list[K], fetch: Callable[[list[K]], dict[K, Any]], what: str) -> dict[K, bytes]:
+    """``fetch(keys)`` (each key's bytes or exception), the keys that failed fetched again until none has."""
+    contents: dict[K, bytes] = {}
     backoff = retries.Backoff(what)
-    left = list(paths)
+    left = list(keys)
     while left:
         try:
-            got = fs.cat(left, on_error="return")
+            got = fetch(left)
         except Exception as e:
             got = dict.fromkeys(left, e)
-        failed = {p: v for p, v in got.items() if isinstance(v, Exception)}
-        contents.update((p, v) for p, v in got.items() if p not in failed)
+        failed = {k: v for k, v in got.items() if isinstance(v, Exception)}
+        contents.update((k, v) for k, v in got.items() if k not in failed)
         if failed:  # a failure that is not transient is raised at once
             errors = list(failed.values())
             time.sleep(backoff.after(next((e for e in errors if not retries.is_transient(e)), errors[0])))

@@ -72,7 +72,7 @@ class SegmentationActor:
             raise  # not reached: exit_actor raises
 
     @ray.method(concurrency_group="report")
-    def images_started(self) -> int:
+    def images_started(self) -> float:
         return self.processor.images_in_progress
 
 
@@ -227,10 +227,10 @@ class Driver:
     def kill(self, actor: Any) -> None:
         ray.kill(actor, no_restart=True)
 
-    def in_progress(self, actors: list[Any]) -> int:
+    def in_progress(self, actors: list[Any]) -> float:
         calls = [actor.images_started.remote() for actor in actors]
         with contextlib.suppress(GetTimeoutError, RayActorError):
-            return int(sum(ray.get(calls, timeout=2.0)))
+            return float(sum(ray.get(calls, timeout=2.0)))
         return 0
 
     def idle_message(self) -> str:

@@ -28,7 +28,7 @@ from batchseg.io import retries
 from batchseg.io.images import EncodedJpeg, decode_image, orient
 from batchseg.io.loader import ImageLoader, Loaded, read_ahead
 from batchseg.io.manifest import Shard
-from batchseg.io.windowed import WindowedImage
+from batchseg.io.windowed import Geo, WindowedImage
 from batchseg.segment.config import ON_DEVICE, SegmentConfig
 from batchseg.segment.job import Job
 
@@ -130,7 +130,8 @@ class ShardProcessor:
         # (those handed to the model may still be in it).
         self.images_started = 0
         self.images_writing = 0  # images of shards the model is done with, being written
-        self.counting = threading.Lock()  # images_started and images_writing change together
+        self.counting = threading.Lock()  # images_started, images_writing and stitching change together
+        self.stitching: set[Stitcher] = set()  # tiled images of the current shard not yet stitched
         self.model_turn = threading.Lock()  # the model takes one shard at a time (see process)
         # On a GPU, a batch's masks are encoded on the host while the device runs the next batch.
         self.encoder = (
@@ -150,11 +151,13 @@ class ShardProcessor:
         return cls(setup.config, setup.weights, device, setup.provenance, setup.state_dict)
 
     @property
-    def images_in_progress(self) -> int:
+    def images_in_progress(self) -> float:
         """Images of the shards this processor is working on (in the model, or being written), for the
-        progress line."""
+        progress line; a tiled image in the model counts by the share of its tiles done (a slide may take
+        an actor hours)."""
         with self.counting:
-            return self.images_started + self.images_writing
+            tiles_left = sum(s.remaining / len(s.grid.tiles) for s in self.stitching if not s.failed)
+            return self.images_started + self.images_writing - tiles_left
 
     @functools.cached_property
     def output(self) -> OutputDir:
@@ -230,6 +233,7 @@ class ShardProcessor:
             seconds, storage_retries = time.time() - start, retries.count() - retries_before
             with self.counting:
                 self.images_started, self.images_writing = 0, self.images_writing + len(rows)
+                self.stitching.clear()
         try:
             provenance = self.provenance | {
                 "shard": shard.index,
@@ -255,6 +259,7 @@ class ShardProcessor:
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
         given: set[int] = set()  # images handed to the model (a tiled one may span batches)
+        placed: dict[int, Geo] = {}  # the map placement of images read through io.windowed
 
         def run_batch() -> None:
             nonlocal batch
@@ -269,6 +274,8 @@ class ShardProcessor:
                 if isinstance(image, ImageError):
                     rows[i] = error_row(shard.image_ids[i], shard.uris[i], image)
                     continue
+                if isinstance(image, WindowedImage) and image.geo is not None:
+                    placed[i] = image.geo
                 for unit in self._units(shard, i, image, rows):
                     batch.append((i, unit))
                     if len(batch) == config.batch_size:
@@ -283,6 +290,9 @@ class ShardProcessor:
             self.encoding.clear()
         assert all(r is not None for r in rows)
         done: list[dict[str, Any]] = rows  # type: ignore[assignment]
+        for i, geo in placed.items():
+            if done[i]["status"] == "ok":
+                done[i] |= {"geo_transform": list(geo.transform), "crs": geo.crs}
         failed = [
             r["error"] for r in done if r["status"] == "error" and error_kind(r["error"]) in MODEL_FAILURES
         ]
@@ -302,10 +312,21 @@ class ShardProcessor:
             return
         width, height = image_size(image)
         if width <= tile and height <= tile:
+            if isinstance(image, WindowedImage):  # a TIFF that fits a tile: read whole, as without --tile
+                windowed = image
+                try:
+                    image = windowed.read(0, 0, height, width)
+                except ImageError as error:
+                    rows[i] = error_row(shard.image_ids[i], shard.uris[i], error, (width, height))
+                    return
+                finally:
+                    windowed.close()
             yield image
             return
         grid = TileGrid(height, width, tile, self.config.overlap)
         tiled = Tiled(grid, Stitcher(grid, self.config.instances_per_image(tiled=True)), image)
+        with self.counting:
+            self.stitching.add(tiled.stitcher)
         if not isinstance(image, WindowedImage):
             for t in grid.tiles:
                 yield TileOf(tile_pixels(image, t), t, tiled)
@@ -418,7 +439,7 @@ class ShardProcessor:
                 )
             for k, (kept, pieces) in zip(tiles, stitched, strict=True):
                 i, unit = batch[k]
-                if unit.of.stitcher.add(kept, pieces):
+                if unit.of.stitcher.add(unit.tile, kept, pieces):
                     rows[i] = ok_row(
                         shard.image_ids[i], shard.uris[i], *image_size(unit), unit.of.stitcher.instances()
                     )

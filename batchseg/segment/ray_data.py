@@ -48,7 +48,7 @@ class Segmenter:
 
     Keyword arguments are ``batchseg segment``'s options (see :class:`SegmentConfig`): ``model``,
     ``weights``, ``score_threshold``, ``mask_threshold``, ``min_size``, ``max_size``, ``max_instances``,
-    ``max_pixels``, ``batch_size`` (images per forward pass), ``precision``, ``decode``, ``io_threads``,
+    ``tile``, ``tile_overlap``, ``max_pixels``, ``batch_size`` (images per forward pass), ``precision``, ``decode``, ``io_threads``,
     ``prefetch``, ``connect_timeout``, ``read_timeout``, ``storage_options``, ``keep_columns`` (the
     batch's columns to carry into the rows after batchseg's, with their types, as ``--keep-columns`` does;
     ``"all"``: every column but ``uri``, ``image_id`` and ``bytes``); plus ``device`` (default: ``cuda``

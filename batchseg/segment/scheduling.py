@@ -233,10 +233,11 @@ class Progress:
     def due(self) -> bool:
         return self.clock() - self.last >= self.every
 
-    def line(self, partial: int = 0) -> str:
-        """The progress line; ``partial`` counts images of shards still in progress."""
+    def line(self, partial: float = 0) -> str:
+        """The progress line; ``partial`` counts images of shards still in progress (a tiled image by its
+        share of tiles done: shown to a tenth of an image)."""
         self.last = self.clock()
-        done = self.images + partial
+        done = self.images + round(partial, 1)
         elapsed = self.last - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = duration((self.total - done) / rate) if rate > 0 else "?"
@@ -250,7 +251,7 @@ class Progress:
             if n
         )
         return (
-            f"{done}/{self.total} images ({100 * done / max(1, self.total):.1f}%) | {rate:.2f} img/s | "
+            f"{f'{done:.1f}'.removesuffix('.0')}/{self.total} images ({100 * done / max(1, self.total):.1f}%) | {rate:.2f} img/s | "
             f"{self.errors} errors | {failures + ' | ' if failures else ''}ETA {eta}"
         )
 
@@ -288,9 +289,9 @@ class Backend(Protocol):
 
     def kill(self, actor: Any) -> None: ...
 
-    def in_progress(self, actors: list[Any]) -> int:
-        """Images started so far in the shards ``actors`` are working on, for the progress line (0 if
-        unknown)."""
+    def in_progress(self, actors: list[Any]) -> float:
+        """Images started so far in the shards ``actors`` are working on (a tiled image by its share of
+        tiles done), for the progress line (0 if unknown)."""
 
     def idle_message(self) -> str:
         """What to say while no actor has started (e.g. the resources a cluster lacks)."""
