@@ -42,7 +42,6 @@ from batchseg.analysis.results import Results
 from batchseg.demo import HELD_OUT_SEED, SHAPES_MODEL
 from batchseg.inference.tiling import TileGrid
 from batchseg.io.manifest import iter_shards, plan_shards
-from batchseg.io.windowed import open_windowed
 from batchseg.segment.config import SegmentConfig
 from batchseg.segment.job import prepare_job
 from batchseg.segment.processor import ShardProcessor
@@ -126,9 +125,6 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
     for label, _, _, _ in runs[1:]:
         goal = f" (goal: at least {GOALS['ap_ratio']})" if "--tile" in label else ""
         print(f"[quality] {label}: {figures[label] / baseline:.3f} of one by one{goal}", flush=True)
-    if not windowed_reads(files["tif"]):
-        print("[quality] this checkout has no windowed TIFF reads yet (io.windowed): the TIFF's run left out")
-        return
     _, tif_rows = segmented(files["tif"], str(folder / "out-tif"), files["scene_truth"], **tiled)
     png_rows = rows[runs[-1][0]]
     assert_same_rows([r | {"uri": "scene"} for r in tif_rows], [r | {"uri": "scene"} for r in png_rows])
@@ -137,19 +133,6 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
         f"{len(tif_rows[0]['instances'])} instances as the PNG (masks identical, scores and boxes within 1e-4)",
         flush=True,
     )
-
-
-def windowed_reads(manifest: str) -> bool:
-    """Whether this checkout reads TIFFs window by window (``io.windowed`` was declared before it was
-    filled in)."""
-    tif = str(pathlib.Path(manifest).with_name("scene.tif"))
-    try:
-        image = open_windowed(tif)
-    except NotImplementedError:
-        return False
-    assert image is not None, f"{tif} is tiled: it must be read window by window"
-    image.close()
-    return True
 
 
 def cost(folder: pathlib.Path, scene: Scene, files: dict[str, str], args: argparse.Namespace) -> None:
