@@ -40,40 +40,10 @@ from batchseg.segment.config import SegmentConfig
 from batchseg.segment.driver import run_segment
 from batchseg.segment.job import prepare_job, summarize
 from batchseg.train.synth import write_dataset
+from bench.standin import stand_in
 from tests.s3server import running_s3
 
 GOALS = {"rate": 1000.0, "driver_mib": 150.0, "rerun_s": 10.0}
-
-
-def stand_in(instances: int) -> Any:
-    """The worker setup hook: ``Predictor.forward`` gives ``instances`` fixed detections per image, each
-    mask filling its box (a trained head on solid objects), without running the model."""
-
-    def setup() -> None:
-        import torch
-
-        from batchseg.inference.predictor import Predictor
-
-        def forward(self: Any, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-            out = []
-            for image in images:
-                h, w = int(image.shape[-2]), int(image.shape[-1])
-                k = torch.arange(instances, dtype=torch.float32)
-                x0, y0 = (k * 7) % max(1, w // 2), (k * 5) % max(1, h // 2)
-                boxes = torch.stack([x0, y0, (x0 + w / 3).clamp(max=w), (y0 + h / 3).clamp(max=h)], dim=1)
-                out.append(
-                    {
-                        "boxes": boxes,
-                        "scores": torch.linspace(0.99, 0.6, instances),
-                        "labels": (k % 3 + 1).to(torch.int64),
-                        "masks": torch.ones((instances, 1, 28, 28)),
-                    }
-                )
-            return out
-
-        Predictor.forward = forward  # type: ignore[method-assign]
-
-    return setup
 
 
 class PeakRss:
