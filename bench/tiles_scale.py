@@ -198,14 +198,8 @@ def main() -> None:
                     flush=True,
                 )
             child = [sys.executable, __file__, "--child", str(tiff), str(folder / f"out-{side}")]
-            child += [
-                "--tile",
-                str(args.tile),
-                "--overlap",
-                str(args.overlap),
-                "--instances",
-                str(args.instances),
-            ]
+            for name in ("tile", "overlap", "instances", "inset"):
+                child += [f"--{name}", str(getattr(args, name))]
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"[{side:,} px] the segmenting process failed:\n{done.stderr[-3000:]}")
@@ -215,7 +209,7 @@ def main() -> None:
                 f"[{side:,} px] {figures['tiles']:,} tiles of {args.tile} px (overlap {args.overlap}) in "
                 f"{figures['seconds']:.1f} s: {figures['tiles_per_s']:.1f} tiles/s; peak RSS "
                 f"{figures['peak_rss_mib']:.0f} MiB ({figures['rss_before_mib']:.0f} MiB before the image: imports, "
-                f"model); {figures['instances']:,} instances (goal: under {GOALS['rss_mib']:.0f} MiB)",
+                f"model); {figures['instances']:,} instances (stand-in inset {args.inset}) (goal: under {GOALS['rss_mib']:.0f} MiB)",
                 flush=True,
             )
         spread = (max(peaks) - min(peaks)) / min(peaks)
