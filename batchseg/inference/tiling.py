@@ -165,15 +165,23 @@ class Piece:
 
 class Stitcher:
     """One tiled image's instances, gathered tile by tile (from any thread), then stitched: the instances
-    kept whole, and the pieces merged (:func:`merge_pieces`); the best ``limit`` by score."""
+    kept whole, and the pieces merged (:func:`piece_groups`, :func:`merged_instances`); the best ``limit``
+    by score.
+
+    Pieces are merged as the tiles come: a group of pieces is final once every tile next to one of its
+    pieces is done (no later piece can join it), and is then encoded and its masks let go. Tiles come
+    row by row, so about two rows of tiles' pieces are held, whatever the image's size."""
 
     def __init__(self, grid: TileGrid, limit: int) -> None:
         self.grid = grid
         self.limit = limit
         self.kept: list[dict[str, Any]] = []
-        self.pieces: list[Piece] = []
+        self.pieces: list[Piece] = []  # not yet merged: some tile next to them is still to come
+        self.merged: list[dict[str, Any]] = []
         self.near: list[int] = []  # kept instances whose box reaches into a neighbour's core
+        self.done = [False] * len(grid.tiles)
         self.remaining = len(grid.tiles)
+        self.since_settled = 0
         self.failed = False
         self.lock = threading.Lock()
 
@@ -186,14 +194,36 @@ class Stitcher:
                 i for i, instance in enumerate(kept, len(self.kept) - len(kept)) if self._near(tile, instance)
             )
             self.pieces.extend(pieces)
+            self.done[tile.index] = True
             self.remaining -= 1
+            self.since_settled += 1
+            if self.failed:
+                self.pieces = []
+            elif self.remaining == 0 or self.since_settled >= len(self.grid.columns):
+                self._settle()  # once a row of tiles: each settling compares the pending pieces again
             return self.remaining == 0 and not self.failed
+
+    def _settle(self) -> None:
+        """Merge and encode the groups of pieces no later tile can add to; keep the others pending."""
+        self.since_settled = 0
+        if not self.pieces:
+            return
+        groups = piece_groups(self.pieces, self.grid)
+        final = [g for g in groups if all(self._settled(p.tile) for p in g)]
+        self.merged.extend(merged_instances(final, self.grid))
+        self.pieces = [p for g in groups if not all(self._settled(q.tile) for q in g) for p in g]
+
+    def _settled(self, index: int) -> bool:
+        """Whether tile ``index`` and every tile next to it are done."""
+        tile = self.grid.tiles[index]
+        return self.done[index] and all(self.done[other.index] for other in self.grid.neighbours(tile))
 
     def fail(self) -> bool:
         """Mark the image failed (one of its tiles could not be read or run); whether it was the first
         failure, which gives the image its error row."""
         with self.lock:
             first, self.failed = not self.failed, True
+            self.pieces = []
             return first
 
     def instances(self) -> list[dict[str, Any]]:
@@ -206,8 +236,7 @@ class Stitcher:
         ``NMS_IOU``, the best is kept, as the model keeps one within a tile."""
         drop = set(self.near) - set(self._best(self.near))
         kept = [instance for i, instance in enumerate(self.kept) if i not in drop]
-        merged = merge_pieces(self.pieces, self.grid)
-        return sorted(kept + merged, key=lambda i: -i["score"])[: self.limit]
+        return sorted(kept + self.merged, key=lambda i: -i["score"])[: self.limit]
 
     def _near(self, tile: Tile, instance: dict[str, Any]) -> bool:
         x, y, w, h = instance["bbox"]
@@ -229,10 +258,9 @@ class Stitcher:
         return [indices[k] for k in batched_nms(boxes, scores, labels, NMS_IOU).tolist()]
 
 
-def merge_pieces(pieces: Sequence[Piece], grid: TileGrid) -> list[dict[str, Any]]:
-    """The instances of ``pieces``: those of neighbouring tiles that show one object (:data:`MERGE_IOU`
-    where both tiles see) are merged into one, with the union of their masks and boxes, the best score, and
-    the category and keypoints of the largest piece. Masks are encoded at the image's size from crops."""
+def piece_groups(pieces: Sequence[Piece], grid: TileGrid) -> list[list[Piece]]:
+    """``pieces`` grouped by object: pieces of neighbouring tiles whose masks (boxes, for a box-only model)
+    agree where both tiles see (:data:`MERGE_IOU`) are one object's."""
     parent = list(range(len(pieces)))
 
     def root(i: int) -> int:
@@ -258,7 +286,13 @@ def merge_pieces(pieces: Sequence[Piece], grid: TileGrid) -> list[dict[str, Any]
     groups: dict[int, list[Piece]] = {}
     for i, piece in enumerate(pieces):
         groups.setdefault(root(i), []).append(piece)
-    merged = [_merged(group) for group in groups.values()]
+    return list(groups.values())
+
+
+def merged_instances(groups: Sequence[list[Piece]], grid: TileGrid) -> list[dict[str, Any]]:
+    """One instance per group of pieces: the union of their masks and boxes, the best score, and the
+    category and keypoints of the largest piece. Masks are encoded at the image's size from crops."""
+    merged = [_merged(group) for group in groups]
     masks = [mask for _, mask in merged if mask is not None]
     if len(masks) == len(merged):
         for (instance, _), (rle, area) in zip(
