@@ -292,6 +292,9 @@ def test_a_tiled_image_in_the_model_shows_as_the_share_of_its_tiles_done(tmp_pat
     pixels = random_pixels(128, 256)  # 2 x 4 tiles
     rows = processor.rows(Shard(0, ["a", "b"], ["a.png", "b.png"]), [pixels, pixels])
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert len(processor.stitching) == 2
+    processor.rows(Shard(0, ["c"], ["c.png"]), [random_pixels(32, 32)])  # as a Segmenter calls it
+    assert processor.stitching == set(), "a finished batch's tiled images are let go"
     assert seen == pytest.approx(
         [
             1 / 8,

@@ -254,7 +254,9 @@ class ShardProcessor:
 
         Raises :class:`DeviceError` when the device fails, and :class:`ModelFailed` when the model fails
         on most of the images (:func:`too_many_failures`): the shard is then retried, not recorded."""
-        self.images_started = 0
+        with self.counting:  # a Segmenter calls rows() alone: the last batch's tiled images are done
+            self.images_started = 0
+            self.stitching.clear()
         config = self.config
         rows: list[dict[str, Any] | None] = [None] * len(shard)
         batch: list[tuple[int, Any]] = []
