@@ -208,10 +208,15 @@ class Stitcher:
         self.since_settled = 0
         if not self.pieces:
             return
-        groups = piece_groups(self.pieces, self.grid)
-        final = [g for g in groups if all(self._settled(p.tile) for p in g)]
+        final: list[list[Piece]] = []
+        pending: list[Piece] = []
+        for group in piece_groups(self.pieces, self.grid):
+            if all(self._settled(p.tile) for p in group):
+                final.append(group)
+            else:
+                pending.extend(group)
         self.merged.extend(merged_instances(final, self.grid))
-        self.pieces = [p for g in groups if not all(self._settled(q.tile) for q in g) for p in g]
+        self.pieces = pending
 
     def _settled(self, index: int) -> bool:
         """Whether tile ``index`` and every tile next to it are done."""
