@@ -151,7 +151,7 @@ class Predictor:
             return []
         outputs = [out for out, _, _ in detections]
         table, per_image, keypoints = _table(outputs)
-        at_tile = table.copy()  # boxes in the tile's pixels, for the masks' paste
+        at_tile = table[:, :4].copy()  # boxes in the tile's pixels, for the masks' paste
         bounds = np.cumsum([0, *per_image])
         fates = []
         for (grid, tile), start, end in zip(tiles, bounds[:-1], bounds[1:], strict=True):
@@ -173,10 +173,7 @@ class Predictor:
                         out["masks"][torch.from_numpy(k).to(out["masks"].device)].float()
                         for out, k in zip(outputs, kept, strict=True)
                     ],
-                    [
-                        torch.from_numpy(at_tile[start + k, :4])
-                        for start, k in zip(bounds, kept, strict=False)
-                    ],
+                    [torch.from_numpy(at_tile[start + k]) for start, k in zip(bounds, kept, strict=False)],
                     [(height, width) for _, height, width in detections],
                     self.mask_threshold,
                     [(tile.top, tile.left, grid.height, grid.width) for grid, tile in tiles],
@@ -196,7 +193,7 @@ class Predictor:
                     (top + tile.top, left + tile.left, mask)
                     for top, left, mask in mask_crops(
                         out["masks"][index].float(),
-                        torch.from_numpy(at_tile[start + k, :4]),
+                        torch.from_numpy(at_tile[start + k]),
                         (height, width),
                         self.mask_threshold,
                     )
