@@ -15,7 +15,7 @@ least 0.9).
 
 Every run goes through the shard processor in this process (``tests/segmenting.py``), without Ray: the rows
 are those a job writes. Usage: python bench/tiles.py [--images 64] [--side 1280] [--tile 160] [--overlap 48]
-[--shapes-only] [--only quality|cost] [--repeat 3]
+[--shapes-only] [--native] [--only quality|cost] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -105,10 +105,12 @@ def quality(folder: pathlib.Path, files: dict[str, str], args: argparse.Namespac
             {"min_size": side, "max_size": side, "max_instances": 300},
         ),
     ]
-    tiled = {"tile": args.tile, "tile_overlap": args.overlap}
-    runs.append(
-        (f"the scene with --tile {args.tile} --tile-overlap {args.overlap}", "png", "scene_truth", tiled)
-    )
+    tiled: dict[str, Any] = {"tile": args.tile, "tile_overlap": args.overlap}
+    how = f"--tile {args.tile} --tile-overlap {args.overlap}"
+    if args.native:
+        tiled |= {"min_size": args.tile, "max_size": args.tile}
+        how += f" --min-size {args.tile} --max-size {args.tile}"
+    runs.append((f"the scene with {how}", "png", "scene_truth", tiled))
     figures: dict[str, float] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     for label, manifest, truth, changes in runs:
@@ -181,6 +183,9 @@ def main() -> None:
         "--shapes-only",
         action="store_true",
         help="paste only the images' shapes, not their backgrounds (rectangles a model of shapes may take for squares)",
+    )
+    parser.add_argument(
+        "--native", action="store_true", help="tiles at native scale: --min-size and --max-size set to --tile"
     )
     parser.add_argument("--only", choices=("quality", "cost"), help="run only this part")
     args = parser.parse_args()
