@@ -30,7 +30,7 @@ system:
 		{ echo "make test needs Debian's chromium package (apt-get install chromium)"; exit 1; }
 
 test: system lint
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q -n 2 --durations=25
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from tests.s3server import S3Server, running_s3
 # The suite's time budget guards itself: a test gets TIMEOUT seconds (pyproject.toml), one marked slow
 # SLOW_TIMEOUT, and no test may ask for more than its budget with its own timeout marker.
 TIMEOUT, SLOW_TIMEOUT = 120, 300
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Ray Train's controller polls its workers every 2 s by default and takes one report from each per poll; a
 # worker's second report waits for the first to be taken (a queue of one). A test run checkpoints every
@@ -22,6 +25,27 @@ TIMEOUT, SLOW_TIMEOUT = 120, 300
 # poll. Ray Train passes this setting on to its controllers and workers; the multi-node cluster's process
 # (tests/multinode.py) inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``pytest -n 2`` (README's test command) sends each module's tests to one worker, so its fixtures are
+    made once, and every module with a test on the session's Ray to the same worker, so that one Ray serves
+    them all (a second would run beside it on the same cores, and start its own). pytest-xdist's
+    ``--dist loadgroup`` would say this with marks, but it renames tests in a way pytest 9 no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneRay(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if _on_ray(module) else module
+
+    return OneRay(config, log)
+
+
+@functools.cache
+def _on_ray(module: str) -> bool:
+    """Whether a test module (path from the root) uses the session's Ray."""
+    return "ray_address" in (ROOT / module).read_text()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -36,7 +36,7 @@ OUTCOME = "OUTCOME "
 # fault after two finished shards still lands mid-job.
 SMALL_MODEL = {"weights": str(SHAPES_MODEL)}
 IMAGES = 90
-TRAIN_ITERATIONS = 20
+TRAIN_ITERATIONS = 12
 
 
 def done_markers(output: pathlib.Path) -> list[str]:
@@ -124,7 +124,7 @@ def train_node_loss(cluster: Cluster, workers: list[Any], root: pathlib.Path) ->
         batch_size=2,
         max_failures=2,
         # a quick step (the model's own: 64 proposals, 112 to 144 pixels, up to 256): the node is lost
-        # after the first checkpoint (step 2) with 18 steps to go
+        # after the first checkpoint (step 2) with 10 steps to go
         rois_per_image=16,
         min_sizes=(64,),
         max_size=96,

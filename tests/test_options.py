@@ -19,6 +19,15 @@ from batchseg.train.synth import SynthDataset, write_dataset
 from tests.refusals import refusal
 
 
+def case_id(extra: list[str]) -> str:
+    """A case's test id: its arguments, a port the OS chose named as such (the id must be the same in every
+    pytest-xdist worker, each of which picks its own)."""
+    return " ".join(CLOSED if arg.startswith("127.0.0.1:") else arg for arg in extra)
+
+
+CLOSED = "127.0.0.1:CLOSED-PORT"
+
+
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (taken from the OS, then let go)."""
     with socket.socket() as s:
@@ -160,7 +169,7 @@ def refused(argv: list[str], option: str, out: pathlib.Path, capsys: pytest.Capt
     assert not out.exists(), sorted(p.name for p in out.iterdir())
 
 
-@pytest.mark.parametrize(("extra", "option"), SEGMENT, ids=[" ".join(extra) for extra, _ in SEGMENT])
+@pytest.mark.parametrize(("extra", "option"), SEGMENT, ids=[case_id(extra) for extra, _ in SEGMENT])
 def test_segment_refuses_a_bad_option_before_writing_anything(
     shapes: SynthDataset,
     tmp_path: pathlib.Path,
@@ -174,7 +183,7 @@ def test_segment_refuses_a_bad_option_before_writing_anything(
     refused([*argv, *weights, *extra], option, out, capsys)
 
 
-@pytest.mark.parametrize(("extra", "option"), TRAIN, ids=[" ".join(extra) for extra, _ in TRAIN])
+@pytest.mark.parametrize(("extra", "option"), TRAIN, ids=[case_id(extra) for extra, _ in TRAIN])
 def test_train_refuses_a_bad_option_before_writing_anything(
     shapes: SynthDataset,
     tmp_path: pathlib.Path,
