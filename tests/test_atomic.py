@@ -4,7 +4,6 @@ stdout; a failed write leaves no temporary behind."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pathlib
@@ -17,6 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from batchseg.cli import main
 from batchseg.io import atomic
+from tests.diskfull import fill_the_disk
 from tests.test_output import write_output
 
 QUERY = "SELECT image_id FROM images ORDER BY image_id"
@@ -36,7 +36,7 @@ def commands(out: str, target: str) -> dict[str, list[str]]:
 def check_written(command: str, data: bytes, ids: list[str]) -> None:
     """``data`` is what ``command`` writes for test_output's output, whose images are ``ids``: whole."""
     if command == "query":
-        assert data.decode() == "\"image_id\"\n" + "".join(f"\"{i}\"\n" for i in sorted(ids))
+        assert data.decode() == '"image_id"\n' + "".join(f'"{i}"\n' for i in sorted(ids))
     elif command == "export-coco":
         assert len(json.loads(data)) == len(ids)  # an instance each
     elif command == "diff":
@@ -136,36 +136,6 @@ def test_a_character_device_is_written_not_replaced(made: dict[str, Any], tmp_pa
     atomic.write(LocalFileSystem(), str(link), b"into nothing")
     assert link.is_symlink() and stat.S_ISCHR(os.stat(link).st_mode)
     no_temporaries(tmp_path, pathlib.Path("/dev"))
-
-
-class DiskFull:
-    """A file on a full disk: it could be made (an inode: the issue's full disk left 66 empty temporaries),
-    but every write fails with ENOSPC."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-
-    def write(self, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __enter__(self) -> DiskFull:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
-
-
-def fill_the_disk(monkeypatch: pytest.MonkeyPatch, bound_for: str = "") -> None:
-    """From now on the files atomic writes aside for a path ending with ``bound_for`` are on a full disk.
-    Python's own file, the lowest write batchseg makes, is what fails: a real full disk needs a mount,
-    which a test may not make."""
-
-    def open_on_a_full_disk(path: str, mode: str = "r") -> Any:
-        f = open(path, mode)  # noqa: SIM115 (DiskFull closes it)
-        destination = atomic.destination(str(path))
-        return DiskFull(f) if destination is not None and destination.endswith(bound_for) else f
-
-    monkeypatch.setattr(atomic, "open", open_on_a_full_disk, raising=False)
 
 
 def test_a_write_that_fails_removes_its_temporary(
