@@ -148,3 +148,15 @@ def test_a_write_that_fails_removes_its_temporary(
     with pytest.raises(OSError, match="No space left"), atomic.open_whole(fs, str(tmp_path / "b.csv")) as f:
         f.write(b"a,b\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_link_into_the_output_is_refused_as_its_target_would_be(
+    made: dict[str, Any], tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tmp_path / "link.csv"
+    link.symlink_to(pathlib.Path(made["out"], "part-000000.parquet"))
+    before = link.read_bytes()
+    for command in ("query", "export-coco", "diff", "report"):
+        assert main(commands(made["out"], str(link))[command]) == 2
+        assert "would overwrite batchseg's own file" in capsys.readouterr().err
+    assert link.read_bytes() == before

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -433,9 +434,14 @@ class OutputDir:
 
 def owned_by(output: str, target: str) -> bool:
     """Whether writing ``target`` would replace one of batchseg's own files in the output at ``output``
-    (a report or a COCO file written over a shard or ``_summary.json``)."""
-    out = absolute_uri(output).rstrip("/") + "/"
-    target = absolute_uri(target).rstrip("/")
+    (a report or a COCO file written over a shard or ``_summary.json``), a local one through its links
+    (a local write goes where they lead: :mod:`batchseg.io.atomic`)."""
+
+    def resolved(uri: str) -> str:
+        return absolute_uri(uri) if "://" in uri else os.path.realpath(uri)
+
+    out = resolved(output).rstrip("/") + "/"
+    target = resolved(target).rstrip("/")
     return target.startswith(out) and is_ours(target.removeprefix(out))
 
 
