@@ -316,7 +316,10 @@ class OutputDir:
 
     def remove_unfinished_writes(self) -> None:
         """Remove the files an earlier run left aside, unfinished (:func:`atomic.aside`: a crash, a full
-        disk), bound for batchseg's own names; nothing else."""
+        disk), bound for batchseg's own names; nothing else. Only a local write lies aside (an object store's
+        PUT is whole), so an object store is not listed again."""
+        if not storage.is_local(self.fs):
+            return
         unfinished = [self._at(n) for n in self._files() if atomic.destination(n) and is_ours(n)]
         if unfinished:
             log.info(f"removing {len(unfinished)} unfinished write(s) an earlier run left in {self.uri}")
