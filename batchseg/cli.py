@@ -81,6 +81,14 @@ def _not_over_the_output(output: str, **targets: str | None) -> None:
             raise BatchsegError(f"--{option} {target} would overwrite batchseg's own file in {output}")
 
 
+def _say(text: str, *targets: str | None) -> None:
+    """Print ``text`` for the user: on stderr where one of ``targets`` (the files a command writes) is
+    ``-``, stdout, whose file the text would corrupt."""
+    from batchseg.io.storage import STDOUT
+
+    print(text, file=sys.stderr if STDOUT in targets else sys.stdout)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from batchseg.train.config import TrainConfig
     from batchseg.train.trainer import run_training
@@ -105,18 +113,18 @@ def cmd_coco_to_parquet(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from batchseg.analysis.evaluate import evaluate_output, format_table
     from batchseg.errors import job_errors
-    from batchseg.io import storage
+    from batchseg.io import atomic, storage
     from batchseg.io.manifest import absolute_uri
 
     if args.json and absolute_uri(args.json) == absolute_uri(args.annotations):
         raise BatchsegError(f"--json {args.json} is also --annotations: it would overwrite them")
     _not_over_the_output(args.predictions, json=args.json)
     results = evaluate_output(args.predictions, args.annotations, args.storage_options)
-    print(format_table(results))
+    _say(format_table(results), args.json)
     if args.json:
         with job_errors(f"cannot write {args.json}"):
             fs, path = storage.filesystem(args.json, args.storage_options)
-            fs.pipe_file(path, json.dumps(results, indent=2).encode())
+            atomic.write(fs, path, json.dumps(results, indent=2).encode())
     return 0
 
 
@@ -124,7 +132,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from batchseg.analysis.query import run_query
 
     _not_over_the_output(args.output, out=args.out)
-    print(run_query(args.output, args.sql, args.format, args.out, args.storage_options))
+    _say(run_query(args.output, args.sql, args.format, args.out, args.storage_options), args.out)
     return 0
 
 
@@ -133,10 +141,12 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
 
     _not_over_the_output(args.output, out=args.out, images=args.images)
     counts = export_coco(args.output, args.out, args.images, args.storage_options)
-    print(
+    _say(
         f"{counts['instances']} instances of {counts['images']} images written to {args.out}"
         f"{f' (images and categories: {args.images})' if args.images else ''}; "
-        f"{counts['skipped_rows']} error rows left out"
+        f"{counts['skipped_rows']} error rows left out",
+        args.out,
+        args.images,
     )
     return 0
 
@@ -157,7 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for output in filter(None, (args.output, args.compare)):
         _not_over_the_output(output, out=args.out)
     build_report(args.output, args.out, args.storage_options, args.gallery, compare=args.compare)
-    print(f"report written to {args.out}")
+    _say(f"report written to {args.out}", args.out)
     return 0
 
 
@@ -180,11 +190,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         out=args.out,
         storage_options=args.storage_options,
     )
-    print(diff.format())
+    _say(diff.format(), args.out, args.json)
     if args.out:
-        print(
+        _say(
             f"\nper-image table ({diff.images['in_both']:,} images in both) written to {args.out}"
-            f"{diff.kept_note()}"
+            f"{diff.kept_note()}",
+            args.out,
+            args.json,
         )
     if args.json:
         with job_errors(f"cannot write {args.json}"):

@@ -18,10 +18,13 @@ from batchseg.analysis.query import connect
 from batchseg.analysis.report import build_report
 from batchseg.analysis.results import open_results
 from batchseg.cli import main
+from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError, ImageError
 from batchseg.format.output import (
     DONE_DIR,
     JOB_FILE,
+    OLD_SUMMARY_FILE,
+    SUMMARY_FILE,
     OutputDir,
     ShardRecord,
     is_ours,
@@ -30,9 +33,14 @@ from batchseg.format.output import (
     shard_record,
 )
 from batchseg.format.records import error_row, ok_row, to_parquet
+from batchseg.io import atomic
 from batchseg.io.manifest import Shard, iter_shards, plan_shards
 from batchseg.segment.config import SegmentConfig
 from batchseg.segment.job import prepare_job, record_device
+from batchseg.segment.processor import ShardProcessor
+from batchseg.train.synth import write_dataset
+from tests.diskfull import fill_the_disk
+from tests.segmenting import segment_in_process
 
 SHARD_SIZE = 4
 BOX = {"category_id": 1, "category": "circle", "score": 0.9, "bbox": [1.0, 1.0, 2.0, 2.0], "area": 4}
@@ -82,8 +90,10 @@ def test_overwrite_removes_batchseg_files_and_nothing_else(tmp_path: pathlib.Pat
     made = write_output(tmp_path)
     out = made["out"]
     add_foreign_files(out)
-    (out / "summary.json").write_text("{}")
+    (out / SUMMARY_FILE).write_text("{}")
+    (out / OLD_SUMMARY_FILE).write_text("{}")
     (out / "part-000001.parquet.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"a crashed write")
+    (out / ".part-000002.parquet.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"a crashed write")
     OutputDir(str(out)).clear()
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert left == sorted(FOREIGN)
@@ -430,3 +440,104 @@ def test_verify_names_the_shards_a_grown_manifest_changed_and_refuses_a_folder_t
     assert main(["verify", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a batchseg output" in err[0]
+
+
+HEX = "0123456789abcdef" * 2
+
+
+def test_a_rerun_removes_the_writes_an_earlier_run_left_unfinished_and_nothing_else(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    unfinished = [  # a crash or a full disk left these; older batchseg named them without the dot
+        f"part-000001.parquet.tmp-{HEX}",
+        f".part-000002.parquet.tmp-{HEX}",
+        f"{DONE_DIR}/.part-000000.json.tmp-{HEX}",
+        f".{SUMMARY_FILE}.tmp-{HEX}",
+        f"{OLD_SUMMARY_FILE}.tmp-{HEX}",
+    ]
+    others = [  # a person's or another tool's, whatever they look like
+        "notes.tmp-abc",
+        f"notes.tmp-{HEX}",
+        f".notes.tmp-{HEX}",
+        f"part-1.parquet.tmp-{HEX}",
+        f"part-000001.parquet.tmp-{HEX.upper()}",
+        f"{DONE_DIR}/part-000001.json.tmp-{HEX}0",
+    ]
+    for name in unfinished + others:
+        (out / name).write_bytes(b"")
+    job = OutputDir(str(out)).read_job()
+    assert job is not None
+    OutputDir(str(out)).prepare(job, overwrite=False)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp-" in p.name)
+    assert left == sorted(others)
+    assert "removing 5 unfinished write(s)" in capsys.readouterr().err
+    assert len(OutputDir(str(out)).resume(made["plan"].shard_fingerprints).kept) == 3
+
+
+def small_job(root: pathlib.Path) -> SegmentConfig:
+    """Four shape images in two shards, segmented by the shipped small model."""
+    uris = write_dataset(str(root / "shapes"), 4, seed=1, size=64).uris
+    (root / "manifest.txt").write_text("".join(f"{u}\n" for u in uris))
+    return SegmentConfig(
+        manifest=str(root / "manifest.txt"),
+        output=str(root / "out"),
+        shard_size=2,
+        weights=str(SHAPES_MODEL),
+        min_size=128,
+        max_size=192,
+    )
+
+
+def test_a_full_disk_leaves_no_temporary_and_ends_the_job_in_one_line(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = small_job(tmp_path)
+    out = pathlib.Path(config.output)
+    job = prepare_job(config)
+    with monkeypatch.context() as disk:
+        fill_the_disk(disk)  # the disk fills once the job has started: each shard's write fails
+        with pytest.raises(OSError, match="No space left"):
+            ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
+    assert [p.name for p in out.rglob("*")] == [JOB_FILE]  # no temporary, no shard, no record
+    # The job's end: every shard done, then the disk full as the summary is written.
+    segment_in_process(config)
+    (out / SUMMARY_FILE).unlink()
+    fill_the_disk(monkeypatch, bound_for=SUMMARY_FILE)
+    flags = ["--weights", str(SHAPES_MODEL), "--min-size", "128", "--max-size", "192", "--shard-size", "2"]
+    capsys.readouterr()
+    assert main(["segment", "--manifest", config.manifest, "--output", config.output, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"batchseg: error: cannot write the summary to {out}: OSError: [Errno 28] No space left on device"
+    )
+    assert not [line for line in err if "Traceback" in line]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_the_output_folder_is_a_parquet_data_set_that_directory_readers_read(
+    tmp_path: pathlib.Path,
+) -> None:
+    """pyarrow, pandas and Spark read a folder's files but those named ``_*`` or ``.*``: every side file
+    batchseg writes there, and a write in progress, is so named."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    made = write_output(tmp_path)
+    out = made["out"]
+    OutputDir(str(out)).write_summary({"images": 10})
+    (out / pathlib.Path(atomic.aside(str(out / shard_object(3)))).name).write_bytes(b"half a shard")
+    assert ds.dataset(out, format="parquet").to_table().column("image_id").to_pylist() == made["ids"]
+    assert sorted(pd.read_parquet(out)["image_id"]) == sorted(made["ids"])
+
+
+def test_an_older_outputs_summary_json_is_read_and_replaced(tmp_path: pathlib.Path) -> None:
+    made = write_output(tmp_path)
+    out = made["out"]
+    (out / OLD_SUMMARY_FILE).write_text(json.dumps({"images": 10, "ok": 9}))
+    assert open_results(str(out)).summary == {"images": 10, "ok": 9}
+    assert build_report(str(out), str(tmp_path / "r.html"), gallery=0)["summary_found"]
+    OutputDir(str(out)).write_summary({"images": 10, "ok": 10})
+    assert not (out / OLD_SUMMARY_FILE).exists()
+    assert open_results(str(out)).summary == {"images": 10, "ok": 10}

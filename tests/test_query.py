@@ -367,7 +367,7 @@ BAD_INPUT = [
     (["export-coco", "{OUT}", "--out", "{NEW}/r.json", "--images", "{NEW}/r.json"], "--images .* is also --out"),
     (["report", "{FOREIGN}", "--out", "{NEW}/r.html"], "is not a batchseg shard"),
     (["report", "{LISTED}", "--out", "{NEW}/r.html"], "summary.json is not a batchseg summary"),
-    (["report", "{GT}", "--out", "{NEW}/r.html"], "annotations.json holds no part-NNNNNN.parquet files and no summary"),
+    (["report", "{GT}", "--out", "{NEW}/r.html"], "annotations.json holds no part-NNNNNN.parquet files and no _summary.json"),
     (["report", "{OUT}", "--out", "{NEW}/r.html", "--gallery", "x"], "argument --gallery: expected a whole number"),
     (["eval", "--predictions", "{OUT}", "--annotations", "{GT}", "--json", "{DIR}"], "cannot write .*: IsADirectoryError"),
     (["eval", "--predictions", "{OUT}", "--annotations", "{GT2}", "--json", "{GT2}"], "--json .* is also --annotations"),

@@ -67,7 +67,7 @@ def person(x: float, y: float, score: float = 0.8) -> dict[str, Any]:
 
 def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> Output:
     """Synthetic images, and an output folder whose rows are their ground truth: two Parquet shards and a
-    summary.json like ``batchseg segment`` writes. The last image's row has no instances, the first one
+    _summary.json like ``batchseg segment`` writes. The last image's row has no instances, the first one
     also holds a keypoint "person", and two error rows (``not_found``, ``corrupt_image``) follow."""
     data = write_dataset(str(root / "data"), count, seed)
     coco = json.loads(pathlib.Path(data.annotations).read_text())
@@ -127,7 +127,7 @@ def write_segment_output(root: pathlib.Path, count: int = 7, seed: int = 3) -> O
         "images_per_second": 12.345,
         "status": "complete",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "_summary.json").write_text(json.dumps(summary, indent=2))
     return Output(str(out), rows, data, summary)
 
 

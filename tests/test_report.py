@@ -77,14 +77,14 @@ def test_report_shows_totals_errors_charts_and_gallery(output: Output, tmp_path:
 def test_report_without_summary_counts_from_the_shards_and_says_so(
     output: Output, tmp_path: pathlib.Path
 ) -> None:
-    pathlib.Path(output.uri, "summary.json").unlink()
+    pathlib.Path(output.uri, "_summary.json").unlink()
     out = tmp_path / "report.html"
     result = build_report(output.uri, str(out), gallery=2)
     page = out.read_text(encoding="utf-8")
     assert not result["summary_found"]
     assert result["totals"] == result["table_totals"]
     assert result["totals"]["images"] == len(output.rows)
-    assert "No summary.json in this output" in page
+    assert "No _summary.json in this output" in page
     assert "maskrcnn_small" in page, "the model comes from the shards' provenance"
     assert "images / s" not in page
     assert result["gallery"] == 2 and len(TILE.findall(page)) == 2
@@ -93,7 +93,7 @@ def test_report_without_summary_counts_from_the_shards_and_says_so(
 def test_report_notes_a_summary_that_disagrees_with_the_shards(
     output: Output, tmp_path: pathlib.Path
 ) -> None:
-    summary = pathlib.Path(output.uri, "summary.json")
+    summary = pathlib.Path(output.uri, "_summary.json")
     summary.write_text(summary.read_text().replace(f'"images": {len(output.rows)}', '"images": 3'))
     result = build_report(output.uri, str(tmp_path / "r.html"), gallery=0)
     page = (tmp_path / "r.html").read_text()

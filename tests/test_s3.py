@@ -193,7 +193,7 @@ def test_credentials_from_the_environment_and_secrets_never_written(
     fs = bucket_fs(s3)
     # training's runs with this secret: test_train.py::test_training_never_writes_the_secret_key
     written = fs.find("out/secret-seg")
-    assert any(p.endswith("summary.json") for p in written)
+    assert any(p.endswith("/_summary.json") for p in written)
     for path in written:
         assert SECRET.encode() not in fs.cat_file(path), path
     assert SECRET not in proc.stdout + proc.stderr

@@ -209,7 +209,7 @@ def test_summary_and_provenance(segmented: dict[str, Any]) -> None:
         len(r or []) for r in segmented["table"].column("instances").to_pylist()
     )
     assert summary["shards_done"] == summary["shards_total"] == 4  # 28 rows in shards of 8
-    on_disk = json.loads((pathlib.Path(config.output) / "summary.json").read_text())
+    on_disk = json.loads((pathlib.Path(config.output) / "_summary.json").read_text())
     assert on_disk["images"] == summary["images"]
     files = sorted(pathlib.Path(config.output).glob("part-*.parquet"))
     assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(4)]
@@ -258,10 +258,10 @@ def test_overwrite_starts_over(ray_address: str, tmp_path: pathlib.Path) -> None
     assert sorted(p.name for p in output.iterdir()) == [
         "_batchseg_job.json",
         "_done",
+        "_summary.json",
         "keep-me.txt",
         "part-000000.parquet",
         "part-000001.parquet",
-        "summary.json",
     ]
     assert open_results(str(output)).to_table().column("uri").to_pylist() == uris
 
@@ -429,7 +429,7 @@ def test_a_shard_that_keeps_failing_is_reported_and_a_rerun_finishes_it(
     # The counts reach summary.json. Whether the lone actor failed twice *in a row* (and was replaced)
     # depends on whether shard 0, which it runs beside shard 1, finished between the two failures:
     # tests/test_scheduling.py tests the replacement itself.
-    on_disk = json.loads((output / "summary.json").read_text())
+    on_disk = json.loads((output / "_summary.json").read_text())
     assert (on_disk["shard_failures"], on_disk["actors_lost"]) == (2, 0)
     assert on_disk["actors_replaced"] == summary["actors_replaced"] in (0, 1)
     assert "shard 1 failed 2 times; giving up on it" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def build_report(
 
     The page needs no network: charts (matplotlib) and up to ``gallery`` overlays (``render.draw_overlay``
     of ok images with instances, the first in output order, shown at most 320 px wide) are embedded as
-    base64 PNG data URIs, and the CSS is inline. Totals, model and throughput come from ``summary.json``;
+    base64 PNG data URIs, and the CSS is inline. Totals, model and throughput come from ``_summary.json``;
     without one, totals are computed from the shards and the page says so. The shards are read once,
     in record batches.
 
@@ -482,7 +482,7 @@ def _page(
     if summary and summary.get("wall_seconds") is not None:
         cards.append(("wall time", _duration(float(summary["wall_seconds"]))))
         notes.append(
-            "Throughput and wall time are those of the run that wrote summary.json"
+            f"Throughput and wall time are those of the run that wrote {SUMMARY_FILE}"
             + (f" ({summary['images_this_run']:,} images)." if "images_this_run" in summary else ".")
         )
     if summary is None:

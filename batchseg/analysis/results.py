@@ -9,7 +9,6 @@ for image in results.images(category="person", min_score=0.8):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.format.output import SHARD_NAMES, SUMMARY_FILE, OutputDir
+from batchseg.format.output import SHARD_NAMES, OutputDir
 from batchseg.format.records import NEWER_COLUMNS, SCHEMA, output_schema, read_provenance
 from batchseg.format.rle import decode_rle
-from batchseg.io import retries, storage
+from batchseg.io import retries
 
 
 @dataclass(frozen=True)
@@ -131,19 +130,11 @@ class Results:
 
     @property
     def summary(self) -> dict[str, Any] | None:
-        """``summary.json`` of the run that wrote the output (None if the run never finished, or ``uri`` is
+        """``_summary.json`` of the run that wrote the output (None if the run never finished, or ``uri`` is
         one Parquet file)."""
         if self.files == [self.output.path]:
             return None
-        path = storage.join(self.output.path, SUMMARY_FILE)
-        with job_errors(f"cannot read {path}"):
-            try:
-                summary = json.loads(retries.retrying(lambda: self.fs.cat_file(path), f"reading {path}"))
-            except (FileNotFoundError, NotADirectoryError):  # the latter: ``uri`` is a file, not an output
-                return None
-        if not isinstance(summary, dict):
-            raise BatchsegError(f"{path} is not a batchseg summary: it holds a {type(summary).__name__}")
-        return summary
+        return self.output.read_summary()
 
     @property
     def provenance(self) -> dict[str, Any]:

@@ -9,10 +9,14 @@ Under ``--output``::
                               and the fingerprint of its manifest rows, which a rerun checks the manifest
                               against (a grown manifest reruns only the shards whose rows changed)
     _batchseg_job.json        the settings the output was made with; a rerun must match them
-    summary.json              totals over all shards, written when a run ends
+    _summary.json             totals over all shards, written when a run ends (earlier batchseg wrote
+                              ``summary.json``: read where there is no other, removed as this is written)
 
-batchseg owns exactly these names (and the ``<name>.tmp-<hex>`` files a local write renames into them):
-it reads, counts and removes nothing else, so an output folder may also hold other files. They are made
+Every name but the shards' starts with ``_`` (a temporary with ``.``), so that directory readers (pyarrow,
+pandas, Spark, DuckDB's ``*.parquet``) read the folder itself as the shards' data set.
+batchseg owns exactly these names (and the ``.<name>.tmp-<32 hex>`` files a local write renames into them,
+:func:`atomic.aside`; a rerun removes those an earlier run left): it reads, counts and removes nothing
+else, so an output folder may also hold other files. They are made
 and recognised only here (:func:`shard_object`, :func:`shard_record`, :func:`shard_index`,
 :func:`is_ours`), and a completion record is written and read only as a :class:`ShardRecord`.
 """
@@ -24,6 +28,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -39,7 +44,8 @@ log = logging.getLogger(__name__)
 
 # The names batchseg writes, and the one rule that tells them from other files.
 JOB_FILE = "_batchseg_job.json"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = "_summary.json"
+OLD_SUMMARY_FILE = "summary.json"  # older batchseg's name, which pandas and Spark took for data
 DONE_DIR = "_done"
 SHARD_NAMES = "part-NNNNNN.parquet"  # how messages show the shard objects' names
 _SHARD = re.compile(rf"(?:{DONE_DIR}/)?part-[g-z]?(\d+)\.(?:parquet|json)")  # a candidate: see shard_index
@@ -82,7 +88,7 @@ def is_ours(path: str) -> bool:
     """Whether batchseg writes the file at ``path`` (relative to the output): a shard's object or record,
     the job or summary file, or one of these being written (lying aside: :func:`atomic.aside`)."""
     path = atomic.destination(path) or path
-    return path in (JOB_FILE, SUMMARY_FILE) or shard_index(path) is not None
+    return path in (JOB_FILE, SUMMARY_FILE, OLD_SUMMARY_FILE) or shard_index(path) is not None
 
 
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
@@ -265,6 +271,8 @@ class OutputDir:
                 )
             if overwrite:
                 self.clear()
+            else:
+                self.remove_unfinished_writes()
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
     def add_settings(self, settings: dict[str, Any]) -> None:
@@ -305,6 +313,34 @@ class OutputDir:
             and not self.fs.ls(self._at(DONE_DIR))
         ):
             self.fs.rmdir(self._at(DONE_DIR))
+
+    def remove_unfinished_writes(self) -> None:
+        """Remove the files an earlier run left aside, unfinished (:func:`atomic.aside`: a crash, a full
+        disk), bound for batchseg's own names; nothing else. Only a local write lies aside (an object store's
+        PUT is whole), so an object store is not listed again."""
+        if not storage.is_local(self.fs):
+            return
+        unfinished = [self._at(n) for n in self._files() if atomic.destination(n) and is_ours(n)]
+        if unfinished:
+            log.info(f"removing {len(unfinished)} unfinished write(s) an earlier run left in {self.uri}")
+            retries.retrying(lambda: self.fs.rm(unfinished), f"removing unfinished writes from {self.uri}")
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """The summary of the run that wrote the output last (:data:`SUMMARY_FILE`, else older batchseg's
+        :data:`OLD_SUMMARY_FILE`); None where there is neither."""
+        for name in (SUMMARY_FILE, OLD_SUMMARY_FILE):
+            path = self._at(name)
+            with job_errors(f"cannot read {path}"):
+                try:
+                    summary = json.loads(
+                        retries.retrying(functools.partial(self.fs.cat_file, path), f"reading {path}")
+                    )
+                except (FileNotFoundError, NotADirectoryError):  # the latter: the output is a file
+                    continue
+            if not isinstance(summary, dict):
+                raise BatchsegError(f"{path} is not a batchseg summary: it holds a {type(summary).__name__}")
+            return summary
+        return None
 
     def records(self) -> list[ShardRecord]:
         """Every shard's completion record that reads as one (one bulk read; object stores fetch them
@@ -389,14 +425,26 @@ class OutputDir:
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic.write(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+        """Write the run's totals (:data:`SUMMARY_FILE`), and remove older batchseg's summary, which would
+        otherwise be read as this output's where the new one is gone. A failure is job-level (a full disk):
+        one line, the finished shards kept."""
+        with job_errors(f"cannot write the summary to {self.uri}"):
+            atomic.write(self.fs, self._at(SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+            old = self._at(OLD_SUMMARY_FILE)
+            if retries.retrying(lambda: self.fs.exists(old), f"checking {old}"):
+                retries.retrying(lambda: self.fs.rm(old), f"removing {old}")
 
 
 def owned_by(output: str, target: str) -> bool:
     """Whether writing ``target`` would replace one of batchseg's own files in the output at ``output``
-    (a report or a COCO file written over a shard or ``summary.json``)."""
-    out = absolute_uri(output).rstrip("/") + "/"
-    target = absolute_uri(target).rstrip("/")
+    (a report or a COCO file written over a shard or ``_summary.json``), a local one through its links
+    (a local write goes where they lead: :mod:`batchseg.io.atomic`)."""
+
+    def resolved(uri: str) -> str:
+        return absolute_uri(uri) if "://" in uri else os.path.realpath(uri)
+
+    out = resolved(output).rstrip("/") + "/"
+    target = resolved(target).rstrip("/")
     return target.startswith(out) and is_ours(target.removeprefix(out))
 
 

@@ -27,12 +27,18 @@ from batchseg.io import retries
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0
 
+# A file to write named ``-`` is standard output, as for most command-line tools (fsspec would take it for
+# a file of that name in the working directory): :mod:`batchseg.io.atomic` streams into it.
+STDOUT = "-"
+
 
 def filesystem(
     uri: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem that serves ``uri`` and the path inside it (fsspec caches instances), with its
-    timeouts set (:func:`with_timeouts`)."""
+    timeouts set (:func:`with_timeouts`); ``-`` is :data:`STDOUT` on the local filesystem."""
+    if uri == STDOUT:
+        return LocalFileSystem(), STDOUT
     fs, path = fsspec.core.url_to_fs(uri, **with_timeouts(uri, storage_options))
     return fs, path
 

@@ -93,7 +93,7 @@ def limit_gpu_memory(gpus: float, device: str) -> None:
 
 
 def run_segment(config: SegmentConfig) -> dict[str, Any]:
-    """Run (or resume) a segmentation job; returns its summary, which is also written to summary.json."""
+    """Run (or resume) a segmentation job; returns its summary, which is also written to _summary.json."""
     started = time.time()
     unless_configured()  # long work shows its progress, in a notebook too
     check_ray_address(config.address)

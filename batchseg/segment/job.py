@@ -110,7 +110,7 @@ def summarize(records: list[ShardRecord], job: Job, run: dict[str, Any]) -> dict
 
 def finish(job: Job, run: dict[str, Any], started: float) -> dict[str, Any]:
     """The summary of a run that started at ``started`` (``time.time()``) and did ``run`` (shards failed,
-    images, shards and retries of this run): totals over every completed shard, written to summary.json."""
+    images, shards and retries of this run): totals over every completed shard, written to _summary.json."""
     output = OutputDir(job.config.output, job.config.io_options)
     wall = time.time() - started
     run = run | {

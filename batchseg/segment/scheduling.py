@@ -472,7 +472,7 @@ class Scheduler:
 
 
 def run_counts(progress: Progress, work: WorkQueue) -> dict[str, Any]:
-    """A run's counts, which ``job.finish`` merges into ``summary.json``: the shards given up
+    """A run's counts, which ``job.finish`` merges into ``_summary.json``: the shards given up
     (``shards_failed``), images and shards done, ``retries`` (attempts that failed: ``shard_failures`` +
     ``actors_lost``), and ``actors_replaced`` (see :class:`Progress`)."""
     return {
