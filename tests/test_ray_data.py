@@ -132,6 +132,11 @@ def test_keep_columns_the_batch_lacks_or_that_clash_are_refused(images: dict[str
         Segmenter(**OPTIONS, keep_columns=("status",))
     with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) status clash"):
         Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
+    with pytest.raises(BatchsegError, match="Category clash with batchseg's own columns .*ignoring case"):
+        Segmenter(**OPTIONS, keep_columns=("Category",))
+    batch = {"uri": batch["uri"], "Status": batch["status"]}
+    with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) Status clash"):
+        Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
 
 
 def test_a_device_error_is_raised_never_made_rows(tmp_path: pathlib.Path) -> None:

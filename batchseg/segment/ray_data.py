@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from batchseg import log
 from batchseg.errors import BatchsegError, ImageError
-from batchseg.format.records import clashing, to_table
+from batchseg.format.records import name_clashes, to_table
 from batchseg.inference.models import resolve_weights
 from batchseg.io.images import decode_image
 from batchseg.io.loader import Loaded
@@ -94,10 +94,11 @@ class Segmenter:
         names = list(batch)
         if keep == "all":
             keep = tuple(n for n in names if n not in (URI_COLUMN, ID_COLUMN, BYTES_COLUMN))
-            if clashing(keep):
+            clashes = name_clashes(keep)
+            if clashes:
                 raise BatchsegError(
-                    f"keep_columns='all': the batch's column(s) {', '.join(clashing(keep))} clash with "
-                    "batchseg's own columns; rename them, or name the columns to keep"
+                    f"keep_columns='all': the batch's column(s) {clashes}; rename them, or name the columns "
+                    "to keep"
                 )
         missing = [repr(name) for name in keep if name not in batch]
         if missing:
