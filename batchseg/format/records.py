@@ -58,7 +58,9 @@ def name_clashes(names: Sequence[str]) -> str:
         if name.lower() not in reserved:
             spellings.setdefault(name.lower(), []).append(name)
     twice = [name for same in spellings.values() if len(same) > 1 for name in same]
-    problems = [f"{', '.join(own)} clash with batchseg's own columns (the row's and the instances')"] if own else []
+    problems = (
+        [f"{', '.join(own)} clash with batchseg's own columns (the row's and the instances')"] if own else []
+    )
     problems += [f"{', '.join(twice)} clash with each other"] if twice else []
     return f"{' and '.join(problems)}, ignoring case (as SQL reads column names)" if problems else ""
 
