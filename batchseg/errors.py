@@ -22,7 +22,7 @@ class ImageError(Exception):
 
     ``kind`` is a short stable code (``not_found``, ``permission_denied``, ``read_error``,
     ``empty_file``, ``not_an_image``, ``corrupt_image``, ``too_large``, ``inference_error``,
-    ``out_of_memory``); the row's ``error`` column reads ``"<kind>: <message>"``.
+    ``out_of_memory``, ``no_input``); the row's ``error`` column reads ``"<kind>: <message>"``.
     """
 
     def __init__(self, kind: str, message: str) -> None:

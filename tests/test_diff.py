@@ -109,8 +109,10 @@ def write_output(
     shards: list[list[dict[str, Any]]],
     threshold: float,
     kept: list[pa.Table] | None = None,
+    categories: list[str] | None = None,
 ) -> str:
-    """Hand-made shards (with ``kept``, one table of manifest columns per shard) as segment writes them."""
+    """Hand-made shards (with ``kept``, one table of manifest columns per shard) as segment writes them,
+    with the model's ``categories`` in their provenance where given."""
     folder.mkdir(parents=True)
     for index, rows in enumerate(shards):
         provenance = {
@@ -118,7 +120,7 @@ def write_output(
             "weights": "hand-made",
             "score_threshold": threshold,
             "shard": index,
-        }
+        } | ({"categories": categories} if categories is not None else {})
         columns = None if kept is None else kept[index]
         (folder / shard_object(index)).write_bytes(to_parquet(rows, provenance, columns))
     return str(folder)
@@ -170,7 +172,7 @@ def test_diff_counts_categories_images_and_changes(pair: tuple[str, str], tmp_pa
     assert diff.images == {
         "old_rows": 8, "new_rows": 8, "in_both": 7, "compared": 4, "changed": 4, "only_in_old": 1,
         "only_in_new": 1, "old_error_rows": 1, "new_error_rows": 1, "not_compared_error": 2,
-        "not_compared_size": 1, "duplicate_rows": 0,
+        "not_compared_size": 1, "not_compared_uri": 0, "duplicate_rows": 0,
     }  # fmt: skip
     circles = (coco_iou(N2, A), coco_iou(N1, B))
     summary = diff.summary()
@@ -291,6 +293,54 @@ def test_repeated_image_ids_are_compared_once(tmp_path: pathlib.Path) -> None:
         "added": 1,
         "removed": 0,
     }
+
+
+def test_one_image_id_for_two_images_is_not_compared_and_said(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids come from the manifest: two runs may give one id to two images. Those are counted as not
+    compared, with one warning that gives an example, never matched against each other."""
+    one = [instance("circle", 0.9, A)]
+    old = write_output(tmp_path / "old", [[row("a", one), row("b", one), row("c", [])]], 0.5)
+    moved = [
+        row("a", one),
+        ok_row("b", "/elsewhere/b.png", W, H, []),
+        ok_row("c", "/elsewhere/c.png", W, H, one),
+    ]
+    new = write_output(tmp_path / "new", [moved], 0.5)
+    with caplog.at_level("WARNING", logger="batchseg"):
+        diff = diff_outputs(old, new, out=str(tmp_path / "table.csv"))
+    counts = {k: diff.images[k] for k in ("in_both", "compared", "changed", "not_compared_uri")}
+    assert counts == {"in_both": 3, "compared": 1, "changed": 0, "not_compared_uri": 2}
+    assert diff.total().as_dict()["old"] == diff.total().as_dict()["new"] == 1, "only a's instances"
+    assert [r.getMessage() for r in caplog.records] == [
+        "diff: 2 image ids stand for another URI in each output (other images under one id): not "
+        "compared, e.g. 'b': old /images/b.png, new /elsewhere/b.png"
+    ]
+    assert "not compared, their URIs differ: 2 images" in diff.format()
+    table = pcsv.read_csv(tmp_path / "table.csv").to_pylist()
+    assert [(r["image_id"], r["uri"], r["change_score"]) for r in table] == [
+        ("a", "/images/a.png", 0.0),
+        ("b", "/elsewhere/b.png", None),
+        ("c", "/elsewhere/c.png", None),
+    ]
+
+
+def test_categories_that_differ_between_the_weights_are_settings_that_differ(tmp_path: pathlib.Path) -> None:
+    """The provenance records each model's categories: the names one has and the other lacks are listed;
+    the whole lists where only their order (so the category ids) differs."""
+    shards = [[row("a", [])]]
+    old = write_output(tmp_path / "old", shards, 0.5, categories=["circle", "square", "triangle"])
+    new = write_output(tmp_path / "new", shards, 0.5, categories=["circle", "star", "triangle", "moon"])
+    swapped = write_output(tmp_path / "swapped", shards, 0.5, categories=["square", "circle", "triangle"])
+    unrecorded = write_output(tmp_path / "unrecorded", shards, 0.5)
+    diff = diff_outputs(old, new)
+    assert diff.settings == {"categories": (["square"], ["star", "moon"])}
+    assert "settings that differ: categories ['square'] -> ['star', 'moon']" in diff.format()
+    assert diff_outputs(old, swapped).settings == {
+        "categories": (["circle", "square", "triangle"], ["square", "circle", "triangle"])
+    }
+    assert diff_outputs(old, old).settings == diff_outputs(old, unrecorded).settings == {}
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,14 @@ def test_columns_a_manifest_does_not_have_are_refused(
         (["--keep-columns", "score"], "--keep-columns: score clash with batchseg's own columns"),
         (["--keep-columns", "uri"], "--keep-columns: uri clash with batchseg's own columns"),
         (["--keep-columns", "all", "--manifest-with", "height"], "the manifest's column(s) height clash"),
+        # DuckDB reads names without case: a kept Category would be what instances.category returns
+        (
+            ["--keep-columns", "Status,URI,camera,Category"],
+            "--keep-columns: Status, URI, Category clash with batchseg's own columns (the row's and the "
+            "instances'), ignoring case (as SQL reads column names); rename them in the manifest",
+        ),
+        (["--keep-columns", "camera,Camera,code"], "--keep-columns: camera, Camera clash with each other"),
+        (["--keep-columns", "all", "--manifest-with", "Width"], "the manifest's column(s) Width clash"),
     ],
 )
 def test_bad_keep_columns_are_one_line_before_anything_is_written(

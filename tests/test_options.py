@@ -305,6 +305,8 @@ def test_the_old_name_of_decode_device_is_still_taken(shapes: SynthDataset, tmp_
         ({"weights": 5}, "--weights has the wrong type: 5"),
         ({"actors": (2, 1)}, "--actors must be N or MIN,MAX with 1 <= MIN <= MAX, not 2,1"),
         ({"keep_columns": ("status",)}, "--keep-columns: status clash with batchseg's own columns"),
+        ({"keep_columns": ("Score", "a", "A")}, "--keep-columns: Score clash with batchseg's own columns"),
+        ({"keep_columns": ("Score", "a", "A")}, "and a, A clash with each other, ignoring case"),
     ],
 )
 def test_the_python_api_refuses_wrong_types_and_values_in_one_line(

@@ -14,6 +14,7 @@ from batchseg.analysis.results import open_results
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError, DeviceError
 from batchseg.format.records import SCHEMA, output_schema
+from batchseg.io.manifest import default_image_id
 from batchseg.segment.job import SegmentConfig
 from batchseg.segment.ray_data import Segmenter
 from batchseg.train.synth import write_dataset
@@ -132,6 +133,11 @@ def test_keep_columns_the_batch_lacks_or_that_clash_are_refused(images: dict[str
         Segmenter(**OPTIONS, keep_columns=("status",))
     with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) status clash"):
         Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
+    with pytest.raises(BatchsegError, match=r"Category clash with batchseg's own columns .*ignoring case"):
+        Segmenter(**OPTIONS, keep_columns=("Category",))
+    batch = {"uri": batch["uri"], "Status": batch["status"]}
+    with pytest.raises(BatchsegError, match="keep_columns='all': the batch's column\\(s\\) Status clash"):
+        Segmenter(**OPTIONS, keep_columns="all")(batch)  # type: ignore[arg-type]
 
 
 def test_a_device_error_is_raised_never_made_rows(tmp_path: pathlib.Path) -> None:
@@ -146,3 +152,65 @@ def test_a_device_error_is_raised_never_made_rows(tmp_path: pathlib.Path) -> Non
     segmenter.processor.predictor.detect = broken  # type: ignore[method-assign]
     with pytest.raises(DeviceError, match="CUDA error: an illegal memory access"):
         segmenter({"uri": np.array(data)})
+
+
+def test_nulls_in_a_batch_are_error_rows_of_their_own(tmp_path: pathlib.Path) -> None:
+    """Called directly with numpy batches, as Ray Data calls it: a null URI or bytes fails its row alone
+    (``no_input``), with an empty uri and an id no other row has; a null image_id is a missing one."""
+    segmenter = Segmenter(**OPTIONS)
+    uris = write_dataset(str(tmp_path / "shapes"), 2, seed=4, size=96).uris
+    batch = {
+        "uri": np.array([uris[0], None, None, uris[1]], dtype=object),
+        "image_id": np.array(["a", None, None, None], dtype=object),
+    }
+    rows = segmenter(batch).to_pylist()  # type: ignore[arg-type]
+    assert [(r["uri"], r["status"], r["error"]) for r in rows] == [
+        (uris[0], "ok", None),
+        ("", "error", "no_input: 'uri' is null, nothing to read"),
+        ("", "error", "no_input: 'uri' is null, nothing to read"),
+        (uris[1], "ok", None),
+    ]
+    ids = [r["image_id"] for r in rows]
+    assert ids[0] == "a" and ids[3] == default_image_id(uris[1])
+    assert len(set(ids)) == 4 and all(len(i) == 16 for i in ids[1:3])
+    data = np.array([pathlib.Path(uris[0]).read_bytes(), None], dtype=object)
+    rows = segmenter({"bytes": data}).to_pylist()  # type: ignore[dict-item]
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("ok", None),
+        ("error", "no_input: 'bytes' is null, nothing to read"),
+    ]
+
+
+def test_pyarrow_batches_with_nulls_through_ray_data(images: dict[str, Any]) -> None:
+    """``batch_format="pyarrow"`` hands a table: taken as a numpy batch is, kept columns with their Arrow
+    types; a null in the bytes fails its row, a null URI beside bytes is just an empty uri."""
+    import ray
+
+    data = [pathlib.Path(u).read_bytes() for u in images["uris"][:3]]
+    items = [
+        {"bytes": data[0], "uri": images["uris"][0], "frame": 1},
+        {"bytes": None, "uri": images["uris"][1], "frame": 2},
+        {"bytes": data[2], "uri": None, "frame": 3},
+    ]
+    rows = (
+        ray.data.from_items(items)
+        .map_batches(
+            Segmenter,
+            fn_constructor_kwargs=OPTIONS | {"keep_columns": ["frame"]},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_format="pyarrow",
+            batch_size=3,
+            num_cpus=1,
+        )
+        .take_all()
+    )
+    rows.sort(key=lambda r: r["frame"])
+    expected = {r["uri"]: r for r in images["rows"]}
+    assert [(r["frame"], r["uri"], r["status"], r["error"]) for r in rows] == [
+        (1, images["uris"][0], "ok", None),
+        (2, images["uris"][1], "error", "no_input: 'bytes' is null, nothing to read"),
+        (3, "", "ok", None),
+    ]
+    third = {k: v for k, v in rows[2].items() if k != "frame"}
+    assert_same_rows([third], [expected[images["uris"][2]] | {"uri": "", "image_id": third["image_id"]}])
+    assert rows[1]["image_id"] not in {rows[0]["image_id"], rows[2]["image_id"]}

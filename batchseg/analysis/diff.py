@@ -1,6 +1,7 @@
 """Two segmentation outputs over the same images compared (``batchseg diff``, ``report --compare``).
 
-Rows are joined by ``image_id``; in each image, instances of the same category are matched by mask IoU
+Rows are joined by ``image_id`` (an image is compared only where both rows also have the same URI: one id
+given to two images is not one image); in each image, instances of the same category are matched by mask IoU
 (pycocotools; box IoU where an instance has no mask), greedily as COCOeval matches detections to ground
 truth: NEW's instances, highest score first, each take the unmatched OLD instance they overlap most, if
 that IoU is at least the threshold. Counted per category and overall: instances old and new, matched
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,13 +35,15 @@ from batchseg.analysis.query import format_of_name, format_table, write_whole
 from batchseg.analysis.results import Results
 from batchseg.errors import BatchsegError
 
+log = logging.getLogger(__name__)
 COLUMNS = ["image_id", "uri", "width", "height", "status", "instances"]
 # Settings of the two runs shown side by side when they differ (the shards' provenance).
 SETTINGS = ("model", "weights", "score_threshold", "mask_threshold", "min_size", "max_size", "max_instances")
 OUT_FORMATS = ("csv", "json", "parquet")
 OLD_SHARDS_KEPT = 2
 IMAGE_COUNTS = ("old_rows", "new_rows", "in_both", "compared", "changed", "only_in_old", "only_in_new",
-                "old_error_rows", "new_error_rows", "not_compared_error", "not_compared_size", "duplicate_rows")  # fmt: skip
+                "old_error_rows", "new_error_rows", "not_compared_error", "not_compared_size", "not_compared_uri",
+                "duplicate_rows")  # fmt: skip
 
 TABLE = pa.schema(
     [
@@ -57,7 +61,7 @@ TABLE = pa.schema(
     ]
 )
 """``--out``'s table: one row per image in both outputs, in NEW's order. An image is compared when both its
-rows are ``ok`` and of the same size."""
+rows are ``ok``, of the same size and of the same URI."""
 
 
 @dataclass
@@ -142,17 +146,18 @@ class ImageDiff:
 @dataclass
 class Diff:
     """What ``batchseg diff OLD NEW`` finds. Instance figures cover the compared images only: those both
-    outputs hold as ``ok`` rows of the same size."""
+    outputs hold as ``ok`` rows of the same size and URI."""
 
     old: str
     new: str
     iou_threshold: float
-    settings: dict[str, tuple[Any, Any]]  # setting -> (old, new), only those that differ
+    settings: dict[str, tuple[Any, Any]]  # setting -> (old, new), only those that differ (see run_settings)
     images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IMAGE_COUNTS, 0))
     categories: dict[str, CategoryDiff] = field(default_factory=dict)
     top: list[ImageDiff] = field(default_factory=list)  # the most changed images, most first
     kept_columns: list[str] = field(default_factory=list)  # NEW's --keep-columns, after TABLE's in --out
     left_out_columns: list[str] = field(default_factory=list)  # NEW's kept columns named like TABLE's
+    other_uri: tuple[str, str, str] | None = None  # the first image_id whose URIs differ: (id, old, new)
 
     def total(self) -> CategoryDiff:
         total = CategoryDiff()
@@ -202,6 +207,8 @@ class Diff:
         )
         if n["not_compared_size"]:
             lines.append(f"not compared, their sizes differ: {n['not_compared_size']:,} images")
+        if n["not_compared_uri"]:
+            lines.append(f"not compared, their URIs differ: {n['not_compared_uri']:,} images")
         if n["duplicate_rows"]:
             lines.append(f"rows repeating an image_id, left out: {n['duplicate_rows']:,}")
         lines += [
@@ -388,8 +395,7 @@ def diff_outputs(
     fmt = check_diff_options(iou_threshold, top, out)
     old_results = Results(old, storage_options)
     new_results = Results(new, storage_options)
-    before, after = old_results.provenance, new_results.provenance
-    settings = {k: (before.get(k), after.get(k)) for k in SETTINGS if before.get(k) != after.get(k)}
+    settings = run_settings(old_results.provenance, new_results.provenance)
     index = _OldIndex(old_results)
     kept = [f for f in new_results.schema if f.name in new_results.kept_columns]
     schema = pa.schema([*TABLE, *(f for f in kept if f.name not in TABLE.names)])
@@ -407,7 +413,25 @@ def diff_outputs(
     diff.images["duplicate_rows"] += index.duplicates
     diff.images["only_in_old"] = int(index.rows - index.seen.sum())
     diff.top = [entry[2] for entry in sorted(join.heap, reverse=True)]
+    if diff.other_uri:
+        image_id, old_uri, new_uri = diff.other_uri
+        log.warning(
+            f"diff: {diff.images['not_compared_uri']:,} image ids stand for another URI in each output (other "
+            f"images under one id): not compared, e.g. {image_id!r}: old {old_uri}, new {new_uri}"
+        )
     return diff
+
+
+def run_settings(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings (from two outputs' provenance) that differ, as ``(old, new)``: :data:`SETTINGS`, and
+    ``categories`` where both record theirs: the names each model has that the other lacks, or the whole
+    lists where the same names come in another order (so with other category ids)."""
+    settings = {k: (before.get(k), after.get(k)) for k in SETTINGS if before.get(k) != after.get(k)}
+    old, new = before.get("categories"), after.get("categories")
+    if old is not None and new is not None and old != new:
+        lacking = ([c for c in old if c not in new], [c for c in new if c not in old])
+        settings["categories"] = lacking if lacking != ([], []) else (old, new)
+    return settings
 
 
 @dataclass
@@ -475,6 +499,14 @@ class _Join:
                 **{name: new_row[name] for name in self.diff.kept_columns},
             }
             out.append(row)
+            if old_row["uri"] != new_row["uri"]:  # one id, two images: nothing to compare
+                counts["not_compared_uri"] += 1
+                self.diff.other_uri = self.diff.other_uri or (
+                    new_row["image_id"],
+                    old_row["uri"],
+                    new_row["uri"],
+                )
+                continue
             if old_row["status"] != "ok" or new_row["status"] != "ok":
                 counts["not_compared_error"] += 1
                 continue

@@ -47,9 +47,22 @@ METADATA_KEY = b"batchseg"
 RESERVED_NAMES = frozenset(SCHEMA.names) | frozenset(f.name for f in INSTANCE)
 
 
-def clashing(names: Sequence[str]) -> list[str]:
-    """The ``--keep-columns`` names that would clash with batchseg's own columns."""
-    return [name for name in names if name in RESERVED_NAMES]
+def name_clashes(names: Sequence[str]) -> str:
+    """What is wrong with these ``--keep-columns`` names ("" when nothing): those that are batchseg's own
+    columns, or each other's, ignoring case, since DuckDB (``batchseg query``) and Spark read column names
+    without it: a kept ``Category`` would be what ``instances.category`` returns."""
+    reserved = {name.lower() for name in RESERVED_NAMES}
+    own = [name for name in names if name.lower() in reserved]
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        if name.lower() not in reserved:
+            spellings.setdefault(name.lower(), []).append(name)
+    twice = [name for same in spellings.values() if len(same) > 1 for name in same]
+    problems = (
+        [f"{', '.join(own)} clash with batchseg's own columns (the row's and the instances')"] if own else []
+    )
+    problems += [f"{', '.join(twice)} clash with each other"] if twice else []
+    return f"{' and '.join(problems)}, ignoring case (as SQL reads column names)" if problems else ""
 
 
 def output_schema(kept: pa.Schema | None = None) -> pa.Schema:

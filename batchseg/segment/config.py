@@ -67,18 +67,14 @@ def parse_keep_columns(text: str) -> Keep:
 
 
 def check_keep_columns(keep: Any) -> str | None:
-    from batchseg.format.records import clashing  # Arrow: loaded when a job is checked, not for --help
+    from batchseg.format.records import name_clashes  # Arrow: loaded when a job is checked, not for --help
 
     if keep == "all":
         return None
     if not (isinstance(keep, tuple) and all(isinstance(k, str) and k for k in keep)):
         return f"must be 'all' or column names, not {keep!r}"
-    if clashing(keep):
-        return (
-            f": {', '.join(clashing(keep))} clash with batchseg's own columns (the row's and the instances'); "
-            "rename them in the manifest"
-        )
-    return None
+    clashes = name_clashes(keep)
+    return f": {clashes}; rename them in the manifest" if clashes else None
 
 
 @dataclass(frozen=True)

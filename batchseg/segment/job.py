@@ -11,7 +11,7 @@ from typing import Any
 from batchseg import __version__
 from batchseg.errors import BatchsegError
 from batchseg.format.output import OutputDir, Resume, ShardRecord
-from batchseg.format.records import clashing
+from batchseg.format.records import name_clashes
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.io import storage
 from batchseg.io.manifest import Plan, plan_shards
@@ -40,11 +40,11 @@ def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts."""
     check(config)
     plan = plan_shards(config.manifest, config.shard_size, config.io_options, config.keep_columns)
-    clashes = clashing(plan.keep)
+    clashes = name_clashes(plan.keep)
     if clashes:  # only --keep-columns all gets here: named columns were checked before the manifest was read
         raise BatchsegError(
-            f"--keep-columns all: the manifest's column(s) {', '.join(clashes)} clash with batchseg's own "
-            "columns; rename them in the manifest, or name the columns to keep"
+            f"--keep-columns all: the manifest's column(s) {clashes}; rename them in the manifest, or name "
+            "the columns to keep"
         )
     weights = resolve_weights(config.weights, config.model, config.io_options)
     provenance = {
