@@ -4,6 +4,7 @@ its object backs it; ``batchseg verify`` proves an output whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Callable
@@ -168,13 +169,14 @@ def test_a_completion_record_is_written_as_batchseg_wrote_it_before(tmp_path: pa
         error_row("d", "u/d", ImageError("decode_error", "not an image")),
         error_row("e", "u/e", ImageError("not_found", "gone")),
     ]
-    record = ShardRecord.of(shard, rows, attempt=2, seconds=1.23456, storage_retries=3)
+    record = ShardRecord.of(shard, rows, attempt=2, seconds=1.23456, storage_retries=3, settings="5e771265")
     written = OutputDir(str(tmp_path)).write_shard(shard, b"0123456789", record)
     text = (tmp_path / DONE_DIR / "part-000007.json").read_text()
-    assert text == (
+    assert text == (  # then the newer fields: the settings' fingerprint, the object's MD5
         '{"rows": 5, "ok": 2, "errors": {"not_found": 2, "decode_error": 1}, "instances": 2, '
         '"seconds": 1.235, "attempt": 2, "storage_retries": 3, "shard": 7, '
-        f'"fingerprint": "{shard.fingerprint}", "bytes": 10}}'
+        f'"fingerprint": "{shard.fingerprint}", "bytes": 10, '
+        '"settings": "5e771265", "md5": "781e5e245d69b566979b86e28d23f2c7"}'
     )
     assert ShardRecord.from_json(text) == written
     assert (tmp_path / "part-000007.parquet").read_bytes() == b"0123456789"
@@ -216,8 +218,8 @@ def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path
     """--precision and --decode as given, and the device kind the driver decides (recorded before any shard
     is written; a rerun's job file keeps it): a rerun with another is refused like other settings."""
     config = precision_job(tmp_path, decode="device")
-    job = prepare_job(config)
-    record_device(job, "cuda")
+    with prepare_job(config) as job:  # a job holds the output until it is released
+        record_device(job, "cuda")
     assert {k: OutputDir(config.output).read_job()[k] for k in ("precision", "decode", "device")} == {
         "precision": "auto",
         "decode": "device",
@@ -234,7 +236,9 @@ def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path
     with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
         record_device(again, "cpu")
     record_device(again, "cuda")
-    record_device(prepare_job(replace(config, precision="fp32", overwrite=True)), "cpu")  # starts over
+    again.release()
+    with prepare_job(replace(config, precision="fp32", overwrite=True)) as job:  # starts over
+        record_device(job, "cpu")
     assert OutputDir(config.output).read_job()["device"] == "cpu"
     assert not list((tmp_path / "out").glob("part-*"))
 
@@ -243,11 +247,12 @@ def test_an_output_made_before_precision_decode_and_device_were_recorded_resumes
     tmp_path: pathlib.Path,
 ) -> None:
     config = precision_job(tmp_path)
-    prepare_job(config)
+    prepare_job(config).release()
     path = tmp_path / "out" / JOB_FILE
     older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "decode")}
     path.write_text(json.dumps(older))
-    record_device(prepare_job(replace(config, precision="bf16", decode="pil")), "cpu")
+    with prepare_job(replace(config, precision="bf16", decode="pil")) as job:
+        record_device(job, "cpu")
     assert {k: json.loads(path.read_text())[k] for k in ("precision", "decode", "device")} == {
         "precision": "bf16",
         "decode": "pil",
@@ -355,14 +360,20 @@ def test_verify_passes_a_whole_output(tmp_path: pathlib.Path, capsys: pytest.Cap
 
 
 def rewrite_shard(out: pathlib.Path, index: int, keep: slice, *, fix_size: bool = True) -> None:
-    """Rewrite a shard object with only some of its rows, and its record's size to match (a hand edit
-    that a listing cannot see)."""
+    """Rewrite a shard object with only some of its rows, and its record's size and MD5 to match (a hand
+    edit that neither a listing nor the record's checksum can see)."""
     path = out / shard_object(index)
     pq.write_table(pq.read_table(path).slice(keep.start, keep.stop - keep.start), path)
     record_path = out / shard_record(index)
     record = json.loads(record_path.read_text())
     if fix_size:
-        record_path.write_text(json.dumps(record | {"bytes": path.stat().st_size}))
+        record_path.write_text(json.dumps(record | matching(path)))
+
+
+def matching(path: pathlib.Path) -> dict[str, Any]:
+    """A completion record's size and MD5 of the object at ``path``, as a hand edit of both would put them."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "md5": hashlib.md5(data).hexdigest()}
 
 
 def test_verify_finds_every_kind_of_damage(
@@ -398,9 +409,7 @@ def test_verify_checks_ids_against_the_manifest(
     )
     pq.write_table(swapped, out / "part-000001.parquet")
     record = json.loads((out / DONE_DIR / "part-000001.json").read_text())
-    (out / DONE_DIR / "part-000001.json").write_text(
-        json.dumps(record | {"bytes": (out / "part-000001.parquet").stat().st_size})
-    )
+    (out / DONE_DIR / "part-000001.json").write_text(json.dumps(record | matching(out / "part-000001.parquet")))
     code, lines = run_verify(out, capsys)
     assert code == 1
     assert lines[1:] == [
