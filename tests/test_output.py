@@ -28,6 +28,7 @@ from batchseg.format.output import (
     is_ours,
     shard_index,
     shard_object,
+    settings_of,
     shard_record,
 )
 from batchseg.format.records import error_row, ok_row, to_parquet
@@ -61,10 +62,11 @@ def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
     output = OutputDir(str(root / "out"))
     provenance = {"model": "m", "shard_size": SHARD_SIZE, "manifest": plan.manifest}
     output.prepare(provenance | {"manifest_fingerprint": plan.fingerprint}, False)
+    settings = settings_of(provenance)
     ids = []
     for shard in iter_shards(plan):
         rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
-        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0)
+        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0, settings=settings)
         output.write_shard(shard, to_parquet(rows, provenance), record)
         ids += shard.image_ids
     return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}
@@ -409,7 +411,9 @@ def test_verify_checks_ids_against_the_manifest(
     )
     pq.write_table(swapped, out / "part-000001.parquet")
     record = json.loads((out / DONE_DIR / "part-000001.json").read_text())
-    (out / DONE_DIR / "part-000001.json").write_text(json.dumps(record | matching(out / "part-000001.parquet")))
+    (out / DONE_DIR / "part-000001.json").write_text(
+        json.dumps(record | matching(out / "part-000001.parquet"))
+    )
     code, lines = run_verify(out, capsys)
     assert code == 1
     assert lines[1:] == [
@@ -439,3 +443,74 @@ def test_verify_names_the_shards_a_grown_manifest_changed_and_refuses_a_folder_t
     assert main(["verify", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a batchseg output" in err[0]
+
+
+def test_a_shard_made_with_other_settings_is_reported_by_verify_and_redone_by_the_rerun(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#25: a job started over with --overwrite --score-threshold 0.7 while a 0.3 job still wrote shards
+    kept them, and verify said OK. Each record carries its job's settings; here shard 1's came from a job
+    of another score threshold, as the stray job's processor would have written it."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    job = json.loads((out / JOB_FILE).read_text())
+    assert {r.settings for r in OutputDir(str(out)).records()} == {settings_of(job)}
+    stray = out / shard_record(1)
+    stray.write_text(
+        json.dumps(json.loads(stray.read_text()) | {"settings": settings_of(job | {"score_threshold": 0.7})})
+    )
+    code, lines = run_verify(out, capsys)
+    assert (code, lines[1:]) == (
+        1,
+        [
+            f"  part-000001: made with other settings than {JOB_FILE} records (another job wrote this "
+            "output): rerun segment to redo it"
+        ],
+    )
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints, settings_of(job))
+    assert (resume.kept, resume.redone) == ({0, 2}, (1,))
+    assert not stray.exists() and not (out / shard_object(1)).exists()  # forgotten, to be written again
+
+
+def test_a_shard_rewritten_to_the_same_size_is_caught_by_verify_and_redone_by_the_rerun(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#25: verify passed a shard rewritten to the same size with other content. Here the Parquet footer's
+    provenance says another model: a valid object of the same size, rows and ids."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    path = out / shard_object(2)
+    data = path.read_bytes()
+    assert data.count(b'"model": "m"') == 1
+    path.write_bytes(data.replace(b'"model": "m"', b'"model": "x"'))
+    assert pq.read_table(path).num_rows == 2 and path.stat().st_size == len(data)
+    code, lines = run_verify(out, capsys)
+    assert (code, lines[1:]) == (
+        1,
+        [
+            "  part-000002: part-000002.parquet is not what its completion record says (its MD5 differs): "
+            "it was changed",
+            "  1 of the manifest's shards are not done (part-000002): rerun segment",
+        ],
+    )
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints)
+    assert (resume.kept, resume.redone) == ({0, 1}, (2,))
+
+
+def test_records_of_older_batchseg_without_settings_or_md5_are_accepted(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outputs made before records carried settings and an MD5 stay whole: checked by size, as then."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    for index in range(3):
+        path = out / shard_record(index)
+        path.write_text(
+            json.dumps(
+                {k: v for k, v in json.loads(path.read_text()).items() if k not in ("settings", "md5")}
+            )
+        )
+    code, lines = run_verify(out, capsys)
+    assert code == 0 and lines[0].startswith("OK:")
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints, "another job's settings")
+    assert resume.kept == {0, 1, 2}

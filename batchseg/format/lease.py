@@ -211,4 +211,3 @@ class Lease:
             return None
         except (ValueError, TypeError):
             return Holder("?", "?", 0, 0.0, 0.0)
-

@@ -401,7 +401,9 @@ class OutputDir:
         if record.md5 is None or found.content_known(record.md5):
             return None
         if found.modified is None or written is None or found.modified <= written:
-            return None  # untouched since its record: reading every object on each rerun would cost the output
+            return (
+                None  # untouched since its record: reading every object on each rerun would cost the output
+            )
         data = retries.retrying(lambda: self.fs.cat_file(found.path), f"reading {found.path}")
         return content_problem(record, data)
 
