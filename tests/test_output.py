@@ -26,9 +26,9 @@ from batchseg.format.output import (
     OutputDir,
     ShardRecord,
     is_ours,
+    settings_of,
     shard_index,
     shard_object,
-    settings_of,
     shard_record,
 )
 from batchseg.format.records import error_row, ok_row, to_parquet
