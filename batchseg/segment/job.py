@@ -49,6 +49,10 @@ class Job:
     def __exit__(self, *_: object) -> None:
         self.release()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy elsewhere (pickled) holds no lease: the lease is this process's, its heartbeat a thread."""
+        return {k: v for k, v in self.__dict__.items() if k != "lease"}  # unpickled: the class's None
+
 
 def prepare_job(config: SegmentConfig) -> Job:
     """Every check that can fail the job runs here, before any work starts; then the job takes the
