@@ -12,6 +12,8 @@ import os
 import pathlib
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -200,3 +202,32 @@ def test_the_heartbeat_renews_the_lease_and_a_lease_taken_by_another_job_stops_t
         lease.check()
     lease.release()
     assert json.loads(path.read_text())["owner"] == "other"  # not this run's to remove
+
+
+def test_a_lease_whose_process_ended_on_this_machine_is_taken_over_at_once(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rerun right after ``kill -9`` of the driver (or its crash) need not wait 120 s."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    me = Lease(OutputDir(str(out))).me
+    held = {
+        "owner": "killed",
+        "host": me.host,
+        "pid": ended.pid,
+        "started": time.time(),
+        "heartbeat": time.time(),
+    }
+    (out / LEASE_FILE).write_text(json.dumps(held | {"pid_namespace": me.pid_namespace}))
+    with (
+        caplog.at_level(logging.WARNING, logger="batchseg"),
+        prepare_job(job_config(tmp_path, str(out))) as job,
+    ):
+        assert json.loads((out / LEASE_FILE).read_text())["owner"] == job.lease.me.owner
+    assert any(f"pid {ended.pid}" in r.getMessage() and "ended" in r.getMessage() for r in caplog.records)
+    # another machine's (or another PID namespace's) live lease is not for this one to judge
+    (out / LEASE_FILE).write_text(json.dumps(held | {"pid_namespace": "pid:[1]"}))
+    with pytest.raises(BatchsegError, match="is being written by another job"):
+        prepare_job(job_config(tmp_path, str(out)))

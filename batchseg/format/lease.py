@@ -49,6 +49,7 @@ class Holder:
     pid: int
     started: float
     heartbeat: float
+    pid_namespace: str = ""  # Linux: the PID namespace of ``pid`` (see Lease._ended); "" where unknown
 
     def line(self, now: float) -> str:
         """``host h, pid 42, started 2026-12-07 10:00:00 UTC, last heartbeat 4 s ago``."""
@@ -66,7 +67,7 @@ class Lease:
         self.output = output
         self.path = storage.join(output.path, LEASE_FILE)
         now = time.time()
-        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+        self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, _pid_namespace())
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.lost: str | None = None  # why the lease no longer holds, once another job took it
         self._stop = threading.Event()
@@ -83,14 +84,16 @@ class Lease:
         """Hold the output, or raise :class:`BatchsegError` naming the job that holds it."""
         uri = self.output.uri
         with job_errors(f"cannot use output {uri}"):
+            self.output.refuse_missing_bucket()
             held = self._read()
             if held is not None:
                 age = time.time() - held.heartbeat
-                if age < self.stale_after_s:
+                if age < self.stale_after_s and not self._ended(held):
                     raise self._refusal(held)
+                why = "ended" if age < self.stale_after_s else f"stale after {self.stale_after_s:.0f} s"
                 log.warning(
                     f"output {uri}: taking over the lease of a job whose heartbeat stopped "
-                    f"({held.line(time.time())}; stale after {self.stale_after_s:.0f} s)"
+                    f"({held.line(time.time())}; {why})"
                 )
                 retries.retrying(lambda: self.output.fs.rm(self.path), f"removing {self.path}")
             self._create(self._body(self.me))
@@ -99,6 +102,20 @@ class Lease:
                 raise self._refusal(held)
         self._beating = threading.Thread(target=self._beat, name="batchseg-lease", daemon=True)
         self._beating.start()
+
+    def _ended(self, held: Holder) -> bool:
+        """Whether the holder's process is known to have ended: it ran on this machine, in this PID
+        namespace (containers may share a host name), and no process has its PID now. A rerun right after
+        ``kill -9`` or a crash of the driver then need not wait for the lease to go stale."""
+        if (held.host, held.pid_namespace) != (self.me.host, self.me.pid_namespace) or held.pid <= 0:
+            return False
+        try:
+            os.kill(held.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # there, another user's
+            return False
+        return False
 
     def check(self) -> None:
         """Raise :class:`BatchsegError` once another job has taken the lease (see :meth:`_beat`)."""
@@ -211,3 +228,11 @@ class Lease:
             return None
         except (ValueError, TypeError):
             return Holder("?", "?", 0, 0.0, 0.0)
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (``pid:[4026531836]``), or "" where the system does not say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""

@@ -283,11 +283,7 @@ class OutputDir:
         """Check that this output may take the job (or clear it, with ``overwrite``), then record the job.
         Files batchseg did not write are left alone, with a warning that names them."""
         with job_errors(f"cannot use output {self.uri}"):
-            bucket = self.path.split("/", 1)[0]
-            if not storage.is_local(self.fs) and not retries.retrying(
-                lambda: self.fs.exists(bucket), "checking"
-            ):
-                raise FileNotFoundError(bucket)  # some stores create a missing bucket on write: refuse first
+            self.refuse_missing_bucket()
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
@@ -305,6 +301,13 @@ class OutputDir:
             if overwrite:
                 self.clear()
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
+
+    def refuse_missing_bucket(self) -> None:
+        """Raise FileNotFoundError where the output's bucket does not exist: some stores (SeaweedFS) create
+        a missing bucket on the first write, so it is checked before any."""
+        bucket = self.path.split("/", 1)[0]
+        if not storage.is_local(self.fs) and not retries.retrying(lambda: self.fs.exists(bucket), "checking"):
+            raise FileNotFoundError(bucket)
 
     def add_settings(self, settings: dict[str, Any]) -> None:
         """Record settings decided once the job runs (the device kind, from the cluster) in the job file
