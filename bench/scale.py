@@ -109,7 +109,8 @@ def segment(config: SegmentConfig, ids: list[str], label: str) -> dict[str, Any]
     rerun = time.perf_counter() - start
     assert again["images_this_run"] == 0 and again["shards_skipped"] == summary["shards_done"]
     start = time.perf_counter()
-    summarize(OutputDir(config.output, config.storage_options).records(), prepare_job(config), {})
+    with prepare_job(config) as job:
+        summarize(OutputDir(config.output, config.storage_options).records(), job, {})
     records = time.perf_counter() - start
     figures = {
         "rows": len(ids),

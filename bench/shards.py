@@ -56,8 +56,9 @@ def run_job(config: SegmentConfig) -> tuple[float, float, float]:
     """Images per second from the actor up to the last record, and over the records after the first; and
     the share of that time the model had a shard (the records' own seconds: the model's turn at each
     shard; before the shards overlapped, a shard's seconds also held the wait for its first reads)."""
-    driver = TimedDriver(prepare_job(config))
-    run = driver.run()
+    with prepare_job(config) as job:
+        driver = TimedDriver(job)
+        run = driver.run()
     assert not run["shards_failed"], run["shards_failed"]
     (first, first_rows, _), (last, _, _) = driver.records[0], driver.records[-1]
     total = sum(rows for _, rows, _ in driver.records)

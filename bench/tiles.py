@@ -152,7 +152,8 @@ def cost(folder: pathlib.Path, scene: Scene, files: dict[str, str], args: argpar
     work = {}
     for name, job in (("separate", separate), ("tiled", tiled)):
         (shard,) = iter_shards(plan_shards(job.manifest, len(names)))
-        work[name] = (ShardProcessor.for_job(prepare_job(job)), shard)
+        with prepare_job(job) as prepared:  # both write one output: each lets go of it in turn
+            work[name] = (ShardProcessor.for_job(prepared), shard)
     seconds: dict[str, list[float]] = {"separate": [], "tiled": []}
     for _ in range(args.repeat):
         for name, (processor, shard) in work.items():

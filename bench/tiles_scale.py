@@ -139,8 +139,8 @@ def segment_one(tiff: str, output: str, tile: int, overlap: int, instances: int,
         max_pixels=2_000_000_000,  # bounds the tile work of a windowed TIFF, not a decode
         overwrite=True,
     )
-    job = prepare_job(config)
-    processor = ShardProcessor.for_job(job)
+    with prepare_job(config) as job:
+        processor = ShardProcessor.for_job(job)
     (shard,) = iter_shards(job.plan)
     image = open_windowed(tiff, max_pixels=config.max_pixels)
     assert image is not None, f"{tiff} must be read window by window"

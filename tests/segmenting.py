@@ -19,14 +19,14 @@ def segment_in_process(config: SegmentConfig) -> dict[str, Any]:
     rows are the processor's, as ``tests/test_segment.py`` checks) without starting an actor, whose torch
     import and model load cost seconds."""
     started = time.time()
-    job = prepare_job(config)
-    processor = ShardProcessor.for_job(job)
-    shards = list(iter_shards(job.plan, job.done, config.io_options))
-    for shard in shards:
-        processor.process(shard)
-    images = sum(len(shard) for shard in shards)
-    run = empty_run() | {"images_this_run": images, "shards_this_run": len(shards)}
-    return finish(job, run, started)
+    with prepare_job(config) as job:  # holding the output's lease, as run_segment does
+        processor = ShardProcessor.for_job(job)
+        shards = list(iter_shards(job.plan, job.done, config.io_options))
+        for shard in shards:
+            processor.process(shard)
+        images = sum(len(shard) for shard in shards)
+        run = empty_run() | {"images_this_run": images, "shards_this_run": len(shards)}
+        return finish(job, run, started)
 
 
 def assert_same_rows(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:

@@ -64,14 +64,16 @@ def three_shards(tmp_path: pathlib.Path) -> tuple[SegmentConfig, list[Shard]]:
     config = SegmentConfig(
         manifest=manifest, output=str(tmp_path / "out"), shard_size=2, batch_size=1, **SMALL_MODEL
     )
-    return config, list(iter_shards(prepare_job(config).plan))
+    with prepare_job(config) as job:
+        return config, list(iter_shards(job.plan))
 
 
 def instrumented(config: SegmentConfig, shards: list[Shard], events: Events) -> ShardProcessor:
     """The job's processor, noting each shard's reads, model turn and write in ``events``. Shard 0 holds
     the model until shard 1's reads have begun; shard 0's write waits until shard 1's turn is over: so
     the test waits (and fails) where the model would take shards at once, or a write would hold it."""
-    processor = ShardProcessor.for_job(prepare_job(config))
+    with prepare_job(config) as job:
+        processor = ShardProcessor.for_job(job)
     shard_of = {uri: shard.index for shard in shards for uri in shard.uris}
     fetch, rows, write = processor.loader.reader.fetch, processor.rows, processor.output.write_shard
 
@@ -124,7 +126,8 @@ def test_shards_taken_at_once_share_the_model_in_turn_reading_early_and_writing_
     assert processor.images_in_progress == 0
 
     one_by_one = replace(config, output=str(tmp_path / "one-by-one"))
-    alone = ShardProcessor.for_job(prepare_job(one_by_one))
+    with prepare_job(one_by_one) as job:
+        alone = ShardProcessor.for_job(job)
     for shard in shards:
         alone.process(shard)
     rows = open_results(config.output).to_table().to_pylist()
@@ -146,7 +149,8 @@ def test_a_failed_write_fails_its_shard_alone_and_leaves_no_record(
         write(fs, path, data)
 
     monkeypatch.setattr(output_module.atomic, "write", failing_write)
-    processor = ShardProcessor.for_job(prepare_job(config))
+    with prepare_job(config) as job:
+        processor = ShardProcessor.for_job(job)
     with ThreadPoolExecutor(2) as calls:
         results = [calls.submit(processor.process, shard) for shard in shards]
         with pytest.raises(OSError, match="injected"):
@@ -161,7 +165,8 @@ def test_an_actor_is_given_the_settings_and_weights_never_the_plan(
 ) -> None:
     """At a million shards the job's plan pickles to tens of MB; what an actor is sent stays a few kB."""
     manifest, _, _ = archive(tmp_path, 2, bad=False)
-    job = prepare_job(SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), weights="none"))
+    with prepare_job(SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), weights="none")) as job:
+        pass
     fingerprints = tuple(f"{i:032x}" for i in range(1_000_000))  # distinct, as real ones are
     huge = replace(job, plan=replace(job.plan, shard_fingerprints=fingerprints))
     assert len(pickle.dumps(huge)) > 30_000_000
@@ -199,9 +204,10 @@ def test_actors_use_the_weights_the_driver_loaded(ray_address: str, tmp_path: pa
         shard_size=2,
         **(SMALL_MODEL | {"weights": str(weights)}),
     )
-    driver = Driver(prepare_job(config))
-    os.remove(weights)
-    run = driver.run()
+    with prepare_job(config) as job:
+        driver = Driver(job)
+        os.remove(weights)
+        run = driver.run()
     assert run["shards_failed"] == [] and run["images_this_run"] == 4
     rows = open_results(config.output).to_table().to_pylist()
     assert [row["uri"] for row in rows] == uris

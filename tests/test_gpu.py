@@ -34,8 +34,8 @@ def test_gpu_rows_match_cpu_rows_on_the_same_images(tmp_path: pathlib.Path) -> N
     config = SegmentConfig(
         manifest=data.manifest, output=str(tmp_path / "out"), weights=str(SHAPES_MODEL), batch_size=8
     )
-    job = prepare_job(config)
-    (shard,) = iter_shards(job.plan)
+    with prepare_job(config) as job:
+        (shard,) = iter_shards(job.plan)
     rows = {device: ShardProcessor.for_job(job, device).rows(shard) for device in ("cpu", "cuda")}
     assert [r["status"] for r in rows["cuda"]] == [r["status"] for r in rows["cpu"]] == ["ok"] * len(shard)
     assert [(r["width"], r["height"]) for r in rows["cuda"]] == [

@@ -214,9 +214,9 @@ def test_verify_passes_and_other_kept_columns_are_other_settings(
 def test_csv_columns_reach_the_rows_as_text_without_ray(tmp_path: pathlib.Path) -> None:
     uris = write_dataset(str(tmp_path / "shapes"), 2, seed=4, size=96).uris
     (tmp_path / "m.csv").write_text("uri,code,caption\n" + f'{uris[0]},007,"a, b"\n{uris[1]},1e3,\n')
-    job = prepare_job(SegmentConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"),
-                                    keep_columns=("caption", "code"), **SMALL))  # fmt: skip
-    ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
+    with prepare_job(SegmentConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"),
+                                   keep_columns=("caption", "code"), **SMALL)) as job:  # fmt: skip
+        ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
     rows = open_results(str(tmp_path / "out")).to_table(columns=["uri", "caption", "code"]).to_pylist()
     assert rows == [
         {"uri": uris[0], "caption": "a, b", "code": "007"},

@@ -4,6 +4,7 @@ its object backs it; ``batchseg verify`` proves an output whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from batchseg.format.output import (
     OutputDir,
     ShardRecord,
     is_ours,
+    settings_of,
     shard_index,
     shard_object,
     shard_record,
@@ -68,10 +70,11 @@ def write_output(root: pathlib.Path, images: int = 10) -> dict[str, Any]:
     output = OutputDir(str(root / "out"))
     provenance = {"model": "m", "shard_size": SHARD_SIZE, "manifest": plan.manifest}
     output.prepare(provenance | {"manifest_fingerprint": plan.fingerprint}, False)
+    settings = settings_of(provenance)
     ids = []
     for shard in iter_shards(plan):
         rows = [ok_row(i, u, 2, 2, [INSTANCE]) for i, u in zip(shard.image_ids, shard.uris, strict=True)]
-        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0)
+        record = ShardRecord.of(shard, rows, attempt=1, seconds=0.5, storage_retries=0, settings=settings)
         output.write_shard(shard, to_parquet(rows, provenance), record)
         ids += shard.image_ids
     return {"manifest": str(manifest), "out": root / "out", "ids": ids, "plan": plan}
@@ -178,13 +181,14 @@ def test_a_completion_record_is_written_as_batchseg_wrote_it_before(tmp_path: pa
         error_row("d", "u/d", ImageError("decode_error", "not an image")),
         error_row("e", "u/e", ImageError("not_found", "gone")),
     ]
-    record = ShardRecord.of(shard, rows, attempt=2, seconds=1.23456, storage_retries=3)
+    record = ShardRecord.of(shard, rows, attempt=2, seconds=1.23456, storage_retries=3, settings="5e771265")
     written = OutputDir(str(tmp_path)).write_shard(shard, b"0123456789", record)
     text = (tmp_path / DONE_DIR / "part-000007.json").read_text()
-    assert text == (
+    assert text == (  # then the newer fields: the settings' fingerprint, the object's MD5
         '{"rows": 5, "ok": 2, "errors": {"not_found": 2, "decode_error": 1}, "instances": 2, '
         '"seconds": 1.235, "attempt": 2, "storage_retries": 3, "shard": 7, '
-        f'"fingerprint": "{shard.fingerprint}", "bytes": 10}}'
+        f'"fingerprint": "{shard.fingerprint}", "bytes": 10, '
+        '"settings": "5e771265", "md5": "781e5e245d69b566979b86e28d23f2c7"}'
     )
     assert ShardRecord.from_json(text) == written
     assert (tmp_path / "part-000007.parquet").read_bytes() == b"0123456789"
@@ -226,8 +230,8 @@ def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path
     """--precision and --decode as given, and the device kind the driver decides (recorded before any shard
     is written; a rerun's job file keeps it): a rerun with another is refused like other settings."""
     config = precision_job(tmp_path, decode="device")
-    job = prepare_job(config)
-    record_device(job, "cuda")
+    with prepare_job(config) as job:  # a job holds the output until it is released
+        record_device(job, "cuda")
     assert {k: OutputDir(config.output).read_job()[k] for k in ("precision", "decode", "device")} == {
         "precision": "auto",
         "decode": "device",
@@ -244,7 +248,9 @@ def test_precision_decode_and_the_device_kind_are_settings_of_an_output(tmp_path
     with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
         record_device(again, "cpu")
     record_device(again, "cuda")
-    record_device(prepare_job(replace(config, precision="fp32", overwrite=True)), "cpu")  # starts over
+    again.release()
+    with prepare_job(replace(config, precision="fp32", overwrite=True)) as job:  # starts over
+        record_device(job, "cpu")
     assert OutputDir(config.output).read_job()["device"] == "cpu"
     assert not list((tmp_path / "out").glob("part-*"))
 
@@ -253,11 +259,12 @@ def test_an_output_made_before_precision_decode_and_device_were_recorded_resumes
     tmp_path: pathlib.Path,
 ) -> None:
     config = precision_job(tmp_path)
-    prepare_job(config)
+    prepare_job(config).release()
     path = tmp_path / "out" / JOB_FILE
     older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("precision", "decode")}
     path.write_text(json.dumps(older))
-    record_device(prepare_job(replace(config, precision="bf16", decode="pil")), "cpu")
+    with prepare_job(replace(config, precision="bf16", decode="pil")) as job:
+        record_device(job, "cpu")
     assert {k: json.loads(path.read_text())[k] for k in ("precision", "decode", "device")} == {
         "precision": "bf16",
         "decode": "pil",
@@ -365,14 +372,20 @@ def test_verify_passes_a_whole_output(tmp_path: pathlib.Path, capsys: pytest.Cap
 
 
 def rewrite_shard(out: pathlib.Path, index: int, keep: slice, *, fix_size: bool = True) -> None:
-    """Rewrite a shard object with only some of its rows, and its record's size to match (a hand edit
-    that a listing cannot see)."""
+    """Rewrite a shard object with only some of its rows, and its record's size and MD5 to match (a hand
+    edit that neither a listing nor the record's checksum can see)."""
     path = out / shard_object(index)
     pq.write_table(pq.read_table(path).slice(keep.start, keep.stop - keep.start), path)
     record_path = out / shard_record(index)
     record = json.loads(record_path.read_text())
     if fix_size:
-        record_path.write_text(json.dumps(record | {"bytes": path.stat().st_size}))
+        record_path.write_text(json.dumps(record | matching(path)))
+
+
+def matching(path: pathlib.Path) -> dict[str, Any]:
+    """A completion record's size and MD5 of the object at ``path``, as a hand edit of both would put them."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "md5": hashlib.md5(data).hexdigest()}
 
 
 def test_verify_finds_every_kind_of_damage(
@@ -409,7 +422,7 @@ def test_verify_checks_ids_against_the_manifest(
     pq.write_table(swapped, out / "part-000001.parquet")
     record = json.loads((out / DONE_DIR / "part-000001.json").read_text())
     (out / DONE_DIR / "part-000001.json").write_text(
-        json.dumps(record | {"bytes": (out / "part-000001.parquet").stat().st_size})
+        json.dumps(record | matching(out / "part-000001.parquet"))
     )
     code, lines = run_verify(out, capsys)
     assert code == 1
@@ -541,3 +554,74 @@ def test_an_older_outputs_summary_json_is_read_and_replaced(tmp_path: pathlib.Pa
     OutputDir(str(out)).write_summary({"images": 10, "ok": 10})
     assert not (out / OLD_SUMMARY_FILE).exists()
     assert open_results(str(out)).summary == {"images": 10, "ok": 10}
+
+
+def test_a_shard_made_with_other_settings_is_reported_by_verify_and_redone_by_the_rerun(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#25: a job started over with --overwrite --score-threshold 0.7 while a 0.3 job still wrote shards
+    kept them, and verify said OK. Each record carries its job's settings; here shard 1's came from a job
+    of another score threshold, as the stray job's processor would have written it."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    job = json.loads((out / JOB_FILE).read_text())
+    assert {r.settings for r in OutputDir(str(out)).records()} == {settings_of(job)}
+    stray = out / shard_record(1)
+    stray.write_text(
+        json.dumps(json.loads(stray.read_text()) | {"settings": settings_of(job | {"score_threshold": 0.7})})
+    )
+    code, lines = run_verify(out, capsys)
+    assert (code, lines[1:]) == (
+        1,
+        [
+            f"  part-000001: made with other settings than {JOB_FILE} records (another job wrote this "
+            "output): rerun segment to redo it"
+        ],
+    )
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints, settings_of(job))
+    assert (resume.kept, resume.redone) == ({0, 2}, (1,))
+    assert not stray.exists() and not (out / shard_object(1)).exists()  # forgotten, to be written again
+
+
+def test_a_shard_rewritten_to_the_same_size_is_caught_by_verify_and_redone_by_the_rerun(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#25: verify passed a shard rewritten to the same size with other content. Here the Parquet footer's
+    provenance says another model: a valid object of the same size, rows and ids."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    path = out / shard_object(2)
+    data = path.read_bytes()
+    assert data.count(b'"model": "m"') == 1
+    path.write_bytes(data.replace(b'"model": "m"', b'"model": "x"'))
+    assert pq.read_table(path).num_rows == 2 and path.stat().st_size == len(data)
+    code, lines = run_verify(out, capsys)
+    assert (code, lines[1:]) == (
+        1,
+        [
+            "  part-000002: part-000002.parquet is not what its completion record says (its MD5 differs): "
+            "it was changed",
+            "  1 of the manifest's shards are not done (part-000002): rerun segment",
+        ],
+    )
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints)
+    assert (resume.kept, resume.redone) == ({0, 1}, (2,))
+
+
+def test_records_of_older_batchseg_without_settings_or_md5_are_accepted(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Outputs made before records carried settings and an MD5 stay whole: checked by size, as then."""
+    made = write_output(tmp_path)
+    out = made["out"]
+    for index in range(3):
+        path = out / shard_record(index)
+        path.write_text(
+            json.dumps(
+                {k: v for k, v in json.loads(path.read_text()).items() if k not in ("settings", "md5")}
+            )
+        )
+    code, lines = run_verify(out, capsys)
+    assert code == 0 and lines[0].startswith("OK:")
+    resume = OutputDir(str(out)).resume(made["plan"].shard_fingerprints, "another job's settings")
+    assert resume.kept == {0, 1, 2}

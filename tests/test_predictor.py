@@ -138,8 +138,8 @@ def test_extreme_aspect_ratios_are_ok_rows(tmp_path: pathlib.Path) -> None:
         score_threshold=0.0,
         batch_size=len(sizes),
     )
-    job = prepare_job(config)
-    ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
+    with prepare_job(config) as job:
+        ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
     rows = open_results(config.output).to_table().to_pylist()
     assert [(r["status"], r["error"]) for r in rows] == [("ok", None)] * len(sizes)
     for row, (height, width) in zip(rows, sizes, strict=True):

@@ -327,7 +327,8 @@ def test_no_gpu_in_a_cluster_the_job_joined_is_said_in_one_line(
         address=ray_address if joined else None,
         gpus_per_actor=gpus,
     )
-    driver = Driver(prepare_job(config))
+    with prepare_job(config) as job:
+        driver = Driver(job)
     line = (
         "batchseg: no GPU in the cluster now: actors run on the CPU; pass --gpus-per-actor 1 to wait for GPU "
         "nodes an autoscaler adds"

@@ -73,8 +73,8 @@ def archive(root: pathlib.Path, images: int, bad: bool) -> tuple[str, list[str],
 
 def processed(config: SegmentConfig) -> list[dict[str, Any]]:
     """The rows of the whole manifest as one shard, by the processor each actor holds, without Ray."""
-    job = prepare_job(config)
-    return ShardProcessor.for_job(job).rows(next(iter_shards(job.plan)))
+    with prepare_job(config) as job:
+        return ShardProcessor.for_job(job).rows(next(iter_shards(job.plan)))
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +187,8 @@ def test_encoding_masks_in_a_background_thread_gives_the_same_rows(tmp_path: pat
     tables = []
     for name, threaded in (("sync", False), ("overlap", True)):
         config = SegmentConfig(manifest=manifest, output=str(tmp_path / name), batch_size=2, **SMALL_MODEL)
-        job = prepare_job(config)
-        processor = ShardProcessor.for_job(job)
+        with prepare_job(config) as job:
+            processor = ShardProcessor.for_job(job)
         if threaded:
             processor.encoder = ThreadPoolExecutor(1)
         record = processor.process(next(iter_shards(job.plan)))
@@ -238,7 +238,8 @@ def test_a_rerun_on_another_device_kind_is_refused_before_any_shard_is_written(
 ) -> None:
     manifest, _, _ = archive(tmp_path, 2, bad=False)
     config = SegmentConfig(manifest=manifest, output=str(tmp_path / "out"), shard_size=1, **SMALL_MODEL)
-    record_device(prepare_job(config), "cuda")  # as a run on GPUs records it, before its first shard
+    with prepare_job(config) as job:
+        record_device(job, "cuda")  # as a run on GPUs records it, before its first shard
     with pytest.raises(BatchsegError, match=r"other settings \(device: 'cuda' -> 'cpu'\).*--overwrite"):
         run_segment(config)  # this cluster has no GPU
     assert not list((tmp_path / "out").glob("part-*"))

@@ -1,6 +1,8 @@
-"""``batchseg verify``: prove an output whole. Every completion record against its object, every object's
-row count (from its Parquet footer) and schema, and every shard's image ids against the manifest, so that
-each manifest row is there exactly once. Streams shard by shard: memory stays one shard's ids."""
+"""``batchseg verify``: prove an output whole. Every completion record against its object (size, and MD5:
+from the store's ETag where it is the MD5, else from the bytes read), every record's settings against the
+job file, every object's row count (from its Parquet footer) and schema, and every shard's image ids
+against the manifest, so that each manifest row is there exactly once. Streams shard by shard: memory
+stays one shard's object (one shard's ids where the store's ETag proves the content)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import BatchsegError, job_errors
-from batchseg.format.output import JOB_FILE, OutputDir, ShardObject, ShardRecord, shard_name, shard_object
+from batchseg.format.output import (
+    JOB_FILE,
+    OutputDir,
+    ShardObject,
+    ShardRecord,
+    content_problem,
+    settings_of,
+    shard_name,
+    shard_object,
+)
 from batchseg.format.records import NEWER_COLUMNS, SCHEMA
+from batchseg.io import retries
 from batchseg.io.manifest import Plan, Shard, iter_shards, plan_shards
 
 
@@ -64,6 +76,7 @@ def verify(uri: str, manifest: str | None = None, storage_options: dict[str, Any
         verdict.shards_expected = plan.num_shards
         beyond = sorted(i for i in check.objects.keys() | check.done.keys() if i >= plan.num_shards)
         problems.extend(f"{shard_name(i)}: past the manifest's last shard" for i in beyond)
+    settings = settings_of(job) if job is not None else None
     missing: list[int] = []
     seen: set[str] | None = set() if plan is None else None  # no manifest: check ids are unique across shards
     for index in range(plan.num_shards) if plan else sorted(check.done):
@@ -78,6 +91,11 @@ def verify(uri: str, manifest: str | None = None, storage_options: dict[str, Any
             )
             shard = (
                 None  # its ids are the old rows': they are still checked for duplicates, not against these
+            )
+        if settings is not None and record.settings not in (None, settings):
+            problems.append(
+                f"{shard_name(index)}: made with other settings than {JOB_FILE} records (another job wrote "
+                "this output): rerun segment to redo it"
             )
         kept = (job or {}).get("keep_columns", {})
         ids = _check_object(output, check.objects[index], record, shard, kept, problems)
@@ -120,14 +138,24 @@ def _check_object(
     kept: dict[str, str],
     problems: list[str],
 ) -> list[str]:
-    """The shard object's image ids, after checking its footer, schema (with the ``kept`` manifest columns:
-    name -> type) and ids against its record and ``shard`` (the manifest's rows for it, when known)."""
+    """The shard object's image ids, after checking its content, footer, schema (with the ``kept`` manifest
+    columns: name -> type) and ids against its record and ``shard`` (the manifest's rows for it, when
+    known). The whole object is read to check its MD5 unless the store's ETag is that MD5."""
     name = shard_object(found.index)
     try:
-        with job_errors(f"cannot read {found.path}"), output.fs.open(found.path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            ids = parquet.read(columns=["image_id"]).column("image_id").to_pylist()
-            schema = parquet.schema_arrow
+        with job_errors(f"cannot read {found.path}"):
+            if record.md5 is None or found.content_known(record.md5):
+                source: Any = output.fs.open(found.path, "rb")
+            else:
+                data = retries.retrying(lambda: output.fs.cat_file(found.path), f"reading {found.path}")
+                changed = content_problem(record, data)
+                if changed is not None:
+                    problems.append(changed)
+                source = pa.BufferReader(data)
+            with source:
+                parquet = pq.ParquetFile(source)
+                ids = parquet.read(columns=["image_id"]).column("image_id").to_pylist()
+                schema = parquet.schema_arrow
     except BatchsegError as e:
         problems.append(f"{name}: {e}")
         return []

@@ -5,10 +5,13 @@ Under ``--output``::
     part-000000.parquet ...   one object per shard, written whole (a reader never sees half a shard);
                               past part-999999, part-g1000000 ...: names sort in shard order
     _done/part-000000.json    the shard's completion record, written after its Parquet object: its rows,
-                              counts, the object's size in bytes, which a rerun checks the object against,
-                              and the fingerprint of its manifest rows, which a rerun checks the manifest
-                              against (a grown manifest reruns only the shards whose rows changed)
+                              counts, the object's size in bytes and MD5, which a rerun checks the object
+                              against, the fingerprint of its manifest rows, which a rerun checks the
+                              manifest against (a grown manifest reruns only the shards whose rows changed),
+                              and the fingerprint of the settings it was made with (:func:`settings_of`),
+                              which a rerun and ``verify`` check against the job file
     _batchseg_job.json        the settings the output was made with; a rerun must match them
+    _batchseg_lease.json      while a job runs: which job holds the output (:mod:`batchseg.format.lease`)
     _summary.json             totals over all shards, written when a run ends (earlier batchseg wrote
                               ``summary.json``: read where there is no other, removed as this is written)
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 # The names batchseg writes, and the one rule that tells them from other files.
 JOB_FILE = "_batchseg_job.json"
+LEASE_FILE = "_batchseg_lease.json"
 SUMMARY_FILE = "_summary.json"
 OLD_SUMMARY_FILE = "summary.json"  # older batchseg's name, which pandas and Spark took for data
 DONE_DIR = "_done"
@@ -86,9 +91,9 @@ def shard_index(path: str) -> int | None:
 
 def is_ours(path: str) -> bool:
     """Whether batchseg writes the file at ``path`` (relative to the output): a shard's object or record,
-    the job or summary file, or one of these being written (lying aside: :func:`atomic.aside`)."""
+    the job, lease or summary file, or one of these being written (lying aside: :func:`atomic.aside`)."""
     path = atomic.destination(path) or path
-    return path in (JOB_FILE, SUMMARY_FILE, OLD_SUMMARY_FILE) or shard_index(path) is not None
+    return path in (JOB_FILE, LEASE_FILE, SUMMARY_FILE, OLD_SUMMARY_FILE) or shard_index(path) is not None
 
 
 # Settings that change what a row holds: a rerun with other values would mix two kinds of result. The
@@ -102,6 +107,16 @@ COMPATIBLE_KEYS = ("model", "weights", "score_threshold", "mask_threshold", "min
 ABSENT: dict[str, Any] = {"keep_columns": {}, "tile": None, "tile_overlap": None}
 
 
+def settings_of(job: dict[str, Any]) -> str:
+    """The fingerprint of the settings that change what a row holds (:data:`COMPATIBLE_KEYS`) in ``job``
+    (the job file, or the provenance it is written from), which each shard's record carries: a shard made
+    by a job of other settings (one that was writing the output when it was started over) is told apart.
+    The device is left out: it is recorded only once the job runs, after the first records may be made,
+    and a run on another device kind is refused by the job file."""
+    settings = {k: job.get(k, ABSENT.get(k)) for k in COMPATIBLE_KEYS if k != "device"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -109,12 +124,15 @@ def _count(value: Any) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class ShardRecord:
     """A shard's completion record (``_done/part-NNNNNN.json``), written after its object: the shard is
-    done, holds these rows, is ``bytes`` long (a rerun checks the object against that) and was made from
-    the manifest rows of this ``fingerprint`` (a rerun redoes it when they change).
+    done, holds these rows, is ``bytes`` long with this ``md5`` (a rerun checks the object against them),
+    was made from the manifest rows of this ``fingerprint`` (a rerun redoes it when they change) and with
+    the ``settings`` of this fingerprint (:func:`settings_of`; a rerun redoes it when the job file's differ).
 
-    Records of older batchseg lack ``storage_retries`` (0), ``fingerprint`` (so the shard is redone) and
-    ``bytes`` (the object is trusted at any size). The fields are in the order the JSON holds them:
-    :meth:`to_json` writes what batchseg always wrote, byte for byte."""
+    Records of older batchseg lack ``storage_retries`` (0), ``fingerprint`` (so the shard is redone),
+    ``bytes`` (the object is trusted at any size), ``settings`` (taken to be the job file's: the job file
+    refused other settings, but only a lease keeps a second job out) and ``md5`` (the content is checked
+    by size alone). The fields are in the order the JSON holds them: :meth:`to_json` writes what batchseg
+    always wrote, byte for byte, then the newer ones."""
 
     rows: int
     ok: int
@@ -126,6 +144,8 @@ class ShardRecord:
     shard: int
     fingerprint: str | None = None
     bytes: int | None = None
+    settings: str | None = None
+    md5: str | None = None
 
     def __post_init__(self) -> None:
         valid = {
@@ -140,6 +160,8 @@ class ShardRecord:
             "shard": _count(self.shard),
             "fingerprint": self.fingerprint is None or isinstance(self.fingerprint, str),
             "bytes": self.bytes is None or _count(self.bytes),
+            "settings": self.settings is None or isinstance(self.settings, str),
+            "md5": self.md5 is None or isinstance(self.md5, str),
         }
         wrong = [name for name, ok in valid.items() if not ok]
         if wrong:
@@ -147,10 +169,18 @@ class ShardRecord:
 
     @classmethod
     def of(
-        cls, shard: Shard, rows: list[dict[str, Any]], *, attempt: int, seconds: float, storage_retries: int
+        cls,
+        shard: Shard,
+        rows: list[dict[str, Any]],
+        *,
+        attempt: int,
+        seconds: float,
+        storage_retries: int,
+        settings: str | None = None,
     ) -> ShardRecord:
-        """The record of ``shard``, whose rows (:mod:`batchseg.format.records`) are ``rows``, but for the
-        size of its object, which :meth:`OutputDir.write_shard` fills in."""
+        """The record of ``shard``, whose rows (:mod:`batchseg.format.records`) are ``rows``, made with the
+        job's ``settings`` (:func:`settings_of`), but for the size and MD5 of its object, which
+        :meth:`OutputDir.write_shard` fills in."""
         errors = Counter(error_kind(r["error"]) for r in rows if r["status"] == "error")
         return cls(
             rows=len(rows),
@@ -162,6 +192,7 @@ class ShardRecord:
             storage_retries=storage_retries,
             shard=shard.index,
             fingerprint=shard.fingerprint,
+            settings=settings,
         )
 
     def to_json(self) -> str:
@@ -186,11 +217,19 @@ class ShardRecord:
 
 @dataclass(frozen=True, order=True)
 class ShardObject:
-    """One shard's Parquet object as listed: its index, full path and size in bytes."""
+    """One shard's Parquet object as listed: its index, full path, size in bytes, and where the store
+    gives them, its ETag (an object store's: the MD5 of an object PUT whole, unencrypted or SSE-S3) and
+    modification time (Unix seconds)."""
 
     index: int
     path: str
     size: int
+    etag: str | None = None
+    modified: float | None = None
+
+    def content_known(self, md5: str) -> bool:
+        """Whether the store's own checksum says the object's bytes are those of ``md5`` (no read)."""
+        return self.etag is not None and self.etag.strip('"') == md5
 
 
 @dataclass
@@ -250,11 +289,7 @@ class OutputDir:
         """Check that this output may take the job (or clear it, with ``overwrite``), then record the job.
         Files batchseg did not write are left alone, with a warning that names them."""
         with job_errors(f"cannot use output {self.uri}"):
-            bucket = self.path.split("/", 1)[0]
-            if not storage.is_local(self.fs) and not retries.retrying(
-                lambda: self.fs.exists(bucket), "checking"
-            ):
-                raise FileNotFoundError(bucket)  # some stores create a missing bucket on write: refuse first
+            self.refuse_missing_bucket()
             previous = self.read_job()
             if previous is not None and not overwrite:
                 _refuse_other_settings(self.uri, previous, provenance)
@@ -275,6 +310,13 @@ class OutputDir:
                 self.remove_unfinished_writes()
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
+    def refuse_missing_bucket(self) -> None:
+        """Raise FileNotFoundError where the output's bucket does not exist: some stores (SeaweedFS) create
+        a missing bucket on the first write, so it is checked before any."""
+        bucket = self.path.split("/", 1)[0]
+        if not storage.is_local(self.fs) and not retries.retrying(lambda: self.fs.exists(bucket), "checking"):
+            raise FileNotFoundError(bucket)
+
     def add_settings(self, settings: dict[str, Any]) -> None:
         """Record settings decided once the job runs (the device kind, from the cluster) in the job file
         :meth:`prepare` wrote, before any shard is written; refused as there when an earlier run of this
@@ -290,9 +332,13 @@ class OutputDir:
         return storage.listing(self.fs, self._at(*folder))
 
     def shard_objects(self) -> list[ShardObject]:
-        """Every ``part-NNNNNN.parquet`` here, in shard order (one listing, with sizes)."""
-        found = [(shard_index(name), name, size) for name, size in self._names().items()]
-        return sorted(ShardObject(i, self._at(name), size) for i, name, size in found if i is not None)
+        """Every ``part-NNNNNN.parquet`` here, in shard order (one listing, with sizes, ETags and times)."""
+        found = [(shard_index(name), name, e) for name, e in storage.entries(self.fs, self.path).items()]
+        return sorted(
+            ShardObject(i, self._at(name), int(e.get("size") or 0), e.get("ETag"), storage.modified(e))
+            for i, name, e in found
+            if i is not None
+        )
 
     def _files(self) -> list[str]:
         """Every file directly in the output or in its ``_done/``, relative to the output."""
@@ -303,8 +349,9 @@ class OutputDir:
         return sorted(n for n in self._files() if not is_ours(n))
 
     def clear(self) -> None:
-        """Remove what batchseg wrote here (shards, records, job and summary files), nothing else."""
-        ours = [self._at(n) for n in self._files() if is_ours(n)]
+        """Remove what batchseg wrote here (shards, records, job and summary files), nothing else; the lease
+        stays, held by the job that clears."""
+        ours = [self._at(n) for n in self._files() if is_ours(n) and n != LEASE_FILE]  # the job's own
         if ours:
             retries.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
         if (
@@ -345,11 +392,14 @@ class OutputDir:
     def records(self) -> list[ShardRecord]:
         """Every shard's completion record that reads as one (one bulk read; object stores fetch them
         concurrently)."""
-        return [r for r in self._read_records().values() if isinstance(r, ShardRecord)]
+        return [r for r in self._read_records()[0].values() if isinstance(r, ShardRecord)]
 
-    def _read_records(self) -> dict[int, ShardRecord | str]:
-        """Shard index -> its completion record, or why it is not one (unreadable, another shard's)."""
-        names = [f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR)]
+    def _read_records(self) -> tuple[dict[int, ShardRecord | str], dict[int, float | None]]:
+        """Shard index -> its completion record, or why it is not one (unreadable, another shard's); and
+        shard index -> when its record was written, where the store says."""
+        listed = storage.entries(self.fs, self._at(DONE_DIR))
+        names = [f"{DONE_DIR}/{n}" for n in listed]
+        written = {shard_index(f"{DONE_DIR}/{n}"): storage.modified(e) for n, e in listed.items()}
         indices = {self._at(n): shard_index(n) for n in names}
         paths = [path for path, index in indices.items() if index is not None]
         contents = storage.read_many(self.fs, paths, "reading shard records")
@@ -364,25 +414,44 @@ class OutputDir:
                 continue
             ok = record.shard == index and record.rows >= 0
             records[index] = record if ok else "its completion record is another shard's"
-        return records
+        return records, {i: t for i, t in written.items() if i is not None}
 
     def check(self) -> Check:
-        """Every completion record against the shard object it stands for (one listing with sizes)."""
-        records = self._read_records()  # before listing the objects: each object is written before its record
+        """Every completion record against the shard object it stands for (one listing with sizes): the
+        object is there, of the size the record says, and, where it was changed after its record was
+        written (a record is written after its object), of the MD5 the record says (read to know)."""
+        # records before objects: each object is written before its record
+        records, written = self._read_records()
         objects = {o.index: o for o in self.shard_objects()}
         check = Check(objects)
         for index, record in records.items():
             problem = record if isinstance(record, str) else _object_problem(record, objects.get(index))
+            if problem is None and isinstance(record, ShardRecord):
+                problem = self._changed_since(record, objects[index], written.get(index))
             if problem is not None:
                 check.broken[index] = problem
             elif isinstance(record, ShardRecord):
                 check.done[index] = record
         return check
 
-    def resume(self, fingerprints: Sequence[str]) -> Resume:
+    def _changed_since(self, record: ShardRecord, found: ShardObject, written: float | None) -> str | None:
+        """Why ``found`` no longer holds what ``record`` says, where it was changed after the record was
+        written (the store's checksum, else the bytes read, against the record's MD5), else None."""
+        if record.md5 is None or found.content_known(record.md5):
+            return None
+        if found.modified is None or written is None or found.modified <= written:
+            return (
+                None  # untouched since its record: reading every object on each rerun would cost the output
+            )
+        data = retries.retrying(lambda: self.fs.cat_file(found.path), f"reading {found.path}")
+        return content_problem(record, data)
+
+    def resume(self, fingerprints: Sequence[str], settings: str | None = None) -> Resume:
         """Which shards a rerun keeps, given the fingerprint of each of the manifest's shards now
-        (:attr:`~batchseg.io.manifest.Plan.shard_fingerprints`): those whose completion record holds (the
-        object is there, of the size the record says) and names the same rows. Every other shard that
+        (:attr:`~batchseg.io.manifest.Plan.shard_fingerprints`) and of the job's ``settings``
+        (:func:`settings_of`): those whose completion record holds (the object is there, of the size the
+        record says, of its MD5 if changed since) and names the same rows and settings (a record without
+        settings, an older batchseg's, is taken to have the job file's). Every other shard that
         was there is forgotten, its record removed before its object, so that no reader, now or after a
         crash, sees rows the manifest no longer puts there beside the ones the run writes: shards whose
         record does not hold (with a warning), whose rows changed, those past the manifest's end, and
@@ -391,10 +460,21 @@ class OutputDir:
         changed = [
             i for i, r in check.done.items() if i < len(fingerprints) and r.fingerprint != fingerprints[i]
         ]
+        other = [
+            i
+            for i, r in check.done.items()
+            if settings is not None and r.settings is not None and r.settings != settings
+        ]
         for index, problem in check.broken.items():
             log.warning(f"{shard_name(index)}: {problem}; its record is removed and the shard redone")
         if changed:
             log.info(f"{len(changed)} finished shard(s) hold manifest rows that changed; they are redone")
+        if other:
+            log.warning(
+                f"{len(other)} finished shard(s) were made with other settings than {JOB_FILE} records "
+                f"(another job wrote this output: {shard_name(other[0])} ...); they are redone"
+            )
+        changed = sorted({*changed, *other})
         known = check.objects.keys() | check.done.keys() | check.broken.keys()
         past = sorted(i for i in known if i >= len(fingerprints))
         self._forget(check, {*check.broken, *changed, *past, *check.unrecorded})
@@ -420,7 +500,7 @@ class OutputDir:
         if (record.shard, record.fingerprint) != (shard.index, shard.fingerprint):
             raise ValueError(f"the record of shard {record.shard} given for shard {shard.index}")
         atomic.write(self.fs, self._at(shard_object(shard.index)), parquet)
-        record = dataclasses.replace(record, bytes=len(parquet))
+        record = dataclasses.replace(record, bytes=len(parquet), md5=_md5(parquet))
         atomic.write(self.fs, self._at(shard_record(shard.index)), record.to_json().encode())
         return record
 
@@ -455,6 +535,18 @@ def _object_problem(record: ShardRecord, found: ShardObject | None) -> str | Non
     if record.bytes is not None and record.bytes != found.size:
         return f"{name} is {found.size:,} bytes, its completion record says {record.bytes:,}"
     return None
+
+
+def _md5(data: bytes) -> str:
+    """The MD5 of ``data`` in hex: what S3 gives as the ETag of an object PUT whole (no security here)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def content_problem(record: ShardRecord, data: bytes) -> str | None:
+    """Why the shard object's bytes ``data`` are not those ``record`` names by MD5, else None."""
+    if record.md5 is None or _md5(data) == record.md5:
+        return None
+    return f"{shard_object(record.shard)} is not what its completion record says (its MD5 differs): it was changed"
 
 
 def _refuse_other_settings(uri: str, previous: dict[str, Any], settings: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ Here: the filesystem for a URI, with timeouts (no call waits forever: connection
 
 from __future__ import annotations
 
+import datetime
 import os
 import posixpath
 import time
@@ -157,16 +158,27 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def listing(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, int]:
     """Name -> size of each file directly in ``path`` as it is now (object-store listings are cached per
     filesystem instance, and other processes, the actors, write here); {} when ``path`` does not exist."""
+    return {name: int(e.get("size") or 0) for name, e in entries(fs, path).items()}
+
+
+def entries(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+    """Name -> the filesystem's details (size, ETag, times: :func:`modified`) of each file directly in
+    ``path``, listed as :func:`listing` lists them."""
     fs.invalidate_cache(path)
     try:
-        entries = retries.retrying(lambda: fs.ls(path, detail=True), f"listing {path}")
+        found = retries.retrying(lambda: fs.ls(path, detail=True), f"listing {path}")
     except FileNotFoundError:
         return {}
-    return {
-        e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-        for e in entries
-        if e.get("type") != "directory"
-    }
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in found if e.get("type") != "directory"}
+
+
+def modified(entry: dict[str, Any]) -> float | None:
+    """When the file of a listing's ``entry`` was last written (Unix seconds), where the filesystem says:
+    local ``mtime``, an object store's ``LastModified``."""
+    if isinstance(entry.get("mtime"), int | float):
+        return float(entry["mtime"])
+    last = entry.get("LastModified")
+    return last.timestamp() if isinstance(last, datetime.datetime) else None
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

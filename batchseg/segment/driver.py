@@ -97,20 +97,22 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
     started = time.time()
     unless_configured()  # long work shows its progress, in a notebook too
     check_ray_address(config.address)
-    job = prepare_job(config)
-    plan = job.plan
-    todo = plan.num_shards - len(job.done)
-    log.info(
-        f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}: "
-        f"{job.resume.line()}; {todo} to do"
-    )
-    if job.weights.source == "none":
-        log.warning("--weights none: the model has RANDOM weights; its detections and masks are meaningless")
-    run = empty_run()
-    if todo:
-        init_ray(config.address)
-        run = Driver(job).run()
-    return finish(job, run, started)
+    with prepare_job(config) as job:  # the output's lease, held until the summary is written
+        plan = job.plan
+        todo = plan.num_shards - len(job.done)
+        log.info(
+            f"{plan.num_rows} images in {plan.num_shards} shards of up to {plan.shard_size}: "
+            f"{job.resume.line()}; {todo} to do"
+        )
+        if job.weights.source == "none":
+            log.warning(
+                "--weights none: the model has RANDOM weights; its detections and masks are meaningless"
+            )
+        run = empty_run()
+        if todo:
+            init_ray(config.address)
+            run = Driver(job).run()
+        return finish(job, run, started)
 
 
 def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
@@ -204,6 +206,8 @@ class Driver:
         return actor, actor.ready.remote()
 
     def submit(self, actor: Any, work: Work) -> Any:
+        if self.job.lease is not None:
+            self.job.lease.check()  # another job took the output: hand out nothing more
         return actor.process.remote(*work)
 
     @staticmethod

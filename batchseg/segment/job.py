@@ -10,7 +10,8 @@ from typing import Any
 
 from batchseg import __version__
 from batchseg.errors import BatchsegError
-from batchseg.format.output import OutputDir, Resume, ShardRecord
+from batchseg.format.lease import Lease
+from batchseg.format.output import OutputDir, Resume, ShardRecord, settings_of
 from batchseg.format.records import name_clashes
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.io import storage
@@ -22,7 +23,8 @@ from batchseg.segment.config import ON_DEVICE, SegmentConfig
 @dataclass(frozen=True)
 class Job:
     """A checked job: what to run, with what, and which shards earlier runs finished that still hold the
-    manifest's rows (``resume.kept``)."""
+    manifest's rows (``resume.kept``). It holds the output's ``lease`` until :meth:`release` (a context
+    manager: released when the block ends)."""
 
     config: SegmentConfig
     weights: WeightsInfo
@@ -30,14 +32,32 @@ class Job:
     provenance: dict[str, Any]
     resume: Resume
     environment: dict[str, str] = field(default_factory=storage.forwarded_environment, repr=False)
+    lease: Lease | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> frozenset[int]:
         return self.resume.kept
 
+    def release(self) -> None:
+        """Let go of the output: the next job may take it."""
+        if self.lease is not None:
+            self.lease.release()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy elsewhere (pickled) holds no lease: the lease is this process's, its heartbeat a thread."""
+        return {k: v for k, v in self.__dict__.items() if k != "lease"}  # unpickled: the class's None
+
 
 def prepare_job(config: SegmentConfig) -> Job:
-    """Every check that can fail the job runs here, before any work starts."""
+    """Every check that can fail the job runs here, before any work starts; then the job takes the
+    output's lease (refused while another job holds it), before it writes anything there. The caller
+    releases it (:meth:`Job.release`, or ``with prepare_job(config) as job:``)."""
     check(config)
     plan = plan_shards(config.manifest, config.shard_size, config.io_options, config.keep_columns)
     clashes = name_clashes(plan.keep)
@@ -72,8 +92,15 @@ def prepare_job(config: SegmentConfig) -> Job:
         "decode": "device" if config.decode in ON_DEVICE else config.decode,
     }
     output = OutputDir(config.output, config.io_options)
-    output.prepare(provenance, config.overwrite)
-    return Job(config, weights, plan, provenance, output.resume(plan.shard_fingerprints))
+    lease = Lease(output)
+    lease.take()
+    try:
+        output.prepare(provenance, config.overwrite)
+        resume = output.resume(plan.shard_fingerprints, settings_of(provenance))
+    except BaseException:
+        lease.release()
+        raise
+    return Job(config, weights, plan, provenance, resume, lease=lease)
 
 
 def record_device(job: Job, device: str) -> None:
@@ -110,7 +137,10 @@ def summarize(records: list[ShardRecord], job: Job, run: dict[str, Any]) -> dict
 
 def finish(job: Job, run: dict[str, Any], started: float) -> dict[str, Any]:
     """The summary of a run that started at ``started`` (``time.time()``) and did ``run`` (shards failed,
-    images, shards and retries of this run): totals over every completed shard, written to _summary.json."""
+    images, shards and retries of this run): totals over every completed shard, written to _summary.json.
+    Refused when another job has taken the output's lease meanwhile: the totals would be of a mix."""
+    if job.lease is not None:
+        job.lease.check()
     output = OutputDir(job.config.output, job.config.io_options)
     wall = time.time() - started
     run = run | {

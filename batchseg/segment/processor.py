@@ -19,7 +19,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from batchseg.errors import DeviceError, ImageError, ModelFailed, first_line
-from batchseg.format.output import OutputDir, ShardRecord
+from batchseg.format.output import OutputDir, ShardRecord, settings_of
 from batchseg.format.records import error_kind, error_row, ok_row, to_parquet
 from batchseg.inference.models import WeightsInfo, load_state_dict
 from batchseg.inference.predictor import Predictor
@@ -99,6 +99,7 @@ class ShardProcessor:
         the weights already loaded (an actor's, loaded once on the driver); None: loaded here."""
         self.config = config
         self.provenance = provenance or {}
+        self.settings = settings_of(self.provenance)  # in each record: the job's, checked on rerun and verify
         self.device = device
         self.predictor = Predictor.from_weights(
             weights,
@@ -241,7 +242,12 @@ class ShardProcessor:
                 "precision": self.predictor.precision,
             }
             record = ShardRecord.of(
-                shard, rows, attempt=attempt, seconds=seconds, storage_retries=storage_retries
+                shard,
+                rows,
+                attempt=attempt,
+                seconds=seconds,
+                storage_retries=storage_retries,
+                settings=self.settings,
             )
             return self.output.write_shard(shard, to_parquet(rows, provenance, shard.columns), record)
         finally:
