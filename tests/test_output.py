@@ -508,12 +508,11 @@ def test_a_full_disk_leaves_no_temporary_and_ends_the_job_in_one_line(
 ) -> None:
     config = small_job(tmp_path)
     out = pathlib.Path(config.output)
-    job = prepare_job(config)
-    with monkeypatch.context() as disk:
+    with prepare_job(config) as job, monkeypatch.context() as disk:
         fill_the_disk(disk)  # the disk fills once the job has started: each shard's write fails
         with pytest.raises(OSError, match="No space left"):
             ShardProcessor.for_job(job).process(next(iter_shards(job.plan)))
-    assert [p.name for p in out.rglob("*")] == [JOB_FILE]  # no temporary, no shard, no record
+    assert [p.name for p in out.rglob("*")] == [JOB_FILE]  # no temporary, no shard, no record, no lease
     # The job's end: every shard done, then the disk full as the summary is written.
     segment_in_process(config)
     (out / SUMMARY_FILE).unlink()
