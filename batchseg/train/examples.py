@@ -157,9 +157,9 @@ class CocoTrainingSet:
         """``(label, segmentation)`` of an annotation to train on, or why it is dropped."""
         if ann.get("iscrowd"):
             return CROWD
-        label = ann.get("category_id")
-        if label not in self.coco.cats:
+        if ann.get("category_id") not in self.coco.cats:
             return UNKNOWN_CATEGORY
+        label = int(ann["category_id"])
         box = ann.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
             return BAD_BOX
