@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from batchseg import options
-from batchseg.errors import BatchsegError
+from batchseg.cli import main
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.segment import driver
 from batchseg.segment.job import SegmentConfig
 from batchseg.train import trainer
@@ -250,6 +252,36 @@ def test_train_refuses_an_image_folder_without_an_image_to_read_before_ray_start
     assert err.startswith(
         f"batchseg: error: none of the first 2 images with instances of {shapes.annotations} can be read "
         "(the first: "
+    ), err
+    assert not out.exists()
+
+
+def test_train_refuses_a_parquet_training_set_without_a_row_or_an_image_to_learn_from_before_ray_starts(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    provenance = {"categories": ["__background__", "thing"]}
+    errors = tmp_path / "errors.parquet"
+    errors.write_bytes(to_parquet([error_row("1", "x.jpg", ImageError("not_found", "gone"))], provenance))
+
+    def refused(parquet: pathlib.Path) -> str:
+        argv = ["train", "--output", str(out), "--iterations", "2", "--annotations", str(parquet)]
+        assert main(argv) == 2
+        said = capsys.readouterr().err.splitlines()  # an info line first: it reads a foreign Parquet's rows
+        assert [line for line in said if " error: " in line] == said[-1:], said
+        return said[-1]
+
+    assert refused(errors) == (
+        f"batchseg: error: {errors}: no image has an instance to train on (no ok row has an instance with a mask)"
+    )
+    missing = tmp_path / "missing.parquet"
+    instance = {"category_id": 1, "category": "thing", "score": 1.0, "rle": "52", "bbox": None, "area": 4}
+    row = ok_row("1", str(tmp_path / "gone.jpg"), 2, 2, [instance | {"keypoints": None}])
+    missing.write_bytes(to_parquet([row], provenance))
+    err = refused(missing)
+    assert err.startswith(
+        f"batchseg: error: none of the first 1 images with instances of {missing} can be read (the first: "
+        "not_found: "
     ), err
     assert not out.exists()
 
