@@ -160,14 +160,17 @@ class CocoTrainingSet:
         if ann.get("category_id") not in self.coco.cats:
             return UNKNOWN_CATEGORY
         label = int(ann["category_id"])
-        box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            return BAD_BOX
-        x, y, w, h = box
-        if not (w >= 1 and h >= 1 and x < image["width"] and y < image["height"]):  # NaN fails each
+        try:
+            x, y, w, h = ann.get("bbox")  # type: ignore[misc]
+            fits = w >= 1 and h >= 1 and x < image["width"] and y < image["height"]  # NaN fails each
+        except (TypeError, ValueError):  # no box, not 4 numbers
+            fits = False
+        if not fits:
             return BAD_BOX
         segmentation = ann.get("segmentation")
         if isinstance(segmentation, list):
+            if all(_is_polygon(p) for p in segmentation):  # as nearly all are: kept as it is, not copied
+                return (label, segmentation) if segmentation else NO_POLYGON
             polygons = [p for p in segmentation if _is_polygon(p)]
             if not polygons:
                 return NO_POLYGON
@@ -187,13 +190,15 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_polygon(points: Any) -> bool:
-    """A polygon pycocotools reads as one: x, y pairs of at least 3 points (4 numbers it takes for a box)."""
-    return (
-        isinstance(points, list)
-        and len(points) >= 6
-        and len(points) % 2 == 0
-        and all(_is_number(v) for v in points)
-    )
+    """A polygon pycocotools reads as one: x, y pairs of at least 3 points (4 numbers it takes for a box).
+    Its numbers are checked by their sum (a string or None in it fails it, a NaN makes it NaN): one call
+    in C, where a check of each number made the pass over a million annotations 7 times as slow."""
+    if not isinstance(points, list) or len(points) < 6 or len(points) % 2:
+        return False
+    try:
+        return math.isfinite(sum(points))
+    except TypeError:
+        return False
 
 
 def _rle_problem(rle: dict[str, Any], height: int, width: int) -> str | None:
