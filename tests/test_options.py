@@ -295,10 +295,14 @@ def test_train_refuses_an_image_id_given_twice(
     )
     out = tmp_path / "run"
     argv = ["train", "--images", shapes.images, "--annotations", path, "--output", str(out), "--epochs", "1"]
-    assert refusal(argv, capsys) == (
+    said = (
         f"batchseg: error: {path}: image id 1 is given to two images in 'images' (the second: 'other.jpg'); "
         "each image needs its own id"
     )
+    assert refusal(argv, capsys) == said
+    validation = ["--validation-images", shapes.images, "--validation-annotations", path]
+    argv[argv.index(path)] = shapes.annotations
+    assert refusal([*argv, *validation], capsys) == said  # the workers found it, run after run
     assert not out.exists()
 
 

@@ -37,6 +37,7 @@ from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
 from batchseg.train.examples import (
+    CocoTrainingSet,
     Example,
     TrainingSet,
     check_images_for,
@@ -456,6 +457,8 @@ def check_training_data(config: TrainConfig) -> None:
     assert config.annotations
     data = open_training_set(config.images, config.annotations, config.storage_options)
     check_readable(data, config.images, config.annotations, config.storage_options)
+    if config.validation_images and config.validation_annotations:  # its refusals too (an id given twice)
+        CocoTrainingSet(config.validation_images, config.validation_annotations, config.storage_options)
 
 
 def check_inputs(config: TrainConfig) -> None:
