@@ -71,10 +71,13 @@ def test_polygons_bad_annotations_and_empty_images(
 
     edit(data.annotations, change)
     dataset = CocoInstances(data.images, data.annotations)
-    assert (dataset.stats.invalid_annotations, dataset.stats.images_without_instances) == (2, 1)
+    assert sum(dataset.stats.dropped.values()) == 2 and dataset.stats.images_without_instances == 1
     err = capsys.readouterr().err
     assert "batchseg: warning: " in err
-    assert "2 invalid and 0 crowd annotations ignored; 1 images without instances left out of training" in err
+    assert (
+        f"2 of {dataset.stats.annotations} annotations dropped (1 with a box of no size, NaN or outside the "
+        "image, 1 of a category id not in 'categories'); 1 images without instances left out of training"
+    ) in err
     assert len(dataset) == 4
     _, target = dataset[dataset.ids.index(1)]
     assert target["masks"][0].sum() > 0  # the polygon was rasterised

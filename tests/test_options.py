@@ -3,15 +3,19 @@ is one ``error:`` line on stderr naming the option, exit 2, and no output folder
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import socket
+import time
 from typing import Any
 
 import pytest
 
 from batchseg import options
-from batchseg.errors import BatchsegError
+from batchseg.cli import main
+from batchseg.errors import BatchsegError, ImageError
+from batchseg.format.records import error_row, ok_row, to_parquet
 from batchseg.segment import driver
 from batchseg.segment.job import SegmentConfig
 from batchseg.train import trainer
@@ -195,6 +199,120 @@ def test_train_refuses_a_bad_option_before_writing_anything(
     argv = ["train", "--images", shapes.images, "--annotations", shapes.annotations, "--output", str(out)]
     length = [] if "--epochs" in extra or "--iterations" in extra else ["--iterations", "2"]
     refused([*argv, *length, *extra], option, out, capsys)
+
+
+def annotations_with(shapes: SynthDataset, folder: pathlib.Path, change: Any) -> tuple[str, dict[str, Any]]:
+    """A copy of the shapes' COCO JSON that ``change`` (a function of the data set) altered in place."""
+    coco = json.loads(pathlib.Path(shapes.annotations).read_text())
+    change(coco)
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return str(path), coco
+
+
+def each(change: Any) -> Any:
+    """A change of every annotation."""
+    return lambda coco: coco.update(annotations=[a | change(a) for a in coco["annotations"]])
+
+
+NOTHING_TO_LEARN = {
+    "crowd": each(lambda a: {"iscrowd": 1}),
+    "with a box of no size, NaN or outside the image": each(lambda a: {"bbox": [0, 0, float("nan"), 9]}),
+    "without a polygon of 3 points or more": each(lambda a: {"segmentation": [[1, 1, 5, 5]]}),
+    "of an image id not in 'images'": each(lambda a: {"image_id": 999}),
+}
+
+
+@pytest.mark.parametrize(("reason", "change"), NOTHING_TO_LEARN.items(), ids=list(NOTHING_TO_LEARN))
+def test_train_refuses_annotations_with_nothing_to_learn_before_ray_starts(
+    shapes: SynthDataset, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], reason: str, change: Any
+) -> None:
+    """Workers that found it were started again and again by Ray Train (and a run wrote step-0 checkpoints)."""
+    path, coco = annotations_with(shapes, tmp_path, change)
+    out = tmp_path / "run"
+    argv = ["train", "--images", shapes.images, "--annotations", path, "--output", str(out)]
+    started = time.monotonic()
+    err = refusal([*argv, "--iterations", "2"], capsys)
+    n = len(coco["annotations"])
+    assert err == (
+        f"batchseg: error: {path}: no image has an instance to train on ({n} of {n} annotations dropped "
+        f"({n} {reason}); 2 images without instances left out of training)"
+    )
+    assert not out.exists()
+    assert time.monotonic() - started < 10
+
+
+def test_train_refuses_an_image_folder_without_an_image_to_read_before_ray_starts(
+    shapes: SynthDataset, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--annotations", shapes.annotations, "--output", str(out), "--iterations", "2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert refusal([*argv, "--images", str(empty)], capsys) == (
+        f"batchseg: error: none of the 2 images with instances of {shapes.annotations} is under --images "
+        f"{empty} (the first: {empty}/img-000000.jpg)"
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "img-000000.jpg").write_bytes(b"not a JPEG")
+    (broken / "img-000001.jpg").write_bytes(b"")
+    err = refusal([*argv, "--images", str(broken)], capsys)
+    assert err.startswith(
+        f"batchseg: error: none of the first 2 images with instances of {shapes.annotations} can be read "
+        "(the first: "
+    ), err
+    assert not out.exists()
+
+
+def test_train_refuses_a_parquet_training_set_without_a_row_or_an_image_to_learn_from_before_ray_starts(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    provenance = {"categories": ["__background__", "thing"]}
+    errors = tmp_path / "errors.parquet"
+    errors.write_bytes(to_parquet([error_row("1", "x.jpg", ImageError("not_found", "gone"))], provenance))
+
+    def refused(parquet: pathlib.Path) -> str:
+        argv = ["train", "--output", str(out), "--iterations", "2", "--annotations", str(parquet)]
+        assert main(argv) == 2
+        said = capsys.readouterr().err.splitlines()  # an info line first: it reads a foreign Parquet's rows
+        assert [line for line in said if " error: " in line] == said[-1:], said
+        return said[-1]
+
+    assert refused(errors) == (
+        f"batchseg: error: {errors}: no image has an instance to train on (no ok row has an instance with a mask)"
+    )
+    missing = tmp_path / "missing.parquet"
+    instance = {"category_id": 1, "category": "thing", "score": 1.0, "rle": "52", "bbox": None, "area": 4}
+    row = ok_row("1", str(tmp_path / "gone.jpg"), 2, 2, [instance | {"keypoints": None}])
+    missing.write_bytes(to_parquet([row], provenance))
+    err = refused(missing)
+    assert err.startswith(
+        f"batchseg: error: none of the first 1 images with instances of {missing} can be read (the first: "
+        "not_found: "
+    ), err
+    assert not out.exists()
+
+
+def test_train_refuses_an_image_id_given_twice(
+    shapes: SynthDataset, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pycocotools keeps the last image of an id: the first would train on the masks of the other."""
+    path, _ = annotations_with(
+        shapes, tmp_path, lambda coco: coco["images"].append(coco["images"][0] | {"file_name": "other.jpg"})
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--images", shapes.images, "--annotations", path, "--output", str(out), "--epochs", "1"]
+    said = (
+        f"batchseg: error: {path}: image id 1 is given to two images in 'images' (the second: 'other.jpg'); "
+        "each image needs its own id"
+    )
+    assert refusal(argv, capsys) == said
+    validation = ["--validation-images", shapes.images, "--validation-annotations", path]
+    argv[argv.index(path)] = shapes.annotations
+    assert refusal([*argv, *validation], capsys) == said  # the workers found it, run after run
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

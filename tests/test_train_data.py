@@ -5,6 +5,8 @@ unreadable images left out) equal to the samples read one by one."""
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import pathlib
 from collections import Counter
 from dataclasses import replace
@@ -16,9 +18,9 @@ import torch
 from batchseg.errors import BatchsegError
 from batchseg.io.images import decode_image
 from batchseg.train.config import TrainConfig, worker_count
-from batchseg.train.data import CocoInstances, boxes_of, to_sample
+from batchseg.train.data import CocoInstances, boxes_of, instance_mask, to_sample
 from batchseg.train.engine import lr_factor, make_scheduler, on_device, train_one_epoch
-from batchseg.train.examples import CocoTrainingSet, Example
+from batchseg.train.examples import CocoTrainingSet, Example, open_training_set
 from batchseg.train.loader import TrainingLoader
 from batchseg.train.sampling import EpochOrder, Progress, cut, examples_at, positions
 from batchseg.train.synth import write_dataset
@@ -370,3 +372,47 @@ def test_a_flipped_sample_is_the_mirror_image_of_the_sample(shapes: CocoTraining
     x1, y1, x2, y2 = target["boxes"].unbind(1)
     assert torch.equal(flipped["boxes"], torch.stack([example.width - x2, y1, example.width - x1, y2], 1))
     assert torch.equal(flipped["labels"], target["labels"])
+
+
+def test_annotations_pycocotools_would_misread_are_dropped_and_counted_by_reason_in_one_warning(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 2-point polygon crashed the worker (pycocotools takes 4 numbers for a box); an RLE of another size
+    failed its batch. Each is dropped on the driver, counted with the crowd ones, and the rest train."""
+    data = write_dataset(str(tmp_path), 2, seed=3, size=64)
+    coco = json.loads(pathlib.Path(data.annotations).read_text())
+    good = coco["annotations"][0]
+    triangle = [10, 10, 30, 10, 20, 30]
+    added = [
+        {"segmentation": [[1, 1, 5, 5]]},
+        {"segmentation": [[1, 1, 5, 5, 9]]},  # an odd count: no polygon either
+        {"segmentation": {"size": [10, 10], "counts": [100]}},
+        {"segmentation": {"size": [9, 9], "counts": good["segmentation"]["counts"]}},
+        {"category_id": 99},
+        {"iscrowd": 1},
+        {"bbox": [0, 0, float("nan"), 5]},
+        {"image_id": 999},
+        {"segmentation": "a string"},
+        {"segmentation": [[1, 1, 5, 5], triangle]},  # kept, without the piece of 2 points
+    ]
+    coco["annotations"] += [good | change | {"id": 100 + i} for i, change in enumerate(added)]
+    path = tmp_path / "some-unusable.json"
+    path.write_text(json.dumps(coco))
+    with caplog.at_level(logging.WARNING):
+        data_set = open_training_set(data.images, str(path))
+    total = len(coco["annotations"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 9 of {total} annotations dropped (2 without a polygon of 3 points or more, 2 with an RLE "
+        "not of its image's height and width, 1 of a category id not in 'categories', 1 crowd, 1 with a "
+        "box of no size, NaN or outside the image, 1 of an image id not in 'images', 1 with a segmentation "
+        "that is neither polygons nor RLE); polygons of fewer than 3 points taken out of kept "
+        "annotations: 1; 0 images without instances left out of training"
+    ]
+    first, second = data_set.read_chunk(0)
+    original = [a for a in coco["annotations"][: -len(added)] if a["image_id"] == good["image_id"]]
+    assert len(first.labels) == len(original) + 1 and first.segmentations[-1] == [triangle]
+    loader = TrainingLoader(threads=1, flip=False)
+    (images, targets), *_ = loader.batches(epoch([first, second]), 2)  # crashed in the worker
+    assert len(images) == 2 and loader.unreadable == 0
+    assert len(targets[0]["labels"]) == len(original) + 1  # the triangle's mask is not empty
+    assert targets[0]["masks"][-1].sum() == instance_mask([triangle], first.height, first.width).sum() > 0

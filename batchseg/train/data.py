@@ -65,6 +65,7 @@ class CocoInstances(torch.utils.data.Dataset):
     ) -> None:
         self.images = images
         self.data = CocoTrainingSet(images, annotations, storage_options)
+        self.data.report()
         self.coco = self.data.coco
         self.categories = self.data.categories
         self.stats = self.data.stats

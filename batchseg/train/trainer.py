@@ -36,7 +36,14 @@ from batchseg.options import check
 from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
 from batchseg.train.engine import evaluate_model, make_optimizer, make_scheduler, train_one_epoch
-from batchseg.train.examples import Example, TrainingSet, check_images_for, open_training_set
+from batchseg.train.examples import (
+    CocoTrainingSet,
+    Example,
+    TrainingSet,
+    check_images_for,
+    check_readable,
+    open_training_set,
+)
 from batchseg.train.loader import Batch, TrainingLoader
 from batchseg.train.parquet import check_selection, select_training_set
 from batchseg.train.sampling import EpochOrder, Progress, examples_at, positions
@@ -104,7 +111,8 @@ def train_loop_per_worker(setup: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     device = ray.train.torch.get_device()
     assert config.annotations, "run_training sets it to the training set it wrote from --from-results"
-    data = open_training_set(config.images, config.annotations, config.storage_options)
+    # the driver checked it and reported what it drops (check_training_data): one warning, not one a worker
+    data = open_training_set(config.images, config.annotations, config.storage_options, report=False)
     loader = TrainingLoader.from_config(config, device)
     model = train_model(weights, data.categories, config)
     model = ray.train.torch.prepare_model(model)
@@ -361,6 +369,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             config.from_results, config.where, output, config.storage_options
         )
         config = replace(config, annotations=data)
+    check_training_data(config)
     fs, path = storage.filesystem(output, config.storage_options)
     name, parent = os.path.basename(path), os.path.dirname(path)
     with job_errors(f"cannot write to output {config.output}"):
@@ -438,6 +447,18 @@ def _root_cause(error: BaseException) -> str:
     """The innermost error's last line, e.g. ``FloatingPointError: loss is nan at step 12 (...)``."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+def check_training_data(config: TrainConfig) -> None:
+    """That the training set has an image with an instance to learn from and an image that can be read,
+    with what it drops reported in one warning: on the driver, before Ray Train starts. (A worker that found
+    it would fail, and Ray Train would start it again, run after run.) Let go of when done: the driver does
+    not hold the annotations while the workers train."""
+    assert config.annotations
+    data = open_training_set(config.images, config.annotations, config.storage_options)
+    check_readable(data, config.images, config.annotations, config.storage_options)
+    if config.validation_images and config.validation_annotations:  # its refusals too (an id given twice)
+        CocoTrainingSet(config.validation_images, config.validation_annotations, config.storage_options)
 
 
 def check_inputs(config: TrainConfig) -> None:
