@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from batchseg import __version__, log, options
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, Stopped, stop_on_signals
 from batchseg.segment.config import SegmentConfig
 from batchseg.train.config import TrainConfig
 
@@ -442,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_signals()  # first: a SIGTERM or SIGHUP while torch or Ray start is handled too
     log.to_stderr()
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -451,9 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchsegError as e:
         log.error(e)
         return 2
-    except KeyboardInterrupt:
-        log.logger.info(f"interrupted; {args.interrupted}")
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal (Stopped): 128 + its number, as a shell reports it
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        how = f"stopped by {signal.Signals(signum).name}" if isinstance(e, Stopped) else "interrupted"
+        log.logger.info(f"{how}; {args.interrupted}")
+        return 128 + signum
 
 
 if __name__ == "__main__":

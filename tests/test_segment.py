@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from batchseg.analysis.results import open_results
-from batchseg.cli import main
+from batchseg.cli import RERUN_RESUMES, main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.output import DONE_DIR
@@ -326,6 +326,44 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
     assert_exactly_once(config, uris)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "when"), [(signal.SIGTERM, "working"), (signal.SIGHUP, "starting")], ids=["term", "hup"]
+)
+def test_sigterm_or_sighup_stops_as_ctrl_c_does_and_a_rerun_finishes(
+    ray_address: str, tmp_path: pathlib.Path, signum: int, when: str
+) -> None:
+    """Kubernetes sends SIGTERM, a closed ssh session SIGHUP: one line, exit 128 + the signal, no Ray stack
+    dump, whether it comes while the job works or while it starts; the rerun does the rest."""
+    manifest, uris, _ = archive(tmp_path, 60, bad=False)
+    output = tmp_path / "out"
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **SMALL_MODEL)
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", manifest, "--output", str(output),
+            "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items()]
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            if when == "working":
+                wait_for(lambda: done_markers(output), 180, "a finished shard")
+            else:
+                wait_for(lambda: "20 to do" in stderr.read_text(), 180, "the job's plan")
+        finally:
+            driver.send_signal(signum)
+            code = driver.wait(timeout=60)
+    lines = stderr.read_text().splitlines()
+    name = signal.Signals(signum).name
+    said = [line for line in lines if name in line]
+    assert said == [f"batchseg: stopped by {name}; {RERUN_RESUMES}"], lines
+    assert code == 128 + signum, lines
+    assert not [line for line in lines if "Traceback" in line or "received at" in line], lines
+    if when == "working":
+        assert len(done_markers(output)) < 20, "the signal should land mid-job"
+    assert run_segment(config)["status"] == "complete"
+    assert_exactly_once(config, uris)
+
+
 def write_manifest(path: pathlib.Path, uris: list[str]) -> str:
     path.write_text("".join(f"{u}\n" for u in uris))
     return str(path)
@@ -460,7 +498,7 @@ def test_job_level_problems_fail_early_with_one_line(
     case: str,
     message: str,
 ) -> None:
-    from batchseg.cli import main
+    from batchseg.cli import RERUN_RESUMES, main
 
     manifest, _, _ = archive(tmp_path, 1, bad=False)
     args = {"--manifest": manifest, "--output": str(tmp_path / "out"), "--weights": "none"}
@@ -513,7 +551,7 @@ def test_cli_error_has_no_traceback(tmp_path: pathlib.Path) -> None:
 
 
 def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    from batchseg.cli import main
+    from batchseg.cli import RERUN_RESUMES, main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "--manifest", "m.csv", "--output", "o", "--model", "resnet9000"])
