@@ -698,3 +698,81 @@ def assert_one_bad_actor_cost_no_row(
     assert_exactly_once(config, uris)
     records = [json.loads(marker) for marker in done_markers(pathlib.Path(config.output)).values()]
     assert len(records) == shards and all(r["errors"] == {} and r["ok"] == r["rows"] for r in records)
+
+
+PASSWORD, SIGNATURE = "pa55word-in-the-url", "5ecret-signature"
+
+
+@contextlib.contextmanager
+def guarded_http(root: pathlib.Path) -> Any:
+    """An HTTP server of ``root``'s files that, like a store behind a pre-signed URL, answers only requests
+    with the user info ``reader:PASSWORD`` and the query's ``X-Amz-Signature=SIGNATURE``; yields its
+    ``http://HOST:PORT``."""
+    import base64
+    import functools
+    import http.server
+    import urllib.parse
+
+    allowed = "Basic " + base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+
+    class Guarded(http.server.SimpleHTTPRequestHandler):
+        def send_head(self) -> Any:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            if self.headers.get("Authorization") != allowed or query.get("X-Amz-Signature") != [SIGNATURE]:
+                self.send_error(403)
+                return None
+            return super().send_head()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Guarded, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def test_credentials_in_the_manifest_and_weights_urls_are_never_written_or_printed(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest and weights read through URLs that carry a password and a signature: the output records
+    them (job file, every Parquet footer) and messages name them without either."""
+    from tests.segmenting import segment_in_process
+
+    _, uris, _ = archive(tmp_path, 4, bad=False)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "m.csv").write_text("uri\n" + "".join(f"{u}\n" for u in uris))
+    (served / "model.pt").write_bytes(SHAPES_MODEL.read_bytes())
+    query = f"?X-Amz-Date=20261207T000000Z&X-Amz-Credential=AKID%2F{PASSWORD}&X-Amz-Signature={SIGNATURE}"
+    output = tmp_path / "out"
+    with guarded_http(served) as server:
+        signed = server.replace("://", f"://reader:{PASSWORD}@") + "/{}" + query
+        config = SegmentConfig(manifest=signed.format("m.csv"), output=str(output), shard_size=2,
+                               **(SMALL_MODEL | {"weights": signed.format("model.pt")}))  # fmt: skip
+        summary = segment_in_process(config)
+        # the same URL with another password: refused, and the message names the URL without its secrets
+        wrong = config.manifest.replace(PASSWORD, "not-the-password")
+        assert main(["segment", "--manifest", wrong, "--output", str(tmp_path / "other")]) == 2
+    assert summary["ok"] == len(uris)
+    job = json.loads((output / "_batchseg_job.json").read_text())
+    assert job["manifest"] == f"{server.replace('://', '://REDACTED@')}/m.csv?X-Amz-Date=20261207T000000Z" \
+        "&X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED"  # fmt: skip
+    assert job["weights_uri"] == job["manifest"].replace("/m.csv", "/model.pt")
+    footers = [read_provenance(pq.read_schema(p)) for p in sorted(output.glob("part-*.parquet"))]
+    assert len(footers) == summary["shards_total"] > 1
+    assert all(f["manifest"] == job["manifest"] for f in footers)
+    written = [p for p in output.rglob("*") if p.is_file()]
+    assert len(written) == 2 + 2 * len(footers)  # the job file, the summary, the shards and their records
+    for secret in (PASSWORD, SIGNATURE, "not-the-password"):
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), path
+    out = capsys.readouterr()
+    assert "cannot open manifest http://REDACTED@127.0.0.1" in out.err
+    for secret in (PASSWORD, SIGNATURE, "not-the-password"):
+        assert secret not in out.out + out.err

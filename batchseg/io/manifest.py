@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -160,6 +161,8 @@ def _refuse_missing(keep: tuple[str, ...], names: list[str], manifest: str) -> N
 
 
 def _suffix(path: str) -> str:
+    if path.startswith(("http://", "https://")):  # a URL's query (a pre-signed URL's signature) is no name
+        path = urllib.parse.urlsplit(path).path
     name = path.lower().removesuffix(".gz")
     return os.path.splitext(name)[1]
 
