@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from batchseg import __version__, log, options
-from batchseg.errors import BatchsegError, Stopped, stop_on_signals
+from batchseg.errors import BatchsegError, stop_on_signals, stopped_by
 from batchseg.segment.config import SegmentConfig
 from batchseg.train.config import TrainConfig
 
@@ -453,9 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchsegError as e:
         log.error(e)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or a signal (Stopped): 128 + its number, as a shell reports it
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        how = f"stopped by {signal.Signals(signum).name}" if isinstance(e, Stopped) else "interrupted"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP: 128 + its number, as a shell reports it
+        signum = stopped_by(e)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         log.logger.info(f"{how}; {args.interrupted}")
         return 128 + signum
 

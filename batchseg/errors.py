@@ -82,7 +82,20 @@ def stop_on_signals() -> None:
         signal.signal(signum, _raise_stopped)
 
 
+def stopped_by(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind ``interrupt``: a :class:`Stopped`'s, else the last one :func:`stop_on_signals`
+    handled (Ray's ``ray.get`` turns the exception a handler raised into a plain KeyboardInterrupt), else
+    SIGINT (Ctrl-C)."""
+    if isinstance(interrupt, Stopped):
+        return interrupt.signum
+    return _received[-1] if _received else signal.SIGINT
+
+
+_received: list[int] = []  # the stop signals handled so far, in order
+
+
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise Stopped(signum)
 
 

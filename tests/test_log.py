@@ -89,14 +89,22 @@ def test_segmenter_in_a_ray_worker_shows_warnings_beside_rays_root_handler() -> 
             "https://h/k?X-Amz-Date=1&X-Amz-Credential=REDACTED&X-Amz-Security-Token=REDACTED"
             "&X-Amz-Signature=REDACTED",
         ),
-        ("https://h/k?AWSAccessKeyId=A&Signature=s&Expires=9", "https://h/k?AWSAccessKeyId=REDACTED"
-         "&Signature=REDACTED&Expires=9"),  # fmt: skip
-        ("gs://b/k?X-Goog-Credential=c&X-Goog-Signature=s", "gs://b/k?X-Goog-Credential=REDACTED"
-         "&X-Goog-Signature=REDACTED"),  # fmt: skip
-        ("https://a.blob.core.windows.net/c/k?sv=2022&sig=s%2B&se=2", "https://a.blob.core.windows.net/c/k"
-         "?sv=2022&sig=REDACTED&se=2"),  # fmt: skip
-        ("cannot open manifest http://h/m?token=t&api_key=k: 403", "cannot open manifest "
-         "http://h/m?token=REDACTED&api_key=REDACTED: 403"),  # fmt: skip
+        (
+            "https://h/k?AWSAccessKeyId=A&Signature=s&Expires=9",
+            "https://h/k?AWSAccessKeyId=REDACTED&Signature=REDACTED&Expires=9",
+        ),
+        (
+            "gs://b/k?X-Goog-Credential=c&X-Goog-Signature=s",
+            "gs://b/k?X-Goog-Credential=REDACTED&X-Goog-Signature=REDACTED",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/k?sv=2022&sig=s%2B&se=2",
+            "https://a.blob.core.windows.net/c/k?sv=2022&sig=REDACTED&se=2",
+        ),
+        (
+            "cannot open manifest http://h/m?token=t&api_key=k: 403",
+            "cannot open manifest http://h/m?token=REDACTED&api_key=REDACTED: 403",
+        ),
     ],
 )
 def test_redact_hides_user_info_and_secret_query_parameters(uri: str, redacted: str) -> None:

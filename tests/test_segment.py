@@ -498,7 +498,7 @@ def test_job_level_problems_fail_early_with_one_line(
     case: str,
     message: str,
 ) -> None:
-    from batchseg.cli import RERUN_RESUMES, main
+    from batchseg.cli import main
 
     manifest, _, _ = archive(tmp_path, 1, bad=False)
     args = {"--manifest": manifest, "--output": str(tmp_path / "out"), "--weights": "none"}
@@ -551,7 +551,7 @@ def test_cli_error_has_no_traceback(tmp_path: pathlib.Path) -> None:
 
 
 def test_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    from batchseg.cli import RERUN_RESUMES, main
+    from batchseg.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "--manifest", "m.csv", "--output", "o", "--model", "resnet9000"])
