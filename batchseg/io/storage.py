@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,8 @@ def filesystem(
     """The filesystem that serves ``uri`` and the path inside it (fsspec caches instances), with its
     timeouts set (:func:`with_timeouts`)."""
     fs, path = fsspec.core.url_to_fs(uri, **with_timeouts(uri, storage_options))
+    if uri.startswith("file://"):  # percent-encoded (RFC 8089), as Path.as_uri writes it; fsspec keeps the %
+        path = urllib.parse.unquote(path)
     return fs, path
 
 
