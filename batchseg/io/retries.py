@@ -59,7 +59,9 @@ def _refused_by_the_client(error: BaseException) -> bool:
     while error is not None:
         if isinstance(error, (ValueError, TypeError)):
             return True
-        behind = getattr(error, "kwargs", {}).get("error") if type(error).__name__ == "HTTPClientError" else None
+        behind = (
+            getattr(error, "kwargs", {}).get("error") if type(error).__name__ == "HTTPClientError" else None
+        )
         error = behind if isinstance(behind, BaseException) else error.__cause__
     return False
 
