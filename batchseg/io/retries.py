@@ -51,7 +51,7 @@ def is_transient(error: BaseException) -> bool:
     return error.__cause__ is not None and is_transient(error.__cause__)
 
 
-def _refused_by_the_client(error: BaseException) -> bool:
+def _refused_by_the_client(error: BaseException | None) -> bool:
     """Whether the HTTP client refused to send the request at all (a ValueError or TypeError behind the
     error, e.g. aiohttp's "Cannot combine AUTHORIZATION header with ... credentials encoded in URL" for an
     endpoint URL with user info): the configuration is wrong, and every try fails the same way. botocore
