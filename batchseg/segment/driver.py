@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -163,9 +164,10 @@ def init_ray(address: str | None) -> bool:
             raise Stopped(signal.SIGTERM) from e
         raise
     finally:
-        for signum, handler in handlers.items():
-            if handler is not None:  # None: a handler not set from Python, which Python cannot put back
-                signal.signal(signum, handler)
+        if threading.current_thread() is threading.main_thread():  # (ray.init, too, sets them only there)
+            for signum, handler in handlers.items():
+                if handler is not None:  # None: a handler not set from Python, which Python cannot put back
+                    signal.signal(signum, handler)
     return True
 
 
