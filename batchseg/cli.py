@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from batchseg import __version__, log, options
-from batchseg.errors import BatchsegError
+from batchseg.errors import BatchsegError, stop_on_signals, stopped_by
 from batchseg.segment.config import SegmentConfig
 from batchseg.train.config import TrainConfig
 
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_signals()  # first: a SIGTERM or SIGHUP while torch or Ray start is handled too
     log.to_stderr()
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -463,9 +465,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchsegError as e:
         log.error(e)
         return 2
-    except KeyboardInterrupt:
-        log.logger.info(f"interrupted; {args.interrupted}")
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP: 128 + its number, as a shell reports it
+        signum = stopped_by(e)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        log.logger.info(f"{how}; {args.interrupted}")
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The kinds of failure: job-level problems (stop before work), per-image problems (become rows), and
 failures that are no image's fault (storage that stays unavailable or refuses the credentials, a failing
 device, a model failing on most images: the shard is retried later); how they read, and the one wrapper
-that turns any other error into a job-level one."""
+that turns any other error into a job-level one; a stop asked for by a signal."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
+from types import FrameType
 
 
 class BatchsegError(Exception):
@@ -53,6 +56,47 @@ class ModelFailed(RuntimeError):
     """The model failed on most of a shard's images (or of a batch's, retried one by one): the failure is
     the model's or the process's, not the images', so the shard fails and is retried later rather than
     recorded with those rows."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by ``signum`` (SIGTERM from Kubernetes, ``kill`` or a scheduler; SIGHUP
+    when its terminal or ssh session goes): raised in the main thread by :func:`stop_on_signals`, so that
+    the job ends as Ctrl-C ends it (every ``except KeyboardInterrupt`` and ``finally`` on the way runs)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# The signals that ask a job to stop, besides Ctrl-C's SIGINT (which Python already raises).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """From now on, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (their default is to end
+    the process at once, with no cleanup and no word). The CLI installs this first thing; Python lets only
+    the main thread install handlers (a CLI called from another thread keeps the process's own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped)
+
+
+def stopped_by(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind ``interrupt``: a :class:`Stopped`'s, else the last one :func:`stop_on_signals`
+    handled (Ray's ``ray.get`` turns the exception a handler raised into a plain KeyboardInterrupt), else
+    SIGINT (Ctrl-C)."""
+    if isinstance(interrupt, Stopped):
+        return interrupt.signum
+    return _received[-1] if _received else signal.SIGINT
+
+
+_received: list[int] = []  # the stop signals handled so far, in order
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    raise Stopped(signum)
 
 
 def describe(error: BaseException) -> str:

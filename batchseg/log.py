@@ -6,18 +6,40 @@ left unconfigured, Python prints warnings and errors alone. The processes batchs
 CLI, its Ray actors and Ray Train workers), and a job run from Python in a program that has not
 configured logging (:func:`unless_configured`), print them on stderr as one line each, starting
 ``batchseg:`` (:func:`to_stderr`). ``--verbose`` (or ``BATCHSEG_DEBUG=1`` in the environment) also
-prints what lies behind a job-level error: its chain of causes and their tracebacks.
+prints what lies behind a job-level error: its chain of causes and their tracebacks. What batchseg prints
+and records of a URI never holds its credentials (:func:`redact`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 DEBUG_ENV = "BATCHSEG_DEBUG"
 logger = logging.getLogger("batchseg")
 _LEVELS = {"WARNING": "warning: ", "ERROR": "error: ", "CRITICAL": "error: "}  # progress has no word
+
+
+REDACTED = "REDACTED"
+# A URI's secrets: its user info (``https://user:password@host``), and each query parameter whose name says
+# it is one: pre-signed URLs' X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, X-Goog-Signature,
+# Azure SAS's ``sig``, AWSAccessKeyId, ``token``, ``api_key``, ``password``... A rule on the name, not a list.
+_USER_INFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@?#\"']+@")
+_SECRET_PARAMETER = re.compile(
+    # a value ends at the next parameter, a space or a quote, or a colon that ends a message's URI ("...: ")
+    r"([?&;][^=&#\s\"']*(?:sig|credential|token|secret|passw|key|auth)[^=&#\s\"']*=)(?:[^&#\s\"':]|:(?=\S))*",
+    re.I,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` (a URI, or a message naming URIs) with the user info and secret-named query parameters of
+    every URI in it replaced by ``REDACTED``: what batchseg prints (:func:`to_stderr`'s lines) and records
+    (the job file and the provenance in each Parquet footer) of the manifest's, weights' and output's URIs.
+    The URI itself, with its secrets, is still what batchseg reads and writes."""
+    return _SECRET_PARAMETER.sub(rf"\1{REDACTED}", _USER_INFO.sub(rf"\1{REDACTED}@", text))
 
 
 class _Lines(logging.Formatter):
@@ -27,8 +49,8 @@ class _Lines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"batchseg: {_LEVELS.get(record.levelname, '')}{record.getMessage()}"
         if record.exc_info:
-            return f"{self.formatException(record.exc_info)}\n{line}"
-        return line
+            line = f"{self.formatException(record.exc_info)}\n{line}"
+        return redact(line)
 
 
 class _Stderr(logging.Handler):

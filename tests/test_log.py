@@ -7,6 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from batchseg import log
+
 # A real retry's warning (batchseg.io.retries) and a progress line of the scheduler (batchseg.segment...).
 MESSAGES = """
 import logging
@@ -73,3 +77,35 @@ def test_segmenter_in_a_ray_worker_shows_warnings_beside_rays_root_handler() -> 
     ]
     own = ray_like + "logging.getLogger('batchseg').setLevel(logging.ERROR)\n"
     assert stderr_of(own + worker) == ""
+
+
+@pytest.mark.parametrize(
+    ("uri", "redacted"),
+    [
+        ("https://u:p@host/m.csv", "https://REDACTED@host/m.csv"),
+        ("s3://bucket/a@b.jpg", "s3://bucket/a@b.jpg"),  # an @ in a path is no user info
+        (  # AWS SigV4 (and SigV2's AWSAccessKeyId/Signature), GCS, Azure SAS, tokens and keys; the rest kept
+            "https://h/k?X-Amz-Date=1&X-Amz-Credential=AK%2F1&X-Amz-Security-Token=t&X-Amz-Signature=s",
+            "https://h/k?X-Amz-Date=1&X-Amz-Credential=REDACTED&X-Amz-Security-Token=REDACTED"
+            "&X-Amz-Signature=REDACTED",
+        ),
+        (
+            "https://h/k?AWSAccessKeyId=A&Signature=s&Expires=9",
+            "https://h/k?AWSAccessKeyId=REDACTED&Signature=REDACTED&Expires=9",
+        ),
+        (
+            "gs://b/k?X-Goog-Credential=c&X-Goog-Signature=s",
+            "gs://b/k?X-Goog-Credential=REDACTED&X-Goog-Signature=REDACTED",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/k?sv=2022&sig=s%2B&se=2",
+            "https://a.blob.core.windows.net/c/k?sv=2022&sig=REDACTED&se=2",
+        ),
+        (
+            "cannot open manifest http://h/m?token=t&api_key=k: 403",
+            "cannot open manifest http://h/m?token=REDACTED&api_key=REDACTED: 403",
+        ),
+    ],
+)
+def test_redact_hides_user_info_and_secret_query_parameters(uri: str, redacted: str) -> None:
+    assert log.redact(uri) == redacted

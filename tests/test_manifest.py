@@ -70,6 +70,24 @@ def test_folder_manifest_lists_images_recursively_in_order(tmp_path: pathlib.Pat
     assert uris == [str(tmp_path / n) for n in ["a.PNG", "b.jpg", "sub/c.webp"]]
 
 
+def test_files_macos_and_windows_leave_in_a_folder_are_skipped_and_counted_in_one_line(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder copied from a Mac to a USB disk or a share holds an AppleDouble ``._name.jpg`` beside each
+    image (not an image: an error row each, before), and ``.DS_Store``; Windows leaves ``Thumbs.db``."""
+    names = ["a.jpg", "._a.jpg", ".DS_Store", "sub/b.png", "sub/._b.png", "sub/Thumbs.db", "desktop.ini"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07" if "._" in name else b"x")  # AppleDouble's magic
+    plan = plan_shards(str(tmp_path), 10)
+    assert plan.num_rows == 2
+    assert [u for _, u in rows(str(tmp_path))] == [str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.png")]
+    assert capsys.readouterr().err.splitlines() == [
+        f"batchseg: manifest {tmp_path}: skipped 5 file(s) that macOS and Windows leave beside images "
+        "(._* AppleDouble files, .DS_Store, Thumbs.db, desktop.ini)"
+    ]
+
+
 def test_duplicate_image_ids_are_refused_with_examples(tmp_path: pathlib.Path) -> None:
     manifest = write(tmp_path, "csv", URIS, ["a", "b", "a", "c", "b", "d", "e"])
     with pytest.raises(BatchsegError, match=r"2 duplicate image_id value\(s\), e.g. 'a', 'b'"):

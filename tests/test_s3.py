@@ -152,6 +152,11 @@ def test_the_s3_server_stopping_mid_job_is_survived_exactly_once(
         ("wrong_secret", "cannot open manifest s3://data/shapes-errors/manifest.csv: access denied"),
         ("missing_bucket", "cannot use output s3://no-such-bucket/out: not found"),
         ("read_only", "cannot use output s3://out/read-only: access denied"),
+        (  # a deterministic client error, not retried for minutes (nor printing the URL's password)
+            "user_info_in_endpoint",
+            "cannot open manifest s3://data/shapes-errors/manifest.csv: HTTPClientError: An HTTP Client "
+            "raised an unhandled exception: Cannot combine AUTHORIZATION header",
+        ),
     ],
 )
 def test_storage_problems_fail_early_in_one_line_leaving_nothing(
@@ -164,13 +169,16 @@ def test_storage_problems_fail_early_in_one_line_leaving_nothing(
     options = {
         "wrong_secret": s3.options(secret="not-the-secret"),
         "read_only": s3.options("AKIDREADER", "reader-secret"),
+        "user_info_in_endpoint": s3.options() | {"endpoint_url": s3.endpoint.replace("://", "://u:pw@")},
     }
     import json
 
     storage = json.dumps(options.get(case, s3.options()))
+    started = time.monotonic()
     code = main(["segment", "--manifest", data.manifest, "--output", output, "--weights", str(SHAPES_MODEL),
                  "--storage-options", storage])  # fmt: skip
     err = capsys.readouterr().err.strip()
+    assert time.monotonic() - started < 20, "retried as if the store might recover"
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"batchseg: error: {message}"), err
     fs = bucket_fs(s3)

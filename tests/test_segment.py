@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from batchseg.analysis.results import open_results
-from batchseg.cli import main
+from batchseg.cli import RERUN_RESUMES, main
 from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.format.output import DONE_DIR
@@ -324,6 +324,44 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
     assert summary["shards_this_run"] == 20 - summary["shards_skipped"]
     after = done_markers(output)
     assert {k: after[k] for k in first} == first, "finished shards were not redone"
+    assert_exactly_once(config, uris)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "when"), [(signal.SIGTERM, "working"), (signal.SIGHUP, "starting")], ids=["term", "hup"]
+)
+def test_sigterm_or_sighup_stops_as_ctrl_c_does_and_a_rerun_finishes(
+    ray_address: str, tmp_path: pathlib.Path, signum: int, when: str
+) -> None:
+    """Kubernetes sends SIGTERM, a closed ssh session SIGHUP: one line, exit 128 + the signal, no Ray stack
+    dump, whether it comes while the job works or while it starts; the rerun does the rest."""
+    manifest, uris, _ = archive(tmp_path, 60, bad=False)
+    output = tmp_path / "out"
+    config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **SMALL_MODEL)
+    args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", manifest, "--output", str(output),
+            "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items()]
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            if when == "working":
+                wait_for(lambda: done_markers(output), 180, "a finished shard")
+            else:
+                wait_for(lambda: "20 to do" in stderr.read_text(), 180, "the job's plan")
+        finally:
+            driver.send_signal(signum)
+            code = driver.wait(timeout=60)
+    lines = stderr.read_text().splitlines()
+    name = signal.Signals(signum).name
+    said = [line for line in lines if name in line]
+    assert said == [f"batchseg: stopped by {name}; {RERUN_RESUMES}"], lines
+    assert code == 128 + signum, lines
+    assert not [line for line in lines if "Traceback" in line or "received at" in line], lines
+    if when == "working":
+        assert len(done_markers(output)) < 20, "the signal should land mid-job"
+    assert run_segment(config)["status"] == "complete"
     assert_exactly_once(config, uris)
 
 
@@ -661,3 +699,81 @@ def assert_one_bad_actor_cost_no_row(
     assert_exactly_once(config, uris)
     records = [json.loads(marker) for marker in done_markers(pathlib.Path(config.output)).values()]
     assert len(records) == shards and all(r["errors"] == {} and r["ok"] == r["rows"] for r in records)
+
+
+PASSWORD, SIGNATURE = "pa55word-in-the-url", "5ecret-signature"
+
+
+@contextlib.contextmanager
+def guarded_http(root: pathlib.Path) -> Any:
+    """An HTTP server of ``root``'s files that, like a store behind a pre-signed URL, answers only requests
+    with the user info ``reader:PASSWORD`` and the query's ``X-Amz-Signature=SIGNATURE``; yields its
+    ``http://HOST:PORT``."""
+    import base64
+    import functools
+    import http.server
+    import urllib.parse
+
+    allowed = "Basic " + base64.b64encode(f"reader:{PASSWORD}".encode()).decode()
+
+    class Guarded(http.server.SimpleHTTPRequestHandler):
+        def send_head(self) -> Any:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            if self.headers.get("Authorization") != allowed or query.get("X-Amz-Signature") != [SIGNATURE]:
+                self.send_error(403)
+                return None
+            return super().send_head()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Guarded, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def test_credentials_in_the_manifest_and_weights_urls_are_never_written_or_printed(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest and weights read through URLs that carry a password and a signature: the output records
+    them (job file, every Parquet footer) and messages name them without either."""
+    from tests.segmenting import segment_in_process
+
+    _, uris, _ = archive(tmp_path, 4, bad=False)
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "m.csv").write_text("uri\n" + "".join(f"{u}\n" for u in uris))
+    (served / "model.pt").write_bytes(SHAPES_MODEL.read_bytes())
+    query = f"?X-Amz-Date=20261207T000000Z&X-Amz-Credential=AKID%2F{PASSWORD}&X-Amz-Signature={SIGNATURE}"
+    output = tmp_path / "out"
+    with guarded_http(served) as server:
+        signed = server.replace("://", f"://reader:{PASSWORD}@") + "/{}" + query
+        config = SegmentConfig(manifest=signed.format("m.csv"), output=str(output), shard_size=2,
+                               **(SMALL_MODEL | {"weights": signed.format("model.pt")}))  # fmt: skip
+        summary = segment_in_process(config)
+        # the same URL with another password: refused, and the message names the URL without its secrets
+        wrong = config.manifest.replace(PASSWORD, "not-the-password")
+        assert main(["segment", "--manifest", wrong, "--output", str(tmp_path / "other")]) == 2
+    assert summary["ok"] == len(uris)
+    job = json.loads((output / "_batchseg_job.json").read_text())
+    assert job["manifest"] == f"{server.replace('://', '://REDACTED@')}/m.csv?X-Amz-Date=20261207T000000Z" \
+        "&X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED"  # fmt: skip
+    assert job["weights_uri"] == job["manifest"].replace("/m.csv", "/model.pt")
+    footers = [read_provenance(pq.read_schema(p)) for p in sorted(output.glob("part-*.parquet"))]
+    assert len(footers) == summary["shards_total"] > 1
+    assert all(f["manifest"] == job["manifest"] for f in footers)
+    written = [p for p in output.rglob("*") if p.is_file()]
+    assert len(written) == 2 + 2 * len(footers)  # the job file, the summary, the shards and their records
+    for secret in (PASSWORD, SIGNATURE, "not-the-password"):
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), path
+    out = capsys.readouterr()
+    assert "cannot open manifest http://REDACTED@127.0.0.1" in out.err
+    for secret in (PASSWORD, SIGNATURE, "not-the-password"):
+        assert secret not in out.out + out.err

@@ -160,3 +160,13 @@ def test_credentials_the_store_refuses_are_no_images_fault(
         message = str(rejected.value)
         assert message.startswith("reading refusing://bucket/a.jpg: the storage refused the credentials ")
         assert f"({code}: " in message and "expired or been revoked" in message
+
+
+def test_file_uris_are_percent_decoded_as_path_as_uri_encodes_them(tmp_path: pathlib.Path) -> None:
+    """``Path.as_uri()`` writes a space as %20 and ü as %C3%BC (RFC 8089); a literal % is %25."""
+    image = tmp_path / "a b ü 100%.jpg"
+    image.write_bytes(b"\xff\xd8 the bytes")
+    uri = image.as_uri()
+    assert uri.endswith("/a%20b%20%C3%BC%20100%25.jpg")
+    assert storage.read_bytes(uri) == reader.read_image_bytes(uri) == b"\xff\xd8 the bytes"
+    assert storage.filesystem(uri)[1] == str(image)

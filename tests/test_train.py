@@ -462,3 +462,41 @@ def test_validation_ap_equals_segment_then_eval_with_empty_and_unreadable_images
     }
     for kind in ("bbox", "segm"):
         assert validation[kind] == pytest.approx(segmented[kind], abs=1e-9), kind
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_in_one_line_and_leaves_no_unregistered_checkpoint(
+    ray_address: str, shapes: Any, tmp_path: pathlib.Path
+) -> None:
+    """Kubernetes stops a training pod with SIGTERM: one line, exit 143, no Ray stack dump; the registered
+    checkpoints stay for the rerun, and the folders Ray Train never registered are removed (a worker may be
+    writing one when the signal comes; ``checkpoint-000000999`` stands for one, always there)."""
+    import subprocess
+    import sys
+
+    from batchseg.train.trainer import checkpoint_name
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "batchseg.cli", "train", "--images", shapes.images, "--annotations",
+            shapes.annotations, "--output", str(run), "--workers", "1", "--iterations", "200",
+            "--checkpoint-every", "1", "--batch-size", "1", "--address", ray_address]  # fmt: skip
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        trainer = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: snapshot.exists(), 100, "a checkpoint that Ray Train has registered")
+            (run / checkpoint_name(999)).mkdir()
+        finally:
+            trainer.send_signal(signal.SIGTERM)
+            code = trainer.wait(timeout=60)
+    lines = stderr.read_text().splitlines()
+    said = "batchseg: stopped by SIGTERM; checkpoints are kept, and rerunning the same command resumes from"
+    assert lines[-1] == f"{said} the last", lines
+    assert code == 143, lines
+    assert not [line for line in lines if "received at" in line], lines  # Ray's C++ stack dump
+    wait_for(lambda: not ray_worker_pids("RayTrainWorker"), 30, "the training workers to end")
+    snapshot_names = json.loads(snapshot.read_text())["checkpoint_results"]
+    registered = {r["checkpoint_dir_name"] for r in snapshot_names}
+    folders = {p.name for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint")}
+    assert registered and folders == registered

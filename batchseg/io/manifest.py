@@ -9,7 +9,9 @@ stream through in pyarrow batches.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +22,8 @@ import pyarrow as pa
 from batchseg.errors import BatchsegError, job_errors
 from batchseg.io import retries, storage
 from batchseg.io.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 URI_COLUMN = "uri"
 ID_COLUMN = "image_id"
@@ -108,10 +112,11 @@ def iter_manifest(
 
 
 def iter_rows(
-    manifest: str, storage_options: dict[str, Any] | None = None, keep: Keep = ()
+    manifest: str, storage_options: dict[str, Any] | None = None, keep: Keep = (), say_skipped: bool = False
 ) -> Iterator[tuple[list[str], list[str], pa.Table | None]]:
     """Stream ``(image_ids, uris, kept columns)`` in manifest order: the kept columns (``keep``) as a table
-    of the batch's rows (None when none are kept) with the manifest's types, strings from CSV files."""
+    of the batch's rows (None when none are kept) with the manifest's types, strings from CSV files. A
+    folder's files that systems leave beside images are skipped (said in one line with ``say_skipped``)."""
     manifest = absolute_uri(manifest)
     fs, path = storage.filesystem(manifest, storage_options)
     with job_errors(f"cannot open manifest {manifest}"):
@@ -123,7 +128,7 @@ def iter_rows(
             raise BatchsegError(
                 f"--keep-columns {','.join(keep)}: manifest {manifest} is a folder; it has no columns to keep"
             )
-        for ids, uris in _iter_folder(fs, path, manifest):
+        for ids, uris in _iter_folder(fs, path, manifest, say_skipped):
             yield ids, uris, None
         return
     base = storage.parent(manifest)
@@ -160,6 +165,8 @@ def _refuse_missing(keep: tuple[str, ...], names: list[str], manifest: str) -> N
 
 
 def _suffix(path: str) -> str:
+    if path.startswith(("http://", "https://")):  # a URL's query (a pre-signed URL's signature) is no name
+        path = urllib.parse.urlsplit(path).path
     name = path.lower().removesuffix(".gz")
     return os.path.splitext(name)[1]
 
@@ -214,8 +221,28 @@ def _iter_lines(fs: Any, path: str) -> Iterator[pa.RecordBatch]:
             yield pa.record_batch({URI_COLUMN: lines})
 
 
-def _iter_folder(fs: Any, path: str, manifest: str) -> Iterator[tuple[list[str], list[str]]]:
-    files = sorted(p for p in fs.find(path) if _suffix(p) in IMAGE_EXTENSIONS)
+# Files that operating systems leave beside images, never images themselves: macOS's AppleDouble
+# ``._photo.jpg`` (the resource fork of ``photo.jpg``, written on disks that are not a Mac's) and
+# ``.DS_Store``, Windows' ``Thumbs.db`` and ``desktop.ini``.
+SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+
+
+def _is_system_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.startswith("._") or name.lower() in SYSTEM_FILES
+
+
+def _iter_folder(
+    fs: Any, path: str, manifest: str, say_skipped: bool
+) -> Iterator[tuple[list[str], list[str]]]:
+    found = fs.find(path)
+    files = sorted(p for p in found if _suffix(p) in IMAGE_EXTENSIONS and not _is_system_file(p))
+    skipped = sum(map(_is_system_file, found))
+    if say_skipped and skipped:
+        log.info(
+            f"manifest {manifest}: skipped {skipped} file(s) that macOS and Windows leave beside images "
+            "(._* AppleDouble files, .DS_Store, Thumbs.db, desktop.ini)"
+        )
     for start in range(0, len(files), TEXT_BATCH_ROWS):
         uris = [storage.unstrip(fs, p) for p in files[start : start + TEXT_BATCH_ROWS]]
         yield [default_image_id(u) for u in uris], uris
@@ -251,7 +278,7 @@ def plan_shards(
     fingerprints = []
     columns = pa.schema([])
     num_rows = 0
-    for shard in _split(iter_rows(manifest, storage_options, keep), shard_size):
+    for shard in _split(iter_rows(manifest, storage_options, keep, say_skipped=True), shard_size):
         hashes.append(np.fromiter(map(hash, shard.image_ids), dtype=np.int64, count=len(shard)))
         fingerprints.append(shard.fingerprint)
         columns = shard.columns.schema if shard.columns is not None else columns

@@ -38,6 +38,8 @@ def is_transient(error: BaseException) -> bool:
     """Whether ``error`` may go away on its own (network, 5xx, throttling) rather than mean what it says."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if _refused_by_the_client(error):
+        return False
     if {c.__name__ for c in type(error).__mro__} & _TRANSIENT_TYPES:
         return True
     if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
@@ -47,6 +49,21 @@ def is_transient(error: BaseException) -> bool:
     # s3fs turns botocore's errors into OSErrors whose message may not say what happened (a 503 SlowDown
     # becomes "Please reduce your request rate."), keeping the original as the cause.
     return error.__cause__ is not None and is_transient(error.__cause__)
+
+
+def _refused_by_the_client(error: BaseException | None) -> bool:
+    """Whether the HTTP client refused to send the request at all (a ValueError or TypeError behind the
+    error, e.g. aiohttp's "Cannot combine AUTHORIZATION header with ... credentials encoded in URL" for an
+    endpoint URL with user info): the configuration is wrong, and every try fails the same way. botocore
+    wraps it in an ``HTTPClientError`` (otherwise transient) that keeps it as ``kwargs["error"]``."""
+    while error is not None:
+        if isinstance(error, (ValueError, TypeError)):
+            return True
+        behind = (
+            getattr(error, "kwargs", {}).get("error") if type(error).__name__ == "HTTPClientError" else None
+        )
+        error = behind if isinstance(behind, BaseException) else error.__cause__
+    return False
 
 
 class _Tally:

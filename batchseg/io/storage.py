@@ -12,6 +12,7 @@ import datetime
 import os
 import posixpath
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,6 +42,8 @@ def filesystem(
     if uri == STDOUT:
         return LocalFileSystem(), STDOUT
     fs, path = fsspec.core.url_to_fs(uri, **with_timeouts(uri, storage_options))
+    if uri.startswith("file://"):  # percent-encoded (RFC 8089), as Path.as_uri writes it; fsspec keeps the %
+        path = urllib.parse.unquote(path)
     return fs, path
 
 

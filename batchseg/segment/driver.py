@@ -14,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchseg.errors import BatchsegError, DeviceError
+from batchseg.errors import STOP_SIGNALS, BatchsegError, DeviceError, Stopped
 from batchseg.format.output import ShardRecord
 from batchseg.io import storage
 from batchseg.io.manifest import Shard, iter_shards
@@ -110,8 +113,8 @@ def run_segment(config: SegmentConfig) -> dict[str, Any]:
             )
         run = empty_run()
         if todo:
-            init_ray(config.address)
-            run = Driver(job).run()
+            with ray_session(config.address):
+                run = Driver(job).run()
         return finish(job, run, started)
 
 
@@ -139,17 +142,49 @@ def joined_cluster(address: str | None) -> bool:
     return bool(address) and address != "local"
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray. Ray's own workers log
-    errors only: batchseg prints its own progress, and Ray's warnings here are mostly about the state
-    API, which needs the dashboard that a local run does not start."""
-    if not ray.is_initialized():
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local Ray; returns whether this call
+    connected (False: Ray was already up in this process). Ray's own workers log errors only: batchseg
+    prints its own progress, and Ray's warnings here are mostly about the state API, which needs the
+    dashboard that a local run does not start.
+
+    ``ray.init`` replaces the process's SIGTERM handler (first with its own ``sys.exit(15)``, then with a
+    C++ one that prints a stack dump and aborts, exit 134): the handlers from before are put back, so that
+    a SIGTERM or SIGHUP (:func:`~batchseg.errors.stop_on_signals`) ends the job as Ctrl-C does."""
+    if ray.is_initialized():
+        return False
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
         ray.init(
             address=address,
             include_dashboard=False,
             configure_logging=False,
             logging_config=ray.LoggingConfig(log_level="ERROR"),
         )
+    except SystemExit as e:
+        if e.code == signal.SIGTERM:  # Ray's own handler, while Ray starts
+            raise Stopped(signal.SIGTERM) from e
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():  # (ray.init, too, sets them only there)
+            for signum, handler in handlers.items():
+                if handler is not None:  # None: a handler not set from Python, which Python cannot put back
+                    signal.signal(signum, handler)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for one job (:func:`init_ray`). When the job is stopped (Ctrl-C, SIGTERM, SIGHUP), a Ray this
+    call connected is shut down on the way out: a local Ray's processes end with the job rather than
+    minutes after it, and a cluster sees its driver go at once."""
+    connected = init_ray(address)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if connected:
+            ray.shutdown()
+        raise
 
 
 class Driver:

@@ -16,6 +16,7 @@ from batchseg.format.records import name_clashes
 from batchseg.inference.models import WeightsInfo, resolve_weights
 from batchseg.io import storage
 from batchseg.io.manifest import Plan, plan_shards
+from batchseg.log import redact
 from batchseg.options import check
 from batchseg.segment.config import ON_DEVICE, SegmentConfig
 
@@ -71,7 +72,7 @@ def prepare_job(config: SegmentConfig) -> Job:
         "batchseg_version": __version__,
         "model": weights.model,
         "weights": weights.identity,
-        "weights_uri": weights.uri,
+        "weights_uri": redact(weights.uri),  # recorded without credentials, as are the manifest's
         "categories": list(weights.categories),
         "score_threshold": config.score_threshold,
         "mask_threshold": config.mask_threshold,
@@ -82,7 +83,7 @@ def prepare_job(config: SegmentConfig) -> Job:
         "tile_overlap": config.overlap if config.tile else None,
         "max_pixels": config.max_pixels,
         "shard_size": config.shard_size,
-        "manifest": plan.manifest,
+        "manifest": redact(plan.manifest),
         "manifest_rows": plan.num_rows,
         "manifest_fingerprint": plan.fingerprint,
         "keep_columns": {f.name: str(f.type) for f in plan.columns},

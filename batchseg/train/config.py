@@ -16,6 +16,7 @@ from batchseg.inference.registry import (
     resize_order,
     resize_problem,
 )
+from batchseg.log import redact
 from batchseg.options import (
     STORAGE_OPTIONS_HELP,
     at_least,
@@ -303,5 +304,10 @@ class TrainConfig:
 
 
 def public_config(config: TrainConfig) -> dict[str, Any]:
-    """The config as saved in checkpoints and logs: storage options (credentials) left out."""
-    return {k: v for k, v in asdict(config).items() if k not in ("storage_options", "address")}
+    """The config as saved in checkpoints and logs: storage options (credentials) left out, and the URIs'
+    credentials redacted (:func:`~batchseg.log.redact`)."""
+    return {
+        k: redact(v) if isinstance(v, str) else v
+        for k, v in asdict(config).items()
+        if k not in ("storage_options", "address")
+    }

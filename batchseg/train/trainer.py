@@ -31,7 +31,7 @@ from batchseg.inference.precision import autocast_dtype, keep_boxes_float32
 from batchseg.inference.registry import model_spec
 from batchseg.io import storage
 from batchseg.io.manifest import absolute_uri
-from batchseg.log import to_stderr, unless_configured
+from batchseg.log import redact, to_stderr, unless_configured
 from batchseg.options import check
 from batchseg.train.config import TrainConfig, public_config, worker_range
 from batchseg.train.data import CocoInstances
@@ -348,11 +348,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) with Ray Train; write ``<output>/model.pt`` (weights, model name, categories,
     config: what ``batchseg segment --weights`` takes) and return the final metrics."""
     unless_configured()  # long work shows its progress, in a notebook too
-    import pyarrow.fs
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from batchseg.segment.driver import check_ray_address, init_ray
+    from batchseg.segment.driver import check_ray_address, ray_session
 
     # Ray Train's print patch would send each progress line twice (log and stream); plain prints suffice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -371,10 +367,39 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         config = replace(config, annotations=data)
     check_training_data(config)
     fs, path = storage.filesystem(output, config.storage_options)
-    name, parent = os.path.basename(path), os.path.dirname(path)
     with job_errors(f"cannot write to output {config.output}"):
         fs.makedirs(path, exist_ok=True)
-    init_ray(config.address)
+    try:
+        with ray_session(config.address):
+            result = _fit(config, weights, fs, path)
+    except KeyboardInterrupt:
+        # Stopped (Ctrl-C, SIGTERM, SIGHUP) and Ray shut down: a checkpoint a worker wrote that Ray Train never
+        # registered would stay for good; the registered ones are what the rerun resumes from.
+        remove_unregistered_checkpoints(fs, path, registered_checkpoints(fs, path), "the run was stopped")
+        raise
+    if result.checkpoint is None:
+        raise BatchsegError(f"training ended without a checkpoint: {result.error}")
+    registered = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    remove_unregistered_checkpoints(fs, path, registered, "a worker was lost")
+    with result.checkpoint.as_directory() as folder:
+        saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    final = deployable(saved)
+    with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
+        torch.save(final, f)
+    metrics = dict(result.metrics or {}) | {"model": redact(storage.join(output, CHECKPOINT_FILE))}
+    if selected:
+        metrics["training_set"] = selected
+    fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+def _fit(config: TrainConfig, weights: WeightsInfo, fs: Any, path: str) -> Any:
+    """The Ray Train run (a ``TorchTrainer``) in the run folder ``path`` on ``fs``; its ``Result``."""
+    import pyarrow.fs
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name, parent = os.path.basename(path), os.path.dirname(path)
     cpus = config.cpus_per_worker or 1.0
     low, high = worker_range(config.workers)
     trainer = TorchTrainer(
@@ -403,35 +428,37 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         ),
     )
     workers = str(low) if low == high else f"{low} to {high}"
-    log.info(f"training {weights.model} from {weights.identity} on {workers} worker(s); run folder {output}")
+    log.info(
+        f"training {weights.model} from {weights.identity} on {workers} worker(s); run folder {config.output}"
+    )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise BatchsegError(f"training failed: {_root_cause(e)}") from e
-    if result.checkpoint is None:
-        raise BatchsegError(f"training ended without a checkpoint: {result.error}")
-    remove_unregistered_checkpoints(fs, path, [c for c, _ in result.best_checkpoints or []])
-    with result.checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    final = deployable(saved)
-    with fs.open(storage.join(path, CHECKPOINT_FILE), "wb") as f:
-        torch.save(final, f)
-    metrics = dict(result.metrics or {}) | {"model": storage.join(output, CHECKPOINT_FILE)}
-    if selected:
-        metrics["training_set"] = selected
-    fs.pipe_file(storage.join(path, "metrics.json"), json.dumps(metrics, indent=2).encode())
-    return metrics
 
 
-def remove_unregistered_checkpoints(fs: Any, run: str, registered: list[Any]) -> None:
+def registered_checkpoints(fs: Any, run: str) -> set[str]:
+    """The checkpoint folders that Ray Train's record in the run folder names (what a rerun resumes from);
+    none when it has recorded none."""
+    try:
+        snapshot = json.loads(fs.cat_file(storage.join(run, "checkpoint_manager_snapshot.json")))
+    except FileNotFoundError:
+        return set()
+    results = [*snapshot["checkpoint_results"], *snapshot.get("pending_training_results", [])]
+    if snapshot.get("latest_checkpoint_result"):
+        results.append(snapshot["latest_checkpoint_result"])
+    return {r["checkpoint_dir_name"] for r in results}
+
+
+def remove_unregistered_checkpoints(fs: Any, run: str, registered: set[str], why: str) -> None:
     """Delete the checkpoint folders batchseg named (:func:`checkpoint_name`) that Ray Train never
-    registered: a worker lost while a checkpoint was being reported leaves its folder behind, and a rerun
-    that never reaches that step again would keep it forever. Nothing else in the run folder is touched."""
-    kept = {os.path.basename(c.path.rstrip("/")) for c in registered}
+    registered (``registered``: the names of those it did): a worker lost, or a run stopped, while a
+    checkpoint was being reported leaves its folder behind, and a rerun that never reaches that step again
+    would keep it forever. Nothing else in the run folder is touched."""
     for entry in fs.ls(run, detail=True):
         name = os.path.basename(entry["name"].rstrip("/"))
-        if entry["type"] == "directory" and name.startswith(CHECKPOINT_PREFIX) and name not in kept:
-            log.info(f"removing {name}: a checkpoint that was never registered (a worker was lost)")
+        if entry["type"] == "directory" and name.startswith(CHECKPOINT_PREFIX) and name not in registered:
+            log.info(f"removing {name}: a checkpoint that was never registered ({why})")
             fs.rm(entry["name"], recursive=True)
 
 
