@@ -16,6 +16,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def all_cpus_free(timeout: float = 60) -> None:
+    """Wait until every CPU of this process's Ray is free again: an earlier test's run that was killed or
+    stopped lets go of its actors' CPUs a moment after its processes end, and a run on a range of workers
+    (``--workers 1,2``) starts with as many as are free."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    wait_for(
+        lambda: ray.available_resources().get("CPU", 0) >= total, timeout, f"all {total:g} CPUs of Ray free"
+    )
+
+
 def ray_worker_pids(title: str) -> list[int]:
     """PIDs of the Ray worker processes of the Ray instance this process started (``ray.init`` in the test
     session) whose title starts with ``ray::<title>``.

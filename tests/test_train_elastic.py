@@ -23,7 +23,7 @@ from batchseg.train.engine import lr_factor
 from batchseg.train.sampling import Progress
 from batchseg.train.synth import write_dataset
 from batchseg.train.trainer import CHECKPOINT_PREFIX, run_training
-from tests.processes import ray_worker_pids, wait_for
+from tests.processes import all_cpus_free, ray_worker_pids, wait_for
 
 EXAMPLES, BATCH, ITERATIONS, EVERY, WARMUP = 16, 2, 12, 3, 2
 PLANNED = 2  # --workers 1,2: --iterations counts steps of 2 workers
@@ -76,6 +76,7 @@ def resumed(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Resum
         except BaseException as e:  # looked at in the tests
             outcome["error"] = e
 
+    all_cpus_free()  # the run starts with 2 workers, the most of its range, only if both CPUs are free
     trainer = threading.Thread(target=train)
     trainer.start()
     try:
