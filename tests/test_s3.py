@@ -222,8 +222,8 @@ def test_a_flaky_store_gives_every_row_ok_exactly_once_and_counts_the_retries(
     stalled past the read timeout or cut short, and so are its next four tries: as many as s3fs makes on
     its own (botocore's retries are off), so each fault reaches batchseg. aiohttp checks a body against
     its Content-Length (a ClientPayloadError), so a cut-short image is retried, never a corrupt_image row."""
-    data = write_dataset("s3://data/chaos", 120, seed=4, size=64, storage_options=s3.options())
-    config = small_model_job(s3, data.manifest, "s3://out/chaos", shard_size=30, actors=(2, 2))
+    data = write_dataset("s3://data/chaos", 200, seed=4, size=64, storage_options=s3.options())
+    config = small_model_job(s3, data.manifest, "s3://out/chaos", shard_size=50, actors=(2, 2))
     config = replace(config, connect_timeout=1, read_timeout=1)
     with FaultProxy(s3.ports[3], every=8, repeat=5, only=r" /data/chaos/images/| /out[/?]") as proxy:
         flaky = s3.options() | {
@@ -236,10 +236,10 @@ def test_a_flaky_store_gives_every_row_ok_exactly_once_and_counts_the_retries(
     started = [f.split(" ", 1) for f in faults["faulted"]]  # [kind, "METHOD target"]
     assert any(key.startswith("PUT /out/chaos/") for _, key in started), started
     image_reads = {key for _, key in started if key.startswith("GET /data/chaos/images/")}
-    assert (summary["status"], summary["ok"], summary["shards_failed"]) == ("complete", 120, [])
+    assert (summary["status"], summary["ok"], summary["shards_failed"]) == ("complete", 200, [])
     assert summary["storage_retries"] >= len(image_reads), (summary["storage_retries"], faults)
     table = open_results(config.output, s3.options()).to_table()
-    assert table.column("status").to_pylist() == ["ok"] * 120, "a storage fault must not become an error row"
+    assert table.column("status").to_pylist() == ["ok"] * 200, "a storage fault must not become an error row"
     assert table.column("uri").to_pylist() == data.uris  # every image once, in manifest order
 
 
