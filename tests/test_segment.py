@@ -329,18 +329,25 @@ def test_sigkill_then_rerun_is_exactly_once_and_redoes_only_unfinished_shards(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signum", "when"), [(signal.SIGTERM, "working"), (signal.SIGHUP, "starting")], ids=["term", "hup"]
+    ("signum", "when", "ray"),
+    [
+        (signal.SIGTERM, "working", "session"),
+        (signal.SIGHUP, "starting", "session"),
+        (signal.SIGTERM, "working", "own"),
+    ],
+    ids=["term", "hup", "term-own-ray"],
 )
 def test_sigterm_or_sighup_stops_as_ctrl_c_does_and_a_rerun_finishes(
-    ray_address: str, tmp_path: pathlib.Path, signum: int, when: str
+    ray_address: str, tmp_path: pathlib.Path, signum: int, when: str, ray: str
 ) -> None:
     """Kubernetes sends SIGTERM, a closed ssh session SIGHUP: one line, exit 128 + the signal, no Ray stack
-    dump, whether it comes while the job works or while it starts; the rerun does the rest."""
+    dump, whether it comes while the job works or while it starts, on a Ray the job joined or one it
+    started (``--address local``: ray.init's C++ handler is the one put back); the rerun does the rest."""
     manifest, uris, _ = archive(tmp_path, 60, bad=False)
     output = tmp_path / "out"
     config = SegmentConfig(manifest=manifest, output=str(output), shard_size=3, batch_size=3, **SMALL_MODEL)
     args = [sys.executable, "-m", "batchseg.cli", "segment", "--manifest", manifest, "--output", str(output),
-            "--shard-size", "3", "--batch-size", "3", "--address", ray_address]  # fmt: skip
+            "--shard-size", "3", "--batch-size", "3", "--address", ray_address if ray == "session" else "local"]  # fmt: skip
     args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items()]
     stderr = tmp_path / "stderr"
     with open(stderr, "w") as err:
