@@ -5,6 +5,7 @@ server (SeaweedFS); no Ray: the refusals come before it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import s3fs
 
 from batchseg.errors import BatchsegError
 from batchseg.format.lease import Lease
@@ -150,6 +152,7 @@ def test_a_stale_lease_is_taken_over_with_a_warning(
     stopped = time.time() - 600
     held = {"owner": "dead", "host": "gone-host", "pid": 4242, "started": stopped - 60, "heartbeat": stopped}
     (out / LEASE_FILE).write_text(json.dumps(held))
+    os.utime(out / LEASE_FILE, (stopped, stopped))  # its age is the store's: its last write
     config = job_config(tmp_path, str(out))
     with caplog.at_level(logging.WARNING, logger="batchseg"):
         segment_in_process(config)
@@ -174,6 +177,7 @@ def test_a_lease_that_is_not_yet_stale_is_refused(tmp_path: pathlib.Path) -> Non
     (out / LEASE_FILE).write_text(
         json.dumps({"owner": "o", "host": "busy-host", "pid": 7, "started": beat, "heartbeat": beat})
     )
+    os.utime(out / LEASE_FILE, (beat, beat))
     with pytest.raises(
         BatchsegError, match=r"another job \(host busy-host, pid 7, .*last heartbeat 10\d s ago\)"
     ):
@@ -231,3 +235,117 @@ def test_a_lease_whose_process_ended_on_this_machine_is_taken_over_at_once(
     (out / LEASE_FILE).write_text(json.dumps(held | {"pid_namespace": "pid:[1]"}))
     with pytest.raises(BatchsegError, match="is being written by another job"):
         prepare_job(job_config(tmp_path, str(out)))
+
+
+class IgnoresConditions(s3fs.S3FileSystem):
+    """A store without conditional writes that ignores the header (older S3-compatible servers)."""
+
+    async def _pipe_file(self, path: str, data: bytes, mode: str = "overwrite", **kwargs: Any) -> Any:
+        return await super()._pipe_file(path, data, **kwargs)
+
+
+class RefusesConditions(s3fs.S3FileSystem):
+    """A store without conditional writes that answers the header with 501 NotImplemented."""
+
+    async def _pipe_file(self, path: str, data: bytes, mode: str = "overwrite", **kwargs: Any) -> Any:
+        if mode == "create":
+            raise OSError(errno.ENOSYS, "NotImplemented: If-None-Match")
+        return await super()._pipe_file(path, data, **kwargs)
+
+
+def racing_outputs(
+    where: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest, name: str
+) -> OutputDir:
+    """An output on local disk, on the S3 server, or on it seen through a store without conditional writes."""
+    if where == "local":
+        (tmp_path / name).mkdir()
+        return OutputDir(str(tmp_path / name))
+    s3: S3Server = request.getfixturevalue("s3")
+    output = OutputDir(f"s3://out/{name}-{where}-{time.time_ns()}", s3.options())
+    store = {
+        "s3": None,
+        "s3-ignores-conditions": IgnoresConditions,
+        "s3-refuses-conditions": RefusesConditions,
+    }
+    if store[where] is not None:
+        output.fs = store[where](**output.fs.storage_options, skip_instance_cache=True)
+    return output
+
+
+def race(leases: list[Lease]) -> list[str]:
+    """Each lease taken at once from its own thread: what each got, in order."""
+    results = [""] * len(leases)
+    start = threading.Barrier(len(leases))
+
+    def take(i: int) -> None:
+        start.wait()
+        try:
+            leases[i].take()
+            results[i] = "held"
+        except BatchsegError:
+            results[i] = "refused"
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(leases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("where", ["local", "s3-ignores-conditions", "s3-refuses-conditions"])
+def test_on_a_store_without_conditional_writes_exactly_one_of_racing_jobs_holds_the_lease(
+    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """The last writer wins where the store cannot create only if absent, and every other job learns it
+    before it writes anything (the lease is read back after a pause)."""
+    output = racing_outputs(where, tmp_path, request, "unconditional")
+    leases = [Lease(output) for _ in range(6)]
+    results = race(leases)
+    try:
+        assert sorted(results) == ["held"] + ["refused"] * 5
+        holder = leases[results.index("held")]
+        assert json.loads(output.fs.cat_file(holder.path))["owner"] == holder.me.owner
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_jobs_taking_over_one_stale_lease_at_once_exactly_one_holds_it(
+    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """Two reruns after a crash both find the lease stale: one takes it over, the other is refused (a
+    takeover removed the lease only if it was still the stale one, then read it back after a pause)."""
+    output = racing_outputs(where, tmp_path, request, "takeover")
+    stale = {"owner": "dead", "host": "gone-host", "pid": 4242, "started": 0.0, "heartbeat": 0.0}
+    output.fs.pipe_file(f"{output.path}/{LEASE_FILE}", json.dumps(stale).encode())
+    leases = [Lease(output, stale_after_s=1) for _ in range(6)]
+    time.sleep(1.5)
+    results = race(leases)
+    try:
+        assert sorted(results) == ["held"] + ["refused"] * 5
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_live_holder_whose_clock_is_behind_is_not_taken_over(
+    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """The heartbeat's age is the store's: the time of its last write against the store's time now. A
+    holder whose clock is 10 minutes slow is still alive; one whose clock is fast has still stopped."""
+    output = racing_outputs(where, tmp_path, request, "skewed")
+    path = f"{output.path}/{LEASE_FILE}"
+    slow = time.time() - 600
+    held = {"owner": "slow-clock", "host": "h", "pid": 7, "started": slow, "heartbeat": slow}
+    output.fs.pipe_file(path, json.dumps(held).encode())
+    with pytest.raises(BatchsegError, match=r"another job \(host h, pid 7, .*last heartbeat [0-9] s ago\)"):
+        Lease(output).take()
+    if where == "local":  # a holder whose clock runs 10 minutes ahead, stopped 10 minutes ago
+        fast = time.time() + 600
+        output.fs.pipe_file(path, json.dumps(held | {"started": fast, "heartbeat": fast}).encode())
+        os.utime(path, (time.time() - 600, time.time() - 600))
+        with Lease(output) as lease:
+            assert json.loads(output.fs.cat_file(path))["owner"] == lease.me.owner

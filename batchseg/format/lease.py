@@ -6,19 +6,20 @@ end, error or Ctrl-C included. Another job on the same output is refused in one 
 a lease whose heartbeat stopped more than :data:`STALE_AFTER_S` seconds ago (its job was killed, its machine
 lost) is taken over with a warning.
 
-The lease is created only if absent: on local disk by a hard link of the whole file (atomic, fails if the
-name exists), on S3 by a conditional PUT (``If-None-Match: *``: AWS S3, SeaweedFS); elsewhere fsspec's
-create checks first and writes after. It is always read back: on a store that ignores the condition the
-last writer wins, and the loser learns it at once (it is refused) or at its next heartbeat (its lease is
-lost: the job stops with an error before it hands out another shard).
+The lease is created only if absent (:func:`batchseg.io.atomic.create`: a hard link on disk, a conditional
+PUT on S3) and always read back. Where two jobs may both have written it (a store without conditional
+writes, where the last writer wins, or two jobs taking over one stale lease at once, where the second may
+remove the first's new lease) the read-back waits :data:`SETTLE_S` first: the job that lost has learnt it
+before it writes anything. A lease's age is the store's: the time of its last write against that of a
+probe written now, so the clocks of the jobs' machines need not agree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # the holder's clock, its age the taker's). A killed job holds its output up for at most these 2 minutes.
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0
+# A job racing this one for the lease writes or removes it one storage call after its own read: well
+# within 2 s, which only a takeover or a store without conditional writes waits.
+SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,11 @@ class Holder:
     heartbeat: float
     pid_namespace: str = ""  # Linux: the PID namespace of ``pid`` (see Lease._ended); "" where unknown
 
-    def line(self, now: float) -> str:
-        """``host h, pid 42, started 2026-12-07 10:00:00 UTC, last heartbeat 4 s ago``."""
+    def line(self, age: float) -> str:
+        """``host h, pid 42, started 2026-12-07 10:00:00 UTC, last heartbeat 4 s ago``, its heartbeat
+        ``age`` seconds old."""
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
-        return f"host {self.host}, pid {self.pid}, started {started}, last heartbeat {now - self.heartbeat:.0f} s ago"
+        return f"host {self.host}, pid {self.pid}, started {started}, last heartbeat {age:.0f} s ago"
 
 
 class Lease:
@@ -86,18 +91,24 @@ class Lease:
         with job_errors(f"cannot use output {uri}"):
             self.output.refuse_missing_bucket()
             held = self._read()
-            if held is not None:
-                age = time.time() - held.heartbeat
+            age = self._age() if held is not None else None
+            if held is not None and age is not None:
                 if age < self.stale_after_s and not self._ended(held):
-                    raise self._refusal(held)
+                    raise self._refusal(held, age)
                 why = "ended" if age < self.stale_after_s else f"stale after {self.stale_after_s:.0f} s"
                 log.warning(
-                    f"output {uri}: taking over the lease of a job whose heartbeat stopped "
-                    f"({held.line(time.time())}; {why})"
+                    f"output {uri}: taking over the lease of a job whose heartbeat stopped ({held.line(age)}; {why})"
                 )
-                retries.retrying(lambda: self.output.fs.rm(self.path), f"removing {self.path}")
-            self._create(self._body(self.me))
-            held = self._read()  # a store that ignores the condition: the last writer wins
+                self._remove(held)
+            else:  # none, or it went as this job looked
+                held = None
+            try:
+                exclusive = atomic.create(self.output.fs, self.path, self._body(self.me))
+            except FileExistsError:
+                exclusive = True  # another job's: the read-back names it
+            if held is not None or not exclusive:
+                time.sleep(SETTLE_S)
+            held = self._read()
             if held is None or held.owner != self.me.owner:
                 raise self._refusal(held)
         self._beating = threading.Thread(target=self._beat, name="batchseg-lease", daemon=True)
@@ -140,8 +151,10 @@ class Lease:
                 f"over {self.stale_after_s:.0f} s after this one's last heartbeat"
             )
 
-    def _refusal(self, held: Holder | None) -> BatchsegError:
-        who = held.line(time.time()) if held is not None else "another job"
+    def _refusal(self, held: Holder | None, age: float | None = None) -> BatchsegError:
+        if held is not None and age is None:
+            age = self._age()
+        who = held.line(age or 0.0) if held is not None else "another job"
         return BatchsegError(
             f"output {self.output.uri} is being written by another job ({who}); wait for it to end or stop "
             f"it, or choose another --output (its lease, {LEASE_FILE}, goes stale {self.stale_after_s:.0f} s "
@@ -152,48 +165,46 @@ class Lease:
     def _body(holder: Holder) -> bytes:
         return json.dumps(asdict(holder), indent=2).encode()
 
-    def _read(self) -> Holder | None:
+    def _read(self, retry: bool = True) -> Holder | None:
         """The lease as it is now, or None. One that does not read as a lease (written by hand, or caught
-        half-written on a filesystem without hard links) is someone's, its heartbeat its modification time."""
+        half-written on a filesystem without hard links) is someone's. The heartbeat reads it without
+        retries: it does not wait out a failing store, it tries again at its next beat."""
         fs = self.output.fs
         fs.invalidate_cache(self.path)
         try:
-            text = retries.retrying(lambda: fs.cat_file(self.path), f"reading {self.path}")
+            text = retries.retrying(
+                lambda: fs.cat_file(self.path), f"reading {self.path}", None if retry else 0
+            )
         except FileNotFoundError:
             return None
         try:
             return Holder(**json.loads(text))
         except (ValueError, TypeError):
-            modified = retries.retrying(lambda: fs.modified(self.path), f"reading {self.path}").timestamp()
-            return Holder("?", "?", 0, modified, modified)
+            return Holder("?", "?", 0, 0.0, 0.0)
 
-    def _create(self, data: bytes) -> None:
-        """Write the lease only if none is there; whether it was is for the read that follows to say."""
+    def _age(self) -> float | None:
+        """Seconds since the lease was last written by the store's clock (a probe written beside it now
+        against the lease's modification time), or None when there is no lease any more."""
         fs = self.output.fs
-        if not storage.is_local(fs):
-            try:
-                retries.retrying(lambda: fs.pipe_file(self.path, data, mode="create"), f"writing {self.path}")
-            except OSError:  # exists (FileExistsError, or SeaweedFS's 412 as EINVAL), or the store failed
-                if self._read() is None:
-                    raise
-            return
-        fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        whole = atomic.aside(self.path)
-        with open(whole, "wb") as f:
-            f.write(data)
+        probe = atomic.aside(self.path)
+        retries.retrying(lambda: fs.pipe_file(probe, b""), f"writing {probe}")
         try:
-            os.link(whole, self.path)
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links: an exclusive create, the file briefly empty
+            fs.invalidate_cache(self.path)
+            now = retries.retrying(lambda: fs.modified(probe), f"reading {probe}")
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                then = retries.retrying(lambda: fs.modified(self.path), f"reading {self.path}")
+            except FileNotFoundError:
+                return None
         finally:
-            os.unlink(whole)
+            retries.retrying(lambda: fs.rm(probe), f"removing {probe}")
+        return (now - then).total_seconds()
+
+    def _remove(self, held: Holder) -> None:
+        """Remove the stale lease ``held`` if it is still the one there: another job taking it over at the
+        same time may have replaced it already."""
+        if self._read() == held:
+            with contextlib.suppress(FileNotFoundError):
+                retries.retrying(lambda: self.output.fs.rm(self.path), f"removing {self.path}")
 
     def _beat(self) -> None:
         """Every ``heartbeat_s``: the lease's heartbeat renewed, unless another job holds it now (it took
@@ -201,9 +212,9 @@ class Lease:
         lease is lost, and :meth:`check` says so. A heartbeat that fails is tried again at the next one."""
         while not self._stop.wait(self.heartbeat_s):
             try:
-                held = self._read_once()
+                held = self._read(retry=False)
                 if held is None or held.owner != self.me.owner:
-                    who = held.line(time.time()) if held is not None else "nobody: it was removed"
+                    who = held.line(0) if held is not None else "nobody: it was removed"
                     self.lost = (
                         f"output {self.output.uri}: this job's lease was taken by another job ({who}); "
                         "stopped so that two jobs do not write one output"
@@ -217,17 +228,6 @@ class Lease:
                     self.output.fs.pipe_file(self.path, body)
             except Exception as e:
                 log.warning(f"output {self.output.uri}: cannot renew its lease ({describe(e)}); trying again")
-
-    def _read_once(self) -> Holder | None:
-        """The lease as :meth:`_read` gives it, in one storage call (the heartbeat does not wait out retries)."""
-        fs = self.output.fs
-        fs.invalidate_cache(self.path)
-        try:
-            return Holder(**json.loads(fs.cat_file(self.path)))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError):
-            return Holder("?", "?", 0, 0.0, 0.0)
 
 
 def _pid_namespace() -> str:

@@ -54,6 +54,42 @@ def write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         retries.retrying(lambda: fs.pipe_file(path, data), f"writing {path}")
 
 
+def create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``data`` at ``path``, whole, only if nothing is there; :class:`FileExistsError` if something is.
+
+    On local disk a hard link of the whole file (atomic; where the filesystem has no hard links, an
+    exclusive create, briefly empty); on an object store a conditional PUT (``If-None-Match: *``: AWS S3,
+    SeaweedFS, MinIO). Returns False where the store has no such condition and the write was a plain one
+    (the last writer wins: the caller reads back what is there), True where it was exclusive.
+    """
+    if not storage.is_local(fs):
+        try:
+            retries.retrying(lambda: fs.pipe_file(path, data, mode="create"), f"writing {path}")
+            return True
+        except (FileExistsError, PermissionError, FileNotFoundError):
+            raise
+        except OSError:  # a refused condition (SeaweedFS: 412 as EINVAL) or a store without it (501)
+            fs.invalidate_cache(path)
+            if fs.exists(path):
+                raise FileExistsError(errno.EEXIST, "it exists", path) from None
+        retries.retrying(lambda: fs.pipe_file(path, data), f"writing {path}")
+        return False
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    whole = aside(path)
+    with open(whole, "wb") as f:
+        f.write(data)
+    try:
+        os.link(whole, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+            f.write(data)
+    finally:
+        os.unlink(whole)
+    return True
+
+
 @contextlib.contextmanager
 def open_whole(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
     """A binary file to stream into, that appears at ``path`` whole or not at all: it is written aside
