@@ -349,3 +349,19 @@ def test_a_live_holder_whose_clock_is_behind_is_not_taken_over(
         os.utime(path, (time.time() - 600, time.time() - 600))
         with Lease(output) as lease:
             assert json.loads(output.fs.cat_file(path))["owner"] == lease.me.owner
+
+
+def test_a_lease_probe_left_on_s3_by_a_killed_job_is_removed_by_the_next_and_nothing_else(
+    tmp_path: pathlib.Path, s3: S3Server
+) -> None:
+    """A job killed while it timed a lease (its probe, lying aside as unfinished writes do) leaves an
+    object that only batchseg would name so: the next job on the output removes it, on S3 as on disk."""
+    config = job_config(tmp_path, "s3://out/probed", storage_options=s3.options())
+    output = OutputDir(config.output, s3.options())
+    probe = f"{output.path}/.{LEASE_FILE}.tmp-{'0123456789abcdef' * 2}"
+    theirs = f"{output.path}/.notes.tmp-{'0123456789abcdef' * 2}"
+    for path in (probe, theirs):
+        output.fs.pipe_file(path, b"")
+    with prepare_job(config):
+        output.fs.invalidate_cache()
+        assert not output.fs.exists(probe) and output.fs.exists(theirs)

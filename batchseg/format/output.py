@@ -297,7 +297,8 @@ class OutputDir:
                 provenance = provenance | {
                     k: previous[k] for k in COMPATIBLE_KEYS if k in previous and k not in provenance
                 }
-            others = self.foreign()
+            files = self._files()  # one listing for the checks and removals below
+            others = self.foreign(files)
             if others:
                 shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
                 log.warning(
@@ -305,9 +306,9 @@ class OutputDir:
                     "they are left alone and never read"
                 )
             if overwrite:
-                self.clear()
+                self.clear(files)
             else:
-                self.remove_unfinished_writes()
+                self.remove_unfinished_writes(files)
             atomic.write(self.fs, self._at(JOB_FILE), json.dumps(provenance, indent=2).encode())
 
     def refuse_missing_bucket(self) -> None:
@@ -344,14 +345,16 @@ class OutputDir:
         """Every file directly in the output or in its ``_done/``, relative to the output."""
         return [*self._names(), *(f"{DONE_DIR}/{n}" for n in self._names(DONE_DIR))]
 
-    def foreign(self) -> list[str]:
-        """The files here that batchseg did not write (it never reads, counts or removes them)."""
-        return sorted(n for n in self._files() if not is_ours(n))
+    def foreign(self, files: list[str] | None = None) -> list[str]:
+        """The files here (or in a listing of them, ``files``) that batchseg did not write (it never reads,
+        counts or removes them)."""
+        return sorted(n for n in (self._files() if files is None else files) if not is_ours(n))
 
-    def clear(self) -> None:
-        """Remove what batchseg wrote here (shards, records, job and summary files), nothing else; the lease
-        stays, held by the job that clears."""
-        ours = [self._at(n) for n in self._files() if is_ours(n) and n != LEASE_FILE]  # the job's own
+    def clear(self, files: list[str] | None = None) -> None:
+        """Remove what batchseg wrote here (shards, records, job and summary files; ``files``: a listing of
+        the output), nothing else; the lease stays, held by the job that clears."""
+        files = self._files() if files is None else files
+        ours = [self._at(n) for n in files if is_ours(n) and n != LEASE_FILE]  # the job's own
         if ours:
             retries.retrying(lambda: self.fs.rm(ours), f"removing batchseg's files from {self.uri}")
         if (
@@ -361,13 +364,12 @@ class OutputDir:
         ):
             self.fs.rmdir(self._at(DONE_DIR))
 
-    def remove_unfinished_writes(self) -> None:
+    def remove_unfinished_writes(self, files: list[str] | None = None) -> None:
         """Remove the files an earlier run left aside, unfinished (:func:`atomic.aside`: a crash, a full
-        disk), bound for batchseg's own names; nothing else. Only a local write lies aside (an object store's
-        PUT is whole), so an object store is not listed again."""
-        if not storage.is_local(self.fs):
-            return
-        unfinished = [self._at(n) for n in self._files() if atomic.destination(n) and is_ours(n)]
+        disk, a lease's probe), bound for batchseg's own names; nothing else. ``files``: a listing of the
+        output."""
+        files = self._files() if files is None else files
+        unfinished = [self._at(n) for n in files if atomic.destination(n) and is_ours(n)]
         if unfinished:
             log.info(f"removing {len(unfinished)} unfinished write(s) an earlier run left in {self.uri}")
             retries.retrying(lambda: self.fs.rm(unfinished), f"removing unfinished writes from {self.uri}")
