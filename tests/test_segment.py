@@ -365,9 +365,9 @@ def test_sigterm_or_sighup_stops_as_ctrl_c_does_and_a_rerun_finishes(
     assert_exactly_once(config, uris)
 
 
-# The CLI with a SIGHUP sent to itself inside ray.init, as Ray builds its state accessor (where a loaded
-# machine once caught one): Python runs the handler as that constructor returns.
-SIGHUP_IN_RAY_INIT = """
+# The CLI with a signal ($SIGNAL) sent to itself inside ray.init, as Ray builds its state accessor (where a
+# loaded machine once caught a SIGHUP): Python runs the handler as that constructor returns.
+SIGNAL_IN_RAY_INIT = """
 import os, signal, sys
 import ray._private.state as state
 from batchseg.cli import main
@@ -376,31 +376,34 @@ sent = []
 def accessor(*args):
     built = made(*args)
     if not sent:
-        sent.append(os.kill(os.getpid(), signal.SIGHUP))
+        sent.append(os.kill(os.getpid(), int(os.environ["SIGNAL"])))
     return built
 state.GlobalStateAccessor = accessor
 sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["hup", "term"])
 def test_a_signal_while_ray_starts_is_held_until_it_has_started_then_stops_the_job(
-    ray_address: str, tmp_path: pathlib.Path
+    ray_address: str, tmp_path: pathlib.Path, signum: int
 ) -> None:
     """Raised inside ray.init, the signal's exception left Ray's state accessor half made and the process
     hung destroying it (the driver outlived SIGHUP by minutes). Held until ray.init returns, it stops the
-    job as Ctrl-C does: one line, exit 129, nothing written but the job file, the lease released."""
+    job as Ctrl-C does: one line, exit 128 + the signal, nothing written but the job file (the lease
+    released)."""
     manifest, _, _ = archive(tmp_path, 6, bad=False)
     output = tmp_path / "out"
-    args = [sys.executable, "-c", SIGHUP_IN_RAY_INIT, "segment", "--manifest", manifest, "--output", str(output),
+    args = [sys.executable, "-c", SIGNAL_IN_RAY_INIT, "segment", "--manifest", manifest, "--output", str(output),
             "--shard-size", "3", "--address", ray_address, *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items())]  # fmt: skip
-    proc = subprocess.run(
-        args, capture_output=True, text=True, timeout=60, cwd=pathlib.Path(__file__).parents[1]
-    )
+    env = os.environ | {"SIGNAL": str(int(signum))}
+    here = pathlib.Path(__file__).parents[1]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=here, env=env)
     lines = proc.stderr.splitlines()
-    assert [line for line in lines if "SIGHUP" in line] == [
-        f"batchseg: stopped by SIGHUP; {RERUN_RESUMES}"
-    ], lines
-    assert proc.returncode == 128 + signal.SIGHUP, lines
+    name = signal.Signals(signum).name
+    assert [line for line in lines if name in line] == [f"batchseg: stopped by {name}; {RERUN_RESUMES}"], (
+        lines
+    )
+    assert proc.returncode == 128 + signum, lines
     assert sorted(p.name for p in output.iterdir()) == [JOB_FILE]  # the lease released
 
 

@@ -151,16 +151,21 @@ def init_ray(address: str | None) -> bool:
     ``ray.init`` replaces the process's SIGTERM handler (first with its own ``sys.exit(15)``, then with a
     C++ one that prints a stack dump and aborts, exit 134): the handlers from before are put back, so that
     a SIGTERM or SIGHUP (:func:`~batchseg.errors.stop_on_signals`) ends the job as Ctrl-C does. One that
-    comes while ``ray.init`` runs is held until it returns: raised inside it, its exception left Ray's
-    state accessor half made, and the process hung destroying it (seen with SIGHUP on a loaded machine)."""
+    comes while ``ray.init`` runs is held until it returns (Ray's own Python SIGTERM handler is kept out):
+    raised inside it, its exception left Ray's state accessor half made, and the process hung destroying it
+    (seen with SIGHUP on a loaded machine). The C++ handler, from the moment Ray's core worker installs it
+    until ``ray.init`` returns, is not Python's to hold."""
     if ray.is_initialized():
         return False
     main = threading.current_thread() is threading.main_thread()  # (ray.init, too, sets them only there)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *STOP_SIGNALS)}
     held: list[int] = []
+    ray_utils = ray._private.utils
+    sets_its_handler = ray_utils.set_sigterm_handler
     if main:
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, _: held.append(signum))
+        ray_utils.set_sigterm_handler = lambda handler: None  # its sys.exit, raised anywhere in ray.init
     try:
         ray.init(
             address=address,
@@ -173,6 +178,7 @@ def init_ray(address: str | None) -> bool:
             raise Stopped(signal.SIGTERM) from e
         raise
     finally:
+        ray_utils.set_sigterm_handler = sets_its_handler
         if main:
             for signum, handler in handlers.items():
                 if handler is not None:  # None: a handler not set from Python, which Python cannot put back
