@@ -383,7 +383,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["hup", "term"])
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["hup", "term", "int"])
 def test_a_signal_while_ray_starts_is_held_until_it_has_started_then_stops_the_job(
     ray_address: str, tmp_path: pathlib.Path, signum: int
 ) -> None:
@@ -399,10 +399,8 @@ def test_a_signal_while_ray_starts_is_held_until_it_has_started_then_stops_the_j
     here = pathlib.Path(__file__).parents[1]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=here, env=env)
     lines = proc.stderr.splitlines()
-    name = signal.Signals(signum).name
-    assert [line for line in lines if name in line] == [f"batchseg: stopped by {name}; {RERUN_RESUMES}"], (
-        lines
-    )
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    assert [line for line in lines if how in line] == [f"batchseg: {how}; {RERUN_RESUMES}"], lines
     assert proc.returncode == 128 + signum, lines
     assert sorted(p.name for p in output.iterdir()) == [JOB_FILE]  # the lease released
 

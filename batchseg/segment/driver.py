@@ -151,7 +151,8 @@ def init_ray(address: str | None) -> bool:
     ``ray.init`` replaces the process's SIGTERM handler (first with its own ``sys.exit(15)``, then with a
     C++ one that prints a stack dump and aborts, exit 134): the handlers from before are put back, so that
     a SIGTERM or SIGHUP (:func:`~batchseg.errors.stop_on_signals`) ends the job as Ctrl-C does. One that
-    comes while ``ray.init`` runs is held until it returns (Ray's own Python SIGTERM handler is kept out):
+    comes while ``ray.init`` runs, Ctrl-C's too, is held until it returns (a second one of the same kind
+    is not; Ray's own Python SIGTERM handler is kept out):
     raised inside it, its exception left Ray's state accessor half made, and the process hung destroying it
     (seen with SIGHUP on a loaded machine). The C++ handler, from the moment Ray's core worker installs it
     until ``ray.init`` returns, is not Python's to hold."""
@@ -160,11 +161,17 @@ def init_ray(address: str | None) -> bool:
     main = threading.current_thread() is threading.main_thread()  # (ray.init, too, sets them only there)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *STOP_SIGNALS)}
     held: list[int] = []
+
+    def hold(signum: int, _: object) -> None:
+        if signum in held:  # asked twice: at once, whatever Ray is doing
+            raise Stopped(signum)
+        held.append(signum)
+
     ray_utils = ray._private.utils
     sets_its_handler = ray_utils.set_sigterm_handler
     if main:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, lambda signum, _: held.append(signum))
+        for signum in handlers:
+            signal.signal(signum, hold)
         ray_utils.set_sigterm_handler = lambda handler: None  # its sys.exit, raised anywhere in ray.init
     try:
         ray.init(
