@@ -29,23 +29,34 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``pytest -n 2`` (README's test command) sends each module's tests to one worker, so its fixtures are
-    made once, and every module with a test on the session's Ray to the same worker, so that one Ray serves
-    them all (a second would run beside it on the same cores, and start its own). pytest-xdist's
-    ``--dist loadgroup`` would say this with marks, but it renames tests in a way pytest 9 no longer reads."""
+    made once, and the modules with tests on the session's Ray in two groups (:data:`RAY_GROUPS`), each to
+    one worker, so that each worker starts one Ray for its group (and the S3 server once). With one Ray
+    for them all, that worker ran Ray's tests one after another for minutes after the other had finished.
+    pytest-xdist's ``--dist loadgroup`` would say this with marks, but it renames tests in a way pytest 9
+    no longer reads."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class OneRay(LoadScopeScheduling):  # type: ignore[misc]
+    class RayGroups(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return "ray" if _on_ray(module) else module
+            return _ray_group(module) or module
 
-    return OneRay(config, log)
+    return RayGroups(config, log)
+
+
+# About half of the Ray tests' time each: segmenting, and training (which the S3 tests, mostly
+# segmenting on S3, even out). A module not named here that uses the session's Ray joins the first.
+RAY_GROUPS = {
+    "ray-train": ("tests/test_train.py", "tests/test_train_elastic.py", "tests/test_train_parquet.py", "tests/test_s3.py"),
+}  # fmt: skip
 
 
 @functools.cache
-def _on_ray(module: str) -> bool:
-    """Whether a test module (path from the root) uses the session's Ray."""
-    return "ray_address" in (ROOT / module).read_text()
+def _ray_group(module: str) -> str | None:
+    """The group of a test module (path from the root) that uses the session's Ray, else None."""
+    if "ray_address" not in (ROOT / module).read_text():
+        return None
+    return next((group for group, modules in RAY_GROUPS.items() if module in modules), "ray-segment")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

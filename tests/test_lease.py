@@ -5,6 +5,7 @@ server (SeaweedFS); no Ray: the refusals come before it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -110,38 +112,6 @@ def test_a_second_job_on_s3_is_refused_and_touches_nothing(tmp_path: pathlib.Pat
             assert HOLDER.fullmatch(str(refused.value)), str(refused.value)
         assert snapshot(output) == before
     assert not output.fs.exists(f"{output.path}/{LEASE_FILE}")
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_of_jobs_taking_a_lease_at_once_exactly_one_holds_it(
-    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
-) -> None:
-    """The lease is created only if absent (a hard link; S3's If-None-Match): no check-then-write race."""
-    if where == "s3":
-        s3: S3Server = request.getfixturevalue("s3")
-        output = OutputDir("s3://out/race", s3.options())
-    else:
-        output = OutputDir(str(tmp_path / "race"))
-    leases = [Lease(output) for _ in range(8)]
-    results: list[str] = []
-    start = threading.Barrier(len(leases))
-
-    def take(lease: Lease) -> None:
-        start.wait()
-        try:
-            lease.take()
-            results.append("held")
-        except BatchsegError:
-            results.append("refused")
-
-    threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == ["held"] + ["refused"] * 7
-    for lease in leases:
-        lease.release()
 
 
 def test_a_stale_lease_is_taken_over_with_a_warning(
@@ -272,8 +242,9 @@ def racing_outputs(
     return output
 
 
-def race(leases: list[Lease]) -> list[str]:
-    """Each lease taken at once from its own thread: what each got, in order."""
+@contextlib.contextmanager
+def one_holds(leases: list[Lease]) -> Iterator[Lease]:
+    """Each lease taken at once from its own thread: exactly one holds it (yielded); all released after."""
     results = [""] * len(leases)
     start = threading.Barrier(len(leases))
 
@@ -290,25 +261,24 @@ def race(leases: list[Lease]) -> list[str]:
         thread.start()
     for thread in threads:
         thread.join()
-    return results
-
-
-@pytest.mark.parametrize("where", ["local", "s3-ignores-conditions", "s3-refuses-conditions"])
-def test_on_a_store_without_conditional_writes_exactly_one_of_racing_jobs_holds_the_lease(
-    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
-) -> None:
-    """The last writer wins where the store cannot create only if absent, and every other job learns it
-    before it writes anything (the lease is read back after a pause)."""
-    output = racing_outputs(where, tmp_path, request, "unconditional")
-    leases = [Lease(output) for _ in range(6)]
-    results = race(leases)
     try:
-        assert sorted(results) == ["held"] + ["refused"] * 5
-        holder = leases[results.index("held")]
-        assert json.loads(output.fs.cat_file(holder.path))["owner"] == holder.me.owner
+        assert sorted(results) == ["held"] + ["refused"] * (len(leases) - 1)
+        yield leases[results.index("held")]
     finally:
         for lease in leases:
             lease.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "s3-ignores-conditions", "s3-refuses-conditions"])
+def test_of_jobs_taking_a_lease_at_once_exactly_one_holds_it(
+    tmp_path: pathlib.Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """The lease is created only if absent (a hard link; S3's If-None-Match): no check-then-write race.
+    Where the store cannot create only if absent, the last writer wins, and every other job learns it
+    before it writes anything (the lease is read back after a pause)."""
+    output = racing_outputs(where, tmp_path, request, "race")
+    with one_holds([Lease(output) for _ in range(6)]) as holder:
+        assert json.loads(output.fs.cat_file(holder.path))["owner"] == holder.me.owner
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -322,12 +292,8 @@ def test_of_jobs_taking_over_one_stale_lease_at_once_exactly_one_holds_it(
     output.fs.pipe_file(f"{output.path}/{LEASE_FILE}", json.dumps(stale).encode())
     leases = [Lease(output, stale_after_s=1) for _ in range(6)]
     time.sleep(1.5)
-    results = race(leases)
-    try:
-        assert sorted(results) == ["held"] + ["refused"] * 5
-    finally:
-        for lease in leases:
-            lease.release()
+    with one_holds(leases) as holder:
+        assert json.loads(output.fs.cat_file(holder.path))["owner"] == holder.me.owner
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
