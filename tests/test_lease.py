@@ -155,6 +155,21 @@ def test_a_lease_that_is_not_yet_stale_is_refused(tmp_path: pathlib.Path) -> Non
     assert os.listdir(out) == [LEASE_FILE]
 
 
+def test_a_lease_that_does_not_read_as_one_is_refused_as_such_until_stale(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEASE_FILE).write_text("written by hand")
+    with pytest.raises(BatchsegError) as refused:
+        prepare_job(job_config(tmp_path, str(out)))
+    assert re.search(
+        r"another job \(its lease does not read as batchseg's; last written \d s ago\)", str(refused.value)
+    )
+    stale = time.time() - 600
+    os.utime(out / LEASE_FILE, (stale, stale))
+    with prepare_job(job_config(tmp_path, str(out))) as job:
+        assert json.loads((out / LEASE_FILE).read_text())["owner"] == job.lease.me.owner
+
+
 def test_the_heartbeat_renews_the_lease_and_a_lease_taken_by_another_job_stops_this_one(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -42,6 +42,7 @@ STALE_AFTER_S = 120.0
 # A job racing this one for the lease writes or removes it one storage call after its own read: well
 # within 2 s, which only a takeover or a store without conditional writes waits.
 SETTLE_S = 2.0
+UNREADABLE = "?"  # the owner of a lease that does not read as one (written by hand, or caught half-written)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Holder:
     def line(self, age: float) -> str:
         """``host h, pid 42, started 2026-12-07 10:00:00 UTC, last heartbeat 4 s ago``, its heartbeat
         ``age`` seconds old."""
+        if self.owner == UNREADABLE:
+            return f"its lease does not read as batchseg's; last written {age:.0f} s ago"
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
         return f"host {self.host}, pid {self.pid}, started {started}, last heartbeat {age:.0f} s ago"
 
@@ -180,7 +183,7 @@ class Lease:
         try:
             return Holder(**json.loads(text))
         except (ValueError, TypeError):
-            return Holder("?", "?", 0, 0.0, 0.0)
+            return Holder(UNREADABLE, "?", 0, 0.0, 0.0)
 
     def _age(self) -> float | None:
         """Seconds since the lease was last written by the store's clock (a probe written beside it now
