@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # A heartbeat every 10 s costs one read and one small write (S3: two requests per 10 s per job). A lease is
 # stale only after 120 s without one: one heartbeat may take up to 40 s of storage timeouts
 # (storage.CONNECT_TIMEOUT + READ_TIMEOUT) and fail, so 120 s is about two heartbeats lost whole plus the
-# interval between them, with room for the clocks of two machines to differ by a minute (the heartbeat is
-# the holder's clock, its age the taker's). A killed job holds its output up for at most these 2 minutes.
+# interval between them, with room to spare (its age is the store's clock: no machine's clock enters). A
+# killed job holds its output up for at most these 2 minutes.
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0
 # A job racing this one for the lease writes or removes it one storage call after its own read: well
