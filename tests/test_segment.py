@@ -370,7 +370,10 @@ def test_sigterm_or_sighup_stops_as_ctrl_c_does_and_a_rerun_finishes(
 SIGNAL_IN_RAY_INIT = """
 import os, signal, sys
 import ray._private.state as state
+import batchseg.cli
 from batchseg.cli import main
+if os.environ.get("DEFAULT_HANDLERS"):  # as a program using batchseg's library may have them
+    batchseg.cli.stop_on_signals = lambda: None
 made = state.GlobalStateAccessor
 sent = []
 def accessor(*args):
@@ -383,6 +386,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def signal_in_ray_init(
+    ray_address: str, tmp_path: pathlib.Path, signum: int, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A small job run by the CLI (:data:`SIGNAL_IN_RAY_INIT`), sent ``signum`` while Ray starts."""
+    manifest, _, _ = archive(tmp_path, 6, bad=False)
+    args = [sys.executable, "-c", SIGNAL_IN_RAY_INIT, "segment", "--manifest", manifest, "--output", str(tmp_path / "out"),
+            "--shard-size", "3", "--address", ray_address, *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items())]  # fmt: skip
+    env = os.environ | env | {"SIGNAL": str(int(signum))}
+    here = pathlib.Path(__file__).parents[1]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=here, env=env)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["hup", "term", "int"])
 def test_a_signal_while_ray_starts_is_held_until_it_has_started_then_stops_the_job(
     ray_address: str, tmp_path: pathlib.Path, signum: int
@@ -391,18 +406,21 @@ def test_a_signal_while_ray_starts_is_held_until_it_has_started_then_stops_the_j
     hung destroying it (the driver outlived SIGHUP by minutes). Held until ray.init returns, it stops the
     job as Ctrl-C does: one line, exit 128 + the signal, nothing written but the job file (the lease
     released)."""
-    manifest, _, _ = archive(tmp_path, 6, bad=False)
-    output = tmp_path / "out"
-    args = [sys.executable, "-c", SIGNAL_IN_RAY_INIT, "segment", "--manifest", manifest, "--output", str(output),
-            "--shard-size", "3", "--address", ray_address, *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MODEL.items())]  # fmt: skip
-    env = os.environ | {"SIGNAL": str(int(signum))}
-    here = pathlib.Path(__file__).parents[1]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=here, env=env)
+    proc = signal_in_ray_init(ray_address, tmp_path, signum)
     lines = proc.stderr.splitlines()
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     assert [line for line in lines if how in line] == [f"batchseg: {how}; {RERUN_RESUMES}"], lines
     assert proc.returncode == 128 + signum, lines
-    assert sorted(p.name for p in output.iterdir()) == [JOB_FILE]  # the lease released
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [JOB_FILE]  # the lease released
+
+
+def test_a_signal_held_while_ray_starts_then_does_what_its_handler_from_before_does(
+    ray_address: str, tmp_path: pathlib.Path
+) -> None:
+    """A program using batchseg's library, with SIGTERM's default handler: the held SIGTERM ends it as that
+    handler does (killed by the signal), once Ray has started, rather than hanging it or becoming a stop."""
+    proc = signal_in_ray_init(ray_address, tmp_path, signal.SIGTERM, DEFAULT_HANDLERS="1")
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
 
 
 def write_manifest(path: pathlib.Path, uris: list[str]) -> str:

@@ -151,8 +151,8 @@ def init_ray(address: str | None) -> bool:
     ``ray.init`` replaces the process's SIGTERM handler (first with its own ``sys.exit(15)``, then with a
     C++ one that prints a stack dump and aborts, exit 134): the handlers from before are put back, so that
     a SIGTERM or SIGHUP (:func:`~batchseg.errors.stop_on_signals`) ends the job as Ctrl-C does. One that
-    comes while ``ray.init`` runs, Ctrl-C's too, is held until it returns (a second one of the same kind
-    is not; Ray's own Python SIGTERM handler is kept out):
+    comes while ``ray.init`` runs, Ctrl-C's too, is held until it returns, then sent again to the handler
+    from before (a second one of the same kind is not held; Ray's own Python SIGTERM handler is kept out):
     raised inside it, its exception left Ray's state accessor half made, and the process hung destroying it
     (seen with SIGHUP on a loaded machine). The C++ handler, from the moment Ray's core worker installs it
     until ``ray.init`` returns, is not Python's to hold."""
@@ -190,9 +190,13 @@ def init_ray(address: str | None) -> bool:
             for signum, handler in handlers.items():
                 if handler is not None:  # None: a handler not set from Python, which Python cannot put back
                     signal.signal(signum, handler)
-    if held:
-        ray.shutdown()
-        raise Stopped(held[0])
+    for received in held:  # now it does what it was set to: batchseg's Stopped, a KeyboardInterrupt, the end
+        if handlers[signal.Signals(received)] not in (signal.SIG_IGN, None):
+            try:
+                signal.raise_signal(received)
+            except BaseException:
+                ray.shutdown()  # after the signal: ray.shutdown leaves SIGTERM's default behind it (seen)
+                raise
     return True
 
 
