@@ -423,6 +423,29 @@ def test_a_signal_held_while_ray_starts_then_does_what_its_handler_from_before_d
     assert proc.returncode == -signal.SIGTERM, proc.stderr
 
 
+SHUT_DOWN_THEN_SIGTERM = """
+import signal
+from batchseg.errors import Stopped, stop_on_signals
+from batchseg.segment.driver import init_ray, shutdown_ray
+stop_on_signals()
+init_ray("local")
+shutdown_ray()
+try:
+    signal.raise_signal(signal.SIGTERM)
+except Stopped:
+    print("stopped")
+"""
+
+
+def test_shutting_ray_down_keeps_the_stop_signals_handlers() -> None:
+    """ray.shutdown() leaves SIGTERM's default behind it: a second SIGTERM while a stopped job cleaned up
+    (train removing its unregistered checkpoints) would have ended it without a word."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SHUT_DOWN_THEN_SIGTERM], capture_output=True, text=True, timeout=90
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "stopped"), proc.stderr[-2000:]
+
+
 def write_manifest(path: pathlib.Path, uris: list[str]) -> str:
     path.write_text("".join(f"{u}\n" for u in uris))
     return str(path)

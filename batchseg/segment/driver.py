@@ -159,7 +159,7 @@ def init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     main = threading.current_thread() is threading.main_thread()  # (ray.init, too, sets them only there)
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *STOP_SIGNALS)}
+    handlers = _handlers()
     held: list[int] = []
 
     def hold(signum: int, _: object) -> None:
@@ -186,17 +186,11 @@ def init_ray(address: str | None) -> bool:
         raise
     finally:
         ray_utils.set_sigterm_handler = sets_its_handler
-        if main:
-            for signum, handler in handlers.items():
-                if handler is not None:  # None: a handler not set from Python, which Python cannot put back
-                    signal.signal(signum, handler)
+        _put_back(handlers)
     for received in held:  # now it does what it was set to: batchseg's Stopped, a KeyboardInterrupt, the end
         if handlers[signal.Signals(received)] not in (signal.SIG_IGN, None):
-            try:
-                signal.raise_signal(received)
-            except BaseException:
-                ray.shutdown()  # after the signal: ray.shutdown leaves SIGTERM's default behind it (seen)
-                raise
+            shutdown_ray()
+            signal.raise_signal(received)
     return True
 
 
@@ -210,8 +204,29 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         if connected:
-            ray.shutdown()
+            shutdown_ray()
         raise
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, the signal handlers kept: it leaves SIGTERM's default behind it (seen), and a
+    second SIGTERM while a stopped job cleans up would end it without a word."""
+    handlers = _handlers()
+    ray.shutdown()
+    _put_back(handlers)
+
+
+def _handlers() -> dict[signal.Signals, Any]:
+    """The handlers of Ctrl-C and the stop signals now."""
+    return {signum: signal.getsignal(signum) for signum in (signal.SIGINT, *STOP_SIGNALS)}
+
+
+def _put_back(handlers: dict[signal.Signals, Any]) -> None:
+    """Put back the ``handlers`` :func:`_handlers` gave, from the main thread (Python sets them only there)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: a handler not set from Python, which Python cannot put back
+                signal.signal(signum, handler)
 
 
 class Driver:
