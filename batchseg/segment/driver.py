@@ -168,11 +168,12 @@ def init_ray(address: str | None) -> bool:
         held.append(signum)
 
     ray_utils = ray._private.utils
-    sets_its_handler = ray_utils.set_sigterm_handler
+    sets_its_handler = getattr(ray_utils, "set_sigterm_handler", None)  # (a Ray's own, not its API)
     if main:
         for signum in handlers:
             signal.signal(signum, hold)
-        ray_utils.set_sigterm_handler = lambda handler: None  # its sys.exit, raised anywhere in ray.init
+        if sets_its_handler is not None:
+            ray_utils.set_sigterm_handler = lambda handler: None  # its sys.exit, raised anywhere in ray.init
     try:
         ray.init(
             address=address,
@@ -185,7 +186,8 @@ def init_ray(address: str | None) -> bool:
             raise Stopped(signal.SIGTERM) from e
         raise
     finally:
-        ray_utils.set_sigterm_handler = sets_its_handler
+        if sets_its_handler is not None:
+            ray_utils.set_sigterm_handler = sets_its_handler
         _put_back(handlers)
     for received in held:  # now it does what it was set to: batchseg's Stopped, a KeyboardInterrupt, the end
         if handlers[signal.Signals(received)] not in (signal.SIG_IGN, None):
