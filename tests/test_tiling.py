@@ -19,7 +19,7 @@ from batchseg.demo import SHAPES_MODEL
 from batchseg.errors import BatchsegError
 from batchseg.inference.models import resolve_weights
 from batchseg.inference.paste import encode_crops
-from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, starts
+from batchseg.inference.tiling import DROP, KEEP, PIECE, Piece, Stitcher, TileGrid, piece_groups, starts
 from batchseg.io.manifest import Shard
 from batchseg.options import check
 from batchseg.segment.config import SegmentConfig
@@ -364,3 +364,62 @@ def test_pieces_are_merged_as_the_tiles_come_not_held_for_the_whole_image() -> N
         coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in shapes
     )
     assert max(pending) <= 4, pending  # a few tiles' pieces, of the ~90 the image makes
+
+
+def test_pieces_are_grouped_as_comparing_every_pair_groups_them() -> None:
+    """piece_groups compares pairs in numpy, masks only where their crops meet: the same groups as taking
+    every pair of neighbouring tiles' pieces and their intersection over union in the shared window."""
+    rng = np.random.default_rng(11)
+    grid = TileGrid(120, 170, 64, 24)
+    for boxes_only in (False, True):
+        pieces = []
+        for tile in grid.tiles:
+            for _ in range(int(rng.integers(0, 25))):
+                x1, y1 = rng.integers(tile.left, tile.right - 4), rng.integers(tile.top, tile.bottom - 4)
+                x2 = int(rng.integers(x1 + 2, min(x1 + 60, tile.right) + 1))
+                y2 = int(rng.integers(y1 + 2, min(y1 + 60, tile.bottom) + 1))
+                crop = None
+                if not boxes_only:  # a mask that may reach a pixel or two past its box, as a pasted one may
+                    top, left = max(int(y1) - 2, tile.top), max(int(x1) - 2, tile.left)
+                    mask = rng.random((min(y2 + 2, tile.bottom) - top, min(x2 + 2, tile.right) - left)) < 0.8
+                    crop = (top, left, mask)
+                box = (float(x1), float(y1), float(x2), float(y2))
+                pieces.append(Piece(tile.index, {"score": 1.0, "category_id": 1}, box, crop))
+        got = sorted(sorted(id(p) for p in group) for group in piece_groups(pieces, grid))
+        assert got == sorted(sorted(id(p) for p in group) for group in every_pair_groups(pieces, grid))
+
+
+def every_pair_groups(pieces: list[Piece], grid: TileGrid) -> list[list[Piece]]:
+    """The grouping by definition: every pair of pieces of neighbouring tiles, compared one by one."""
+
+    def plane(piece: Piece, window: tuple[int, int, int, int]) -> np.ndarray:
+        top, left, bottom, right = window
+        full = np.zeros((grid.height, grid.width), dtype=bool)
+        if piece.mask is None:
+            x1, y1, x2, y2 = (round(v) for v in piece.box)
+            full[y1:y2, x1:x2] = True
+        else:
+            y, x, mask = piece.mask
+            full[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+        return full[top:bottom, left:right]
+
+    parent = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in itertools.combinations(range(len(pieces)), 2):
+        a, b = grid.tiles[pieces[i].tile], grid.tiles[pieces[j].tile]
+        if b not in grid.neighbours(a):
+            continue
+        window = (max(a.top, b.top), max(a.left, b.left), min(a.bottom, b.bottom), min(a.right, b.right))
+        pa, pb = plane(pieces[i], window), plane(pieces[j], window)
+        union = int((pa | pb).sum())
+        if union and (pa & pb).sum() / union >= 0.5:
+            parent[root(i)] = root(j)
+    groups: dict[int, list[Piece]] = {}
+    for i, piece in enumerate(pieces):
+        groups.setdefault(root(i), []).append(piece)
+    return list(groups.values())
