@@ -235,9 +235,13 @@ def _is_system_file(path: str) -> bool:
 def _iter_folder(
     fs: Any, path: str, manifest: str, say_skipped: bool
 ) -> Iterator[tuple[list[str], list[str]]]:
-    found = fs.find(path)
-    files = sorted(p for p in found if _suffix(p) in IMAGE_EXTENSIONS and not _is_system_file(p))
-    skipped = sum(map(_is_system_file, found))
+    files, skipped = [], 0
+    for p in fs.find(path):  # each name looked at once: a folder may hold millions
+        if _is_system_file(p):
+            skipped += 1
+        elif _suffix(p) in IMAGE_EXTENSIONS:
+            files.append(p)
+    files.sort()
     if say_skipped and skipped:
         log.info(
             f"manifest {manifest}: skipped {skipped} file(s) that macOS and Windows leave beside images "
